@@ -1,0 +1,81 @@
+"""jdiff: a JAX toolkit for diffusion and flow models.
+
+Processes (:mod:`jdiff._process`), parameterizations and the denoiser boundary
+(:mod:`jdiff._param`), time grids, exponential-integrator solvers
+(:mod:`jdiff.solvers`), :func:`sample`, and the exact Gaussian-mixture testbed
+(:mod:`jdiff.testbed`).
+"""
+
+from jdiff import solvers
+from jdiff._core import phi
+from jdiff._grid import GRID_KINDS, default_grid_kind, time_grid
+from jdiff._param import PREDICTIONS, Denoiser, Prediction, convert, denoiser, from_x0_eps, to_x0_eps
+from jdiff._process import (
+    EDM,
+    VE,
+    Process,
+    RectifiedFlow,
+    SubVP,
+    VPCosine,
+    VPDiscrete,
+    VPLinear,
+    ddpm_betas,
+    edm,
+    rectified_flow,
+    rescale_zero_terminal_snr,
+    sub_vp,
+    ve,
+    vp_cosine,
+    vp_discrete,
+    vp_linear,
+)
+from jdiff._random import per_sample_keys
+from jdiff._sample import SampleInfo, sample, validate_grid
+
+
+def prior_sample(process, key, shape, dtype=None):
+    """Draw ``x_T`` from ``process``'s prior; sample ``i`` uses ``fold_in(key, i)``
+    (or ``key[i]`` for an array of keys), independent of the batch."""
+    import jax.numpy as jnp
+
+    return process.prior_sample(key, tuple(shape), jnp.float32 if dtype is None else dtype)
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "solvers",
+    "phi",
+    "GRID_KINDS",
+    "default_grid_kind",
+    "time_grid",
+    "PREDICTIONS",
+    "Denoiser",
+    "Prediction",
+    "convert",
+    "denoiser",
+    "from_x0_eps",
+    "to_x0_eps",
+    "Process",
+    "EDM",
+    "VE",
+    "RectifiedFlow",
+    "SubVP",
+    "VPCosine",
+    "VPDiscrete",
+    "VPLinear",
+    "ddpm_betas",
+    "edm",
+    "rectified_flow",
+    "rescale_zero_terminal_snr",
+    "sub_vp",
+    "ve",
+    "vp_cosine",
+    "vp_discrete",
+    "vp_linear",
+    "per_sample_keys",
+    "prior_sample",
+    "SampleInfo",
+    "sample",
+    "validate_grid",
+]

@@ -1,0 +1,113 @@
+"""Time grids for sampling.
+
+A grid is a decreasing array ``t_0 = t_start > t_1 > ... > t_N``: data, not Python
+state, so one compiled sampler serves every grid of the same length. Spacings:
+
+- ``"uniform"``: uniform in t (diffusers' "linspace"; the flow-matching default).
+- ``"logsnr"``: uniform in ``lambda = log(alpha / sigma)`` (DPM-Solver's
+  ``time_uniform_lambda``, its recommendation for low-resolution data).
+- ``"quadratic"``: uniform in ``sqrt(t)`` (DDIM / DPM-Solver ``time_quadratic``).
+- ``"karras"``: uniform in ``rho^(1/p)`` for ``rho = sigma / alpha`` with ``p = 7``
+  (Karras et al., NeurIPS 2022, Eq. 5), for any process.
+
+``final="data"`` appends the time where ``sigma = 0`` after ``num_steps`` points
+spaced down to ``t_end`` (diffusers' ``final_sigmas_type="zero"``): the last step then
+goes straight to x0 (first order, no extra call).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jdiff._process import EDM, VE, Process, RectifiedFlow
+
+__all__ = ["time_grid", "GRID_KINDS", "default_grid_kind"]
+
+GRID_KINDS = ("uniform", "logsnr", "quadratic", "karras")
+
+
+def default_grid_kind(process: Process) -> str:
+    """Karras spacing for EDM and VE, uniform t for rectified flow, logSNR otherwise."""
+    if isinstance(process, (EDM, VE)):
+        return "karras"
+    if isinstance(process, RectifiedFlow):
+        return "uniform"
+    return "logsnr"
+
+
+def time_grid(
+    process: Process,
+    num_steps: int | None = None,
+    *,
+    kind: str = "default",
+    nfe: int | None = None,
+    solver=None,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    final: str = "t_min",
+    rho: float = 7.0,
+    dtype=jnp.float32,
+):
+    """Build a time grid of ``num_steps`` intervals (``num_steps + 1`` points).
+
+    Args:
+      process: the process whose times the grid holds.
+      num_steps: number of intervals; or give ``nfe`` and ``solver`` to derive it from
+        the solver's model calls per step (``solver.num_steps(nfe, ...)``).
+      kind: ``"uniform"``, ``"logsnr"``, ``"quadratic"``, ``"karras"`` or
+        ``"default"`` (:func:`default_grid_kind`).
+      t_start, t_end: first and last spaced times (default ``t_max`` and ``t_min``).
+      final: ``"t_min"`` to end at ``t_end``, ``"data"`` to add a last step to the time
+        where sigma = 0.
+      rho: the Karras exponent.
+    Returns:
+      ``jnp`` array of shape ``(num_steps + 1,)``, decreasing.
+    """
+    if final not in ("t_min", "data"):
+        raise ValueError(f"final must be 't_min' or 'data', got {final!r}")
+    to_data = final == "data"
+    if to_data and process.t_data is None:
+        raise ValueError(f"{process!r} never reaches sigma = 0; use final='t_min' and denoise_to_zero=True")
+    if num_steps is None:
+        if nfe is None or solver is None:
+            raise ValueError("give num_steps, or nfe together with solver")
+        num_steps = solver.num_steps(int(nfe), to_data)
+    num_steps = int(num_steps)
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if kind == "default":
+        kind = default_grid_kind(process)
+    if kind not in GRID_KINDS:
+        raise ValueError(f"unknown grid kind {kind!r}; expected one of {GRID_KINDS} or 'default'")
+    t0 = float(process.t_max if t_start is None else t_start)
+    t1 = float(process.t_min if t_end is None else t_end)
+    if not t0 > t1:
+        raise ValueError(f"t_start ({t0}) must be larger than t_end ({t1})")
+    process.check_times(np.array([t0, t1]), allow_data=False, what="grid end points")
+    n = num_steps if not to_data else num_steps - 1
+    if n == 0:
+        ts = np.array([t0], np.float64)
+    else:
+        u = np.linspace(0.0, 1.0, n + 1)
+        if kind == "uniform":
+            ts = t0 + (t1 - t0) * u
+        elif kind == "quadratic":
+            ts = (np.sqrt(t0) + (np.sqrt(t1) - np.sqrt(t0)) * u) ** 2
+        else:
+            lam0, lam1 = (float(v) for v in np.asarray(process.lambda_(jnp.asarray([t0, t1], jnp.float32))))
+            if not (np.isfinite(lam0) and np.isfinite(lam1)):
+                raise ValueError(
+                    f"a {kind!r} grid needs finite log-SNR at both ends; {process!r} has log-SNR "
+                    f"{lam0} at t={t0} (zero terminal SNR?): pass a smaller t_start or use kind='uniform'"
+                )
+            if kind == "logsnr":
+                lams = lam0 + (lam1 - lam0) * u
+            else:
+                r0, r1 = np.exp(-lam0) ** (1.0 / rho), np.exp(-lam1) ** (1.0 / rho)
+                lams = -rho * np.log(r0 + (r1 - r0) * u)
+            ts = np.asarray(process.t_of_lambda(jnp.asarray(lams, jnp.float32)), np.float64)
+            ts[0], ts[-1] = t0, t1
+    if to_data:
+        ts = np.concatenate([ts, [process.t_data]])
+    return jnp.asarray(ts, dtype)

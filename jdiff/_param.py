@@ -1,0 +1,219 @@
+"""Model parameterizations and the denoiser boundary.
+
+A network may predict any of
+
+- ``"eps"``   the noise ``eps``;
+- ``"x0"``    the clean data ``x_0``;
+- ``"v"``     ``v = alpha * eps - sigma * x_0`` (Salimans & Ho, "Progressive
+  Distillation for Fast Sampling of Diffusion Models", ICLR 2022);
+- ``"score"`` ``grad_x log p_t(x) = -eps / sigma``;
+- ``"flow"``  the probability-flow velocity ``dx/dt = alpha'(t) x_0 + sigma'(t) eps``,
+  which is the flow-matching target (``eps - x_0`` for rectified flow).
+
+Because ``x = alpha x_0 + sigma eps``, each one together with ``x`` fixes the pair
+``(x_0, eps)``. :func:`to_x0_eps` converts once, at the boundary, and solvers work only
+with that pair (:class:`Prediction`). :func:`from_x0_eps` gives training targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jdiff._process import Process
+
+__all__ = [
+    "PREDICTIONS",
+    "Prediction",
+    "Denoiser",
+    "denoiser",
+    "to_x0_eps",
+    "from_x0_eps",
+    "convert",
+    "broadcast_to_x",
+]
+
+PREDICTIONS = ("eps", "x0", "v", "score", "flow")
+TIME_INPUTS = ("t", "timestep", "sigma", "rho", "log_rho")
+
+
+class Prediction(NamedTuple):
+    """A model output converted to the consistent pair ``x = alpha x0 + sigma eps``."""
+
+    x0: jax.Array
+    eps: jax.Array
+
+
+def check_prediction(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown parameterization {prediction!r}; expected one of {PREDICTIONS}")
+    return prediction
+
+
+def broadcast_to_x(c, x):
+    """Reshape a per-sample scalar ``c`` (shape ``()`` or ``(B,)``) to broadcast against
+    ``x`` of shape ``(B, ...)``."""
+    c = jnp.asarray(c)
+    if c.ndim == 0:
+        return c
+    if c.ndim == 1 and x.ndim >= 1 and c.shape[0] == x.shape[0]:
+        return c.reshape(c.shape + (1,) * (x.ndim - 1))
+    if c.shape == x.shape:
+        return c
+    raise ValueError(f"time of shape {c.shape} does not match data of shape {x.shape}: expected () or ({x.shape[0]},)")
+
+
+def _coefs(process: Process, t, x, need_derivs=False):
+    t = jnp.asarray(t, dtype=jnp.result_type(x.dtype, jnp.float32))
+    a = broadcast_to_x(process.alpha(t), x)
+    s = broadcast_to_x(process.sigma(t), x)
+    if not need_derivs:
+        return a, s
+    da = broadcast_to_x(process.d_alpha(t), x)
+    ds = broadcast_to_x(process.d_sigma(t), x)
+    return a, s, da, ds
+
+
+def to_x0_eps(prediction: str, out, x, t, process: Process) -> Prediction:
+    """Convert a model output of kind ``prediction`` at ``(x, t)`` to ``(x0, eps)``.
+
+    ``t`` is a scalar or has shape ``(B,)``. Formulas are the exact inverses of
+    ``x = alpha x0 + sigma eps`` together with the parameterization's definition.
+    """
+    check_prediction(prediction)
+    if prediction == "eps":
+        a, s = _coefs(process, t, x)
+        return Prediction((x - s * out) / a, out)
+    if prediction == "x0":
+        a, s = _coefs(process, t, x)
+        return Prediction(out, (x - a * out) / s)
+    if prediction == "v":
+        a, s = _coefs(process, t, x)
+        n2 = a * a + s * s
+        return Prediction((a * x - s * out) / n2, (s * x + a * out) / n2)
+    if prediction == "score":
+        a, s = _coefs(process, t, x)
+        eps = -s * out
+        return Prediction((x - s * eps) / a, eps)
+    # flow velocity u = a' x0 + s' eps ; x = a x0 + s eps
+    a, s, da, ds = _coefs(process, t, x, need_derivs=True)
+    det = a * ds - s * da
+    return Prediction((ds * x - s * out) / det, (a * out - da * x) / det)
+
+
+def from_x0_eps(prediction: str, x0, eps, t, process: Process, x=None):
+    """The target of kind ``prediction`` for data ``x0`` and noise ``eps`` at time ``t``
+    (the inverse of :func:`to_x0_eps`)."""
+    check_prediction(prediction)
+    ref = x0
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        a, s = _coefs(process, t, ref)
+        return a * eps - s * x0
+    if prediction == "score":
+        _, s = _coefs(process, t, ref)
+        return -eps / s
+    a, s, da, ds = _coefs(process, t, ref, need_derivs=True)
+    return da * x0 + ds * eps
+
+
+def convert(out, x, t, process: Process, from_: str, to: str):
+    """Convert a model output between any two parameterizations."""
+    p = to_x0_eps(from_, out, x, t, process)
+    return from_x0_eps(to, p.x0, p.eps, t, process, x=x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+    """A model seen from the samplers: ``denoiser(x, t, cond) -> Prediction(x0, eps)``.
+
+    Attributes:
+      apply_fn: the network. Called as ``apply_fn(params, x, t_in, cond)`` when
+        ``params`` is not None, else ``apply_fn(x, t_in, cond)``. ``t_in`` has shape
+        ``(B,)``.
+      params: a pytree of parameters (or None). Kept explicit so that samplers can
+        differentiate with respect to it.
+      process: the :class:`~jdiff.Process` the model was trained for.
+      prediction: what the network predicts; one of :data:`PREDICTIONS`.
+      time_input: what the network takes as time: ``"t"`` (the process time),
+        ``"timestep"`` (the discrete step index ``N t - 1`` of a
+        :class:`~jdiff.VPDiscrete` process), ``"sigma"``, ``"rho"`` (``sigma/alpha``),
+        ``"log_rho"``, or a callable ``t -> t_in``.
+
+    The object is a pytree whose leaves are ``params`` and the process's tables.
+    """
+
+    apply_fn: Callable
+    params: Any = None
+    process: Process = None
+    prediction: str = "eps"
+    time_input: Any = "t"
+
+    def __post_init__(self):
+        check_prediction(self.prediction)
+        if not isinstance(self.process, Process):
+            raise TypeError(f"process must be a jdiff Process, got {type(self.process).__name__}")
+        if not callable(self.time_input) and self.time_input not in TIME_INPUTS:
+            raise ValueError(f"unknown time_input {self.time_input!r}; expected one of {TIME_INPUTS} or a callable")
+        if self.time_input == "timestep" and not hasattr(self.process, "timestep"):
+            raise ValueError("time_input='timestep' needs a discrete process (jdiff.vp_discrete)")
+
+    def model_time(self, t):
+        ti = self.time_input
+        if callable(ti):
+            return ti(t)
+        if ti == "t":
+            return t
+        if ti == "timestep":
+            return self.process.timestep(t)
+        if ti == "sigma":
+            return self.process.sigma(t)
+        if ti == "rho":
+            return self.process.rho(t)
+        return -self.process.lambda_(t)
+
+    def raw(self, x, t, cond=None):
+        """The network's own output at ``(x, t)``; ``t`` scalar or ``(B,)``."""
+        t = jnp.asarray(t)
+        tb = jnp.broadcast_to(t, (x.shape[0],)) if t.ndim == 0 else t
+        t_in = self.model_time(tb)
+        if self.params is None:
+            out = self.apply_fn(x, t_in, cond)
+        else:
+            out = self.apply_fn(self.params, x, t_in, cond)
+        if getattr(out, "shape", None) != x.shape:
+            raise ValueError(
+                f"the model returned shape {getattr(out, 'shape', type(out))} for input of shape {x.shape}; "
+                "a denoiser must return an array of the input's shape"
+            )
+        return out
+
+    def __call__(self, x, t, cond=None) -> Prediction:
+        out = self.raw(x, t, cond)
+        dt = jnp.result_type(x.dtype, jnp.float32)
+        return to_x0_eps(self.prediction, out.astype(dt), x.astype(dt), t, self.process)
+
+    def replace(self, **kw) -> "Denoiser":
+        return dataclasses.replace(self, **kw)
+
+
+jax.tree_util.register_dataclass(
+    Denoiser, data_fields=["params", "process"], meta_fields=["apply_fn", "prediction", "time_input"]
+)
+
+
+def denoiser(apply_fn: Callable, process: Process, prediction: str = "eps", *, params=None, time_input="t") -> Denoiser:
+    """Wrap a network for the samplers. See :class:`Denoiser`.
+
+    Example::
+
+        den = jdiff.denoiser(lambda x, t, c: net(x, t), jdiff.vp_linear(), "eps")
+        x0 = jdiff.sample(jdiff.solvers.dpm_solver_pp(2), den, x_T, grid)
+    """
+    return Denoiser(apply_fn=apply_fn, params=params, process=process, prediction=prediction, time_input=time_input)

@@ -1,0 +1,596 @@
+"""Gaussian diffusion and flow processes.
+
+Every process jdiff supports has Gaussian marginals
+
+    x_t = alpha(t) * x_0 + sigma(t) * eps,     eps ~ N(0, I),
+
+and is therefore fully described by the two curves ``alpha(t)`` and ``sigma(t)``, or
+equivalently by ``log alpha(t)`` and the half log signal-to-noise ratio
+``lambda(t) = log(alpha(t) / sigma(t))``. Solvers only ever use these curves, the inverse
+``t(lambda)`` and the valid time range, so every process below plugs into every solver.
+
+Time always runs from data (small t) to noise (large t), and ``lambda`` is strictly
+decreasing in t. Derivatives (the SDE drift and diffusion) come from ``jax.jvp`` of the
+curves, never from hand-written formulas.
+
+Each process is a frozen dataclass registered as a JAX pytree: scalar hyper-parameters
+are static metadata and tables (the discrete ``alphas_cumprod``) are array leaves, so a
+process can be closed over or passed through ``jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Process",
+    "VPLinear",
+    "VPCosine",
+    "VPDiscrete",
+    "SubVP",
+    "VE",
+    "EDM",
+    "RectifiedFlow",
+    "vp_linear",
+    "vp_cosine",
+    "vp_discrete",
+    "sub_vp",
+    "ve",
+    "edm",
+    "rectified_flow",
+    "ddpm_betas",
+    "rescale_zero_terminal_snr",
+]
+
+
+def _register(cls, data_fields=()):
+    meta = [f.name for f in dataclasses.fields(cls) if f.name not in data_fields]
+    return jax.tree_util.register_dataclass(cls, data_fields=list(data_fields), meta_fields=meta)
+
+
+def _fdtype(t):
+    """Floating dtype to compute in for time values ``t`` (at least float32)."""
+    dt = jnp.result_type(t)
+    if not jnp.issubdtype(dt, jnp.floating) or jnp.finfo(dt).bits < 32:
+        return jnp.float32
+    return dt
+
+
+def _as_float(t):
+    return jnp.asarray(t, dtype=_fdtype(t))
+
+
+def _log_alpha_from_lambda_vp(lam):
+    # For alpha^2 + sigma^2 = 1: alpha^2 = sigmoid(2 lambda), so log alpha = -softplus(-2 lambda) / 2.
+    return -0.5 * jax.nn.softplus(-2.0 * lam)
+
+
+def _log_sigma_from_log_alpha_vp(log_alpha):
+    # sigma = sqrt(1 - alpha^2), computed without cancellation near alpha = 1.
+    return 0.5 * jnp.log(-jnp.expm1(2.0 * log_alpha))
+
+
+def _vp_sigma(alpha, log_alpha):
+    """``sqrt(1 - alpha^2)``: through ``expm1`` where alpha is near 1 (no cancellation),
+    directly where alpha is small (finite derivative at alpha = 0)."""
+    small = alpha < 0.5
+    la_safe = jnp.where(small, -1.0, log_alpha)
+    near_one = jnp.exp(_log_sigma_from_log_alpha_vp(la_safe))
+    a_safe = jnp.where(small, alpha, 0.0)
+    far = jnp.sqrt(1.0 - a_safe * a_safe)
+    return jnp.where(small, far, near_one)
+
+
+class Process:
+    """Base class of a Gaussian process ``x_t = alpha(t) x_0 + sigma(t) eps``.
+
+    Subclasses implement :meth:`log_alpha`, :meth:`log_sigma` and :meth:`t_of_lambda`
+    and set the class attributes below. Everything else (alpha, sigma, lambda,
+    derivatives, SDE coefficients, prior) is derived here.
+
+    Attributes:
+      t_min: smallest time at which a model may be evaluated.
+      t_max: largest time (the prior).
+      t_data: the time at which ``sigma = 0`` (the data), or ``None`` if the process
+        never reaches noise-free data (VE). A time grid may end exactly at ``t_data``.
+    """
+
+    t_min: float
+    t_max: float
+    t_data: float | None = 0.0
+    name: str = "process"
+
+    # ----------------------------------------------------------- curves (subclasses)
+    def log_alpha(self, t):
+        raise NotImplementedError
+
+    def log_sigma(self, t):
+        raise NotImplementedError
+
+    def t_of_lambda(self, lam):
+        """Inverse of :meth:`lambda_`: the time at which ``log(alpha/sigma) == lam``."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- derived curves
+    def alpha(self, t):
+        return jnp.exp(self.log_alpha(_as_float(t)))
+
+    def sigma(self, t):
+        return jnp.exp(self.log_sigma(_as_float(t)))
+
+    def lambda_(self, t):
+        """Half log signal-to-noise ratio ``log(alpha(t) / sigma(t))``."""
+        t = _as_float(t)
+        return self.log_alpha(t) - self.log_sigma(t)
+
+    def log_snr(self, t):
+        """``log(alpha^2 / sigma^2) = 2 * lambda(t)``."""
+        return 2.0 * self.lambda_(t)
+
+    def rho(self, t):
+        """The EDM-equivalent noise level ``sigma(t) / alpha(t) = exp(-lambda(t))``."""
+        return jnp.exp(-self.lambda_(t))
+
+    def t_of_rho(self, rho):
+        rho = _as_float(rho)
+        return self.t_of_lambda(-jnp.log(rho))
+
+    def d_alpha(self, t):
+        """``d alpha / dt`` by forward-mode autodiff (elementwise)."""
+        t = _as_float(t)
+        return jax.jvp(self.alpha, (t,), (jnp.ones_like(t),))[1]
+
+    def d_sigma(self, t):
+        """``d sigma / dt`` by forward-mode autodiff (elementwise)."""
+        t = _as_float(t)
+        return jax.jvp(self.sigma, (t,), (jnp.ones_like(t),))[1]
+
+    def d_lambda(self, t):
+        t = _as_float(t)
+        return jax.jvp(self.lambda_, (t,), (jnp.ones_like(t),))[1]
+
+    # ------------------------------------------------------------------ SDE view
+    def drift_coef(self, t):
+        """``f(t) = d log alpha / dt`` of the forward SDE ``dx = f x dt + g dW``."""
+        t = _as_float(t)
+        return jax.jvp(self.log_alpha, (t,), (jnp.ones_like(t),))[1]
+
+    def diffusion2(self, t):
+        """``g(t)^2 = d sigma^2/dt - 2 f(t) sigma^2 = 2 sigma^2 (d log sigma/dt - f)``
+        ``= -2 sigma^2 d lambda/dt``."""
+        t = _as_float(t)
+        return -2.0 * self.sigma(t) ** 2 * self.d_lambda(t)
+
+    # ------------------------------------------------------------------- prior
+    def prior_std(self):
+        """Standard deviation of the prior at ``t_max`` for unit-variance data:
+        ``sqrt(alpha^2 + sigma^2)`` (1 for VP and flows, ~sigma_max for VE/EDM)."""
+        t = jnp.asarray(self.t_max, jnp.float32)
+        return jnp.sqrt(self.alpha(t) ** 2 + self.sigma(t) ** 2)
+
+    def prior_sample(self, key, shape, dtype=jnp.float32):
+        """Draw ``x_T`` of ``shape`` (leading axis = batch) from the prior.
+
+        Each sample gets its own key ``fold_in(key, index)`` so that sample ``i`` is the
+        same whether it is drawn alone or in a batch (see :func:`jdiff.per_sample_keys`).
+        ``key`` may also be an array of per-sample keys of length ``shape[0]``.
+        """
+        from jdiff._random import normal_per_sample
+
+        return (normal_per_sample(key, shape, dtype) * self.prior_std()).astype(dtype)
+
+    # --------------------------------------------------------------- validation
+    def check_times(self, t, *, allow_data: bool = True, what: str = "time"):
+        """Raise ``ValueError`` if a concrete array of times lies outside the valid range."""
+        try:
+            arr = np.asarray(t, dtype=np.float64)
+        except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            return  # traced: cannot check values
+        lo, hi = self.t_min, self.t_max
+        tol = 1e-6 * max(1.0, abs(hi))
+        bad = (arr < lo - tol) | (arr > hi + tol) | ~np.isfinite(arr)
+        if allow_data and self.t_data is not None:
+            bad &= ~(arr == self.t_data)
+        if np.any(bad):
+            vals = arr[bad][:4]
+            extra = f" or exactly t_data={self.t_data}" if (allow_data and self.t_data is not None) else ""
+            raise ValueError(
+                f"{what} {vals.tolist()} outside the valid range [{lo}, {hi}]{extra} of {self!r}"
+            )
+
+    def __repr__(self):
+        fields = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if not isinstance(getattr(self, f.name), (np.ndarray, jax.Array))
+        )
+        return f"{type(self).__name__}({fields})"
+
+
+# ---------------------------------------------------------------------------- VP
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class VPLinear(Process):
+    """Variance-preserving process with a linear ``beta(t)`` (DDPM's continuous limit).
+
+    ``log alpha(t) = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2``,
+    ``sigma = sqrt(1 - alpha^2)``. Song et al., "Score-Based Generative Modeling through
+    Stochastic Differential Equations", ICLR 2021; the closed-form inverse ``t(lambda)``
+    follows Lu et al., "DPM-Solver", NeurIPS 2022, Appendix.
+    """
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    t_data: float | None = 0.0
+    name: str = "vp_linear"
+
+    def log_alpha(self, t):
+        t = _as_float(t)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def log_sigma(self, t):
+        return _log_sigma_from_log_alpha_vp(self.log_alpha(t))
+
+    def sigma(self, t):
+        t = _as_float(t)
+        return _vp_sigma(self.alpha(t), self.log_alpha(t))
+
+    def _t_of_log_alpha(self, log_alpha):
+        # Solve a t^2 + b t + log_alpha = 0 for t >= 0 in the cancellation-free form.
+        a = 0.25 * (self.beta_max - self.beta_min)
+        b = 0.5 * self.beta_min
+        c = log_alpha
+        return -2.0 * c / (b + jnp.sqrt(b * b - 4.0 * a * c))
+
+    def t_of_lambda(self, lam):
+        lam = _as_float(lam)
+        return self._t_of_log_alpha(_log_alpha_from_lambda_vp(lam))
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class VPCosine(Process):
+    """Variance-preserving process with the cosine schedule of Nichol & Dhariwal,
+    "Improved Denoising Diffusion Probabilistic Models", ICML 2021:
+    ``alpha(t) = cos((t + s)/(1 + s) * pi/2) / cos(s/(1 + s) * pi/2)``.
+
+    ``alpha(1) = 0`` (zero terminal SNR); the default ``t_max = 0.9946`` follows
+    DPM-Solver, which clips the end where ``beta`` exceeds 0.999. Pass ``t_max=1.0`` for
+    the zero-terminal-SNR process (use an x0, v or flow parameterization there).
+    """
+
+    s: float = 0.008
+    t_min: float = 1e-3
+    t_max: float = 0.9946
+    t_data: float | None = 0.0
+    name: str = "vp_cosine"
+
+    def _log_alpha_0(self):
+        return math.log(math.cos(math.pi / 2 * self.s / (1.0 + self.s)))
+
+    def log_alpha(self, t):
+        t = _as_float(t)
+        c = jnp.cos(jnp.pi / 2 * (t + self.s) / (1.0 + self.s))
+        return jnp.log(jnp.maximum(c, 0.0)) - self._log_alpha_0()
+
+    def alpha(self, t):
+        t = _as_float(t)
+        c = jnp.cos(jnp.pi / 2 * (t + self.s) / (1.0 + self.s))
+        return jnp.maximum(c, 0.0) / math.exp(self._log_alpha_0())
+
+    def log_sigma(self, t):
+        return _log_sigma_from_log_alpha_vp(self.log_alpha(t))
+
+    def sigma(self, t):
+        t = _as_float(t)
+        return _vp_sigma(self.alpha(t), self.log_alpha(t))
+
+    def t_of_lambda(self, lam):
+        lam = _as_float(lam)
+        log_alpha = _log_alpha_from_lambda_vp(lam)
+        c = jnp.clip(jnp.exp(log_alpha + self._log_alpha_0()), -1.0, 1.0)
+        return 2.0 * (1.0 + self.s) / jnp.pi * jnp.arccos(c) - self.s
+
+
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)
+class VPDiscrete(Process):
+    """A discrete-time VP process from a table ``alphas_cumprod[n], n = 0..N-1``
+    (DDPM's 1000-step schedules), made continuous as in DPM-Solver (Lu et al. 2022,
+    Sec. 3.4): step ``n`` sits at ``t_n = (n + 1) / N`` and ``log alpha`` is
+    piecewise linear in t, with ``log alpha(0) = 0`` at the data.
+
+    A table whose last entry is 0 (zero terminal SNR, Lin et al., "Common Diffusion
+    Noise Schedules and Sample Steps are Flawed", WACV 2024) interpolates ``alpha``
+    itself on the last interval, so ``alpha(1) = 0`` exactly.
+
+    Models trained on the table take the (possibly fractional) step index
+    :meth:`timestep` ``= N t - 1`` as their time input.
+    """
+
+    log_alphas: Any = None  # (N + 1,) including t = 0
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    t_data: float | None = 0.0
+    num_train_steps: int = 1000
+    zero_terminal_snr: bool = False
+    name: str = "vp_discrete"
+
+    def _tables(self):
+        la = jnp.asarray(self.log_alphas)
+        ts = jnp.linspace(0.0, 1.0, self.num_train_steps + 1, dtype=la.dtype)
+        return ts, la
+
+    def log_alpha(self, t):
+        t = _as_float(t)
+        ts, la = self._tables()
+        la = la.astype(t.dtype)
+        ts = ts.astype(t.dtype)
+        if not self.zero_terminal_snr:
+            return jnp.interp(t, ts, la)
+        # All but the last interval: linear in log alpha; last interval: linear in alpha.
+        la_fin = la[:-1]
+        body = jnp.interp(jnp.minimum(t, ts[-2]), ts[:-1], la_fin)
+        w = jnp.clip((t - ts[-2]) / (ts[-1] - ts[-2]), 0.0, 1.0)
+        a_last = jnp.exp(la_fin[-1]) * (1.0 - w)
+        tail = jnp.log(jnp.maximum(a_last, 0.0))
+        return jnp.where(t > ts[-2], tail, body)
+
+    def log_sigma(self, t):
+        return _log_sigma_from_log_alpha_vp(self.log_alpha(t))
+
+    def sigma(self, t):
+        t = _as_float(t)
+        return _vp_sigma(self.alpha(t), self.log_alpha(t))
+
+    def alpha(self, t):
+        if not self.zero_terminal_snr:
+            return jnp.exp(self.log_alpha(t))
+        t = _as_float(t)
+        ts, la = self._tables()
+        la = la.astype(t.dtype)
+        ts = ts.astype(t.dtype)
+        body = jnp.exp(jnp.interp(jnp.minimum(t, ts[-2]), ts[:-1], la[:-1]))
+        w = jnp.clip((t - ts[-2]) / (ts[-1] - ts[-2]), 0.0, 1.0)
+        return jnp.where(t > ts[-2], jnp.exp(la[-2]) * (1.0 - w), body)
+
+    def t_of_lambda(self, lam):
+        lam = _as_float(lam)
+        ts, la = self._tables()
+        la = la.astype(lam.dtype)
+        ts = ts.astype(lam.dtype)
+        log_alpha = _log_alpha_from_lambda_vp(lam)
+        if not self.zero_terminal_snr:
+            return jnp.interp(-log_alpha, -la, ts, left=0.0, right=jnp.inf)
+        body = jnp.interp(-log_alpha, -la[:-1], ts[:-1], left=0.0, right=ts[-2])
+        a_prev = jnp.exp(la[-2])
+        w = 1.0 - jnp.exp(log_alpha) / a_prev
+        tail = ts[-2] + jnp.clip(w, 0.0, 1.0) * (ts[-1] - ts[-2])
+        return jnp.where(log_alpha < la[-2], tail, body)
+
+    def timestep(self, t):
+        """The model's discrete time input ``N * t - 1`` (fractional between steps)."""
+        return _as_float(t) * self.num_train_steps - 1.0
+
+
+def ddpm_betas(kind: str = "linear", num_train_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+    """Return a numpy ``betas`` table: ``'linear'`` (Ho et al. 2020),
+    ``'scaled_linear'`` (Stable Diffusion: linear in sqrt(beta)) or ``'cosine'``
+    (Nichol & Dhariwal 2021, betas clipped at 0.999)."""
+    n = num_train_steps
+    if kind == "linear":
+        return np.linspace(beta_start, beta_end, n, dtype=np.float64)
+    if kind == "scaled_linear":
+        return np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
+    if kind == "cosine":
+        s = 0.008
+        steps = np.arange(n + 1, dtype=np.float64) / n
+        f = np.cos((steps + s) / (1 + s) * np.pi / 2) ** 2
+        return np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
+    raise ValueError(f"unknown beta schedule {kind!r}; expected 'linear', 'scaled_linear' or 'cosine'")
+
+
+def rescale_zero_terminal_snr(betas):
+    """Rescale a ``betas`` table so that the final ``alphas_cumprod`` is exactly zero,
+    keeping the first one (Lin et al., WACV 2024, Algorithm 1)."""
+    betas = np.asarray(betas, dtype=np.float64)
+    sqrt_ac = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = sqrt_ac[0], sqrt_ac[-1]
+    sqrt_ac = (sqrt_ac - last) * first / (first - last)
+    ac = sqrt_ac**2
+    alphas = np.concatenate([ac[:1], ac[1:] / np.where(ac[:-1] > 0, ac[:-1], 1.0)])
+    return 1.0 - alphas
+
+
+# -------------------------------------------------------------------------- sub-VP
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class SubVP(Process):
+    """The sub-VP process of Song et al. (ICLR 2021): ``alpha`` as in :class:`VPLinear`
+    and ``sigma = 1 - alpha^2``."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    t_data: float | None = 0.0
+    name: str = "sub_vp"
+
+    def log_alpha(self, t):
+        return VPLinear(self.beta_min, self.beta_max).log_alpha(t)
+
+    def log_sigma(self, t):
+        return jnp.log(-jnp.expm1(2.0 * self.log_alpha(t)))
+
+    def t_of_lambda(self, lam):
+        lam = _as_float(lam)
+        # alpha / (1 - alpha^2) = e^lam  =>  alpha = 2 e^lam / (1 + sqrt(1 + 4 e^{2 lam})).
+        log_alpha = math.log(2.0) + lam - jax.nn.softplus(0.5 * jax.nn.softplus(2.0 * lam + math.log(4.0)))
+        log_alpha = jnp.minimum(log_alpha, 0.0)
+        return VPLinear(self.beta_min, self.beta_max)._t_of_log_alpha(log_alpha)
+
+
+# ------------------------------------------------------------------------ VE, EDM
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class VE(Process):
+    """Variance-exploding process ``alpha = 1``, ``sigma(t) = sigma_min (sigma_max /
+    sigma_min)^t`` (Song et al., ICLR 2021). It never reaches ``sigma = 0``, so
+    ``t_data`` is ``None``: finish with ``denoise_to_zero=True`` to jump to x0."""
+
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    t_data: float | None = None
+    name: str = "ve"
+
+    def log_alpha(self, t):
+        return jnp.zeros_like(_as_float(t))
+
+    def log_sigma(self, t):
+        t = _as_float(t)
+        return math.log(self.sigma_min) + t * math.log(self.sigma_max / self.sigma_min)
+
+    def t_of_lambda(self, lam):
+        lam = _as_float(lam)
+        return (-lam - math.log(self.sigma_min)) / math.log(self.sigma_max / self.sigma_min)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class EDM(Process):
+    """The EDM / Karras process ``alpha = 1``, ``sigma = t`` (Karras et al.,
+    "Elucidating the Design Space of Diffusion-Based Generative Models", NeurIPS 2022),
+    on ``[sigma_min, sigma_max] = [0.002, 80]``; ``t = 0`` is the data."""
+
+    t_min: float = 0.002
+    t_max: float = 80.0
+    t_data: float | None = 0.0
+    sigma_data: float = 0.5
+    name: str = "edm"
+
+    def log_alpha(self, t):
+        return jnp.zeros_like(_as_float(t))
+
+    def log_sigma(self, t):
+        return jnp.log(_as_float(t))
+
+    def alpha(self, t):
+        return jnp.ones_like(_as_float(t))
+
+    def sigma(self, t):
+        return _as_float(t)
+
+    def t_of_lambda(self, lam):
+        return jnp.exp(-_as_float(lam))
+
+
+# ------------------------------------------------------------------------- flows
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class RectifiedFlow(Process):
+    """Rectified flow / flow matching with the linear path ``alpha = 1 - t``,
+    ``sigma = t`` (Liu et al., "Flow Straight and Fast", ICLR 2023; Lipman et al.,
+    "Flow Matching for Generative Modeling", ICLR 2023). ``alpha(1) = 0``: the
+    terminal SNR is zero, so models are parameterized by velocity, x0 or v."""
+
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    t_data: float | None = 0.0
+    name: str = "rectified_flow"
+
+    def log_alpha(self, t):
+        return jnp.log1p(-_as_float(t))
+
+    def log_sigma(self, t):
+        return jnp.log(_as_float(t))
+
+    def alpha(self, t):
+        return 1.0 - _as_float(t)
+
+    def sigma(self, t):
+        return _as_float(t)
+
+    def t_of_lambda(self, lam):
+        # (1 - t) / t = e^lam  =>  t = sigmoid(-lam)
+        return jax.nn.sigmoid(-_as_float(lam))
+
+
+_register(VPLinear)
+_register(VPCosine)
+_register(VPDiscrete, data_fields=("log_alphas",))
+_register(SubVP)
+_register(VE)
+_register(EDM)
+_register(RectifiedFlow)
+
+
+# ---------------------------------------------------------------------- factories
+
+
+def vp_linear(beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0) -> VPLinear:
+    """The VP-SDE with linear beta (see :class:`VPLinear`)."""
+    return VPLinear(beta_min=beta_min, beta_max=beta_max, t_min=t_min, t_max=t_max)
+
+
+def vp_cosine(s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946) -> VPCosine:
+    """The cosine VP schedule (see :class:`VPCosine`)."""
+    return VPCosine(s=s, t_min=t_min, t_max=t_max)
+
+
+def vp_discrete(betas=None, *, alphas_cumprod=None, t_min: float | None = None) -> VPDiscrete:
+    """A discrete-time VP process from ``betas`` or ``alphas_cumprod`` (see
+    :class:`VPDiscrete`). With neither, DDPM's linear 1000-step schedule is used."""
+    if alphas_cumprod is None:
+        if betas is None:
+            betas = ddpm_betas("linear")
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or np.any(betas < 0) or np.any(betas > 1):
+            raise ValueError("betas must be a 1-D table of values in [0, 1]")
+        alphas_cumprod = np.cumprod(1.0 - betas)
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    if ac.ndim != 1 or ac.size < 2:
+        raise ValueError("alphas_cumprod must be a 1-D table with at least 2 entries")
+    if np.any(np.diff(ac) >= 0) or ac[0] > 1 or ac[-1] < 0:
+        raise ValueError("alphas_cumprod must be strictly decreasing in (0, 1]")
+    zero_snr = bool(ac[-1] == 0.0)
+    with np.errstate(divide="ignore"):
+        la = np.concatenate([[0.0], 0.5 * np.log(ac)])
+    n = ac.size
+    return VPDiscrete(
+        log_alphas=la,
+        t_min=(1.0 / n) if t_min is None else t_min,
+        t_max=1.0,
+        num_train_steps=n,
+        zero_terminal_snr=zero_snr,
+    )
+
+
+def sub_vp(beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0) -> SubVP:
+    """The sub-VP SDE (see :class:`SubVP`)."""
+    return SubVP(beta_min=beta_min, beta_max=beta_max, t_min=t_min, t_max=t_max)
+
+
+def ve(sigma_min: float = 0.01, sigma_max: float = 50.0) -> VE:
+    """The VE-SDE (see :class:`VE`)."""
+    return VE(sigma_min=sigma_min, sigma_max=sigma_max)
+
+
+def edm(sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5) -> EDM:
+    """The EDM process ``sigma = t`` (see :class:`EDM`)."""
+    return EDM(t_min=sigma_min, t_max=sigma_max, sigma_data=sigma_data)
+
+
+def rectified_flow(t_min: float = 1e-3, t_max: float = 1.0) -> RectifiedFlow:
+    """Rectified flow / linear flow matching (see :class:`RectifiedFlow`)."""
+    return RectifiedFlow(t_min=t_min, t_max=t_max)

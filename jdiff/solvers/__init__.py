@@ -1,0 +1,26 @@
+"""Samplers as optax-style ``(init, step)`` pairs. See :mod:`jdiff.solvers._base`."""
+
+from jdiff.solvers._base import Solver, State, order_schedule
+from jdiff.solvers.ddim import ddim, ddpm
+from jdiff.solvers.deis import deis
+from jdiff.solvers.dpm_solver import dpm_solver, dpm_solver_pp, sde_dpm_solver_pp
+from jdiff.solvers.euler import euler, euler_maruyama, heun
+from jdiff.solvers.ipndm import ipndm
+from jdiff.solvers.unipc import unipc
+
+__all__ = [
+    "Solver",
+    "State",
+    "order_schedule",
+    "ddim",
+    "ddpm",
+    "deis",
+    "dpm_solver",
+    "dpm_solver_pp",
+    "sde_dpm_solver_pp",
+    "euler",
+    "euler_maruyama",
+    "heun",
+    "ipndm",
+    "unipc",
+]

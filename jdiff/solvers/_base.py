@@ -1,0 +1,180 @@
+"""The solver protocol: optax-style ``(init, step)`` pairs of pure functions.
+
+A solver is a :class:`Solver` NamedTuple. ``state = solver.init(x_T, grid, key=...)``
+builds the scan carry (a :class:`State`) and ``state = solver.step(denoiser, state,
+cond)`` advances it by one grid interval, calling the denoiser one or more times.
+:func:`jdiff.sample` runs ``step`` under ``lax.scan``, so the compiled program does not
+grow with the number of steps and any grid of the same length reuses it.
+
+Everything a solver needs at run time lives in the state: the grid (data, not Python
+state), a ring buffer of past model outputs with their log-SNRs, per-sample PRNG keys
+and a model-call counter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jdiff._core import Geometry, geometry
+from jdiff._param import Prediction
+from jdiff._random import normal_per_sample
+
+__all__ = ["State", "Solver", "evaluate", "push", "valid_history", "step_noise", "order_schedule"]
+
+
+class State(NamedTuple):
+    """Scan carry shared by all solvers.
+
+    Attributes:
+      x: the current sample, in the compute dtype (at least float32).
+      i: the index of the next grid interval (int32 scalar).
+      grid: the time grid, shape ``(N + 1,)``, decreasing.
+      pred: the prediction ``(x0, eps)`` made at the start of the last step.
+      hist: ``(K, *x.shape)`` past model outputs in the solver's form, most recent
+        first (``K`` may be 0).
+      hist_lam: ``(K,)`` their log-SNRs ``lambda`` (``-inf`` where empty).
+      x_prev: the sample before the last step (UniPC's corrector), else None.
+      key: per-sample PRNG keys for stochastic solvers, else None.
+      nfe: model calls made so far (int32 scalar).
+      aux: solver-specific extra state.
+    """
+
+    x: jax.Array
+    i: jax.Array
+    grid: jax.Array
+    pred: Prediction
+    hist: jax.Array
+    hist_lam: jax.Array
+    x_prev: Any = None
+    key: Any = None
+    nfe: jax.Array = None
+    aux: Any = None
+
+
+class Solver(NamedTuple):
+    """A sampler as pure functions (see module docstring).
+
+    Attributes:
+      init: ``(x_T, grid, key=None, nfe=None) -> State``.
+      step: ``(denoiser, state, cond) -> State``.
+      nfe: ``(num_steps, to_data) -> int``: model calls for a grid of ``num_steps``
+        intervals; ``to_data`` says the grid ends where sigma = 0.
+      num_steps: ``(nfe, to_data) -> int``: intervals to spend at most ``nfe`` calls.
+      order: the solver's order of convergence (deterministic solvers) or strong order.
+      stochastic: whether ``init`` needs a PRNG key.
+      name: a short description.
+      min_steps: the fewest grid intervals the solver accepts.
+    """
+
+    init: Callable
+    step: Callable
+    nfe: Callable
+    num_steps: Callable
+    order: int
+    stochastic: bool
+    name: str
+    min_steps: int = 1
+
+
+def compute_dtype(x):
+    return jnp.result_type(x.dtype, jnp.float32)
+
+
+def check_grid_shape(grid):
+    grid = jnp.asarray(grid)
+    if grid.ndim != 1 or grid.shape[0] < 2:
+        raise ValueError(f"the time grid must be 1-D with at least 2 points, got shape {grid.shape}")
+    return grid
+
+
+def empty_state(x_T, grid, *, hist_size: int = 0, key=None, x_prev: bool = False, aux=None) -> State:
+    """A fresh :class:`State` for ``x_T`` on ``grid`` (helper for ``init``)."""
+    x = jnp.asarray(x_T)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x_T must be floating point, got {x.dtype}")
+    if x.ndim < 1:
+        raise ValueError("x_T must have a leading batch axis")
+    dt = compute_dtype(x)
+    x = x.astype(dt)
+    grid = check_grid_shape(grid).astype(dt)
+    zeros = jnp.zeros_like(x)
+    if key is not None:
+        from jdiff._random import _batch_keys
+
+        key = _batch_keys(key, x.shape[0])
+    return State(
+        x=x,
+        i=jnp.zeros((), jnp.int32),
+        grid=grid,
+        pred=Prediction(zeros, zeros),
+        hist=jnp.zeros((hist_size,) + x.shape, dt),
+        hist_lam=jnp.full((hist_size,), -jnp.inf, dt),
+        x_prev=zeros if x_prev else None,
+        key=key,
+        nfe=jnp.zeros((), jnp.int32),
+        aux=aux,
+    )
+
+
+def evaluate(denoiser, x, t, cond) -> Prediction:
+    """Call the denoiser at ``(x, t)`` and return ``(x0, eps)`` in ``x``'s dtype."""
+    p = denoiser(x, t, cond)
+    return Prediction(p.x0.astype(x.dtype), p.eps.astype(x.dtype))
+
+
+def step_geometry(denoiser, state: State) -> tuple[jax.Array, jax.Array, Geometry]:
+    s = state.grid[state.i]
+    t = state.grid[state.i + 1]
+    return s, t, geometry(denoiser.process, s, t, state.x.dtype)
+
+
+def push(hist, hist_lam, m, lam):
+    """Put ``m`` (at log-SNR ``lam``) in front of the history ring buffer."""
+    if hist.shape[0] == 0:
+        return hist, hist_lam
+    hist = jnp.concatenate([m[None].astype(hist.dtype), hist[:-1]], axis=0)
+    hist_lam = jnp.concatenate([jnp.reshape(lam, (1,)).astype(hist_lam.dtype), hist_lam[:-1]])
+    return hist, hist_lam
+
+
+def valid_history(hist_lam):
+    """Number of leading history entries with finite log-SNR (usable as nodes)."""
+    ok = jnp.isfinite(hist_lam)
+    return jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
+
+
+def step_noise(state: State, dtype=None):
+    """Per-sample standard normal noise for step ``state.i``."""
+    if state.key is None:
+        raise ValueError("this solver is stochastic: pass a PRNG key to sample()/init()")
+    return normal_per_sample(state.key, state.x.shape, dtype or state.x.dtype, step=state.i)
+
+
+def order_schedule(order: int, num_steps: int, nfe: int | None, *, lower_order_final: bool = False):
+    """Per-step orders of a singlestep solver.
+
+    With ``nfe`` given, the orders add up to exactly ``nfe``, lowering the last steps
+    first (DPM-Solver's "fast" schedule, Lu et al. 2022, Sec. 3.4). Without it, every
+    step uses ``order``; ``lower_order_final`` then lowers the final steps as the
+    multistep solvers do.
+    """
+    orders = [order] * num_steps
+    if nfe is not None:
+        if nfe < num_steps or nfe > order * num_steps:
+            raise ValueError(
+                f"cannot spend exactly {nfe} model calls in {num_steps} steps of order <= {order}; "
+                f"use between {num_steps} and {order * num_steps}"
+            )
+        extra = order * num_steps - nfe
+        j = num_steps - 1
+        while extra > 0:
+            cut = min(extra, orders[j] - 1)
+            orders[j] -= cut
+            extra -= cut
+            j -= 1
+    elif lower_order_final and num_steps < 15:
+        orders = [min(o, num_steps - k) for k, o in enumerate(orders)]
+    return orders
