@@ -6,7 +6,7 @@ Processes (:mod:`jdiff._process`), parameterizations and the denoiser boundary
 (:mod:`jdiff.testbed`).
 """
 
-from jdiff import solvers
+from jdiff import solvers, wrappers
 from jdiff._core import phi
 from jdiff._grid import GRID_KINDS, default_grid_kind, time_grid
 from jdiff._param import PREDICTIONS, Denoiser, Prediction, convert, denoiser, from_x0_eps, to_x0_eps
@@ -45,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "solvers",
+    "wrappers",
     "phi",
     "GRID_KINDS",
     "default_grid_kind",

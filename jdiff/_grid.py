@@ -10,13 +10,17 @@ state, so one compiled sampler serves every grid of the same length. Spacings:
 - ``"karras"``: uniform in ``rho^(1/p)`` for ``rho = sigma / alpha`` with ``p = 7``
   (Karras et al., NeurIPS 2022, Eq. 5), for any process.
 
-``final="data"`` appends the time where ``sigma = 0`` after ``num_steps`` points
-spaced down to ``t_end`` (diffusers' ``final_sigmas_type="zero"``): the last step then
-goes straight to x0 (first order, no extra call).
+``final="data"`` ends the grid at the time where ``sigma = 0``, so the last step goes
+straight to x0 (first order, no extra call). Uniform and quadratic grids (in t) then
+space all ``num_steps + 1`` points down to that time, as flow-matching samplers do
+(unless ``t_end`` is given); logSNR and Karras grids, which cannot reach infinite
+log-SNR, space ``num_steps`` points down to ``t_end`` and append it (diffusers'
+``final_sigmas_type="zero"``).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,7 +40,28 @@ def default_grid_kind(process: Process) -> str:
     return "logsnr"
 
 
-def time_grid(
+def time_grid(process: Process, num_steps: int | None = None, **kw):
+    """Build a time grid of ``num_steps`` intervals (``num_steps + 1`` points).
+
+    Args:
+      process: the process whose times the grid holds.
+      num_steps: number of intervals; or give ``nfe`` and ``solver`` to derive it from
+        the solver's model calls per step (``solver.num_steps(nfe, ...)``).
+      kind: ``"uniform"``, ``"logsnr"``, ``"quadratic"``, ``"karras"`` or
+        ``"default"`` (:func:`default_grid_kind`).
+      t_start, t_end: first and last spaced times (default ``t_max`` and ``t_min``).
+      final: ``"t_min"`` to end at ``t_end``, ``"data"`` to end where sigma = 0.
+      rho: the Karras exponent.
+      dtype: dtype of the returned array.
+    Returns:
+      ``jnp`` array of shape ``(num_steps + 1,)``, decreasing. The grid depends only on
+      these static arguments, so it is computed eagerly even inside ``jit``.
+    """
+    with jax.ensure_compile_time_eval():
+        return _time_grid(process, num_steps, **kw)
+
+
+def _time_grid(
     process: Process,
     num_steps: int | None = None,
     *,
@@ -49,21 +74,6 @@ def time_grid(
     rho: float = 7.0,
     dtype=jnp.float32,
 ):
-    """Build a time grid of ``num_steps`` intervals (``num_steps + 1`` points).
-
-    Args:
-      process: the process whose times the grid holds.
-      num_steps: number of intervals; or give ``nfe`` and ``solver`` to derive it from
-        the solver's model calls per step (``solver.num_steps(nfe, ...)``).
-      kind: ``"uniform"``, ``"logsnr"``, ``"quadratic"``, ``"karras"`` or
-        ``"default"`` (:func:`default_grid_kind`).
-      t_start, t_end: first and last spaced times (default ``t_max`` and ``t_min``).
-      final: ``"t_min"`` to end at ``t_end``, ``"data"`` to add a last step to the time
-        where sigma = 0.
-      rho: the Karras exponent.
-    Returns:
-      ``jnp`` array of shape ``(num_steps + 1,)``, decreasing.
-    """
     if final not in ("t_min", "data"):
         raise ValueError(f"final must be 't_min' or 'data', got {final!r}")
     to_data = final == "data"
@@ -76,16 +86,19 @@ def time_grid(
     num_steps = int(num_steps)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if kind == "default":
-        kind = default_grid_kind(process)
-    if kind not in GRID_KINDS:
-        raise ValueError(f"unknown grid kind {kind!r}; expected one of {GRID_KINDS} or 'default'")
     t0 = float(process.t_max if t_start is None else t_start)
     t1 = float(process.t_min if t_end is None else t_end)
     if not t0 > t1:
         raise ValueError(f"t_start ({t0}) must be larger than t_end ({t1})")
     process.check_times(np.array([t0, t1]), allow_data=False, what="grid end points")
-    n = num_steps if not to_data else num_steps - 1
+    if kind == "default":
+        kind = default_grid_kind(process)
+    if kind not in GRID_KINDS:
+        raise ValueError(f"unknown grid kind {kind!r}; expected one of {GRID_KINDS} or 'default'")
+    straight = to_data and kind in ("uniform", "quadratic") and t_end is None
+    if straight:
+        t1 = float(process.t_data)
+    n = num_steps if (not to_data or straight) else num_steps - 1
     if n == 0:
         ts = np.array([t0], np.float64)
     else:
@@ -108,6 +121,6 @@ def time_grid(
                 lams = -rho * np.log(r0 + (r1 - r0) * u)
             ts = np.asarray(process.t_of_lambda(jnp.asarray(lams, jnp.float32)), np.float64)
             ts[0], ts[-1] = t0, t1
-    if to_data:
+    if to_data and not straight:
         ts = np.concatenate([ts, [process.t_data]])
     return jnp.asarray(ts, dtype)

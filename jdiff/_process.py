@@ -432,9 +432,9 @@ class SubVP(Process):
 
     def t_of_lambda(self, lam):
         lam = _as_float(lam)
-        # alpha / (1 - alpha^2) = e^lam  =>  alpha = 2 e^lam / (1 + sqrt(1 + 4 e^{2 lam})).
-        log_alpha = math.log(2.0) + lam - jax.nn.softplus(0.5 * jax.nn.softplus(2.0 * lam + math.log(4.0)))
-        log_alpha = jnp.minimum(log_alpha, 0.0)
+        # alpha / (1 - alpha^2) = e^lam  =>  alpha = 2 / (u + sqrt(u^2 + 4)),  u = e^{-lam}.
+        u = jnp.exp(-lam)
+        log_alpha = jnp.minimum(math.log(2.0) - jnp.log(u + jnp.sqrt(u * u + 4.0)), 0.0)
         return VPLinear(self.beta_min, self.beta_max)._t_of_log_alpha(log_alpha)
 
 

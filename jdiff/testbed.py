@@ -143,23 +143,14 @@ class GaussianMixture:
         return Denoiser(apply_fn=apply, params=None, process=process, prediction=prediction)
 
     # ------------------------------------------------------ reference ODE
-    def reference_ode(self, process: Process, x_T, t_start=None, t_end=None, *, rtol: float = 1e-10,
-                      atol: float = 1e-10, max_steps: int = 100_000):
-        """Solve the probability-flow ODE exactly (to ``rtol``) from ``x_T`` at ``t_start``
-        (default ``t_max``) to ``t_end`` (default ``t_min``; ``t_data`` allowed) with
-        diffrax's 8th-order Dormand-Prince method.
-
-        The solve runs in t while ``rho = sigma/alpha > 1`` and in the EDM variables
-        ``(x / alpha, rho)`` below, where ``d(x/alpha)/d rho = eps`` stays smooth down to
-        ``rho = 0``; so a start at zero terminal SNR and an end at the data are both
-        exact. Call with ``jax_enable_x64`` on for a float64 reference.
-        """
+    def _compiled_solve(self, process, variable, rtol, atol, max_steps):
+        """A jitted diffrax solve, cached per (process, variable, tolerances)."""
         import diffrax
 
-        t0 = float(process.t_max if t_start is None else t_start)
-        t1 = float(process.t_min if t_end is None else t_end)
-        x = jnp.asarray(x_T)
-        dt = x.dtype
+        cache = self.__dict__.setdefault("_ode_cache", {})
+        key = (id(process), variable, rtol, atol, max_steps)
+        if key in cache:
+            return cache[key][1]
         mix = self
 
         def f_t(t, y, args):
@@ -171,13 +162,40 @@ class GaussianMixture:
             a = process.alpha(t)
             return mix.posterior(a * ybar, t, process).eps
 
-        def solve(f, a, b, y):
+        f = f_t if variable == "t" else f_rho
+
+        @jax.jit
+        def solve(y, a, b):
             sol = diffrax.diffeqsolve(
                 diffrax.ODETerm(f), diffrax.Dopri8(), a, b, None, y,
-                stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, dtmin=None),
+                stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
                 max_steps=max_steps, saveat=diffrax.SaveAt(t1=True),
             )
             return sol.ys[0]
+
+        cache[key] = (process, solve)  # keep the process alive so its id stays unique
+        return solve
+
+    def reference_ode(self, process: Process, x_T, t_start=None, t_end=None, *, rtol: float = 1e-10,
+                      atol: float = 1e-10, max_steps: int = 100_000):
+        """Solve the probability-flow ODE exactly (to ``rtol``) from ``x_T`` at ``t_start``
+        (default ``t_max``) to ``t_end`` (default ``t_min``; ``t_data`` allowed) with
+        diffrax's 8th-order Dormand-Prince method.
+
+        The solve runs in t while ``rho = sigma/alpha > 1`` and in the EDM variables
+        ``(x / alpha, rho)`` below, where ``d(x/alpha)/d rho = eps`` stays smooth down to
+        ``rho = 0``; so a start at zero terminal SNR and an end at the data are both
+        exact. Call with ``jax_enable_x64`` on for a float64 reference.
+        """
+        t0 = float(process.t_max if t_start is None else t_start)
+        t1 = float(process.t_min if t_end is None else t_end)
+        x = jnp.asarray(x_T)
+        dt = x.dtype
+        f_t = self._compiled_solve(process, "t", rtol, atol, max_steps)
+        f_rho = self._compiled_solve(process, "rho", rtol, atol, max_steps)
+
+        def solve(fn, a, b, y):
+            return fn(y, jnp.asarray(a, dt), jnp.asarray(b, dt))
 
         rho0 = float(process.rho(jnp.asarray(t0, dt)))
         rho1 = float(process.rho(jnp.asarray(t1, dt))) if not (process.t_data is not None and t1 == process.t_data) else 0.0

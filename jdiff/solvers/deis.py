@@ -21,7 +21,7 @@ import numpy as np
 from jdiff.solvers._base import Solver
 from jdiff.solvers._multistep import multistep
 
-__all__ = ["deis", "lagrange_quadrature_weights"]
+__all__ = ["deis", "lagrange_quadrature_weights", "quadrature_weights_fn"]
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(16)
 _GL_X = 0.5 * (_GL_X + 1.0)  # nodes on [0, 1]
@@ -55,13 +55,9 @@ def lagrange_quadrature_weights(tau_fn, g, lam_nodes, q, dtype):
     return jnp.where(active, jnp.stack(weights), 0.0)
 
 
-def deis(order: int = 3, *, basis: str = "t", lower_order_final: bool = True) -> Solver:
-    """DEIS of ``order`` 1-3 (one model call per step). See the module docstring."""
-    if basis == "log_rho":
-        return multistep(order, mode="noise", coef="exact", lower_order_final=lower_order_final,
-                         name=f"deis-{order}(log_rho)")
-    if basis not in ("t", "rho"):
-        raise ValueError(f"unknown DEIS basis {basis!r}; expected 't', 'rho' or 'log_rho'")
+def quadrature_weights_fn(basis: str):
+    """The ``weights`` hook of :func:`jdiff.solvers._multistep.multistep` for a
+    Lagrange basis in ``"t"`` or ``"rho"``."""
 
     def weights(process, g, s, lam_nodes, q, dtype):
         if basis == "t":
@@ -71,5 +67,15 @@ def deis(order: int = 3, *, basis: str = "t", lower_order_final: bool = True) ->
                 return jnp.exp(-lam)
         return lagrange_quadrature_weights(tau_fn, g, lam_nodes, jnp.where(g.finite, q, 0), dtype)
 
-    return multistep(order, mode="noise", weights=weights, lower_order_final=lower_order_final,
+    return weights
+
+
+def deis(order: int = 3, *, basis: str = "t", lower_order_final: bool = True) -> Solver:
+    """DEIS of ``order`` 1-3 (one model call per step). See the module docstring."""
+    if basis == "log_rho":
+        return multistep(order, mode="noise", coef="exact", lower_order_final=lower_order_final,
+                         name=f"deis-{order}(log_rho)")
+    if basis not in ("t", "rho"):
+        raise ValueError(f"unknown DEIS basis {basis!r}; expected 't', 'rho' or 'log_rho'")
+    return multistep(order, mode="noise", weights=quadrature_weights_fn(basis), lower_order_final=lower_order_final,
                      name=f"deis-{order}({basis})")

@@ -5,7 +5,11 @@ al., "Pseudo Numerical Methods for Diffusion Models on Manifolds", ICLR 2022).
 PNDM's transfer step is DDIM with the noise prediction replaced by an Adams-Bashforth
 combination of past predictions, ``eps' = (55 e0 - 59 e1 + 37 e2 - 9 e3) / 24``; iPNDM
 warms up with the lower-order Adams-Bashforth formulas instead of Runge-Kutta steps, so
-every step costs one model call. The coefficients are the fixed-step ones.
+every step costs one model call. The coefficients are the fixed-step ones: they have
+order k on grids uniform in ``rho = sigma / alpha`` and at most order 2 on smoothly
+graded grids (logSNR, Karras). ``variable_step=True`` uses the exact variable-step
+Adams-Bashforth weights in ``rho`` (k-diffusion's "iPNDM-v"; the same as rhoAB-DEIS),
+which keep order k on any grid.
 """
 
 from __future__ import annotations
@@ -25,10 +29,17 @@ _AB = {
 }
 
 
-def ipndm(order: int = 4, *, lower_order_final: bool = False) -> Solver:
-    """iPNDM of ``order`` 1-4 (one model call per step)."""
+def ipndm(order: int = 4, *, variable_step: bool = False, lower_order_final: bool = False) -> Solver:
+    """iPNDM of ``order`` 1-4 (one model call per step); see the module docstring."""
     if order not in _AB:
         raise ValueError(f"ipndm supports order 1 to 4, got {order!r}")
+    if variable_step:
+        from jdiff.solvers._multistep import multistep
+        from jdiff.solvers.deis import quadrature_weights_fn
+
+        s = multistep(order, mode="noise", weights=quadrature_weights_fn("rho"), lower_order_final=lower_order_final,
+                      name=f"ipndm_v-{order}", max_order=4)
+        return s._replace(min_steps=order)
     K = order
     table = jnp.asarray([list(_AB[k]) + [0.0] * (K - k) for k in range(1, K + 1)])  # (K, K)
 

@@ -1,0 +1,166 @@
+"""Solvers against the exact testbed: convergence orders, equivalences, NFE accounting."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jdiff
+from jdiff import solvers as S
+from jdiff._random import normal_per_sample
+from jdiff.testbed import random_mixture
+
+from conftest import deterministic_zoo
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+ZOO = deterministic_zoo()
+STEPS = (80, 160, 320)
+
+
+@pytest.fixture(scope="module")
+def problem(x64):
+    mix = random_mixture(jax.random.key(0), 2, 3, std_range=(0.5, 1.0))
+    proc = jdiff.vp_linear()
+    x_T = jdiff.prior_sample(proc, jax.random.key(1), (8, 2), jnp.float64)
+    ref = mix.reference_ode(proc, x_T, proc.t_max, proc.t_min)
+    return mix, proc, x_T, ref
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_convergence_order(problem, name):
+    solver, order = ZOO[name]
+    mix, proc, x_T, ref = problem
+    den = mix.denoiser(proc)
+    errs = []
+    for n in STEPS:
+        grid = jdiff.time_grid(proc, n, kind="logsnr", dtype=jnp.float64)
+        x = jax.jit(lambda xt, g: jdiff.sample(solver, den, xt, g))(x_T, grid)
+        errs.append(float(jnp.mean(jnp.linalg.norm(x - ref, axis=-1))))
+    slope = -np.polyfit(np.log(STEPS), np.log(errs), 1)[0]
+    print(f"{name}: errors {errs} order {slope:.2f}")
+    assert slope >= order - 0.3, f"{name}: errors {errs}, fitted order {slope:.2f} < {order} - 0.3"
+    # and not suspiciously better than theory (a sign of a broken reference or test)
+    assert slope <= order + 1.3, f"{name}: fitted order {slope:.2f}"
+
+
+@pytest.fixture(scope="module")
+def one_batch(x64):
+    mix = random_mixture(jax.random.key(2), 3, 4)
+    proc = jdiff.vp_linear()
+    x_T = jdiff.prior_sample(proc, jax.random.key(3), (5, 3), jnp.float64)
+    return mix, proc, x_T
+
+
+def _run(solver, den, x_T, grid, **kw):
+    return jdiff.sample(solver, den, x_T, grid, **kw)
+
+
+@pytest.mark.parametrize("final", ["t_min", "data"])
+def test_first_order_solvers_coincide(one_batch, final):
+    mix, proc, x_T = one_batch
+    grid = jdiff.time_grid(proc, 12, final=final, dtype=jnp.float64)
+    den_x0, den_eps = mix.denoiser(proc, "x0"), mix.denoiser(proc, "eps")
+    ref = _run(S.ddim(), den_eps, x_T, grid)
+    for solver in [S.dpm_solver(1), S.dpm_solver(1, method="multistep"), S.dpm_solver_pp(1),
+                   S.dpm_solver_pp(1, method="singlestep"), S.deis(1), S.deis(1, basis="log_rho"),
+                   S.unipc(1, corrector=False), S.unipc(1, corrector=False, prediction="noise"),
+                   S.euler("rho"), S.ipndm(1)]:
+        for den in (den_x0, den_eps):
+            np.testing.assert_allclose(_run(solver, den, x_T, grid), ref, rtol=0, atol=1e-6, err_msg=solver.name)
+
+
+def test_known_identities(one_batch):
+    mix, proc, x_T = one_batch
+    den = mix.denoiser(proc)
+    grid = jdiff.time_grid(proc, 10, dtype=jnp.float64)
+    same = lambda a, b: np.testing.assert_allclose(_run(a, den, x_T, grid), _run(b, den, x_T, grid), atol=1e-10)  # noqa
+    # UniP-2 with B(h) = e^h - 1 is DPM-Solver++(2M); UniP-3 is DPM-Solver++(3M) (square system,
+    # and the same midpoint form in its one-node warm-up step)
+    same(S.unipc(2, corrector=False, variant="bh2"), S.dpm_solver_pp(2))
+    same(S.unipc(3, corrector=False, variant="bh2"), S.dpm_solver_pp(3))
+    # DEIS with a log-rho basis is multistep DPM-Solver with exact coefficients
+    same(S.deis(3, basis="log_rho"), S.dpm_solver(3, method="multistep", solver_type="heun"))
+    same(S.deis(2, basis="log_rho"), S.dpm_solver(2, method="multistep", solver_type="heun"))
+    # variable-step iPNDM is rhoAB-DEIS
+    same(S.ipndm(3, variable_step=True, lower_order_final=True), S.deis(3, basis="rho"))
+    # Euler and Heun in (x/alpha, rho) coincide with the t versions on EDM (alpha = 1, rho = t)
+    e = jdiff.edm()
+    de = mix.denoiser(e)
+    ge = jdiff.time_grid(e, 10, dtype=jnp.float64)
+    xe = x_T * 80.0
+    np.testing.assert_allclose(_run(S.heun("rho"), de, xe, ge), _run(S.heun("t"), de, xe, ge), atol=1e-9)
+    np.testing.assert_allclose(_run(S.deis(3, basis="rho"), de, xe, ge), _run(S.deis(3), de, xe, ge), atol=1e-9)
+
+
+def test_ddpm_step_is_the_posterior_q(one_batch):
+    # DDIM(eta=1) on a discrete table is DDPM: mean and variance of q(x_{n-1} | x_n, x0).
+    mix, _, _ = one_batch
+    p = jdiff.vp_discrete()
+    den = mix.denoiser(p)
+    ac = np.cumprod(1 - jdiff.ddpm_betas("linear"))
+    n = 500
+    grid = jnp.asarray([(n + 1) / 1000, n / 1000], jnp.float64)  # step n -> n - 1 (0-based table)
+    x = jax.random.normal(jax.random.key(4), (5, 3), jnp.float64)
+    key = jax.random.key(5)
+    out = jdiff.sample(S.ddpm(), den, x, grid, key=key)
+    x0 = den(x, grid[0]).x0
+    a_t, a_prev = ac[n], ac[n - 1]
+    beta = 1 - a_t / a_prev
+    mean = np.sqrt(a_prev) * beta / (1 - a_t) * x0 + np.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t) * x
+    var = (1 - a_prev) / (1 - a_t) * beta
+    z = normal_per_sample(jdiff.per_sample_keys(key, 5), x.shape, x.dtype, step=0)
+    np.testing.assert_allclose(out, mean + np.sqrt(var) * z, rtol=1e-9, atol=1e-10)
+
+
+def test_sde_dpm_solver_1_is_ddpm(one_batch):
+    mix, proc, x_T = one_batch
+    den = mix.denoiser(proc)
+    grid = jdiff.time_grid(proc, 9, dtype=jnp.float64)
+    key = jax.random.key(9)
+    np.testing.assert_allclose(jdiff.sample(S.sde_dpm_solver_pp(1), den, x_T, grid, key=key),
+                               jdiff.sample(S.ddpm(), den, x_T, grid, key=key), atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_nfe_counter_matches_static_count(one_batch, name):
+    solver, _ = ZOO[name]
+    mix, proc, x_T = one_batch
+    den = mix.denoiser(proc)
+    for final in ("t_min", "data"):
+        grid = jdiff.time_grid(proc, 7, final=final, dtype=jnp.float64)
+        _, info = jdiff.sample(solver, den, x_T, grid, return_info=True)
+        assert int(info.nfe) == solver.nfe(7, final == "data"), (name, final)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_singlestep_spends_exactly_the_target_nfe(one_batch, order):
+    mix, proc, x_T = one_batch
+    den = mix.denoiser(proc)
+    for nfe in range(order, 13):
+        _, info = jdiff.sample(S.dpm_solver(order), den, x_T, nfe=nfe, return_info=True)
+        assert int(info.nfe) == nfe
+        assert info.grid.shape[0] - 1 == -(-nfe // order)
+    assert S.order_schedule(3, 4, 10) == [3, 3, 3, 1]
+    assert S.order_schedule(3, 4, 9) == [3, 3, 2, 1]
+    assert S.order_schedule(3, 4, 11) == [3, 3, 3, 2]
+
+
+def test_target_nfe_builds_matching_grids(one_batch):
+    mix, proc, x_T = one_batch
+    den = mix.denoiser(proc)
+    for solver, nfe, want in [(S.unipc(2), 10, 10), (S.heun(), 10, 10), (S.heun(), 9, 8), (S.dpm_solver_pp(3), 6, 6)]:
+        _, info = jdiff.sample(solver, den, x_T, nfe=nfe, return_info=True)
+        assert int(info.nfe) == want, solver.name
+    _, info = jdiff.sample(S.heun(), den, x_T, nfe=9, final="data", return_info=True)
+    assert int(info.nfe) == 9 and float(info.grid[-1]) == 0.0
+
+
+def test_denoise_to_zero_adds_one_call_and_returns_x0(one_batch):
+    mix, proc, x_T = one_batch
+    den = mix.denoiser(proc)
+    grid = jdiff.time_grid(proc, 6, dtype=jnp.float64)
+    x, info = jdiff.sample(S.unipc(2), den, x_T, grid, denoise_to_zero=True, return_info=True)
+    x_last = jdiff.sample(S.unipc(2), den, x_T, grid)
+    assert int(info.nfe) == 7
+    np.testing.assert_allclose(x, den(x_last, grid[-1]).x0, atol=1e-12)

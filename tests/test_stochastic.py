@@ -1,0 +1,78 @@
+"""Stochastic solvers: per-sample keys (batch independence) and correct distributions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jdiff
+from jdiff import solvers as S
+from jdiff.testbed import frechet_distance, gaussian_stats, random_mixture
+
+from conftest import stochastic_zoo
+
+ZOO = stochastic_zoo()
+
+
+@pytest.fixture(scope="module")
+def mix():
+    return random_mixture(jax.random.key(0), 2, 3, std_range=(0.3, 0.6))
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_sample_does_not_depend_on_its_batch(mix, name):
+    solver = ZOO[name]
+    proc = jdiff.vp_linear()
+    den = mix.denoiser(proc)
+    key = jax.random.key(11)
+    grid = jdiff.time_grid(proc, 8)
+    x_T = jdiff.prior_sample(proc, key, (64, 2))
+    f = jax.jit(lambda x, k: jdiff.sample(solver, den, x, grid, key=k))
+    batch = f(x_T, key)
+    for i in (0, 5, 63):
+        k_i = jdiff.per_sample_keys(key, 1, offset=i)
+        x_i = jdiff.prior_sample(proc, k_i, (1, 2))
+        np.testing.assert_array_equal(x_i[0], x_T[i])  # the starting noise is bitwise the same
+        alone = f(x_i, k_i)
+        # XLA may vectorize a batch of 64 differently from a batch of 1: allow float32 rounding
+        np.testing.assert_allclose(alone[0], batch[i], rtol=1e-5, atol=1e-5)
+    # a different key gives a different sample
+    other = f(x_T, jax.random.key(12))
+    assert float(jnp.max(jnp.abs(other - batch))) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["ddpm", "sde_dpm_solver++(2M)", "euler_maruyama", "ddim(eta=0.5)"])
+def test_stochastic_solvers_sample_the_data_distribution(mix, name):
+    solver = ZOO[name]
+    proc = jdiff.vp_linear()
+    den = mix.denoiser(proc)
+    key = jax.random.key(5)
+    n = 4000
+    x_T = jdiff.prior_sample(proc, key, (n, 2))
+    steps = 400 if name == "euler_maruyama" else 100
+    x = jax.jit(lambda x, k: jdiff.sample(solver, den, x, jdiff.time_grid(proc, steps), key=k))(x_T, jax.random.key(6))
+    m, c = gaussian_stats(x)
+    fd = frechet_distance(m, c, mix.mean(), mix.cov())
+    # finite-sample Frechet distance of true data samples of the same size, for scale
+    m0, c0 = gaussian_stats(mix.sample(jax.random.key(7), n))
+    fd0 = frechet_distance(m0, c0, mix.mean(), mix.cov())
+    assert fd < max(5 * fd0, 0.01), (fd, fd0)
+
+
+def test_stochastic_solver_needs_a_key(mix):
+    proc = jdiff.vp_linear()
+    with pytest.raises(ValueError, match="stochastic: pass key"):
+        jdiff.sample(S.ddpm(), mix.denoiser(proc), jnp.zeros((2, 2)), jdiff.time_grid(proc, 4))
+
+
+def test_per_sample_keys_argument(mix):
+    proc = jdiff.vp_linear()
+    den = mix.denoiser(proc)
+    grid = jdiff.time_grid(proc, 5)
+    key = jax.random.key(1)
+    x_T = jnp.zeros((3, 2))
+    keys = jdiff.per_sample_keys(key, 3)
+    np.testing.assert_array_equal(jdiff.sample(S.ddpm(), den, x_T, grid, key=keys),
+                                  jdiff.sample(S.ddpm(), den, x_T, grid, key=key))
+    with pytest.raises(ValueError, match="got 2 per-sample keys for a batch of 3"):
+        jdiff.sample(S.ddpm(), den, x_T, grid, key=keys[:2])
