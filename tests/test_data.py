@@ -439,6 +439,154 @@ def test_cifar10_errors(tmp_path):
         data.load_cifar10(tmp_path / "fake.tar.gz")
 
 
+# ----------------------------------------------------------------------------- Loader
+
+
+def _loaders(arrays, B, seed, P, **kw):
+    return [data.Loader(arrays, B, seed, process_index=p, process_count=P, **kw) for p in range(P)]
+
+
+def test_loader_each_example_once_per_epoch():
+    n, B = 103, 10
+    x = np.arange(n)
+    (ld,) = _loaders(x, B, 0, 1)
+    assert ld.steps_per_epoch == len(ld) == 10
+    for epoch in range(3):
+        seen = np.concatenate([next(ld) for _ in range(ld.steps_per_epoch)])
+        assert len(seen) == 100 and len(np.unique(seen)) == 100  # the N % B rest is dropped
+        assert ld.state()["epoch"] == epoch + 1 and ld.state()["step"] == 0
+    # drop_last=False: every example exactly once among the real (masked) rows
+    (ld,) = _loaders(x, B, 0, 1, drop_last=False, epochs=2)
+    assert ld.steps_per_epoch == 11
+    batches = list(ld)
+    assert len(batches) == 22 and all(b.shape == (B,) for b in batches)
+    real = np.concatenate([b[ld.mask(g)] for g, b in enumerate(batches[:11])])
+    np.testing.assert_array_equal(np.sort(real), x)
+    assert ld.mask(10).sum() == 3 and ld.mask(9).all()
+    np.testing.assert_array_equal(batches[10][3:], batches[0][:7])  # padding = start of the epoch
+
+
+def test_loader_seed_determinism():
+    x = np.arange(64)
+
+    def order(seed, steps=8):
+        ld = data.Loader(x, 8, seed, process_index=0, process_count=1)
+        return np.concatenate([next(ld) for _ in range(steps)])
+
+    np.testing.assert_array_equal(order(5), order(5))
+    assert not np.array_equal(order(5), order(6))
+    assert not np.array_equal(order(5, 16)[:64], order(5, 16)[64:])  # epochs differ
+    np.testing.assert_array_equal(order(5, 16)[64:], data.epoch_permutation(5, 1, 64))
+    # pinned: the order must not change with numpy versions (checkpoints resume exactly)
+    assert data.epoch_permutation(0, 0, 10).tolist() == [3, 2, 1, 8, 6, 0, 7, 4, 5, 9]
+    assert data.epoch_permutation(7, 3, 10).tolist() == [2, 4, 7, 3, 5, 1, 8, 9, 0, 6]
+    # shuffle=False: storage order
+    np.testing.assert_array_equal(next(data.Loader(x, 8, 0, process_index=0, process_count=1, shuffle=False)), np.arange(8))
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_loader_processes_split_global_batch(drop_last):
+    n, B = 45, 8
+    arrays = {"x": np.arange(n) * 10, "y": np.arange(n) % 7, "none": None}
+    (ref,) = _loaders(arrays, B, 3, 1, drop_last=drop_last)
+    for P in (1, 2, 4):
+        procs = _loaders(arrays, B, 3, P, drop_last=drop_last)
+        for g in range(2 * ref.steps_per_epoch + 1):  # crosses epoch boundaries
+            want = next(ref) if P == 4 else ref.batch(g)
+            got = [next(ld) for ld in procs]
+            assert all(b["x"].shape == (B // P,) and b["none"] is None for b in got)
+            for k in ("x", "y"):
+                np.testing.assert_array_equal(np.concatenate([b[k] for b in got]), want[k])
+            np.testing.assert_array_equal(np.concatenate([ld.mask(g) for ld in procs]), ref.mask(g))
+
+
+class _Recording:
+    """An array that records which rows are read."""
+
+    def __init__(self, a):
+        self.a, self.shape, self.read = a, a.shape, []
+
+    def __getitem__(self, idx):
+        self.read.extend(np.asarray(idx).tolist())
+        return self.a[idx]
+
+
+def test_loader_reads_only_own_rows():
+    n, B, P = 40, 8, 4
+    ref = data.Loader(np.arange(n), B, 1, process_index=0, process_count=1)
+    for p in range(P):
+        rec = _Recording(np.arange(n))
+        ld = data.Loader((rec, None), B, 1, process_index=p, process_count=P)
+        for g in range(3):
+            next(ld)
+        want = np.concatenate([ref.batch(g)[p * 2 : (p + 1) * 2] for g in range(3)])
+        assert rec.read == want.tolist()
+
+
+def test_loader_resume():
+    x = np.arange(50)
+    full = data.Loader(x, 6, 9, process_index=0, process_count=1)
+    uninterrupted = [next(full) for _ in range(25)]  # 8 steps per epoch: crosses 3 epochs
+    first = data.Loader(x, 6, 9, process_index=0, process_count=1)
+    for _ in range(13):
+        next(first)
+    saved = {k: np.asarray(v, np.int64) for k, v in first.state().items()}  # as a checkpoint returns it
+    assert int(saved["epoch"]) == 1 and int(saved["step"]) == 5
+    resumed = data.Loader(x, 6, 9, process_index=0, process_count=1)
+    resumed.restore(saved)
+    for g in range(13, 25):
+        np.testing.assert_array_equal(next(resumed), uninterrupted[g])
+    # resume on 2 processes: the halves of the same batches
+    halves = _loaders(x, 6, 9, 2)
+    for ld in halves:
+        ld.restore({"epoch": 1, "step": 5})
+    for g in range(13, 25):
+        np.testing.assert_array_equal(np.concatenate([next(ld) for ld in halves]), uninterrupted[g])
+    # seek / batch: random access by global step
+    other = data.Loader(x, 6, 9, process_index=0, process_count=1)
+    other.seek(20)
+    assert (other.epoch, other.step, other.global_step) == (2, 4, 20)
+    np.testing.assert_array_equal(next(other), uninterrupted[20])
+    np.testing.assert_array_equal(other.batch(7), uninterrupted[7])
+
+
+def test_loader_errors_and_defaults():
+    x = np.arange(40)
+    with pytest.raises(ValueError, match="not divisible by process_count 4"):
+        data.Loader(x, 10, 0, process_index=0, process_count=4)
+    with pytest.raises(ValueError, match="process_index"):
+        data.Loader(x, 8, 0, process_index=2, process_count=2)
+    with pytest.raises(ValueError, match=r"disagree on the number of examples: \[39, 40\]"):
+        data.Loader((x, x[:39]), 8, 0)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        data.Loader(x, 64, 0)
+    with pytest.raises(ValueError, match="holds no arrays"):
+        data.Loader((None,), 8, 0)
+    with pytest.raises(ValueError, match="seed"):
+        data.Loader(x, 8, -1)
+    ld = data.Loader(x, 8, 0)  # defaults from jax: this is process 0 of 1
+    assert (ld.process_index, ld.process_count, ld.local_batch_size) == (0, 1, 8)
+    with pytest.raises(ValueError, match="saved with seed=1"):
+        ld.restore({"epoch": 0, "step": 1, "seed": 1})
+    with pytest.raises(ValueError, match="global_batch_size=4"):
+        ld.restore({"epoch": 0, "step": 1, "global_batch_size": 4})
+    with pytest.raises(ValueError, match="0 <= step < 5"):
+        ld.restore({"epoch": 0, "step": 5})
+    with pytest.raises(ValueError, match="needs integer 'epoch' and 'step'"):
+        ld.restore({"epoch": 0})
+    assert len(list(data.Loader(x, 8, 0, epochs=2))) == 10
+
+
+def test_to_global_single_process():
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x = np.arange(24, dtype=np.float32).reshape(12, 2)
+    batch = next(data.Loader((x, np.arange(12)), 4, 0))
+    out = data.to_global(batch, sharding)
+    assert isinstance(out[0], jax.Array) and out[0].shape == (4, 2) and out[0].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(out[0]), batch[0])
+
+
 # ---------------------------------------------------------------------- image grid
 
 
