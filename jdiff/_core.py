@@ -47,7 +47,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["phi", "Geometry", "geometry", "ei_weights", "ei_step", "ei_step_weights", "MODES", "COEFS"]
+__all__ = ["phi", "Geometry", "geometry", "geometry_from", "ei_weights", "EICoef", "ei_coefficients", "ei_apply", "ei_step", "MODES", "COEFS"]
 
 MODES = ("data", "noise", "sde_data")
 COEFS = ("exact", "bh1", "bh2")
@@ -125,6 +125,13 @@ def geometry(process, s, t, dtype=jnp.float32) -> Geometry:
     return Geometry(las, lss, lat, lst, lam_s, lam_t, h, finite)
 
 
+def geometry_from(log_alpha_s, log_sigma_s, log_alpha_t, log_sigma_t) -> Geometry:
+    """:class:`Geometry` from log alpha / log sigma values (e.g. precomputed on a grid)."""
+    lam_s, lam_t = log_alpha_s - log_sigma_s, log_alpha_t - log_sigma_t
+    h = lam_t - lam_s
+    return Geometry(log_alpha_s, log_sigma_s, log_alpha_t, log_sigma_t, lam_s, lam_t, h, jnp.isfinite(h))
+
+
 # ----------------------------------------------------------------------- weights
 
 
@@ -171,14 +178,82 @@ def ei_weights(r, q, z, coef: str = "exact"):
     return jnp.linalg.solve(V.T, rhs)
 
 
-def _combine(w, D):
-    """``sum_j w_j D_j`` for ``D`` of shape ``(K, ...)``; nodes with ``w_j == 0`` are
-    skipped even if their ``D_j`` is not finite."""
-    if D.shape[0] == 0:
-        return 0.0
-    w = w.astype(D.dtype)
-    Dm = jnp.where((w != 0).reshape((-1,) + (1,) * (D.ndim - 1)), D, 0.0)
-    return jnp.tensordot(w, Dm, axes=1)
+class EICoef(NamedTuple):
+    """One exponential-integrator step as a linear combination:
+
+        x_t = cx * x_s + sum_j cm[j] * m_j + cx0 * x0,
+
+    with ``m_0`` the prediction at ``(x_s, s)`` and ``m_1..m_K`` the nodes. ``cx0`` is
+    nonzero only for the infinite-h fallback (which needs the x0 prediction in noise
+    mode). All entries are scalars (or batched over steps when precomputed)."""
+
+    cx: jax.Array
+    cm: jax.Array
+    cx0: jax.Array
+
+
+def ei_coefficients(g: Geometry, r=None, q=0, *, mode: str = "data", coef: str = "exact", w=None, K: int | None = None) -> EICoef:
+    """Coefficients of :func:`ei_step` (see :class:`EICoef`).
+
+    Args:
+      g: :func:`geometry` of the step.
+      r: ``(K,)`` node positions ``(lambda_j - lambda_s) / h`` (or None).
+      q: number of active nodes (traced or static int).
+      mode: ``"data"``, ``"noise"`` or ``"sde_data"``.
+      coef: ``"exact"``, ``"bh1"`` or ``"bh2"`` node weights.
+      w: precomputed node weights replacing ``ei_weights`` (``(K,)``).
+      K: number of nodes when ``r`` is None and ``w`` is None (default 0).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if K is None:
+        K = r.shape[0] if r is not None else (w.shape[0] if w is not None else 0)
+    h = g.h_safe
+    fin = g.finite
+    dt = g.h.dtype
+    # the exact first-order data step: the limit at infinite h, finite at both ends
+    e_neg_h = jnp.exp(jnp.minimum(g.lam_s - g.lam_t, 0.0))
+    sig_ratio = jnp.exp(g.log_sigma_t - g.log_sigma_s)
+    if mode == "sde_data":
+        fx, fx0 = sig_ratio * e_neg_h, g.alpha_t * (1.0 - e_neg_h * e_neg_h)
+    else:
+        fx, fx0 = sig_ratio, g.alpha_t * (1.0 - e_neg_h)
+
+    if mode == "data":
+        cx = jnp.exp(g.log_sigma_t - jnp.where(fin, g.log_sigma_s, 0.0))
+        pref, he = g.alpha_t, h
+    elif mode == "noise":
+        # alpha_s may be 0 and sigma_t may be 0 only when h is infinite: guard both
+        cx = jnp.exp(jnp.where(fin, g.log_alpha_t, 0.0) - jnp.where(fin, g.log_alpha_s, 0.0))
+        pref, he = -jnp.where(fin, g.sigma_t, 0.0), h
+    else:
+        cx = jnp.exp(g.log_sigma_t - jnp.where(fin, g.log_sigma_s, 0.0) - h)
+        pref, he = g.alpha_t, 2.0 * h
+    z = _mode_z(mode, h)
+    c0 = pref * he * phi(1, z)
+    if K > 0:
+        if w is None:
+            w = ei_weights(r, jnp.where(fin, q, 0), z, coef)
+        w = jnp.where(fin & (jnp.arange(K) < q), w, 0.0)
+        cn = pref * he * w
+        cm = jnp.concatenate([jnp.reshape(c0 - jnp.sum(cn), (1,)), cn])
+    else:
+        cm = jnp.reshape(c0, (1,))
+    return EICoef(
+        cx=jnp.where(fin, cx, fx).astype(dt),
+        cm=jnp.where(fin, cm, 0.0).astype(dt),
+        cx0=jnp.where(fin, 0.0, fx0).astype(dt),
+    )
+
+
+def ei_apply(c: EICoef, x, ms, x0=None):
+    """Apply :class:`EICoef` to ``x``, the predictions ``ms`` (a sequence or a stacked
+    array, ``ms[0]`` at ``(x_s, s)``) and the x0 prediction (default ``ms[0]``)."""
+    dt = x.dtype
+    out = c.cx.astype(dt) * x
+    for j in range(c.cm.shape[0]):
+        out = out + c.cm[j].astype(dt) * ms[j]
+    return out + c.cx0.astype(dt) * (ms[0] if x0 is None else x0)
 
 
 def ei_step(x, g: Geometry, m0, D=None, r=None, q=0, *, mode: str = "data", coef: str = "exact", x0=None):
@@ -199,47 +274,12 @@ def ei_step(x, g: Geometry, m0, D=None, r=None, q=0, *, mode: str = "data", coef
     Returns:
       ``x_t`` in ``x``'s dtype.
     """
-    w = None
-    if D is not None and D.shape[0] > 0:
-        z = _mode_z(mode, g.h_safe)
-        w = ei_weights(r, jnp.where(g.finite, q, 0), z, coef)
-    return ei_step_weights(x, g, m0, D, w, q, mode=mode, x0=x0)
-
-
-def ei_step_weights(x, g: Geometry, m0, D, w, q=0, *, mode: str = "data", x0=None):
-    """:func:`ei_step` with the node weights ``w`` given (see :func:`ei_weights`)."""
-    dt = x.dtype
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if x0 is None:
         if mode == "noise":
             raise ValueError("noise mode needs x0 for the infinite-step fallback")
         x0 = m0
-    h = g.h_safe
-    fin = g.finite
-    # first-order data step, the exact limit at infinite h (finite at both ends)
-    sig_ratio = jnp.exp(g.log_sigma_t - g.log_sigma_s)
-    e_neg_h = jnp.exp(jnp.minimum(g.lam_s - g.lam_t, 0.0))
-    if mode == "sde_data":
-        fallback = (sig_ratio * e_neg_h).astype(dt) * x + g.alpha_t.astype(dt) * x0
-    else:
-        fallback = sig_ratio.astype(dt) * x + (g.alpha_t * (-jnp.expm1(-g.h))).astype(dt) * x0
-
-    if mode == "data":
-        cx = jnp.exp(g.log_sigma_t - jnp.where(fin, g.log_sigma_s, 0.0))
-        pref, he = g.alpha_t, h
-    elif mode == "noise":
-        # alpha_s may be 0 and sigma_t may be 0 only when h is infinite: guard both.
-        las = jnp.where(fin, g.log_alpha_s, 0.0)
-        lat = jnp.where(fin, g.log_alpha_t, 0.0)
-        cx = jnp.exp(lat - las)
-        pref, he = -jnp.where(fin, g.sigma_t, 0.0), h
-    else:  # sde_data
-        cx = jnp.exp(g.log_sigma_t - jnp.where(fin, g.log_sigma_s, 0.0) - h)
-        pref, he = g.alpha_t, 2.0 * h
-    z = _mode_z(mode, h)
-    out = cx.astype(dt) * x + (pref * he * phi(1, z)).astype(dt) * m0
-    if w is not None and D is not None and D.shape[0] > 0:
-        w = jnp.where(fin & (jnp.arange(D.shape[0]) < q), w, 0.0)
-        out = out + (pref * he).astype(dt) * _combine(w, D)
-    return jnp.where(fin, out, fallback)
+    if D is None or D.shape[0] == 0:
+        return ei_apply(ei_coefficients(g, mode=mode, K=0), x, [m0], x0)
+    c = ei_coefficients(g, r, q, mode=mode, coef=coef)
+    ms = [m0] + [m0 + D[j] for j in range(D.shape[0])]
+    return ei_apply(c, x, ms, x0)

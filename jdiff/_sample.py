@@ -161,7 +161,7 @@ def sample(
     in_dtype = x_T.dtype
     dt = compute_dtype(x_T)
     den = denoiser if in_dtype == dt else _CastInput(denoiser, in_dtype)
-    state = solver.init(x_T.astype(dt), grid, key=key if solver.stochastic else None, nfe=nfe if grid is not None else None)
+    state = solver.init(x_T.astype(dt), grid, process, key=key if solver.stochastic else None, nfe=nfe)
 
     def body(st, _):
         new = solver.step(den, st, cond)

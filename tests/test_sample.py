@@ -149,7 +149,7 @@ def test_manual_init_step_loop_equals_sample(setup):
     den = mix.denoiser(proc)
     grid = jdiff.time_grid(proc, 6, dtype=jnp.float64)
     solver = S.unipc(2)
-    state = solver.init(x_T, grid)
+    state = solver.init(x_T, grid, proc)
     for _ in range(6):
         state = solver.step(den, state, None)
     np.testing.assert_allclose(state.x, jdiff.sample(solver, den, x_T, grid), rtol=1e-13)

@@ -1,14 +1,16 @@
 """The solver protocol: optax-style ``(init, step)`` pairs of pure functions.
 
-A solver is a :class:`Solver` NamedTuple. ``state = solver.init(x_T, grid, key=...)``
-builds the scan carry (a :class:`State`) and ``state = solver.step(denoiser, state,
-cond)`` advances it by one grid interval, calling the denoiser one or more times.
+A solver is a :class:`Solver` NamedTuple. ``state = solver.init(x_T, grid, process,
+key=...)`` builds the scan carry (a :class:`State`) and ``state = solver.step(denoiser,
+state, cond)`` advances it by one grid interval, calling the denoiser one or more times.
 :func:`jdiff.sample` runs ``step`` under ``lax.scan``, so the compiled program does not
 grow with the number of steps and any grid of the same length reuses it.
 
-Everything a solver needs at run time lives in the state: the grid (data, not Python
-state), a ring buffer of past model outputs with their log-SNRs, per-sample PRNG keys
-and a model-call counter.
+Every coefficient a solver uses (log-SNR steps, phi functions, Lagrange weights,
+effective orders during warm-up, noise scales) depends only on the grid and the
+process. ``init`` computes them for all steps at once, vectorized, into ``state.aux``;
+``step`` reads its row and does a few fused multiply-adds around the model call. The
+grid stays data, so a new grid of the same length reuses the compiled program.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jdiff._core import Geometry, geometry
+from jdiff._core import Geometry, geometry_from
 from jdiff._param import Prediction
 from jdiff._random import normal_per_sample
 
-__all__ = ["State", "Solver", "evaluate", "push", "valid_history", "step_noise", "order_schedule"]
+__all__ = ["State", "Solver", "evaluate", "push", "valid_history", "step_noise", "order_schedule", "grid_curves", "row"]
 
 
 class State(NamedTuple):
@@ -35,11 +37,10 @@ class State(NamedTuple):
       pred: the prediction ``(x0, eps)`` made at the start of the last step.
       hist: ``(K, *x.shape)`` past model outputs in the solver's form, most recent
         first (``K`` may be 0).
-      hist_lam: ``(K,)`` their log-SNRs ``lambda`` (``-inf`` where empty).
       x_prev: the sample before the last step (UniPC's corrector), else None.
       key: per-sample PRNG keys for stochastic solvers, else None.
       nfe: model calls made so far (int32 scalar).
-      aux: solver-specific extra state.
+      aux: the per-step coefficient tables (a pytree of arrays with leading axis N).
     """
 
     x: jax.Array
@@ -47,7 +48,6 @@ class State(NamedTuple):
     grid: jax.Array
     pred: Prediction
     hist: jax.Array
-    hist_lam: jax.Array
     x_prev: Any = None
     key: Any = None
     nfe: jax.Array = None
@@ -58,7 +58,7 @@ class Solver(NamedTuple):
     """A sampler as pure functions (see module docstring).
 
     Attributes:
-      init: ``(x_T, grid, key=None, nfe=None) -> State``.
+      init: ``(x_T, grid, process, key=None, nfe=None) -> State``.
       step: ``(denoiser, state, cond) -> State``.
       nfe: ``(num_steps, to_data) -> int``: model calls for a grid of ``num_steps``
         intervals; ``to_data`` says the grid ends where sigma = 0.
@@ -111,7 +111,6 @@ def empty_state(x_T, grid, *, hist_size: int = 0, key=None, x_prev: bool = False
         grid=grid,
         pred=Prediction(zeros, zeros),
         hist=jnp.zeros((hist_size,) + x.shape, dt),
-        hist_lam=jnp.full((hist_size,), -jnp.inf, dt),
         x_prev=zeros if x_prev else None,
         key=key,
         nfe=jnp.zeros((), jnp.int32),
@@ -125,19 +124,40 @@ def evaluate(denoiser, x, t, cond) -> Prediction:
     return Prediction(p.x0.astype(x.dtype), p.eps.astype(x.dtype))
 
 
-def step_geometry(denoiser, state: State) -> tuple[jax.Array, jax.Array, Geometry]:
-    s = state.grid[state.i]
-    t = state.grid[state.i + 1]
-    return s, t, geometry(denoiser.process, s, t, state.x.dtype)
+class GridCurves(NamedTuple):
+    """log alpha, log sigma and lambda at every grid point, and the step geometries."""
+
+    log_alpha: jax.Array
+    log_sigma: jax.Array
+    lam: jax.Array
+    steps: Geometry  # batched over the N steps
 
 
-def push(hist, hist_lam, m, lam):
-    """Put ``m`` (at log-SNR ``lam``) in front of the history ring buffer."""
+def grid_curves(process, grid) -> GridCurves:
+    la, ls = process.log_alpha(grid), process.log_sigma(grid)
+    return GridCurves(la, ls, la - ls, geometry_from(la[:-1], ls[:-1], la[1:], ls[1:]))
+
+
+def row(table, i):
+    """Row ``i`` of a per-step coefficient table (a pytree with leading axis N)."""
+    return jax.tree.map(lambda a: a[i], table)
+
+
+def geometry_at(g: Geometry, i) -> Geometry:
+    return jax.tree.map(lambda a: a[i], g)
+
+
+def push(hist, m):
+    """Put ``m`` in front of the history buffer (most recent first)."""
     if hist.shape[0] == 0:
-        return hist, hist_lam
-    hist = jnp.concatenate([m[None].astype(hist.dtype), hist[:-1]], axis=0)
-    hist_lam = jnp.concatenate([jnp.reshape(lam, (1,)).astype(hist_lam.dtype), hist_lam[:-1]])
-    return hist, hist_lam
+        return hist
+    return jnp.concatenate([m[None].astype(hist.dtype), hist[:-1]], axis=0)
+
+
+def history_lambdas(lam, i, K: int):
+    """``[lam_i, lam_{i-1}, ..., lam_{i-K+1}]`` with ``-inf`` before the grid start."""
+    idx = i - jnp.arange(K)
+    return jnp.where(idx >= 0, lam[jnp.maximum(idx, 0)], -jnp.inf)
 
 
 def valid_history(hist_lam):

@@ -10,11 +10,20 @@ DPM-Solver++(1).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 
-from jdiff.solvers._base import Solver, empty_state, evaluate, step_geometry, step_noise
+from jdiff.solvers._base import Solver, empty_state, evaluate, grid_curves, row, step_noise
 
 __all__ = ["ddim", "ddpm"]
+
+
+class _Table(NamedTuple):
+    a: jax.Array  # alpha_t
+    keep: jax.Array  # sqrt(sigma_t^2 - c^2)
+    c: jax.Array  # noise scale
 
 
 def ddim(eta: float = 0.0) -> Solver:
@@ -24,24 +33,24 @@ def ddim(eta: float = 0.0) -> Solver:
     stochastic = float(eta) > 0.0
     name = "ddim" if not stochastic else f"ddim(eta={eta:g})"
 
-    def init(x_T, grid, key=None, nfe=None):
+    def init(x_T, grid, process, *, key=None, nfe=None):
         del nfe
         if stochastic and key is None:
             raise ValueError(f"{name} is stochastic: pass a PRNG key")
-        return empty_state(x_T, grid, key=key if stochastic else None)
+        state = empty_state(x_T, grid, key=key if stochastic else None)
+        g = grid_curves(process, state.grid).steps
+        one_m = -jnp.expm1(-2.0 * jnp.where(g.finite, g.h, jnp.inf))  # 1 - e^{-2h}
+        c = eta * g.sigma_t * jnp.sqrt(one_m)
+        keep = g.sigma_t * jnp.sqrt(jnp.maximum(1.0 - eta**2 * one_m, 0.0))
+        return state._replace(aux=_Table(g.alpha_t, keep, c))
 
     def step(denoiser, state, cond=None):
         x = state.x
-        s, t, g = step_geometry(denoiser, state)
-        pred = evaluate(denoiser, x, s, cond)
-        a_t, s_t = g.alpha_t, g.sigma_t
+        c = row(state.aux, state.i)
+        pred = evaluate(denoiser, x, state.grid[state.i], cond)
+        x_next = c.a * pred.x0 + c.keep * pred.eps
         if stochastic:
-            one_m = -jnp.expm1(-2.0 * jnp.where(g.finite, g.h, jnp.inf))  # 1 - e^{-2h}
-            c = eta * s_t * jnp.sqrt(one_m)
-            keep = s_t * jnp.sqrt(jnp.maximum(1.0 - eta**2 * one_m, 0.0))
-            x_next = a_t * pred.x0 + keep * pred.eps + c * step_noise(state)
-        else:
-            x_next = a_t * pred.x0 + s_t * pred.eps
+            x_next = x_next + c.c * step_noise(state)
         return state._replace(x=x_next.astype(x.dtype), i=state.i + 1, pred=pred, nfe=state.nfe + 1)
 
     return Solver(init=init, step=step, nfe=lambda n, to_data=False: n, num_steps=lambda k, to_data=False: k,

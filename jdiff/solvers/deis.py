@@ -28,12 +28,13 @@ _GL_X = 0.5 * (_GL_X + 1.0)  # nodes on [0, 1]
 _GL_W = 0.5 * _GL_W
 
 
-def lagrange_quadrature_weights(tau_fn, g, lam_nodes, q, dtype):
+def lagrange_quadrature_weights(tau_fn, g, lam_nodes, q, dtype=None):
     """Weights ``w_j = \\int_0^1 e^{h(1-th)} l_j(tau(lambda_s + th h)) dth`` of the node
     differences ``eps_j - eps_0`` (``j = 1..K``) for the Lagrange basis ``l_j`` in the
     variable ``tau = tau_fn(lambda)`` through the current node and the first ``q`` past
     nodes. Returned weights of inactive nodes are 0."""
     K = lam_nodes.shape[0]
+    dtype = dtype or g.h.dtype
     h = g.h_safe
     active = jnp.arange(K) < q
     lam_all = jnp.concatenate([jnp.reshape(g.lam_s, (1,)), jnp.where(active, lam_nodes, g.lam_s - 1.0 - jnp.arange(K))])
@@ -59,13 +60,13 @@ def quadrature_weights_fn(basis: str):
     """The ``weights`` hook of :func:`jdiff.solvers._multistep.multistep` for a
     Lagrange basis in ``"t"`` or ``"rho"``."""
 
-    def weights(process, g, s, lam_nodes, q, dtype):
+    def weights(process, g, lam_nodes, q):
         if basis == "t":
             tau_fn = process.t_of_lambda
         else:
             def tau_fn(lam):
                 return jnp.exp(-lam)
-        return lagrange_quadrature_weights(tau_fn, g, lam_nodes, jnp.where(g.finite, q, 0), dtype)
+        return lagrange_quadrature_weights(tau_fn, g, lam_nodes, jnp.where(g.finite, q, 0))
 
     return weights
 

@@ -17,11 +17,13 @@ form; ``"heun"`` uses the exact ``phi_2`` coefficient. Both reduce to the core i
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from jdiff._core import ei_step, geometry
-from jdiff.solvers._base import Solver, empty_state, evaluate, order_schedule, step_geometry
+from jdiff._core import ei_apply, ei_coefficients, geometry
+from jdiff.solvers._base import Solver, empty_state, evaluate, geometry_at, grid_curves, order_schedule, row
 from jdiff.solvers._multistep import multistep
 
 __all__ = ["dpm_solver", "dpm_solver_pp", "sde_dpm_solver_pp"]
@@ -35,56 +37,79 @@ def _solver_type(solver_type):
     return _TYPES[solver_type]
 
 
+class _SingleTable(NamedTuple):
+    order: jax.Array  # order of this step (1 on an infinite step)
+    times: jax.Array  # (2,) intermediate times: order 2 uses [0], order 3 uses both
+    t_mid: jax.Array  # order 2's intermediate time
+    c: tuple  # per order k, the EICoef of its stages
+
+
 def _singlestep(order: int, mode: str, coef: str, lower_order_final: bool, name: str) -> Solver:
     if order not in (1, 2, 3):
         raise ValueError(f"{name} supports order 1, 2 or 3, got {order!r}")
 
-    def init(x_T, grid, key=None, nfe=None):
+    def table(process, grid, orders):
+        gc = grid_curves(process, grid)
+        N = grid.shape[0] - 1
+
+        def one(i):
+            s = grid[i]
+            g = geometry_at(gc.steps, i)
+
+            def sub(r):
+                t_r = process.t_of_lambda(g.lam_s + r * g.h_safe).astype(grid.dtype)
+                return t_r, geometry(process, s, t_r, grid.dtype)
+
+            one_node = lambda gg, r, variant: ei_coefficients(gg, jnp.full((1,), r, grid.dtype), 1, mode=mode,  # noqa
+                                                               coef=variant)
+            stages = [(ei_coefficients(g, mode=mode, K=0),)]
+            t_mid, ga = sub(0.5)
+            stages.append((ei_coefficients(ga, mode=mode, K=0), one_node(g, 0.5, coef)))
+            ta, g1 = sub(1.0 / 3.0)
+            tb, g2 = sub(2.0 / 3.0)
+            stages.append((ei_coefficients(g1, mode=mode, K=0), one_node(g2, 0.5, "exact"),
+                           one_node(g, 2.0 / 3.0, "exact")))
+            k = jnp.where(g.finite, orders[i], 1).astype(jnp.int32)
+            return _SingleTable(k, jnp.stack([ta, tb]), t_mid, tuple(stages[:order]))
+
+        return jax.vmap(one)(jnp.arange(N))
+
+    def init(x_T, grid, process, *, key=None, nfe=None):
         del key
-        n = jnp.asarray(grid).shape[0] - 1
-        orders = order_schedule(order, n, nfe, lower_order_final=lower_order_final)
-        return empty_state(x_T, grid, aux=jnp.asarray(orders, jnp.int32))
+        state = empty_state(x_T, grid)
+        n = state.grid.shape[0] - 1
+        orders = jnp.asarray(order_schedule(order, n, nfe, lower_order_final=lower_order_final), jnp.int32)
+        return state._replace(aux=table(process, state.grid, orders))
 
     def step(denoiser, state, cond=None):
-        process = denoiser.process
         x = state.x
-        dt = x.dtype
-        s, t, g = step_geometry(denoiser, state)
-        pred = evaluate(denoiser, x, s, cond)
-        m = pred.eps if mode == "noise" else pred.x0
+        tab = row(state.aux, state.i)
+        pred = evaluate(denoiser, x, state.grid[state.i], cond)
         pick = (lambda p: p.eps) if mode == "noise" else (lambda p: p.x0)
-
-        def sub(r):
-            t_r = process.t_of_lambda(g.lam_s + r * g.h_safe).astype(dt)
-            return t_r, geometry(process, s, t_r, dt)
+        m = pick(pred)
 
         def o1():
-            return ei_step(x, g, m, mode=mode, x0=pred.x0), jnp.int32(0)
+            (c,) = tab.c[0]
+            return ei_apply(c, x, [m], pred.x0), jnp.int32(0)
 
         def o2():
-            r1 = 0.5
-            s1, g1 = sub(r1)
-            u1 = ei_step(x, g1, m, mode=mode, x0=pred.x0)
-            m1 = pick(evaluate(denoiser, u1, s1, cond))
-            r = jnp.full((1,), r1, dt)
-            return ei_step(x, g, m, (m1 - m)[None], r, 1, mode=mode, coef=coef, x0=pred.x0), jnp.int32(1)
+            ca, cb = tab.c[1]
+            u1 = ei_apply(ca, x, [m], pred.x0)
+            m1 = pick(evaluate(denoiser, u1, tab.t_mid, cond))
+            return ei_apply(cb, x, [m, m1], pred.x0), jnp.int32(1)
 
         def o3():
-            r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-            s1, g1 = sub(r1)
-            s2, g2 = sub(r2)
-            u1 = ei_step(x, g1, m, mode=mode, x0=pred.x0)
-            m1 = pick(evaluate(denoiser, u1, s1, cond))
-            u2 = ei_step(x, g2, m, (m1 - m)[None], jnp.full((1,), r1 / r2, dt), 1, mode=mode, coef="exact", x0=pred.x0)
-            m2 = pick(evaluate(denoiser, u2, s2, cond))
-            return ei_step(x, g, m, (m2 - m)[None], jnp.full((1,), r2, dt), 1, mode=mode, coef="exact", x0=pred.x0), jnp.int32(2)
+            ca, cb, cc = tab.c[2]
+            u1 = ei_apply(ca, x, [m], pred.x0)
+            m1 = pick(evaluate(denoiser, u1, tab.times[0], cond))
+            u2 = ei_apply(cb, x, [m, m1], pred.x0)
+            m2 = pick(evaluate(denoiser, u2, tab.times[1], cond))
+            return ei_apply(cc, x, [m, m2], pred.x0), jnp.int32(2)
 
-        k = jnp.where(g.finite, state.aux[state.i], 1)
-        branches = [o1, o2, o3][:order]
         if order == 1:
             x_next, extra = o1()
         else:
-            x_next, extra = jax.lax.switch(k - 1, branches)
+            x_next, extra = jax.lax.switch(tab.order - 1, [o1, o2, o3][:order])
         return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1 + extra)
 
     def nfe(num_steps, to_data=False):

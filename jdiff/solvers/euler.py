@@ -9,17 +9,32 @@ process, the flow-matching Euler sampler for rectified flow). ``time="rho"`` ste
 EDM's scaled variables ``x / alpha`` against ``rho = sigma / alpha`` (Karras et al.,
 NeurIPS 2022, Sec. 3 and Algorithm 1), where Euler is exactly DDIM. Heun skips its
 correction on a step into ``sigma = 0`` (Algorithm 1, line 9), spending one call.
+
+A step with infinite log-SNR increment (out of ``alpha = 0`` or into ``sigma = 0``)
+is the exact first-order limit shared by all solvers (see :mod:`jdiff._core`).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from jdiff._core import ei_step
-from jdiff.solvers._base import Solver, empty_state, evaluate, step_geometry, step_noise
+from jdiff._core import EICoef, ei_apply, ei_coefficients
+from jdiff.solvers._base import Solver, empty_state, evaluate, grid_curves, row, step_noise
 
 __all__ = ["euler", "heun", "euler_maruyama"]
+
+
+class _TTable(NamedTuple):
+    dt: jax.Array  # t - s
+    da_s: jax.Array
+    ds_s: jax.Array
+    da_t: jax.Array
+    ds_t: jax.Array
+    finite: jax.Array
+    first: EICoef  # the first-order data step (fallback / Euler in rho via noise mode)
 
 
 def _check_time(time):
@@ -27,79 +42,100 @@ def _check_time(time):
         raise ValueError(f"time must be 't' or 'rho', got {time!r}")
 
 
-def _velocity(process, t, pred):
-    return process.d_alpha(t) * pred.x0 + process.d_sigma(t) * pred.eps
+def _t_table(process, grid, mode):
+    g = grid_curves(process, grid).steps
+    s, t = grid[:-1], grid[1:]
+    first = jax.vmap(lambda gi: ei_coefficients(gi, mode=mode, K=0))(g)
+    return _TTable(t - s, process.d_alpha(s), process.d_sigma(s), process.d_alpha(t), process.d_sigma(t),
+                   g.finite, first)
+
+
+def _counts(two_calls):
+    if two_calls:
+        return (lambda n, to_data=False: 2 * n - (1 if to_data else 0),
+                lambda k, to_data=False: max(1, (k + (1 if to_data else 0)) // 2))
+    return (lambda n, to_data=False: n), (lambda k, to_data=False: k)
 
 
 def euler(time: str = "t") -> Solver:
     """Euler's method on the probability-flow ODE (first order, one call per step)."""
     _check_time(time)
+    mode = "data" if time == "t" else "noise"
 
-    def init(x_T, grid, key=None, nfe=None):
-        return empty_state(x_T, grid)
+    def init(x_T, grid, process, *, key=None, nfe=None):
+        state = empty_state(x_T, grid)
+        return state._replace(aux=_t_table(process, state.grid, mode))
 
     def step(denoiser, state, cond=None):
         x = state.x
-        s, t, g = step_geometry(denoiser, state)
-        pred = evaluate(denoiser, x, s, cond)
+        c = row(state.aux, state.i)
+        pred = evaluate(denoiser, x, state.grid[state.i], cond)
         if time == "t":
-            x_next = x + ((t - s) * _velocity(denoiser.process, s, pred)).astype(x.dtype)
+            x_e = x + c.dt * (c.da_s * pred.x0 + c.ds_s * pred.eps)
             # a step into sigma = 0 is exactly x0 (the Euler step's own limit for linear paths)
-            x_next = jnp.where(g.finite, x_next, ei_step(x, g, pred.x0))
+            x_next = jnp.where(c.finite, x_e, ei_apply(c.first, x, [pred.x0]))
         else:
-            x_next = ei_step(x, g, pred.eps, mode="noise", x0=pred.x0)
-        return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1)
+            x_next = ei_apply(c.first, x, [pred.eps], pred.x0)
+        return state._replace(x=x_next.astype(x.dtype), i=state.i + 1, pred=pred, nfe=state.nfe + 1)
 
-    return Solver(init=init, step=step, nfe=lambda n, to_data=False: n, num_steps=lambda k, to_data=False: k,
-                  order=1, stochastic=False, name=f"euler({time})")
+    nfe, num_steps = _counts(False)
+    return Solver(init=init, step=step, nfe=nfe, num_steps=num_steps, order=1, stochastic=False,
+                  name=f"euler({time})")
 
 
 def heun(time: str = "t") -> Solver:
     """Heun's second-order method (EDM's deterministic sampler): two calls per step, one
     on a step into ``sigma = 0``."""
     _check_time(time)
+    mode = "data" if time == "t" else "noise"
 
-    def init(x_T, grid, key=None, nfe=None):
-        return empty_state(x_T, grid)
+    def init(x_T, grid, process, *, key=None, nfe=None):
+        state = empty_state(x_T, grid)
+        return state._replace(aux=_t_table(process, state.grid, mode))
 
     def step(denoiser, state, cond=None):
-        process = denoiser.process
         x = state.x
-        s, t, g = step_geometry(denoiser, state)
-        pred = evaluate(denoiser, x, s, cond)
+        c = row(state.aux, state.i)
+        t = state.grid[state.i + 1]
+        pred = evaluate(denoiser, x, state.grid[state.i], cond)
         if time == "t":
-            d_s = _velocity(process, s, pred)
-            x_e = x + ((t - s) * d_s).astype(x.dtype)
+            d_s = c.da_s * pred.x0 + c.ds_s * pred.eps
+            x_e = x + c.dt * d_s
 
             def correct():
                 p2 = evaluate(denoiser, x_e, t, cond)
-                return x + ((t - s) * 0.5 * (d_s + _velocity(process, t, p2))).astype(x.dtype), jnp.int32(1)
+                d_t = c.da_t * p2.x0 + c.ds_t * p2.eps
+                return (x + 0.5 * c.dt * (d_s + d_t)).astype(x.dtype), jnp.int32(1)
 
             def final():
-                return ei_step(x, g, pred.x0), jnp.int32(0)
+                return ei_apply(c.first, x, [pred.x0]), jnp.int32(0)
         else:
-            x_e = ei_step(x, g, pred.eps, mode="noise", x0=pred.x0)
+            x_e = ei_apply(c.first, x, [pred.eps], pred.x0)
 
             def correct():
                 p2 = evaluate(denoiser, x_e, t, cond)
-                eps_avg = 0.5 * (pred.eps + p2.eps)
-                return ei_step(x, g, eps_avg, mode="noise", x0=pred.x0), jnp.int32(1)
+                return ei_apply(c.first, x, [0.5 * (pred.eps + p2.eps)], pred.x0), jnp.int32(1)
 
             def final():
-                return ei_step(x, g, pred.x0), jnp.int32(0)
+                return x_e, jnp.int32(0)
 
         # no correction into sigma = 0 (or out of alpha = 0): one model call there
-        x_next, extra = jax.lax.cond(g.finite, correct, final)
+        x_next, extra = jax.lax.cond(c.finite, correct, final)
         return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1 + extra)
 
-    def nfe(num_steps, to_data=False):
-        return 2 * num_steps - (1 if to_data else 0)
-
-    def num_steps(nfe, to_data=False):
-        return max(1, (nfe + (1 if to_data else 0)) // 2)
-
+    nfe, num_steps = _counts(True)
     return Solver(init=init, step=step, nfe=nfe, num_steps=num_steps, order=2, stochastic=False,
                   name=f"heun({time})")
+
+
+class _EMTable(NamedTuple):
+    dt: jax.Array
+    f: jax.Array  # drift coefficient d log alpha / dt at s
+    g2_over_sigma: jax.Array
+    noise: jax.Array  # g(s) sqrt(s - t)
+    finite: jax.Array
+    limit: EICoef  # first-order SDE step for infinite h
+    limit_noise: jax.Array
 
 
 def euler_maruyama() -> Solver:
@@ -112,28 +148,28 @@ def euler_maruyama() -> Solver:
     processes are finite and the last step into the data adds no noise.
     """
 
-    def init(x_T, grid, key=None, nfe=None):
+    def init(x_T, grid, process, *, key=None, nfe=None):
         if key is None:
             raise ValueError("euler_maruyama is stochastic: pass a PRNG key")
-        return empty_state(x_T, grid, key=key)
+        state = empty_state(x_T, grid, key=key)
+        grid = state.grid
+        g = grid_curves(process, grid).steps
+        s = jnp.where(g.finite, grid[:-1], process.t_min)  # keep the unused branch finite
+        dt = grid[1:] - grid[:-1]
+        g2 = process.diffusion2(s)
+        limit = jax.vmap(lambda gi: ei_coefficients(gi, mode="sde_data", K=0))(g)
+        tab = _EMTable(dt, process.drift_coef(s), g2 / process.sigma(s), jnp.sqrt(jnp.maximum(-g2 * dt, 0.0)),
+                       g.finite, limit, g.sigma_t)
+        return state._replace(aux=tab)
 
     def step(denoiser, state, cond=None):
-        process = denoiser.process
         x = state.x
-        dt = x.dtype
-        s, t, g = step_geometry(denoiser, state)
-        pred = evaluate(denoiser, x, s, cond)
+        c = row(state.aux, state.i)
+        pred = evaluate(denoiser, x, state.grid[state.i], cond)
         z = step_noise(state)
-        fin = g.finite
-        s_safe = jnp.where(fin, s, state.grid[0] * 0 + process.t_min)
-        f = process.drift_coef(s_safe)
-        g2 = process.diffusion2(s_safe)
-        sig_s = process.sigma(s_safe)
-        dtime = t - s
-        drift = f * x + (g2 / sig_s) * pred.eps
-        x_em = x + (dtime * drift).astype(dt) + (jnp.sqrt(jnp.maximum(g2 * -dtime, 0.0))).astype(dt) * z
-        x_lim = ei_step(x, g, pred.x0, mode="sde_data") + g.sigma_t.astype(dt) * z
-        x_next = jnp.where(fin, x_em, x_lim)
+        x_em = x + c.dt * (c.f * x + c.g2_over_sigma * pred.eps) + c.noise * z
+        x_lim = ei_apply(c.limit, x, [pred.x0]) + c.limit_noise * z
+        x_next = jnp.where(c.finite, x_em, x_lim).astype(x.dtype)
         return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1)
 
     return Solver(init=init, step=step, nfe=lambda n, to_data=False: n, num_steps=lambda k, to_data=False: k,

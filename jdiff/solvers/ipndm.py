@@ -14,10 +14,21 @@ which keep order k on any grid.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-from jdiff._core import ei_step
-from jdiff.solvers._base import Solver, empty_state, evaluate, push, step_geometry, valid_history
+from jdiff._core import ei_apply, ei_coefficients
+from jdiff.solvers._base import (
+    Solver,
+    empty_state,
+    evaluate,
+    geometry_at,
+    grid_curves,
+    history_lambdas,
+    push,
+    row,
+    valid_history,
+)
 
 __all__ = ["ipndm"]
 
@@ -41,25 +52,31 @@ def ipndm(order: int = 4, *, variable_step: bool = False, lower_order_final: boo
                       name=f"ipndm_v-{order}", max_order=4)
         return s._replace(min_steps=order)
     K = order
-    table = jnp.asarray([list(_AB[k]) + [0.0] * (K - k) for k in range(1, K + 1)])  # (K, K)
+    ab = jnp.asarray([list(_AB[k]) + [0.0] * (K - k) for k in range(1, K + 1)])  # (K, K)
 
-    def init(x_T, grid, key=None, nfe=None):
-        return empty_state(x_T, grid, hist_size=K)
+    def init(x_T, grid, process, *, key=None, nfe=None):
+        state = empty_state(x_T, grid, hist_size=K)
+        grid = state.grid
+        N = grid.shape[0] - 1
+        gc = grid_curves(process, grid)
+
+        def one(i):
+            p = jnp.clip(jnp.minimum(order, valid_history(history_lambdas(gc.lam, i, K))), 1, order)
+            if lower_order_final and N < 15:
+                p = jnp.minimum(p, N - i)
+            first = ei_coefficients(geometry_at(gc.steps, i), mode="noise", K=0)
+            return ab.astype(grid.dtype)[p - 1], first
+
+        return state._replace(aux=jax.vmap(one)(jnp.arange(N)))
 
     def step(denoiser, state, cond=None):
         x = state.x
-        N = state.grid.shape[0] - 1
-        s, t, g = step_geometry(denoiser, state)
-        pred = evaluate(denoiser, x, s, cond)
-        hist, hist_lam = push(state.hist, state.hist_lam, pred.eps, g.lam_s)
-        p = jnp.clip(jnp.minimum(order, valid_history(hist_lam)), 1, order)
-        if lower_order_final and N < 15:
-            p = jnp.minimum(p, N - state.i)
-        coeffs = table.astype(x.dtype)[p - 1]
-        eps_ab = jnp.tensordot(coeffs, jnp.where(jnp.isfinite(hist_lam).reshape((-1,) + (1,) * x.ndim), hist, 0.0),
-                               axes=1)
-        x_next = ei_step(x, g, eps_ab, mode="noise", x0=pred.x0)
-        return state._replace(x=x_next, i=state.i + 1, pred=pred, hist=hist, hist_lam=hist_lam, nfe=state.nfe + 1)
+        coeffs, first = row(state.aux, state.i)
+        pred = evaluate(denoiser, x, state.grid[state.i], cond)
+        hist = push(state.hist, pred.eps)
+        eps_ab = jnp.tensordot(coeffs.astype(x.dtype), hist, axes=1)
+        x_next = ei_apply(first, x, [eps_ab], pred.x0)
+        return state._replace(x=x_next, i=state.i + 1, pred=pred, hist=hist, nfe=state.nfe + 1)
 
     return Solver(init=init, step=step, nfe=lambda n, to_data=False: n, num_steps=lambda k, to_data=False: k,
                   order=order, stochastic=False, name=f"ipndm-{order}", min_steps=order)
