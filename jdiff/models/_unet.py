@@ -19,12 +19,17 @@ classifier-free guidance (Ho & Salimans, 2021).
   upsampling block between levels;
 - GroupNorm, SiLU and a zero-initialized 3x3 output convolution.
 
-A residual block is ``GN -> SiLU -> [resample] -> conv3x3 -> (+ emb | GN(.)(1+scale)+shift)
--> [GN] -> SiLU -> dropout -> conv3x3``, added to a (1x1-projected, resampled) shortcut
-and scaled by ``1/sqrt(2)`` (``skip_rescale``). With ``resblock_updown`` (BigGAN-style,
-Brock et al. 2019) resampling happens inside residual blocks (2x2 average pooling /
-nearest-neighbour upsampling, the ``[1, 1]`` filter of DDPM++); otherwise a strided
-3x3 convolution / nearest upsampling followed by a 3x3 convolution (DDPM).
+The embedding is ``e = SiLU(time_mlp(t) + class_table[y])``. A residual block computes
+``h = conv3x3(SiLU(GN(x)))`` (resampling between the SiLU and the convolution), then
+``h = SiLU(GN(h + W e))`` (DDPM++) or, with ``scale_shift``, ``h = SiLU(GN(h) (1 + s) + b)``
+with ``(s, b) = W e`` (ADM's adaptive group norm), then dropout and a second
+conv3x3; the result is added to the (1x1-projected, resampled) input and scaled by
+``1/sqrt(2)`` (``skip_rescale``). With ``resblock_updown`` (BigGAN-style, Brock et al.
+2019) resampling happens inside residual blocks (2x2 average pooling / nearest
+upsampling: the ``[1, 1]`` filter of DDPM++); otherwise with a stride-2 3x3
+convolution / nearest upsampling followed by a 3x3 convolution (DDPM). In the decoder
+attention follows only the last block of a level, as in DDPM++ (ADM attends after
+every block).
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ import dataclasses
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -137,12 +141,19 @@ class UNetConfig:
 
 
 def ddpmpp_cifar10(num_classes: int = 0, **overrides) -> UNetConfig:
-    """DDPM++ for 32x32x3 CIFAR-10 as trained in EDM (Karras et al. 2022, App. F.2 and
-    their ``--arch=ddpmpp``): 128 base channels, ``channel_mult=(2, 2, 2)`` (levels
-    32, 16, 8 of 256 channels; EDM dropped DDPM++'s 4x4 level), 4 residual blocks per
-    level, attention at 16x16, dropout 0.13 (EDM's CIFAR-10 value; Song et al. used
-    0.1), 512-wide embedding, additive time injection, BigGAN resampling, skip
-    rescaling. About 55.7M parameters (56M in EDM's Table 7)."""
+    """DDPM++ for 32x32x3 CIFAR-10 as trained in EDM (Karras et al. 2022, App. F.2; the
+    ``--arch=ddpmpp`` setting of their code): 128 base channels,
+    ``channel_mult=(2, 2, 2)`` (levels 32, 16, 8 of 256 channels: EDM drops the 4x4
+    level of Song et al. and widens the 32x32 one), 4 residual blocks per level,
+    one-head attention at 16x16, dropout 0.13 (EDM's CIFAR-10 value), a 512-wide
+    embedding of 128 sinusoidal time features, additive time injection, BigGAN-style
+    resampling with the ``[1, 1]`` filter, ``1/sqrt(2)`` skip rescaling.
+
+    55,732,739 parameters unconditional (measured with :func:`count_params`), the
+    "about 56M" of EDM's DDPM++; +5,632 with 10 classes (a 11 x 512 table here, added
+    after the time MLP as in ADM, where EDM adds a linear map of the one-hot label
+    before it). Pass ``time_scale`` / ``time_input`` for your process (EDM's
+    ``c_noise = log(sigma) / 4`` wants ``time_scale=1``)."""
     cfg = UNetConfig(image_size=32, in_channels=3, base_channels=128, channel_mult=(2, 2, 2), num_res_blocks=4,
                      attn_resolutions=(16,), num_heads=1, dropout=0.13, emb_mult=4, time_embedding="sinusoidal",
                      num_classes=num_classes, scale_shift=False, resblock_updown=True, skip_rescale=True)
@@ -150,9 +161,9 @@ def ddpmpp_cifar10(num_classes: int = 0, **overrides) -> UNetConfig:
 
 
 def ddpmpp_cifar10_song(num_classes: int = 0, **overrides) -> UNetConfig:
-    """The original DDPM++ cont. of Song et al. (ICLR 2021, ``cifar10_ddpmpp_continuous``):
-    like :func:`ddpmpp_cifar10` but ``channel_mult=(1, 2, 2, 2)`` (levels 32 to 4) and
-    dropout 0.1; about 62M parameters."""
+    """The original DDPM++ cont. of Song et al. (ICLR 2021; ``cifar10_ddpmpp_continuous``):
+    like :func:`ddpmpp_cifar10` but ``channel_mult=(1, 2, 2, 2)`` (levels 32, 16, 8, 4
+    of 128, 256, 256, 256 channels) and dropout 0.1: 61,804,419 parameters."""
     return ddpmpp_cifar10(num_classes, channel_mult=(1, 2, 2, 2), dropout=0.1).replace(**overrides)
 
 
