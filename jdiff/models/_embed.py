@@ -13,8 +13,10 @@ Which time a network sees is chosen at the :class:`jdiff.Denoiser` boundary
 (``time_input``). The sinusoidal features resolve a range of about ``2 pi`` per
 period of the fastest frequency, so scale the time to the range the frequencies were
 designed for: ``scale=1000`` for a continuous ``t`` in [0, 1] (the 1000-step DDPM
-convention), ``scale=1`` for a discrete timestep index in [0, 999] or for EDM's
-``c_noise = log(sigma) / 4`` (Karras et al., NeurIPS 2022, Table 1), which EDM feeds
+convention; ``Denoiser(time_input="t")``), ``scale=1`` for a discrete timestep index in
+[0, 999] (``time_input="timestep"``), and ``scale=0.25`` with ``time_input="log_rho"``
+(``log(sigma / alpha)``, i.e. ``log sigma`` for EDM) to feed EDM's
+``c_noise = log(sigma) / 4`` (Karras et al., NeurIPS 2022, Table 1), which EDM gives
 unscaled to the DDPM++ positional embedding.
 
 Classes: :class:`ClassEmbedding` is a table of ``num_classes + 1`` rows whose last row
