@@ -82,7 +82,9 @@ def _time_grid(
     if num_steps is None:
         if nfe is None or solver is None:
             raise ValueError("give num_steps, or nfe together with solver")
-        num_steps = solver.num_steps(int(nfe), to_data)
+        t_first = float(process.t_max if t_start is None else t_start)
+        from_noise = float(process.alpha(jnp.asarray(t_first, jnp.float32))) == 0.0
+        num_steps = solver.num_steps(int(nfe), to_data, from_noise)
     num_steps = int(num_steps)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")

@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdiff._core import Geometry, geometry_from
 from jdiff._param import Prediction
@@ -60,9 +61,12 @@ class Solver(NamedTuple):
     Attributes:
       init: ``(x_T, grid, process, key=None, nfe=None) -> State``.
       step: ``(denoiser, state, cond) -> State``.
-      nfe: ``(num_steps, to_data) -> int``: model calls for a grid of ``num_steps``
-        intervals; ``to_data`` says the grid ends where sigma = 0.
-      num_steps: ``(nfe, to_data) -> int``: intervals to spend at most ``nfe`` calls.
+      nfe: ``(num_steps, to_data=False, from_noise=False) -> int``: model calls for a
+        grid of ``num_steps`` intervals; ``to_data`` says the grid ends where
+        sigma = 0 and ``from_noise`` that it starts where alpha = 0 (zero terminal SNR):
+        such steps are first order.
+      num_steps: ``(nfe, to_data=False, from_noise=False) -> int``: intervals to spend
+        at most ``nfe`` calls.
       order: the solver's order of convergence (deterministic solvers) or strong order.
       stochastic: whether ``init`` needs a PRNG key.
       name: a short description.
@@ -173,28 +177,48 @@ def step_noise(state: State, dtype=None):
     return normal_per_sample(state.key, state.x.shape, dtype or state.x.dtype, step=state.i)
 
 
-def order_schedule(order: int, num_steps: int, nfe: int | None, *, lower_order_final: bool = False):
+def order_schedule(order: int, num_steps: int, nfe: int | None, *, lower_order_final: bool = False,
+                   forced=()):
     """Per-step orders of a singlestep solver.
 
     With ``nfe`` given, the orders add up to exactly ``nfe``, lowering the last steps
     first (DPM-Solver's "fast" schedule, Lu et al. 2022, Sec. 3.4). Without it, every
     step uses ``order``; ``lower_order_final`` then lowers the final steps as the
-    multistep solvers do.
+    multistep solvers do. Steps listed in ``forced`` (infinite log-SNR increments)
+    are first order.
     """
-    orders = [order] * num_steps
+    forced = sorted({k % num_steps for k in forced}) if num_steps else []
+    free = [k for k in range(num_steps) if k not in forced]
+    orders = [1 if k in forced else order for k in range(num_steps)]
     if nfe is not None:
-        if nfe < num_steps or nfe > order * num_steps:
+        lo, hi = num_steps, order * len(free) + len(forced)
+        if not lo <= nfe <= hi:
             raise ValueError(
                 f"cannot spend exactly {nfe} model calls in {num_steps} steps of order <= {order}; "
-                f"use between {num_steps} and {order * num_steps}"
+                f"use between {lo} and {hi}"
             )
-        extra = order * num_steps - nfe
-        j = num_steps - 1
-        while extra > 0:
+        extra = hi - nfe
+        for j in reversed(free):
             cut = min(extra, orders[j] - 1)
             orders[j] -= cut
             extra -= cut
-            j -= 1
     elif lower_order_final and num_steps < 15:
         orders = [min(o, num_steps - k) for k, o in enumerate(orders)]
     return orders
+
+
+def infinite_steps(process, grid) -> tuple:
+    """Indices of the grid's steps with infinite log-SNR increment (a start at alpha = 0,
+    an end at sigma = 0), when the grid is concrete; ``()`` when it is traced."""
+    try:
+        g = np.asarray(grid, np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError, TypeError):
+        return ()
+    with jax.ensure_compile_time_eval():
+        lam = np.asarray(process.lambda_(jnp.asarray(g[[0, -1]], jnp.float32)))
+    out = []
+    if lam[0] == -np.inf:
+        out.append(0)
+    if lam[1] == np.inf:
+        out.append(len(g) - 2)
+    return tuple(out)

@@ -139,12 +139,10 @@ def multistep(
         return state._replace(x=x_next, i=i + 1, pred=pred, hist=hist,
                               x_prev=x if use_corr else None, nfe=state.nfe + 1)
 
-    def nfe(num_steps, to_data=False):
-        del to_data
+    def nfe(num_steps, to_data=False, from_noise=False):
         return num_steps
 
-    def num_steps(nfe, to_data=False):
-        del to_data
+    def num_steps(nfe, to_data=False, from_noise=False):
         return nfe
 
     return Solver(init=init, step=step, nfe=nfe, num_steps=num_steps, order=order,

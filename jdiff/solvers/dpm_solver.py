@@ -23,7 +23,16 @@ import jax
 import jax.numpy as jnp
 
 from jdiff._core import ei_apply, ei_coefficients, geometry
-from jdiff.solvers._base import Solver, empty_state, evaluate, geometry_at, grid_curves, order_schedule, row
+from jdiff.solvers._base import (
+    Solver,
+    empty_state,
+    evaluate,
+    geometry_at,
+    grid_curves,
+    infinite_steps,
+    order_schedule,
+    row,
+)
 from jdiff.solvers._multistep import multistep
 
 __all__ = ["dpm_solver", "dpm_solver_pp", "sde_dpm_solver_pp"]
@@ -78,7 +87,9 @@ def _singlestep(order: int, mode: str, coef: str, lower_order_final: bool, name:
         del key
         state = empty_state(x_T, grid)
         n = state.grid.shape[0] - 1
-        orders = jnp.asarray(order_schedule(order, n, nfe, lower_order_final=lower_order_final), jnp.int32)
+        forced = infinite_steps(process, grid)
+        orders = jnp.asarray(order_schedule(order, n, nfe, lower_order_final=lower_order_final, forced=forced),
+                             jnp.int32)
         return state._replace(aux=table(process, state.grid, orders))
 
     def step(denoiser, state, cond=None):
@@ -112,15 +123,16 @@ def _singlestep(order: int, mode: str, coef: str, lower_order_final: bool, name:
             x_next, extra = jax.lax.switch(tab.order - 1, [o1, o2, o3][:order])
         return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1 + extra)
 
-    def nfe(num_steps, to_data=False):
-        orders = order_schedule(order, num_steps, None, lower_order_final=lower_order_final)
-        if to_data:
-            orders[-1] = 1
-        return sum(orders)
+    def _forced(num_steps, to_data, from_noise):
+        return ([0] if from_noise else []) + ([num_steps - 1] if to_data else [])
 
-    def num_steps(nfe, to_data=False):
-        del to_data
-        return -(-nfe // order)
+    def nfe(num_steps, to_data=False, from_noise=False):
+        return sum(order_schedule(order, num_steps, None, lower_order_final=lower_order_final,
+                                  forced=_forced(num_steps, to_data, from_noise)))
+
+    def num_steps(nfe, to_data=False, from_noise=False):
+        f = int(to_data) + int(from_noise)
+        return f + max(1, -(-(nfe - f) // order)) if nfe > f else max(nfe, 1)
 
     return Solver(init=init, step=step, nfe=nfe, num_steps=num_steps, order=order, stochastic=False,
                   name=name, min_steps=1)

@@ -10,8 +10,10 @@ EDM's scaled variables ``x / alpha`` against ``rho = sigma / alpha`` (Karras et 
 NeurIPS 2022, Sec. 3 and Algorithm 1), where Euler is exactly DDIM. Heun skips its
 correction on a step into ``sigma = 0`` (Algorithm 1, line 9), spending one call.
 
-A step with infinite log-SNR increment (out of ``alpha = 0`` or into ``sigma = 0``)
-is the exact first-order limit shared by all solvers (see :mod:`jdiff._core`).
+In ``t`` the velocity is finite wherever the model is evaluated (``sigma > 0``), also at
+``alpha = 0`` (zero terminal SNR), so Euler and Heun need no special case there; the
+``rho`` forms divide by ``alpha`` and take the shared exact first-order limit on steps
+with infinite log-SNR increment (see :mod:`jdiff._core`).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ class _TTable(NamedTuple):
     ds_s: jax.Array
     da_t: jax.Array
     ds_t: jax.Array
-    finite: jax.Array
-    first: EICoef  # the first-order data step (fallback / Euler in rho via noise mode)
+    finite: jax.Array  # finite log-SNR increment (rho forms)
+    correct: jax.Array  # sigma_t > 0: Heun may evaluate the model at t
+    first: EICoef  # the first-order exponential step (the rho forms, via noise mode)
 
 
 def _check_time(time):
@@ -42,38 +45,47 @@ def _check_time(time):
         raise ValueError(f"time must be 't' or 'rho', got {time!r}")
 
 
-def _t_table(process, grid, mode):
+def _t_table(process, grid):
     g = grid_curves(process, grid).steps
     s, t = grid[:-1], grid[1:]
-    first = jax.vmap(lambda gi: ei_coefficients(gi, mode=mode, K=0))(g)
-    return _TTable(t - s, process.d_alpha(s), process.d_sigma(s), process.d_alpha(t), process.d_sigma(t),
-                   g.finite, first)
+    first = jax.vmap(lambda gi: ei_coefficients(gi, mode="noise", K=0))(g)
+    t_safe = jnp.where(g.log_sigma_t > -jnp.inf, t, s)  # sigma'(t) may be infinite at sigma = 0 (VP)
+    return _TTable(t - s, process.d_alpha(s), process.d_sigma(s), process.d_alpha(t_safe), process.d_sigma(t_safe),
+                   g.finite, g.log_sigma_t > -jnp.inf, first)
 
 
-def _counts(two_calls):
-    if two_calls:
-        return (lambda n, to_data=False: 2 * n - (1 if to_data else 0),
-                lambda k, to_data=False: max(1, (k + (1 if to_data else 0)) // 2))
-    return (lambda n, to_data=False: n), (lambda k, to_data=False: k)
+def _counts(two_calls, rho=False):
+    """(nfe, num_steps) of Euler (one call per step) or Heun (two, one on a step into
+    sigma = 0 and, in rho, out of alpha = 0)."""
+    if not two_calls:
+        return (lambda n, to_data=False, from_noise=False: n), (lambda k, to_data=False, from_noise=False: k)
+
+    def single(to_data, from_noise):
+        return int(to_data) + int(from_noise and rho)
+
+    def nfe(n, to_data=False, from_noise=False):
+        return 2 * n - min(n, single(to_data, from_noise))
+
+    def num_steps(k, to_data=False, from_noise=False):
+        return max(1, (k + single(to_data, from_noise)) // 2)
+
+    return nfe, num_steps
 
 
 def euler(time: str = "t") -> Solver:
     """Euler's method on the probability-flow ODE (first order, one call per step)."""
     _check_time(time)
-    mode = "data" if time == "t" else "noise"
 
     def init(x_T, grid, process, *, key=None, nfe=None):
         state = empty_state(x_T, grid)
-        return state._replace(aux=_t_table(process, state.grid, mode))
+        return state._replace(aux=_t_table(process, state.grid))
 
     def step(denoiser, state, cond=None):
         x = state.x
         c = row(state.aux, state.i)
         pred = evaluate(denoiser, x, state.grid[state.i], cond)
         if time == "t":
-            x_e = x + c.dt * (c.da_s * pred.x0 + c.ds_s * pred.eps)
-            # a step into sigma = 0 is exactly x0 (the Euler step's own limit for linear paths)
-            x_next = jnp.where(c.finite, x_e, ei_apply(c.first, x, [pred.x0]))
+            x_next = x + c.dt * (c.da_s * pred.x0 + c.ds_s * pred.eps)
         else:
             x_next = ei_apply(c.first, x, [pred.eps], pred.x0)
         return state._replace(x=x_next.astype(x.dtype), i=state.i + 1, pred=pred, nfe=state.nfe + 1)
@@ -87,11 +99,10 @@ def heun(time: str = "t") -> Solver:
     """Heun's second-order method (EDM's deterministic sampler): two calls per step, one
     on a step into ``sigma = 0``."""
     _check_time(time)
-    mode = "data" if time == "t" else "noise"
 
     def init(x_T, grid, process, *, key=None, nfe=None):
         state = empty_state(x_T, grid)
-        return state._replace(aux=_t_table(process, state.grid, mode))
+        return state._replace(aux=_t_table(process, state.grid))
 
     def step(denoiser, state, cond=None):
         x = state.x
@@ -108,7 +119,9 @@ def heun(time: str = "t") -> Solver:
                 return (x + 0.5 * c.dt * (d_s + d_t)).astype(x.dtype), jnp.int32(1)
 
             def final():
-                return ei_apply(c.first, x, [pred.x0]), jnp.int32(0)
+                return x_e.astype(x.dtype), jnp.int32(0)
+
+            do_correct = c.correct
         else:
             x_e = ei_apply(c.first, x, [pred.eps], pred.x0)
 
@@ -119,11 +132,13 @@ def heun(time: str = "t") -> Solver:
             def final():
                 return x_e, jnp.int32(0)
 
-        # no correction into sigma = 0 (or out of alpha = 0): one model call there
-        x_next, extra = jax.lax.cond(c.finite, correct, final)
+            do_correct = c.finite
+
+        # no correction into sigma = 0 (nor, in rho, out of alpha = 0): one model call there
+        x_next, extra = jax.lax.cond(do_correct, correct, final)
         return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1 + extra)
 
-    nfe, num_steps = _counts(True)
+    nfe, num_steps = _counts(True, rho=time == "rho")
     return Solver(init=init, step=step, nfe=nfe, num_steps=num_steps, order=2, stochastic=False,
                   name=f"heun({time})")
 
@@ -172,5 +187,6 @@ def euler_maruyama() -> Solver:
         x_next = jnp.where(c.finite, x_em, x_lim).astype(x.dtype)
         return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1)
 
-    return Solver(init=init, step=step, nfe=lambda n, to_data=False: n, num_steps=lambda k, to_data=False: k,
+    return Solver(init=init, step=step, nfe=lambda n, to_data=False, from_noise=False: n,
+                  num_steps=lambda k, to_data=False, from_noise=False: k,
                   order=1, stochastic=True, name="euler_maruyama")

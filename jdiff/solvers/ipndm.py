@@ -78,5 +78,6 @@ def ipndm(order: int = 4, *, variable_step: bool = False, lower_order_final: boo
         x_next = ei_apply(first, x, [eps_ab], pred.x0)
         return state._replace(x=x_next, i=state.i + 1, pred=pred, hist=hist, nfe=state.nfe + 1)
 
-    return Solver(init=init, step=step, nfe=lambda n, to_data=False: n, num_steps=lambda k, to_data=False: k,
+    return Solver(init=init, step=step, nfe=lambda n, to_data=False, from_noise=False: n,
+                  num_steps=lambda k, to_data=False, from_noise=False: k,
                   order=order, stochastic=False, name=f"ipndm-{order}", min_steps=order)
