@@ -66,8 +66,10 @@ WEIGHTINGS = ("none", "min_snr", "edm")
 TIME_SAMPLINGS = ("uniform", "logit_normal", "log_normal", "discrete")
 PRECONDITIONINGS = (None, "edm")
 
-# Per-sample random streams: fold_in(sample_key, tag).
-_TAG_TIME, _TAG_NOISE, _TAG_LABEL, _TAG_MODEL = 0, 1, 2, 3
+# Layout of the per-sample random words: one ``jax.random.bits`` call per sample (one
+# threefry pass for the whole batch, which keeps compile and run time low) gives
+# [model-key word 0, model-key word 1, time, label dropout, noise...].
+_W_KEY, _W_TIME, _W_LABEL, _W_NOISE = 0, 2, 3, 4
 
 
 def _choice(name, value, choices):
@@ -199,6 +201,33 @@ def _keys_for(key, n):
     return per_sample_keys(key, n)
 
 
+def _uniform(words, dtype):
+    """uint32 words -> uniforms in the open interval (0, 1) with 24 random bits."""
+    return ((words >> 8).astype(dtype) + 0.5) * (2.0**-24)
+
+
+def _std_normal(u):
+    """Standard normals from uniforms in (0, 1): ``sqrt(2) erfinv(2u - 1)``."""
+    return math.sqrt(2.0) * jax.lax.erf_inv(2.0 * u - 1.0)
+
+
+def _times_from_uniform(u, process: Process, sampling: str, logit_mean, logit_std, p_mean, p_std):
+    lo, hi = float(process.t_min), float(process.t_max)
+    if sampling == "uniform":
+        return lo + (hi - lo) * u
+    if sampling == "logit_normal":
+        z = logit_mean + logit_std * _std_normal(u)
+        return lo + (hi - lo) * jax.nn.sigmoid(z)
+    if sampling == "log_normal":
+        rho = jnp.exp(p_mean + p_std * _std_normal(u))
+        return jnp.clip(process.t_of_rho(rho).astype(u.dtype), lo, hi)
+    if not hasattr(process, "num_train_steps"):
+        raise ValueError(f"time sampling 'discrete' needs a discrete process (jdiff.vp_discrete), got {process!r}")
+    N = int(process.num_train_steps)
+    step = jnp.minimum(jnp.floor(u * N), N - 1)
+    return (step + 1) / N
+
+
 def sample_times(key, n: int, process: Process, sampling: str = "uniform", *, logit_mean: float = 0.0,
                  logit_std: float = 1.0, p_mean: float = -1.2, p_std: float = 1.2, dtype=jnp.float32):
     """Draw ``n`` training times (``(n,)`` array of ``dtype``).
@@ -210,24 +239,8 @@ def sample_times(key, n: int, process: Process, sampling: str = "uniform", *, lo
     """
     _choice("time sampling", sampling, TIME_SAMPLINGS)
     keys = _keys_for(key, n)
-    lo, hi = float(process.t_min), float(process.t_max)
-
-    def one(k):
-        if sampling == "uniform":
-            return lo + (hi - lo) * jax.random.uniform(k, (), dtype)
-        if sampling == "logit_normal":
-            z = logit_mean + logit_std * jax.random.normal(k, (), dtype)
-            return lo + (hi - lo) * jax.nn.sigmoid(z)
-        if sampling == "log_normal":
-            rho = jnp.exp(p_mean + p_std * jax.random.normal(k, (), dtype))
-            return jnp.clip(process.t_of_rho(rho).astype(dtype), lo, hi)
-        if not hasattr(process, "num_train_steps"):
-            raise ValueError(f"time sampling 'discrete' needs a discrete process (jdiff.vp_discrete), got {process!r}")
-        N = int(process.num_train_steps)
-        step = jax.random.randint(k, (), 0, N)
-        return (step + 1).astype(dtype) / N
-
-    return jax.vmap(one)(keys)
+    words = jax.vmap(lambda k: jax.random.bits(k, (), jnp.uint32))(keys)
+    return _times_from_uniform(_uniform(words, dtype), process, sampling, logit_mean, logit_std, p_mean, p_std)
 
 
 # ----------------------------------------------------------------------- weightings
@@ -346,6 +359,16 @@ def _model_time(config: LossConfig, t):
     return -p.lambda_(t)
 
 
+def _model_key(data, keys):
+    """A key (of the same kind as ``keys``) from two random uint32 words."""
+    if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(keys)
+        if jax.random.key_data(keys).shape[-1] == 2:
+            return jax.random.wrap_key_data(data, impl=impl)
+        return jax.random.fold_in(keys[0], 0x6D6F64)  # a key type of another width
+    return data
+
+
 def make_loss_fn(apply: Callable, config: LossConfig) -> Callable:
     """Build ``loss_fn(params, batch, key) -> (loss, metrics)``.
 
@@ -361,7 +384,10 @@ def make_loss_fn(apply: Callable, config: LossConfig) -> Callable:
     and label dropout come from its own key (``fold_in(key, i)`` for a single key), so
     the loss of a batch is the mean of the losses of its samples computed alone; this is
     what makes gradient accumulation and data parallelism reproduce the full-batch step
-    exactly. The network's dropout key is one key per call.
+    exactly. All of a sample's randomness comes from one ``jax.random.bits`` draw of its
+    key: the time and the label-dropout coin from 24-bit uniforms, the noise through the
+    inverse normal CDF. The network's dropout key (one per call) comes from the first
+    sample's draw.
 
     ``loss`` is the batch mean of ``w(t) * mean_features((out - target)^2)``; metrics
     are batch means (``loss`` and the unweighted ``mse``).
@@ -379,10 +405,12 @@ def make_loss_fn(apply: Callable, config: LossConfig) -> Callable:
         n = x0.shape[0]
         dt = _fdtype(x0)
         keys = _keys_for(key, n)
-        fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
-        t = sample_times(fold(keys, _TAG_TIME), n, process, config.time_sampling, logit_mean=config.logit_mean,
-                         logit_std=config.logit_std, p_mean=config.p_mean, p_std=config.p_std, dtype=dt)
-        eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], dt))(fold(keys, _TAG_NOISE))
+        d = math.prod(x0.shape[1:])
+        words = jax.vmap(lambda k: jax.random.bits(k, (_W_NOISE + d,), jnp.uint32))(keys)
+        u = _uniform(words[:, _W_TIME:], dt)
+        t = _times_from_uniform(u[:, _W_TIME - _W_TIME], process, config.time_sampling, config.logit_mean,
+                                config.logit_std, config.p_mean, config.p_std)
+        eps = _std_normal(u[:, _W_NOISE - _W_TIME:]).reshape(x0.shape)
         x0f = x0.astype(dt)
         a = broadcast_to_x(process.alpha(t), x0f)
         s = broadcast_to_x(process.sigma(t), x0f)
@@ -390,8 +418,10 @@ def make_loss_fn(apply: Callable, config: LossConfig) -> Callable:
 
         cond = batch.get(config.label_key) if config.label_key else None
         if cond is not None and config.label_dropout > 0:
-            cond = drop_labels(fold(keys, _TAG_LABEL), cond, config.label_dropout, config.num_classes)
-        model_key = jax.random.fold_in(keys[0], _TAG_MODEL) if config.model_rng else None
+            drop = u[:, _W_LABEL - _W_TIME] < config.label_dropout
+            drop = drop.reshape(drop.shape + (1,) * (jnp.ndim(cond) - 1))
+            cond = jnp.where(drop, jnp.asarray(config.num_classes, jnp.asarray(cond).dtype), cond)
+        model_key = _model_key(words[0, _W_KEY:_W_KEY + 2], keys) if config.model_rng else None
 
         if net is not None:
             out = net(params, xt, t, cond, model_key)

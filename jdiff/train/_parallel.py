@@ -116,11 +116,14 @@ def process_batch_slice(global_batch_size: int, mesh: Mesh | None = None) -> sli
     return slice(start, start + _local_devices_in(mesh) * per_dev)
 
 
-def check_batch_divisible(batch_size: int, num_devices: int, what: str = "batch") -> None:
+def check_batch_divisible(batch_size: int, num_devices: int, what: str = "batch",
+                          where: str = "the number of devices on the data axis") -> None:
+    """Raise a ``ValueError`` naming both numbers unless ``batch_size`` is a positive
+    multiple of ``num_devices``."""
     if num_devices <= 0 or batch_size % num_devices != 0 or batch_size == 0:
         raise ValueError(
-            f"the {what} size {batch_size} is not divisible by the number of devices on the data axis "
-            f"({num_devices}); use a batch size that is a multiple of {num_devices}"
+            f"the {what} size {batch_size} is not divisible by {where} ({num_devices}); "
+            f"use a batch size that is a multiple of {num_devices}"
         )
 
 
@@ -142,7 +145,8 @@ def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
         x = np.asarray(x)
         if x.ndim == 0:
             raise ValueError("every batch leaf needs a leading batch axis; got a scalar")
-        check_batch_divisible(x.shape[0], n_local, "per-process batch")
+        check_batch_divisible(x.shape[0], n_local, "per-process batch",
+                              "the number of this process's devices on the data axis")
         global_shape = (x.shape[0] // n_local * n_total,) + x.shape[1:]
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
