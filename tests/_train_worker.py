@@ -87,33 +87,39 @@ def save_state(path, state):
     np.savez(path, **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
 
 
-def mode_run(a):
-    import jax
-
-    if a.num_processes > 1:
-        if a.local_devices:
-            jax.config.update("jax_num_cpu_devices", a.local_devices)
-        from jdiff import train as T
-
-        T.initialize_distributed(f"localhost:{a.port}", a.num_processes, a.process_id)
+def train_run(steps, batch=16, seed=0, accum=1, ckpt=None, save_every=5, keep=3, sleep=0.0, mesh=None,
+              handle_sigterm=True):
+    """The training run every test compares against: jdiff.train.train on the tiny MLP."""
     from jdiff import train as T
 
-    mesh = T.make_mesh()
-    rows = T.process_batch_slice(a.batch, mesh)
+    mesh = T.make_mesh() if mesh is None else mesh
+    rows = T.process_batch_slice(batch, mesh)
 
     def data(step):
-        b = global_batch(step, a.batch, a.seed)
+        b = global_batch(step, batch, seed)
         return {k: v[rows] for k, v in b.items()}
 
     def progress(step, metrics, state):
         if T.is_main_process():
             print(f"step {step}", flush=True)
-        if a.sleep:
-            time.sleep(a.sleep)
+        if sleep:
+            time.sleep(sleep)
 
-    res = T.train(loss_fn(), init_params(a.seed), data, a.steps, optimizer=optimizer(a.steps), seed=a.seed,
-                  mesh=mesh, checkpoint_dir=a.ckpt, save_every=a.save_every, keep=a.keep, accum_steps=a.accum,
-                  ema_decay=0.9, ema_warmup=True, callbacks=[progress])
+    return T.train(loss_fn(), init_params(seed), data, steps, optimizer=optimizer(steps), seed=seed, mesh=mesh,
+                   checkpoint_dir=ckpt, save_every=save_every, keep=keep, accum_steps=accum, ema_decay=0.9,
+                   ema_warmup=True, callbacks=[progress], handle_sigterm=handle_sigterm)
+
+
+def mode_run(a):
+    import jax
+
+    from jdiff import train as T
+
+    if a.num_processes > 1:
+        if a.local_devices:
+            jax.config.update("jax_num_cpu_devices", a.local_devices)
+        T.initialize_distributed(f"localhost:{a.port}", a.num_processes, a.process_id)
+    res = train_run(a.steps, a.batch, a.seed, a.accum, a.ckpt, a.save_every, a.keep, a.sleep)
     if T.is_main_process():
         print(f"finished step={res.step} preempted={res.preempted} devices={jax.device_count()} "
               f"processes={jax.process_count()}", flush=True)

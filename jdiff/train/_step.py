@@ -22,7 +22,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jdiff._random import per_sample_keys
-from jdiff.train._parallel import check_batch_divisible, data_sharding, make_mesh, replicate, replicated_sharding
+from jdiff.train._parallel import (
+    check_batch_divisible,
+    data_sharding,
+    make_mesh,
+    replicate,
+    replicated_sharding,
+    shard_batch,
+)
 
 __all__ = [
     "TrainState",
@@ -214,7 +221,7 @@ def train_step(state: TrainState, batch, key, *, loss_fn: Callable, optimizer: o
     if ema is not None and ema_decay is not None:
         ema = ema_update(ema, params, ema_decay_at(step, ema_decay, ema_warmup))
     metrics = dict(metrics)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     if schedule is not None:
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
     return TrainState(step, params, opt_state, ema, state.rng), metrics
@@ -228,10 +235,12 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     Returns ``step(state, batch, key=None) -> (state, metrics)``. The state is kept
     replicated, the batch is sharded along the mesh's data axis and XLA averages the
     gradients across devices (and hosts). The same function runs on 1 or N devices and
-    gives the same result up to float summation order. ``batch`` should come from
-    :func:`shard_batch` (or, in a single process, plain arrays: they are sharded on the
-    way in). Raises ``ValueError`` if the batch (or each micro-batch) does not divide
-    evenly over the data axis.
+    gives the same result up to float summation order. ``batch`` is a pytree of global
+    arrays from :func:`shard_batch`; leaves that are not yet sharded that way are taken
+    as this process's slice and sharded on the way in (in a single process: the whole
+    batch). A state not yet replicated on ``mesh`` is replicated first. Raises
+    ``ValueError`` if the batch (or each micro-batch) does not divide evenly over the
+    data axis.
     """
     mesh = make_mesh() if mesh is None else mesh
     n_data = mesh.devices.size
@@ -246,6 +255,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
                      donate_argnums=(0,) if donate else ())
 
     def step(state: TrainState, batch, key=None):
+        _batch_size(batch)
+        # Both are no-ops for arrays already placed; they keep one compiled program.
+        state = replicate(state, mesh)
+        batch = shard_batch(batch, mesh)
         B = _batch_size(batch)
         check_batch_divisible(B, n_data)
         if accum_steps > 1:
