@@ -173,7 +173,7 @@ def mode_dp(a):
         try:
             fn()
         except ValueError as e:
-            assert "not divisible by the number of devices" in str(e), e
+            assert "not divisible by" in str(e) and f"({a.devices})" in str(e), e
             print("divisibility error:", e, flush=True)
         else:
             raise AssertionError("a batch not divisible by the device count was accepted")
