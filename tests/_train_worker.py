@@ -18,6 +18,29 @@ import sys
 import time
 
 
+WORKER_PATH = os.path.abspath(__file__)
+REPO_ROOT = os.path.dirname(os.path.dirname(WORKER_PATH))
+
+
+def subprocess_env(**extra):
+    """The environment for a worker subprocess: ours, with the repository root first on
+    PYTHONPATH and no inherited XLA_FLAGS."""
+    env = dict(os.environ)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + rest)
+    env.pop("XLA_FLAGS", None)
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
 def _early_env(argv):
     # XLA flags must be set before jax is imported.
     p = argparse.ArgumentParser(add_help=False)

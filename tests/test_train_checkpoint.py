@@ -18,7 +18,9 @@ import pytest
 from jdiff import train as T
 
 import _train_worker as W
-from test_train_parallel import WORKER, _env
+
+WORKER = W.WORKER_PATH
+_env = W.subprocess_env
 
 
 def _state(seed=0, shape=(3, 4)):
@@ -258,3 +260,46 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(tmp_path, referenc
     log2 = _finish(ckpt, out)
     assert f"resumed from checkpoint step {stopped}" in log2
     _assert_same(reference, out)
+
+
+class _EpochIterator:
+    """A shuffling data iterator with a small checkpointable position {"epoch", "step"}."""
+
+    def __init__(self, data, batch):
+        self.data, self.batch, self.epoch, self.step = data, batch, 0, 0
+        self.set_state_calls = []
+
+    def get_state(self):
+        return {"epoch": self.epoch, "step": self.step}
+
+    def set_state(self, state):
+        self.set_state_calls.append(dict(state))
+        self.epoch, self.step = state["epoch"], state["step"]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        per_epoch = len(self.data["x"]) // self.batch
+        if self.step == per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        order = np.random.default_rng(self.epoch).permutation(len(self.data["x"]))
+        rows = order[self.step * self.batch:(self.step + 1) * self.batch]
+        self.step += 1
+        return {k: v[rows] for k, v in self.data.items()}
+
+
+def test_loop_checkpoints_iterator_position_and_resumes_exactly(tmp_path):
+    data = W.global_batch(0, 24, seed=5)  # a 24-sample data set, 3 batches of 8 per epoch
+    loss, opt = W.loss_fn(), W.optimizer(8)
+    kw = dict(optimizer=opt, seed=3, handle_sigterm=False, ema_decay=0.9)
+    full = T.train(loss, W.init_params(0), _EpochIterator(data, 8), 8, **kw)
+    first = T.train(loss, W.init_params(0), _EpochIterator(data, 8), 5, checkpoint_dir=tmp_path, save_every=2, **kw)
+    assert first.step == 5
+    with T.Checkpointer(tmp_path) as ck:
+        assert ck.all_steps() == [2, 4, 5]
+        assert ck.restore(full.state).extra == {"data": {"epoch": 1, "step": 2}}
+    it = _EpochIterator(data, 8)
+    resumed = T.train(loss, W.init_params(0), it, 8, checkpoint_dir=tmp_path, save_every=2, **kw)
+    assert it.set_state_calls == [{"epoch": 1, "step": 2}]
+    _equal(resumed.state, full.state)

@@ -4,36 +4,19 @@ Each test launches fresh Python processes (device counts and ``jax.distributed``
 set before JAX starts), with the repository root first on ``PYTHONPATH``.
 """
 
-import os
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
-import pytest
 
 from jdiff import train as T
 
 import _train_worker as W
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-WORKER = os.path.join(HERE, "_train_worker.py")
-
-
-def _env(**extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.pop("XLA_FLAGS", None)
-    env.update(extra)
-    return env
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+WORKER = W.WORKER_PATH
+_env = W.subprocess_env
+_free_port = W.free_port
 
 
 def _check(proc_or_result, what):

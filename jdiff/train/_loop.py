@@ -11,9 +11,8 @@ same loop; only process 0 logs.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
-import jax
 import numpy as np
 import optax
 

@@ -407,10 +407,9 @@ def make_loss_fn(apply: Callable, config: LossConfig) -> Callable:
         keys = _keys_for(key, n)
         d = math.prod(x0.shape[1:])
         words = jax.vmap(lambda k: jax.random.bits(k, (_W_NOISE + d,), jnp.uint32))(keys)
-        u = _uniform(words[:, _W_TIME:], dt)
-        t = _times_from_uniform(u[:, _W_TIME - _W_TIME], process, config.time_sampling, config.logit_mean,
+        t = _times_from_uniform(_uniform(words[:, _W_TIME], dt), process, config.time_sampling, config.logit_mean,
                                 config.logit_std, config.p_mean, config.p_std)
-        eps = _std_normal(u[:, _W_NOISE - _W_TIME:]).reshape(x0.shape)
+        eps = _std_normal(_uniform(words[:, _W_NOISE:], dt)).reshape(x0.shape)
         x0f = x0.astype(dt)
         a = broadcast_to_x(process.alpha(t), x0f)
         s = broadcast_to_x(process.sigma(t), x0f)
@@ -418,7 +417,7 @@ def make_loss_fn(apply: Callable, config: LossConfig) -> Callable:
 
         cond = batch.get(config.label_key) if config.label_key else None
         if cond is not None and config.label_dropout > 0:
-            drop = u[:, _W_LABEL - _W_TIME] < config.label_dropout
+            drop = _uniform(words[:, _W_LABEL], dt) < config.label_dropout
             drop = drop.reshape(drop.shape + (1,) * (jnp.ndim(cond) - 1))
             cond = jnp.where(drop, jnp.asarray(config.num_classes, jnp.asarray(cond).dtype), cond)
         model_key = _model_key(words[0, _W_KEY:_W_KEY + 2], keys) if config.model_rng else None
