@@ -111,8 +111,9 @@ def save_state(path, state):
 
 
 def train_run(steps, batch=16, seed=0, accum=1, ckpt=None, save_every=5, keep=3, sleep=0.0, mesh=None,
-              handle_sigterm=True):
-    """The training run every test compares against: jdiff.train.train on the tiny MLP."""
+              handle_sigterm=True, total=None):
+    """The training run every test compares against: jdiff.train.train on the tiny MLP,
+    stopping at ``steps`` of a ``total``-step learning-rate schedule (default ``steps``)."""
     from jdiff import train as T
 
     mesh = T.make_mesh() if mesh is None else mesh
@@ -128,7 +129,7 @@ def train_run(steps, batch=16, seed=0, accum=1, ckpt=None, save_every=5, keep=3,
         if sleep:
             time.sleep(sleep)
 
-    return T.train(loss_fn(), init_params(seed), data, steps, optimizer=optimizer(steps), seed=seed, mesh=mesh,
+    return T.train(loss_fn(), init_params(seed), data, steps, optimizer=optimizer(total or steps), seed=seed, mesh=mesh,
                    checkpoint_dir=ckpt, save_every=save_every, keep=keep, accum_steps=accum, ema_decay=0.9,
                    ema_warmup=True, callbacks=[progress], handle_sigterm=handle_sigterm)
 
@@ -142,7 +143,7 @@ def mode_run(a):
         if a.local_devices:
             jax.config.update("jax_num_cpu_devices", a.local_devices)
         T.initialize_distributed(f"localhost:{a.port}", a.num_processes, a.process_id)
-    res = train_run(a.steps, a.batch, a.seed, a.accum, a.ckpt, a.save_every, a.keep, a.sleep)
+    res = train_run(a.steps, a.batch, a.seed, a.accum, a.ckpt, a.save_every, a.keep, a.sleep, total=a.total)
     if T.is_main_process():
         print(f"finished step={res.step} preempted={res.preempted} devices={jax.device_count()} "
               f"processes={jax.process_count()}", flush=True)
@@ -220,6 +221,7 @@ def main(argv=None):
     p.add_argument("--ckpt", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--total", type=int, default=None, help="schedule length (default: --steps)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--save-every", type=int, default=5)

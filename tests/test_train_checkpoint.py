@@ -55,6 +55,10 @@ def test_round_trip_keep_and_extra(tmp_path):
         assert r.state.opt_state[1][0].__class__.__name__ == "ScaleByAdamState"  # NamedTuples survive
         r6 = ck.restore(state, step=6)
         _equal(r6.state, _advance(state, 6))
+    with T.Checkpointer(tmp_path / "np") as ck:
+        ck.save(3, state, {"epoch": np.int64(2), "order": np.arange(3)}, force=True)
+        ck.wait()
+        assert ck.restore(state).extra == {"epoch": 2, "order": [0, 1, 2]}
     with pytest.raises(TypeError, match="JSON"):
         T.Checkpointer(tmp_path / "x").save(1, state, {"bad": object()}, force=True)
     assert T.Checkpointer(tmp_path / "empty").restore(state) is None

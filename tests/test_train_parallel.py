@@ -34,16 +34,10 @@ def test_8_fake_devices_match_1_device():
     assert "dp ok" in out and "max_param_diff=" in out
 
 
-def test_two_processes_match_one_process(tmp_path):
-    """Two processes (2 CPU devices each) coordinated by jax.distributed, each feeding
-    its half of every global batch, train to the parameters of one process on the same
-    global batches; their checkpoint (written by both) restores on one device."""
+def _two_processes(ckpt, steps, total, out_file):
     port = _free_port()
-    ckpt = str(tmp_path / "ckpt")
-    out_file = str(tmp_path / "mp.npz")
-    steps = 6
     cmd = [sys.executable, WORKER, "run", "--num-processes", "2", "--local-devices", "2", "--port", str(port),
-           "--ckpt", ckpt, "--steps", str(steps), "--save-every", "3", "--batch", "16"]
+           "--ckpt", ckpt, "--steps", str(steps), "--total", str(total), "--save-every", "3", "--batch", "16"]
     procs = [subprocess.Popen(cmd + ["--process-id", str(i)] + (["--out", out_file] if i == 0 else []),
                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
@@ -55,10 +49,24 @@ def test_two_processes_match_one_process(tmp_path):
                 p.kill()
     for i, (p, o) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i} failed:\n{o[-4000:]}"
-    assert f"finished step={steps} preempted=False devices=4 processes=2" in outs[0]
+    assert f"finished step={steps} preempted=False devices=4 processes=2" in outs[0], outs[0][-3000:]
+    return outs[0]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """Two processes (2 CPU devices each) coordinated by jax.distributed, each feeding
+    its half of every global batch, train to the parameters of one process on one device
+    fed the same global batches -- including across a stop and a multi-process restore
+    from the checkpoint both processes wrote. The checkpoint also restores on one device."""
+    ckpt = str(tmp_path / "ckpt")
+    out_file = str(tmp_path / "mp.npz")
+    steps = 6
+    _two_processes(ckpt, 3, steps, out_file)  # stop half way ...
+    log = _two_processes(ckpt, steps, steps, out_file)  # ... and resume on two processes
+    assert "resumed from checkpoint step 3" in log
 
     got = np.load(out_file)
-    ref = W.train_run(steps, batch=16, handle_sigterm=False).state  # one process, one device
+    ref = W.train_run(steps, batch=16, handle_sigterm=False).state  # one process, one device, uninterrupted
     ref_leaves = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(ref)[0]}
     assert set(ref_leaves) == set(got.files)
     for k, v in ref_leaves.items():

@@ -138,6 +138,13 @@ def _compare(saved: list, target: list) -> list[str]:
 # --------------------------------------------------------------------- checkpointer
 
 
+def _builtin(x):
+    """JSON fallback for numpy/JAX scalars and small arrays in ``extra``."""
+    if isinstance(x, (np.generic, np.ndarray, jax.Array)):
+        return np.asarray(x).tolist()
+    raise TypeError(f"object of type {type(x).__name__} is not JSON serializable")
+
+
 class Checkpointer:
     """Save every ``save_every`` steps, keep the last ``keep``, restore exactly.
 
@@ -189,9 +196,8 @@ class Checkpointer:
         latest = self.latest_step()
         if latest is not None and step <= latest:
             return False
-        extra = {} if extra is None else dict(extra)
         try:
-            json.dumps(extra)
+            extra = json.loads(json.dumps({} if extra is None else dict(extra), default=_builtin))
         except TypeError as e:
             raise TypeError(f"extra must be JSON-serializable: {e}") from None
         meta = {"format": _FORMAT, "step": step, "leaves": tree_description(state), "extra": extra,

@@ -102,7 +102,11 @@ def train_iter(loss_fn: Callable, params, data, num_steps: int, *, optimizer: op
                stop_flag: SigtermFlag | None = None) -> Iterator:
     """Generator form of :func:`train`: yields ``(step, metrics, state)`` after each
     update (``metrics`` are device scalars) and returns a :class:`TrainResult`.
-    ``gen.send(True)`` asks it to stop: it saves the current step and returns."""
+    ``gen.send(True)`` asks it to stop: it saves the current step and returns. Close
+    the generator (``gen.close()`` or ``contextlib.closing``) if you abandon it early,
+    so pending checkpoint writes finish and the SIGTERM handler is restored.
+
+    The keyword arguments are those of :func:`train`."""
     mesh = make_mesh() if mesh is None else mesh
     state = replicate(init_train_state(params, optimizer, seed, ema=ema_decay is not None), mesh)
     ckpt = None
@@ -195,3 +199,8 @@ def train(loss_fn: Callable, params, data, num_steps: int, *, optimizer: optax.G
             item = gen.send(stop)
     except StopIteration as e:
         return e.value
+    finally:
+        # On an exception (e.g. in a callback) clean up now -- wait for pending saves,
+        # restore the signal handler -- not when the generator is garbage collected,
+        # which may be at interpreter shutdown when orbax can no longer start threads.
+        gen.close()
