@@ -61,6 +61,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         return
     if num_processes is None and coordinator_address is None and os.environ.get("JDIFF_DISTRIBUTED") != "1":
         return
+    # CPU collectives across processes need an implementation; gloo is JAX's default in
+    # recent versions, older ones defaulted to none.
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, **kwargs)
 
