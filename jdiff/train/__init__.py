@@ -1,0 +1,114 @@
+"""Training: objectives, the pure train step, data parallelism on a mesh, checkpoints.
+
+- :mod:`~jdiff.train._objectives`: denoising score matching for every process and
+  parameterization (eps, x0, v, score, flow matching), EDM preconditioning and
+  weighting, min-SNR-gamma, time samplers, classifier-free-guidance label dropout,
+  and :func:`make_loss_fn`.
+- :mod:`~jdiff.train._step`: :class:`TrainState`, :func:`make_optimizer` (clipping +
+  AdamW + warmup/cosine), gradient accumulation, EMA, :func:`train_step`.
+- :mod:`~jdiff.train._parallel`: one 1-D ``data`` mesh over all devices of all hosts,
+  :func:`shard_batch`, :func:`replicate`, :func:`is_main_process`.
+- :mod:`~jdiff.train._checkpoint`: orbax :class:`Checkpointer` with exact resume,
+  corruption fallback, configuration-mismatch errors, :class:`SigtermFlag`.
+- :mod:`~jdiff.train._loop`: :func:`train` / :func:`train_iter`.
+
+The model is any pure ``apply(params, x, t, cond, key=None) -> out`` with ``out.shape
+== x.shape`` and a parameter pytree (e.g. from ``flax.nnx.split``).
+"""
+
+from jdiff.train._checkpoint import (
+    CheckpointCorruptError,
+    Checkpointer,
+    CheckpointMismatchError,
+    Restored,
+    SigtermFlag,
+    tree_checksum,
+    tree_description,
+)
+from jdiff.train._loop import TrainResult, log_metrics, train, train_iter
+from jdiff.train._objectives import (
+    PRECONDITIONINGS,
+    TIME_SAMPLINGS,
+    WEIGHTINGS,
+    LossConfig,
+    drop_labels,
+    edm_coefficients,
+    edm_objective,
+    edm_precondition,
+    flow_matching_objective,
+    loss_weight,
+    make_loss_fn,
+    min_snr_weight,
+    sample_times,
+    x0_jacobian,
+)
+from jdiff.train._parallel import (
+    DATA_AXIS,
+    data_sharding,
+    initialize_distributed,
+    is_main_process,
+    make_mesh,
+    process_batch_slice,
+    replicate,
+    replicated_sharding,
+    shard_batch,
+    sync_flag,
+)
+from jdiff.train._step import (
+    TrainState,
+    ema_decay_at,
+    ema_update,
+    init_train_state,
+    lr_schedule,
+    make_optimizer,
+    make_train_step,
+    state_key,
+    train_step,
+)
+
+__all__ = [
+    "CheckpointCorruptError",
+    "Checkpointer",
+    "CheckpointMismatchError",
+    "Restored",
+    "SigtermFlag",
+    "tree_checksum",
+    "tree_description",
+    "TrainResult",
+    "log_metrics",
+    "train",
+    "train_iter",
+    "PRECONDITIONINGS",
+    "TIME_SAMPLINGS",
+    "WEIGHTINGS",
+    "LossConfig",
+    "drop_labels",
+    "edm_coefficients",
+    "edm_objective",
+    "edm_precondition",
+    "flow_matching_objective",
+    "loss_weight",
+    "make_loss_fn",
+    "min_snr_weight",
+    "sample_times",
+    "x0_jacobian",
+    "DATA_AXIS",
+    "data_sharding",
+    "initialize_distributed",
+    "is_main_process",
+    "make_mesh",
+    "process_batch_slice",
+    "replicate",
+    "replicated_sharding",
+    "shard_batch",
+    "sync_flag",
+    "TrainState",
+    "ema_decay_at",
+    "ema_update",
+    "init_train_state",
+    "lr_schedule",
+    "make_optimizer",
+    "make_train_step",
+    "state_key",
+    "train_step",
+]

@@ -1,0 +1,358 @@
+"""Orbax checkpointing with exact resume, corruption fallback and SIGTERM handling.
+
+A checkpoint step directory written by :class:`Checkpointer` holds two orbax items:
+
+- ``state``: the :class:`~jdiff.train.TrainState` pytree (params, optimizer state, EMA,
+  step, RNG key data) through ``StandardSave``;
+- ``meta``: a small JSON document with the user's ``extra`` dict (e.g. the data
+  iterator position ``{"epoch": e, "step": s}``), the list of state leaves (path,
+  shape, dtype) and a 64-bit checksum per leaf.
+
+Orbax writes every step into a temporary directory and renames it when complete, so a
+process killed mid-save leaves no half-written step behind. What orbax cannot see is a
+finished step whose files were later truncated or altered (a full disk, a bad copy, bit
+rot). :meth:`Checkpointer.restore` therefore walks the steps from newest to oldest
+and takes the first one that (1) reads back without error and (2) matches the
+checksums recorded at save time. A step that fails either test is reported with a
+warning and moved aside to ``corrupt_step_<n>`` (so training can save that step number
+again), and the previous step is used.
+
+The checksum of a leaf is ``(sum_i w_i u_i, sum_i w'_i u_i) mod 2^32`` over its bits
+``u_i`` viewed as uint32 words, with odd position weights ``w_i, w'_i``. It is
+computed on the devices with integer arithmetic, which is associative, so it is exact
+and identical for any sharding and any number of hosts, and a change of any single
+word always changes it.
+
+A checkpoint of a different model (other parameter paths, shapes or dtypes) raises
+:class:`CheckpointMismatchError` naming the differences, instead of restoring garbage
+or failing deep inside orbax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jdiff.train._parallel import is_main_process, sync_flag
+
+__all__ = [
+    "Checkpointer",
+    "Restored",
+    "CheckpointMismatchError",
+    "CheckpointCorruptError",
+    "tree_checksum",
+    "tree_description",
+    "SigtermFlag",
+]
+
+_FORMAT = "jdiff.train.checkpoint/1"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint was written for a different model or optimizer configuration."""
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint step failed to read back or to verify against its checksums."""
+
+
+class Restored(NamedTuple):
+    """What :meth:`Checkpointer.restore` returns."""
+
+    state: Any
+    extra: dict
+    step: int
+
+
+# ---------------------------------------------------------------------- tree tools
+
+
+def tree_description(tree) -> list:
+    """``[[path, shape, dtype], ...]`` for every leaf, in flattening order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [[jax.tree_util.keystr(p), [int(d) for d in np.shape(x)], str(jnp.result_type(x))] for p, x in flat]
+
+
+def _words(x):
+    """The bits of ``x`` as a flat uint32 vector."""
+    dt = jnp.result_type(x)
+    if dt == jnp.bool_ or jnp.dtype(dt).itemsize == 1:
+        return x.astype(jnp.uint32).reshape(-1)
+    size = jnp.dtype(dt).itemsize
+    if size == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32).reshape(-1)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _checksums(leaves):
+    out = []
+    for x in leaves:
+        u = _words(x)
+        i = jnp.arange(u.shape[0], dtype=jnp.uint32)
+        w1 = (i * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)
+        w2 = (i * jnp.uint32(0x85EBCA6B) + jnp.uint32(0xC2B2AE35)) | jnp.uint32(1)
+        out.append(jnp.stack([jnp.sum(u * w1, dtype=jnp.uint32), jnp.sum(u * w2, dtype=jnp.uint32)]))
+    return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
+
+
+def tree_checksum(tree) -> list:
+    """Per-leaf 64-bit checksums (``[[a, b], ...]`` of Python ints) of a pytree of
+    arrays; exact and independent of sharding (see the module docstring)."""
+    leaves = [jnp.asarray(x) if not isinstance(x, jax.Array) else x for x in jax.tree.leaves(tree)]
+    return np.asarray(_checksums(leaves)).astype(np.int64).tolist()
+
+
+def _compare(saved: list, target: list) -> list[str]:
+    """Human-readable differences between two tree descriptions."""
+    s = {p: (tuple(sh), dt) for p, sh, dt in saved}
+    t = {p: (tuple(sh), dt) for p, sh, dt in target}
+    msgs = []
+    missing = [p for p in t if p not in s]
+    extra = [p for p in s if p not in t]
+    if missing:
+        msgs.append(f"{len(missing)} leaves of the model are not in the checkpoint: " + ", ".join(missing[:8])
+                    + (" ..." if len(missing) > 8 else ""))
+    if extra:
+        msgs.append(f"{len(extra)} leaves of the checkpoint are not in the model: " + ", ".join(extra[:8])
+                    + (" ..." if len(extra) > 8 else ""))
+    diff = [f"{p}: checkpoint {s[p][1]}{list(s[p][0])} vs model {t[p][1]}{list(t[p][0])}"
+            for p in t if p in s and s[p] != t[p]]
+    if diff:
+        msgs.append(f"{len(diff)} leaves differ in shape or dtype: " + "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else ""))
+    if not msgs and [p for p, *_ in saved] != [p for p, *_ in target]:
+        msgs.append("the leaves are the same but in a different tree order")
+    return msgs
+
+
+# --------------------------------------------------------------------- checkpointer
+
+
+def _builtin(x):
+    """JSON fallback for numpy/JAX scalars and small arrays in ``extra``."""
+    if isinstance(x, (np.generic, np.ndarray, jax.Array)):
+        return np.asarray(x).tolist()
+    raise TypeError(f"object of type {type(x).__name__} is not JSON serializable")
+
+
+class Checkpointer:
+    """Save every ``save_every`` steps, keep the last ``keep``, restore exactly.
+
+    Built on ``orbax.checkpoint.CheckpointManager``. In a multi-host run every process
+    constructs it with the same directory (a shared file system) and calls
+    :meth:`save` and :meth:`restore` together: orbax writes each process's shards and
+    the primary host commits the step.
+
+    Arguments:
+      directory: where step directories ``<dir>/<step>`` go (created if missing).
+      save_every: save when ``step % save_every == 0`` (``save(force=True)`` always saves).
+      keep: number of most recent steps to keep (``None``: all).
+      async_save: let orbax write in a background thread after copying to host memory
+        (call :meth:`wait` or :meth:`close` before exiting).
+      verify: record and check the per-leaf checksums.
+    """
+
+    def __init__(self, directory, *, save_every: int = 1000, keep: int | None = 3, async_save: bool = True,
+                 verify: bool = True):
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be >= 1 or None, got {keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.save_every = int(save_every)
+        self.verify = verify
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
+            create=True, cleanup_tmp_directories=True)
+        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    # -------------------------------------------------------------------- info
+    def all_steps(self) -> list[int]:
+        return sorted(self._mgr.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    # -------------------------------------------------------------------- save
+    def should_save(self, step: int) -> bool:
+        return step % self.save_every == 0
+
+    def save(self, step: int, state, extra: dict | None = None, *, force: bool = False) -> bool:
+        """Save ``state`` (and the JSON-serializable ``extra`` dict) as step ``step`` if
+        it is a multiple of ``save_every`` or ``force``; returns whether it saved."""
+        step = int(step)
+        if not (force or self.should_save(step)):
+            return False
+        latest = self.latest_step()
+        if latest is not None and step <= latest:
+            return False
+        try:
+            extra = json.loads(json.dumps({} if extra is None else dict(extra), default=_builtin))
+        except TypeError as e:
+            raise TypeError(f"extra must be JSON-serializable: {e}") from None
+        meta = {"format": _FORMAT, "step": step, "leaves": tree_description(state), "extra": extra,
+                "checksum": tree_checksum(state) if self.verify else None}
+        return bool(self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                    meta=ocp.args.JsonSave(meta)), force=True))
+
+    def wait(self) -> None:
+        """Block until background saves are on disk."""
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ----------------------------------------------------------------- restore
+    def _read_meta(self, step: int) -> dict:
+        meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT or "leaves" not in meta:
+            raise CheckpointCorruptError(f"step {step}: the meta item is not a jdiff checkpoint description")
+        return meta
+
+    def _restore_state(self, step: int, target, meta: dict):
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        got = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+        leaves = jax.tree.leaves(got)
+        treedef = jax.tree.structure(target)
+        if len(leaves) != treedef.num_leaves:
+            raise CheckpointCorruptError(f"step {step}: restored {len(leaves)} leaves, expected {treedef.num_leaves}")
+        state = jax.tree.unflatten(treedef, leaves)
+        if self.verify and meta.get("checksum") is not None:
+            have = tree_checksum(state)
+            bad = [d[0] for d, a, b in zip(meta["leaves"], have, meta["checksum"]) if list(a) != list(b)]
+            if bad:
+                raise CheckpointCorruptError(f"step {step}: checksum mismatch in {len(bad)} leaves: "
+                                             + ", ".join(bad[:5]))
+        return state
+
+    def _quarantine(self, step: int, err: BaseException) -> None:
+        warnings.warn(f"checkpoint step {step} in {self.directory} is unreadable or corrupt "
+                      f"({type(err).__name__}: {str(err)[:300]}); moving it aside and using the previous step",
+                      RuntimeWarning, stacklevel=3)
+        src = os.path.join(self.directory, str(step))
+        if is_main_process() and os.path.isdir(src):
+            dst = os.path.join(self.directory, f"corrupt_step_{step}")
+            n = 1
+            while os.path.exists(dst):
+                dst = os.path.join(self.directory, f"corrupt_step_{step}_{n}")
+                n += 1
+            try:
+                os.rename(src, dst)
+            except OSError:
+                shutil.rmtree(src, ignore_errors=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jdiff_quarantine_{step}")
+        self._mgr.reload()
+
+    def restore(self, target, *, step: int | None = None) -> Restored | None:
+        """Restore the newest good step (or exactly ``step``) into the structure,
+        shapes, dtypes and shardings of ``target`` (e.g. a freshly initialized state
+        placed with :func:`replicate`).
+
+        Returns a :class:`Restored` ``(state, extra, step)`` or ``None`` if the
+        directory holds no usable checkpoint. Corrupt steps are skipped (see the
+        module docstring); with an explicit ``step`` corruption raises
+        :class:`CheckpointCorruptError`. A checkpoint written for a different model
+        raises :class:`CheckpointMismatchError`.
+        """
+        self._mgr.reload()
+        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        if step is not None and step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}; have {self.all_steps()}")
+        target_desc = tree_description(target)
+        for s in steps:
+            err = None
+            meta = None
+            try:
+                meta = self._read_meta(s)
+            except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
+                err = e
+            if sync_flag(err is not None):
+                if step is not None:
+                    raise CheckpointCorruptError(f"checkpoint step {s} is unreadable: {err}") from err
+                self._quarantine(s, err or CheckpointCorruptError("unreadable on another process"))
+                continue
+            diffs = _compare(meta["leaves"], target_desc)
+            if diffs:
+                raise CheckpointMismatchError(
+                    f"checkpoint step {s} in {self.directory} was written for a different model/optimizer "
+                    f"configuration: " + " | ".join(diffs))
+            state = None
+            try:
+                state = self._restore_state(s, target, meta)
+            except Exception as e:  # noqa: BLE001
+                err = e
+            if sync_flag(err is not None):
+                if step is not None:
+                    raise CheckpointCorruptError(f"checkpoint step {s} failed to restore: {err}") from err
+                self._quarantine(s, err or CheckpointCorruptError("failed to restore on another process"))
+                continue
+            return Restored(state=state, extra=meta.get("extra", {}), step=s)
+        return None
+
+
+# --------------------------------------------------------------------- SIGTERM
+
+
+class SigtermFlag:
+    """A flag set by SIGTERM (and any other given signals), for the training loop to
+    check between steps: save, then exit cleanly.
+
+    Use as a context manager (installs the handler on entry, restores the previous
+    one on exit). Only the main thread can install signal handlers; elsewhere the flag
+    just never fires. A second SIGTERM while the flag is already set is ignored, so a
+    save in progress is not interrupted.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self._signals = tuple(signals)
+        self._event = threading.Event()
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        self._event.set()
+
+    def install(self) -> "SigtermFlag":
+        if threading.current_thread() is threading.main_thread():
+            for s in self._signals:
+                self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def uninstall(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def __bool__(self) -> bool:
+        return self.is_set()
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.uninstall()

@@ -1,0 +1,240 @@
+"""Subprocess worker for the training tests (not collected by pytest).
+
+Modes:
+  run   train a tiny MLP with jdiff.train.train (optionally multi-process, with
+        checkpoints) and write the final state to --out (.npz, process 0 only).
+  dp    with --devices N fake CPU devices: compare one train step on N devices with the
+        same step on 1 device, and check the batch-divisibility errors.
+
+Everything is deterministic in --seed: the data of step s is a function of s only, so
+a resumed run sees exactly the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+WORKER_PATH = os.path.abspath(__file__)
+REPO_ROOT = os.path.dirname(os.path.dirname(WORKER_PATH))
+
+
+def subprocess_env(**extra):
+    """The environment for a worker subprocess: ours, with the repository root first on
+    PYTHONPATH and no inherited XLA_FLAGS."""
+    env = dict(os.environ)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + rest)
+    env.pop("XLA_FLAGS", None)
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _early_env(argv):
+    # XLA flags must be set before jax is imported.
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--devices", type=int, default=0)
+    a, _ = p.parse_known_args(argv)
+    if a.devices:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={a.devices}").strip()
+
+
+DIM, HIDDEN, NUM_CLASSES = 4, 16, 3
+
+
+def init_params(seed: int):
+    import jax
+    import jax.numpy as jnp
+
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return {
+        "w1": jax.random.normal(k1, (DIM + 1, HIDDEN)) * 0.3,
+        "b1": jnp.zeros(HIDDEN),
+        "emb": jax.random.normal(k3, (NUM_CLASSES + 1, HIDDEN)) * 0.1,
+        "w2": jax.random.normal(k2, (HIDDEN, DIM)) * 0.3,
+        "b2": jnp.zeros(DIM),
+    }
+
+
+def apply(params, x, t, cond, key=None):
+    import jax.numpy as jnp
+
+    h = jnp.concatenate([x, t[:, None]], axis=-1) @ params["w1"] + params["b1"]
+    if cond is not None:
+        h = h + params["emb"][cond]
+    return jnp.tanh(h) @ params["w2"] + params["b2"]
+
+
+def global_batch(step: int, size: int, seed: int = 0):
+    """The global batch of step ``step`` (numpy), a function of ``(seed, step)`` only."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, step])
+    labels = rng.integers(0, NUM_CLASSES, size=(size,)).astype(np.int32)
+    centers = np.linspace(-1.5, 1.5, NUM_CLASSES)[labels][:, None]
+    x = (centers + 0.3 * rng.standard_normal((size, DIM))).astype(np.float32)
+    return {"x": x, "label": labels}
+
+
+def loss_fn():
+    import jdiff
+    from jdiff import train as T
+
+    cfg = T.LossConfig(jdiff.vp_cosine(), prediction="v", weighting="min_snr", label_dropout=0.2,
+                       num_classes=NUM_CLASSES)
+    return T.make_loss_fn(apply, cfg)
+
+
+def optimizer(total):
+    from jdiff import train as T
+
+    return T.make_optimizer(3e-3, warmup_steps=3, total_steps=max(total, 4), weight_decay=1e-4, clip_norm=1.0)
+
+
+def save_state(path, state):
+    import jax
+    import numpy as np
+
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    np.savez(path, **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
+
+
+def train_run(steps, batch=16, seed=0, accum=1, ckpt=None, save_every=5, keep=3, sleep=0.0, mesh=None,
+              handle_sigterm=True, total=None):
+    """The training run every test compares against: jdiff.train.train on the tiny MLP,
+    stopping at ``steps`` of a ``total``-step learning-rate schedule (default ``steps``)."""
+    from jdiff import train as T
+
+    mesh = T.make_mesh() if mesh is None else mesh
+    rows = T.process_batch_slice(batch, mesh)
+
+    def data(step):
+        b = global_batch(step, batch, seed)
+        return {k: v[rows] for k, v in b.items()}
+
+    def progress(step, metrics, state):
+        if T.is_main_process():
+            print(f"step {step}", flush=True)
+        if sleep:
+            time.sleep(sleep)
+
+    return T.train(loss_fn(), init_params(seed), data, steps, optimizer=optimizer(total or steps), seed=seed, mesh=mesh,
+                   checkpoint_dir=ckpt, save_every=save_every, keep=keep, accum_steps=accum, ema_decay=0.9,
+                   ema_warmup=True, callbacks=[progress], handle_sigterm=handle_sigterm)
+
+
+def mode_run(a):
+    import jax
+
+    from jdiff import train as T
+
+    if a.num_processes > 1:
+        if a.local_devices:
+            jax.config.update("jax_num_cpu_devices", a.local_devices)
+        T.initialize_distributed(f"localhost:{a.port}", a.num_processes, a.process_id)
+    res = train_run(a.steps, a.batch, a.seed, a.accum, a.ckpt, a.save_every, a.keep, a.sleep, total=a.total)
+    if T.is_main_process():
+        print(f"finished step={res.step} preempted={res.preempted} devices={jax.device_count()} "
+              f"processes={jax.process_count()}", flush=True)
+        if a.out:
+            save_state(a.out, res.state)
+    return 0
+
+
+def mode_dp(a):
+    import jax
+    import numpy as np
+
+    from jdiff import train as T
+
+    assert jax.device_count() == a.devices, jax.devices()
+    mesh_n = T.make_mesh()
+    mesh_1 = T.make_mesh(jax.devices()[:1])
+    lf = loss_fn()
+    opt = optimizer(10)
+    results = {}
+    for name, mesh in (("n", mesh_n), ("1", mesh_1)):
+        for accum in (1, 2):
+            step = T.make_train_step(lf, opt, mesh=mesh, accum_steps=accum, ema_decay=0.9)
+            state = T.replicate(T.init_train_state(init_params(a.seed), opt, a.seed), mesh)
+            for s in range(3):
+                batch = T.shard_batch(global_batch(s, a.batch, a.seed), mesh)
+                if name == "n" and s == 0:
+                    assert len(batch["x"].sharding.device_set) == a.devices
+                    assert batch["x"].addressable_shards[0].data.shape[0] == a.batch // a.devices
+                state, metrics = step(state, batch)
+            assert state.params["w1"].sharding.is_fully_replicated
+            results[(name, accum)] = (jax.tree.map(np.asarray, state), float(metrics["loss"]))
+    worst = 0.0
+    for accum in (1, 2):
+        sn, ln = results[("n", accum)]
+        s1, l1 = results[("1", accum)]
+        for x, y in zip(jax.tree.leaves(sn), jax.tree.leaves(s1)):
+            if np.issubdtype(x.dtype, np.floating):
+                worst = max(worst, float(np.max(np.abs(x - y))))
+            else:
+                assert np.array_equal(x, y)
+        assert abs(ln - l1) < 1e-5, (ln, l1)
+    print(f"max_param_diff={worst:.3e}", flush=True)
+    assert worst < 1e-5, worst
+
+    # Bad input: a batch not divisible by the device count.
+    step = T.make_train_step(lf, opt, mesh=mesh_n)
+    state = T.replicate(T.init_train_state(init_params(a.seed), opt, a.seed), mesh_n)
+    bad = global_batch(0, a.devices + 4, a.seed)
+    for fn in (lambda: T.shard_batch(bad, mesh_n), lambda: step(state, bad)):
+        try:
+            fn()
+        except ValueError as e:
+            assert "not divisible by" in str(e) and f"({a.devices})" in str(e), e
+            print("divisibility error:", e, flush=True)
+        else:
+            raise AssertionError("a batch not divisible by the device count was accepted")
+    step2 = T.make_train_step(lf, opt, mesh=mesh_n, accum_steps=4)
+    try:
+        step2(state, global_batch(0, 2 * a.devices, a.seed))
+    except ValueError as e:
+        assert "micro-batch" in str(e), e
+    else:
+        raise AssertionError("micro-batches not divisible by the device count were accepted")
+    print("dp ok", flush=True)
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    _early_env(argv)
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=("run", "dp"))
+    p.add_argument("--devices", type=int, default=0)
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--total", type=int, default=None, help="schedule length (default: --steps)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=5)
+    p.add_argument("--keep", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sleep", type=float, default=0.0)
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--local-devices", type=int, default=0)
+    p.add_argument("--port", type=int, default=0)
+    a = p.parse_args(argv)
+    return mode_run(a) if a.mode == "run" else mode_dp(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

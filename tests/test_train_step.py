@@ -1,0 +1,195 @@
+"""The pure train step: accumulation, EMA, optimizer, determinism, the NNX contract."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jdiff
+from jdiff import train as T
+
+import _train_worker as W  # tiny MLP, deterministic data (tests/ is on sys.path under pytest)
+
+
+def _loss():
+    cfg = T.LossConfig(jdiff.vp_cosine(), prediction="v", weighting="min_snr", label_dropout=0.2,
+                       num_classes=W.NUM_CLASSES)
+    return T.make_loss_fn(W.apply, cfg)
+
+
+def _leaves_close(a, b, atol, rtol=0.0):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype, atol", [("float64", 1e-13), ("float32", 1e-6)])
+def test_gradient_accumulation_equals_full_batch_step(dtype, atol):
+    with jax.enable_x64(dtype == "float64"):
+        dt = jnp.dtype(dtype)
+        mesh = T.make_mesh(jax.devices()[:1])
+        opt = T.make_optimizer(1e-2, warmup_steps=1, total_steps=10, weight_decay=1e-3, clip_norm=0.5)
+        params = jax.tree.map(lambda p: p.astype(dt), W.init_params(0))
+        state0 = T.replicate(T.init_train_state(params, opt, 7), mesh)
+        out = {}
+        for k in (1, 4):
+            step = T.make_train_step(_loss(), opt, mesh=mesh, accum_steps=k, ema_decay=0.9, donate=False)
+            state = state0
+            for s in range(2):
+                b = W.global_batch(s, 16)
+                b["x"] = b["x"].astype(dt)
+                state, metrics = step(state, b)
+            out[k] = (state, metrics)
+        (s1, m1), (s4, m4) = out[1], out[4]
+        assert int(s1.step) == int(s4.step) == 2
+        _leaves_close(s1.params, s4.params, atol)
+        _leaves_close(s1.opt_state, s4.opt_state, atol)
+        _leaves_close(s1.ema_params, s4.ema_params, atol)
+        for name in ("loss", "mse", "grad_norm"):
+            np.testing.assert_allclose(float(m1[name]), float(m4[name]), rtol=10 * atol)
+        # and the step did something
+        assert np.max(np.abs(np.asarray(s1.params["w1"]) - np.asarray(params["w1"]))) > 1e-3
+
+
+def test_ema_matches_closed_form():
+    """With plain SGD the parameter sequence p_1..p_n is known; the EMA must equal
+    prod(d) * ema_0 + sum_k (1 - d_k) prod_{j>k} d_j p_k, with and without warmup."""
+    opt = optax.sgd(0.1)
+    loss = _loss()
+    for warmup, decay in ((False, 0.8), (True, 0.95)):
+        step = T.make_train_step(loss, opt, mesh=T.make_mesh(jax.devices()[:1]), ema_decay=decay,
+                                 ema_warmup=warmup, donate=False)
+        state = T.init_train_state(W.init_params(1), opt, 0)
+        p0 = jax.tree.map(np.asarray, state.params)
+        seq = []
+        for s in range(6):
+            state, _ = step(state, W.global_batch(s, 8))
+            seq.append(jax.tree.map(lambda x: np.asarray(x, np.float64), state.params))
+        ds = [min(decay, (1 + n) / (10 + n)) if warmup else decay for n in range(1, 7)]
+        want = jax.tree.map(lambda x: np.asarray(x, np.float64) * np.prod(ds), p0)
+        for k, pk in enumerate(seq):
+            coef = (1 - ds[k]) * np.prod(ds[k + 1:])
+            want = jax.tree.map(lambda w, p: w + coef * p, want, pk)
+        _leaves_close(state.ema_params, want, atol=1e-6)
+    np.testing.assert_allclose(float(T.ema_decay_at(1, 0.999, True)), 2 / 11, rtol=1e-6)
+    np.testing.assert_allclose(float(T.ema_decay_at(10**6, 0.999, True)), 0.999, rtol=1e-6)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    sched = T.lr_schedule(1e-3, warmup_steps=10, total_steps=110, final_lr=1e-5)
+    assert float(sched(0)) == 0.0
+    np.testing.assert_allclose(float(sched(5)), 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(10)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(60)), 1e-5 + (1e-3 - 1e-5) * 0.5, rtol=1e-5)  # half way: cos = 0
+    np.testing.assert_allclose(float(sched(110)), 1e-5, rtol=1e-5)
+    np.testing.assert_allclose(float(T.lr_schedule(2e-4)(1000)), 2e-4)
+    with pytest.raises(ValueError, match="must exceed warmup_steps"):
+        T.lr_schedule(1e-3, warmup_steps=10, total_steps=5)
+
+
+def test_optimizer_is_clip_then_adamw():
+    kw = dict(warmup_steps=2, total_steps=20)
+    mine = T.make_optimizer(1e-2, weight_decay=0.1, clip_norm=0.3, **kw)
+    ref = optax.chain(optax.clip_by_global_norm(0.3),
+                      optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 20, 0.0), weight_decay=0.1))
+    p = {"a": jnp.ones(3), "b": jnp.arange(4.0)}
+    sa, sb = mine.init(p), ref.init(p)
+    for i in range(4):
+        g = {"a": jnp.full(3, 10.0 ** (i - 1)), "b": jnp.linspace(-1, 1, 4) * (i + 1)}
+        ua, sa = mine.update(g, sa, p)
+        ub, sb = ref.update(g, sb, p)
+        _leaves_close(ua, ub, atol=1e-9)
+
+
+def test_metrics_report_lr_and_grad_norm():
+    sched = T.lr_schedule(1e-2, warmup_steps=4)
+    opt = T.make_optimizer(sched)
+    step = T.make_train_step(_loss(), opt, mesh=T.make_mesh(jax.devices()[:1]), schedule=sched, donate=False)
+    state = T.init_train_state(W.init_params(0), opt, 0)
+    lrs = []
+    for s in range(3):
+        state, m = step(state, W.global_batch(s, 8))
+        lrs.append(float(m["lr"]))
+        assert float(m["grad_norm"]) > 0
+    np.testing.assert_allclose(lrs, [0.0, 2.5e-3, 5e-3], atol=1e-9)
+    assert step.jitted._cache_size() == 1  # compiled once, not per step
+
+
+def test_same_seed_same_result_and_seed_matters():
+    def run(seed):
+        data = lambda s: W.global_batch(s, 8, seed=3)
+        return T.train(_loss(), W.init_params(0), data, 4, optimizer=T.make_optimizer(1e-2), seed=seed,
+                       handle_sigterm=False).state
+
+    a, b, c = run(11), run(11), run(12)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert not np.array_equal(np.asarray(a.params["w1"]), np.asarray(c.params["w1"]))
+
+
+def test_train_loop_callbacks_and_generator():
+    data = lambda s: W.global_batch(s, 8)
+    seen = []
+
+    def cb(step, metrics, state):
+        seen.append((step, int(state.step)))
+        return step == 3  # ask to stop
+
+    res = T.train(_loss(), W.init_params(0), data, 10, optimizer=T.make_optimizer(1e-3), callbacks=[cb],
+                  handle_sigterm=False)
+    assert res.stopped and not res.preempted and res.step == 3 and seen == [(1, 1), (2, 2), (3, 3)]
+    assert set(res.metrics) >= {"loss", "mse", "grad_norm"}
+    gen = T.train_iter(_loss(), W.init_params(0), data, 2, optimizer=T.make_optimizer(1e-3), handle_sigterm=False)
+    steps = [s for s, m, st in gen]
+    assert steps == [1, 2]
+
+
+def test_init_state_and_bad_inputs():
+    opt = T.make_optimizer(1e-3)
+    st = T.init_train_state(W.init_params(0), opt, jax.random.key(5), ema=False)
+    assert st.ema_params is None and st.rng.dtype == jnp.uint32 and st.rng.shape == (2,)
+    np.testing.assert_array_equal(st.rng, jax.random.key_data(jax.random.key(5)))
+    step = T.make_train_step(_loss(), opt, mesh=T.make_mesh(jax.devices()[:1]), accum_steps=4, donate=False)
+    st2, _ = step(st, W.global_batch(0, 8))
+    assert st2.ema_params is None
+    with pytest.raises(ValueError, match="not divisible by accum_steps=4"):
+        step(st, W.global_batch(0, 6))
+    bad = W.global_batch(0, 8)
+    bad["label"] = bad["label"][:4]
+    with pytest.raises(ValueError, match="same leading batch axis"):
+        step(st, bad)
+
+
+def test_nnx_model_through_split_and_merge():
+    """The model contract with a Flax NNX module: params from nnx.split, apply through
+    nnx.merge, dropout driven by the key (train) or off (key=None)."""
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, d, h, rngs):
+            self.l1 = nnx.Linear(d + 1, h, rngs=rngs)
+            self.drop = nnx.Dropout(0.1)  # the key comes with each call
+            self.l2 = nnx.Linear(h, d, rngs=rngs)
+
+        def __call__(self, x, t, key=None):
+            h = nnx.gelu(self.l1(jnp.concatenate([x, t[:, None]], -1)))
+            h = self.drop(h, deterministic=key is None, rngs=key)
+            return self.l2(h)
+
+    graphdef, params = nnx.split(MLP(2, 32, nnx.Rngs(0)))
+
+    def apply(p, x, t, cond, key=None):
+        return nnx.merge(graphdef, p)(x, t, key)
+
+    x = jnp.ones((4, 2))
+    t = jnp.full((4,), 0.5)
+    np.testing.assert_array_equal(apply(params, x, t, None), apply(params, x, t, None))
+    assert not np.array_equal(apply(params, x, t, None, jax.random.key(0)), apply(params, x, t, None, jax.random.key(1)))
+
+    lf = T.make_loss_fn(apply, T.flow_matching_objective())
+    data = lambda s: {"x": np.tile(np.array([[1.0, -1.0]], np.float32), (32, 1))}
+    losses = []
+    res = T.train(lf, params, data, 60, optimizer=T.make_optimizer(1e-2, clip_norm=None),
+                  callbacks=[lambda s, m, st: losses.append(float(m["loss"]))], handle_sigterm=False)
+    assert isinstance(res.state.params, nnx.State)
+    assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:5])
