@@ -52,6 +52,35 @@ def timeit(fn, *args, repeat: int = 7, min_time: float = 0.2) -> float:
     return times[len(times) // 2]
 
 
+def time_pair(f, g, args_f, args_g, *, repeat: int = 9, min_time: float = 0.3):
+    """Interleaved timing of two functions; returns the minimum per-call time of each.
+
+    Interleaving exposes both to the same machine load, and the minimum over repeats is
+    the least noisy estimate of the intrinsic cost on a shared machine."""
+    jax.block_until_ready(f(*args_f))
+    jax.block_until_ready(g(*args_g))
+
+    def calls_for(fn, args):
+        n = 1
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                jax.block_until_ready(fn(*args))
+            if time.perf_counter() - t0 >= min_time / repeat or n >= 1 << 12:
+                return n
+            n *= 2
+
+    nf, ng = calls_for(f, args_f), calls_for(g, args_g)
+    tf, tg = [], []
+    for _ in range(repeat):
+        for fn, args, n, out in ((f, args_f, nf, tf), (g, args_g, ng, tg)):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                jax.block_until_ready(fn(*args))
+            out.append((time.perf_counter() - t0) / n)
+    return min(tf), min(tg)
+
+
 def write_csv(path: str, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", newline="") as f:

@@ -2,8 +2,10 @@
 
 For each solver and NFE, the sampler (``jit(jdiff.sample)``) is timed against a
 compiled loop that calls the same denoiser NFE times and nothing else (``lax.scan``
-with a data dependence, so XLA cannot skip or reorder calls). The overhead is
-``(T_sample - T_model_loop) / T_model_loop``. Two denoisers: a trivial one (the
+with a data dependence, so XLA cannot skip or reorder calls). The two are timed
+interleaved and the minimum over repeats is kept. The overhead is
+``(T_sample - T_model_loop) / T_model_loop``. Stochastic solvers also draw the
+noise: the default (threefry) keys and ``impl="rbg"`` keys are both measured. Two denoisers: a trivial one (the
 solver's own cost dominates) and an MLP tuned to about 1 ms per call on this machine.
 Also the compile time of ``sample`` at NFE 5 and NFE 100 (the scan keeps the program
 the same size, so they should be about equal).
@@ -25,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 import jdiff  # noqa: E402
 from jdiff import solvers as S  # noqa: E402
-from _common import machine, table, timeit, today, write_csv  # noqa: E402
+from _common import machine, table, time_pair, timeit, today, write_csv  # noqa: E402
 
 SOLVERS = {
     "ddim": lambda: S.ddim(),
@@ -39,6 +41,7 @@ SOLVERS = {
     "unipc-3(bh2)": lambda: S.unipc(3),
     "ipndm-4": lambda: S.ipndm(4),
     "sde_dpm_solver++(2M)": lambda: S.sde_dpm_solver_pp(2),
+    "sde_dpm_solver++(2M) [rbg key]": lambda: S.sde_dpm_solver_pp(2),
 }
 
 
@@ -58,15 +61,23 @@ def mlp_denoiser(process, dim, hidden, depth, key):
     return jdiff.denoiser(apply, process, "eps", params=params)
 
 
-def model_loop(den, x, grid, nfe):
-    """Call the denoiser nfe times in a compiled loop, feeding each output back."""
+def model_loop(den, x, grid, nfe, key=None):
+    """Call the denoiser nfe times in a compiled loop, feeding each output back. With a
+    key, also draw the same per-sample Gaussian noise a stochastic solver draws."""
+    from jdiff._random import normal_per_sample, per_sample_keys
 
-    def body(x, t):
+    keys = None if key is None else per_sample_keys(key, x.shape[0])
+
+    def body(x, it):
+        i, t = it
         p = den(x, t)
-        return x + 1e-3 * p.eps, None
+        x = x + 1e-3 * p.eps
+        if keys is not None:
+            x = x + 1e-3 * normal_per_sample(keys, x.shape, x.dtype, step=i)
+        return x, None
 
     ts = jnp.linspace(grid[0], grid[-2], nfe)
-    return jax.lax.scan(body, x, ts)[0]
+    return jax.lax.scan(body, x, (jnp.arange(nfe), ts))[0]
 
 
 def main():
@@ -92,30 +103,39 @@ def main():
         hidden = int(hidden * 1.4)
     print(f"MLP denoiser: width {hidden}, {ms:.2f} ms per call at batch {args.batch} x {args.dim}")
     names = list(SOLVERS) if not args.quick else ["ddim", "dpm_solver++(2M)", "unipc-2(bh2)", "dpm_solver-3"]
+    compile_names = [n for n in names if "rbg" not in n]
     nfes = (5, 10, 20, 50, 100) if not args.quick else (10, 50)
     rows, table_rows = [], []
     for dname, den in [("trivial", trivial), ("mlp_1ms", mlp)]:
         for name in names:
             for nfe in nfes:
                 solver = SOLVERS[name]()
+                k = jax.random.key(0, impl="rbg") if "rbg" in name else key
                 grid = jdiff.time_grid(proc, nfe=nfe, solver=solver)
-                f = jax.jit(lambda x, g, s=solver, d=den: jdiff.sample(s, d, x, g, key=key, nfe=nfe))
-                _, info = jdiff.sample(solver, den, x, grid, key=key, nfe=nfe, return_info=True)
+                f = jax.jit(lambda x, g, s=solver, d=den, k=k: jdiff.sample(s, d, x, g, key=k, nfe=nfe))
+                _, info = jdiff.sample(solver, den, x, grid, key=k, nfe=nfe, return_info=True)
                 used = int(info.nfe)
-                t_sample = timeit(f, x, grid)
                 g = jax.jit(lambda x, g, d=den, n=used: model_loop(d, x, g, n))
-                t_model = timeit(g, x, grid)
+                t_sample, t_model = time_pair(f, g, (x, grid), (x, grid))
                 over = (t_sample - t_model) / t_model
+                over_noise = float("nan")
+                if solver.stochastic:  # separate the cost of drawing the noise from the solver's own
+                    gn = jax.jit(lambda x, g, d=den, n=used, k=k: model_loop(d, x, g, n, key=k))
+                    t_s2, t_mn = time_pair(f, gn, (x, grid), (x, grid))
+                    over_noise = (t_s2 - t_mn) / t_model
                 rows.append(dict(denoiser=dname, solver=name, nfe=used, sample_ms=1e3 * t_sample,
-                                 model_loop_ms=1e3 * t_model, overhead_pct=100 * over))
-                table_rows.append([dname, name, used, f"{1e3 * t_sample:.3f}", f"{1e3 * t_model:.3f}", f"{100 * over:+.1f}%"])
+                                 model_loop_ms=1e3 * t_model, overhead_pct=100 * over,
+                                 overhead_beyond_noise_pct=100 * over_noise))
+                table_rows.append([dname, name, used, f"{1e3 * t_sample:.3f}", f"{1e3 * t_model:.3f}", f"{100 * over:+.1f}%",
+                                   "" if not solver.stochastic else f"{100 * over_noise:+.1f}%"])
                 print(" | ".join(str(c) for c in table_rows[-1]), flush=True)
     print()
-    print(table(table_rows, ["denoiser", "solver", "NFE", "sample ms", "model-only ms", "overhead"]))
+    print(table(table_rows, ["denoiser", "solver", "NFE", "sample ms", "model-only ms", "overhead",
+                             "beyond noise draws"]))
 
     print("\nCompile time of jit(sample) (trivial denoiser):")
     ctab = []
-    for name in names:
+    for name in compile_names:
         ct = {}
         for nfe in (5, 100):
             solver = SOLVERS[name]()
@@ -125,7 +145,8 @@ def main():
             f.lower(x, grid).compile()
             ct[nfe] = time.perf_counter() - t0
         rows.append(dict(denoiser="trivial", solver=name, nfe=-1, sample_ms=float("nan"), model_loop_ms=float("nan"),
-                         overhead_pct=float("nan"), compile_s_nfe5=ct[5], compile_s_nfe100=ct[100]))
+                         overhead_pct=float("nan"), overhead_beyond_noise_pct=float("nan"),
+                         compile_s_nfe5=ct[5], compile_s_nfe100=ct[100]))
         ctab.append([name, f"{ct[5]:.2f}", f"{ct[100]:.2f}", f"{ct[100] / ct[5]:.2f}"])
     print(table(ctab, ["solver", "compile s, NFE 5", "compile s, NFE 100", "ratio"]))
     for r in rows:

@@ -25,7 +25,7 @@ from jdiff._core import Geometry, geometry_from
 from jdiff._param import Prediction
 from jdiff._random import normal_per_sample
 
-__all__ = ["State", "Solver", "evaluate", "push", "valid_history", "step_noise", "order_schedule", "grid_curves", "row"]
+__all__ = ["State", "Solver", "evaluate", "valid_history", "step_noise", "order_schedule", "grid_curves", "row"]
 
 
 class State(NamedTuple):
@@ -36,9 +36,9 @@ class State(NamedTuple):
       i: the index of the next grid interval (int32 scalar).
       grid: the time grid, shape ``(N + 1,)``, decreasing.
       pred: the prediction ``(x0, eps)`` made at the start of the last step.
-      hist: ``(K, *x.shape)`` past model outputs in the solver's form, most recent
-        first (``K`` may be 0).
-      x_prev: the sample before the last step (UniPC's corrector), else None.
+      hist: ``(K, *x.shape)`` a ring buffer of past model outputs in the solver's form
+        (output ``i`` in slot ``i % K``; ``K`` may be 0). Each step writes its slot
+        first and then reads only the updated buffer, which XLA updates in place.
       key: per-sample PRNG keys for stochastic solvers, else None.
       nfe: model calls made so far (int32 scalar).
       aux: the per-step coefficient tables (a pytree of arrays with leading axis N).
@@ -49,7 +49,6 @@ class State(NamedTuple):
     grid: jax.Array
     pred: Prediction
     hist: jax.Array
-    x_prev: Any = None
     key: Any = None
     nfe: jax.Array = None
     aux: Any = None
@@ -94,7 +93,7 @@ def check_grid_shape(grid):
     return grid
 
 
-def empty_state(x_T, grid, *, hist_size: int = 0, key=None, x_prev: bool = False, aux=None) -> State:
+def empty_state(x_T, grid, *, hist_size: int = 0, key=None, aux=None) -> State:
     """A fresh :class:`State` for ``x_T`` on ``grid`` (helper for ``init``)."""
     x = jnp.asarray(x_T)
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -115,7 +114,6 @@ def empty_state(x_T, grid, *, hist_size: int = 0, key=None, x_prev: bool = False
         grid=grid,
         pred=Prediction(zeros, zeros),
         hist=jnp.zeros((hist_size,) + x.shape, dt),
-        x_prev=zeros if x_prev else None,
         key=key,
         nfe=jnp.zeros((), jnp.int32),
         aux=aux,
@@ -149,13 +147,6 @@ def row(table, i):
 
 def geometry_at(g: Geometry, i) -> Geometry:
     return jax.tree.map(lambda a: a[i], g)
-
-
-def push(hist, m):
-    """Put ``m`` in front of the history buffer (most recent first)."""
-    if hist.shape[0] == 0:
-        return hist
-    return jnp.concatenate([m[None].astype(hist.dtype), hist[:-1]], axis=0)
 
 
 def history_lambdas(lam, i, K: int):

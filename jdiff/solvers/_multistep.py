@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jdiff._core import EICoef, ei_apply, ei_coefficients
+from jdiff._core import ei_coefficients
 from jdiff.solvers._base import (
     Solver,
     empty_state,
@@ -27,7 +27,6 @@ from jdiff.solvers._base import (
     geometry_at,
     grid_curves,
     history_lambdas,
-    push,
     row,
     step_noise,
     valid_history,
@@ -37,9 +36,13 @@ __all__ = ["multistep"]
 
 
 class _Table(NamedTuple):
-    pred: EICoef  # predictor: on [m_i, m_{i-1}, ..., m_{i-K+1}]
-    corr: EICoef  # corrector of x_i: on [m_{i-1}, m_i (new, r = 1), m_{i-2}, ...]
-    corr_on: jax.Array  # apply the corrector at this step
+    """One step as ``x_{i+1} = cx x_i + sum_slot cm[slot] hist[slot] + cx0 x0`` after
+    ``m_i`` is written to its ring-buffer slot (``m_{i-j}`` lives in slot ``(i-j) % H``),
+    with UniPC's corrector folded in."""
+
+    cx: jax.Array
+    cm: jax.Array  # (H,) by ring-buffer slot
+    cx0: jax.Array
     noise: jax.Array  # SDE noise scale
     order: jax.Array  # effective predictor order
 
@@ -106,19 +109,37 @@ def multistep(
                 old = history_lambdas(gc.lam, ip, K)[1:]
                 nodes = jnp.concatenate([jnp.reshape(gc.lam[i], (1,)), old])
                 corr = _coefs(process, gp, nodes, order_at(ip), corrector)
+                # entries [m_{i-1}, m_i (new), m_{i-2}, ..., m_{i-K}]
+                corr_old = jnp.concatenate([corr.cm[:1], corr.cm[2:]])
+                corr_new = corr.cm[1]
                 corr_on = (i > 0) & gp.finite
             else:
-                corr = EICoef(jnp.zeros(()), jnp.zeros((1,)), jnp.zeros(()))
-                corr_on = jnp.zeros((), bool)
-            return _Table(pred, corr, corr_on, noise, p)
+                corr_old, corr_new, corr_on = jnp.zeros((K,), g.h.dtype), jnp.zeros((), g.h.dtype), False
+            return pred, corr_old, corr_new, corr_on, noise, p
 
-        return jax.vmap(one)(jnp.arange(N))
+        pred, corr_old, corr_new, corr_on, noise, p = jax.vmap(one)(jnp.arange(N))
+        cm = pred.cm  # on [m_i, ..., m_{i-K+1}]
+        if use_corr:
+            # UniC redoes step i-1 with the same x_{i-1} coefficient the predictor used, so
+            # corrected x_i = x_i + corr_new m_i + sum_j (corr_j - pred_{i-1, j}) m_{i-1-j};
+            # folding that into this step's predictor keeps x_{i-1} out of the scan carry.
+            prev = jnp.concatenate([jnp.zeros_like(pred.cm[:1]), pred.cm[:-1]], axis=0)
+            delta = jnp.where(corr_on[:, None], corr_old - prev, 0.0)  # on [m_{i-1}, ..., m_{i-K}]
+            corr = jnp.concatenate([jnp.where(corr_on, corr_new, 0.0)[:, None], delta], axis=1)
+            cm = jnp.concatenate([cm, jnp.zeros_like(cm[:, :1])], axis=1) + pred.cx[:, None] * corr
+        # from "j steps back" to ring-buffer slots (i - j) % H
+        H = cm.shape[1]
+        idx = jnp.arange(N)
+        slots = (idx[:, None] - jnp.arange(H)[None, :]) % H
+        cm = jnp.zeros_like(cm).at[idx[:, None], slots].set(cm)
+        return _Table(pred.cx, cm, pred.cx0, noise, p)
 
     def init(x_T, grid, process, *, key=None, nfe=None):
         del nfe
         if stochastic and key is None:
             raise ValueError(f"{name} is stochastic: pass a PRNG key")
-        state = empty_state(x_T, grid, hist_size=K, key=key if stochastic else None, x_prev=use_corr)
+        # UniC's oldest node m_{i-K} must survive the push: one more slot
+        state = empty_state(x_T, grid, hist_size=K + int(use_corr), key=key if stochastic else None)
         return state._replace(aux=table(process, state.grid))
 
     def step(denoiser, state, cond=None):
@@ -126,18 +147,15 @@ def multistep(
         c = row(state.aux, i)
         pred = evaluate(denoiser, x, state.grid[i], cond)
         m = pred.eps if mode == "noise" else pred.x0
-        hist = state.hist
-        if use_corr:
-            # UniC: redo x_{i-1} -> x_i with the new output as a node at r = 1
-            ms = [hist[0], m] + [hist[j] for j in range(1, K)]
-            xc = ei_apply(c.corr, state.x_prev, ms, hist[0])
-            x = jnp.where(c.corr_on, xc, x)
-        hist = push(hist, m)
-        x_next = ei_apply(c.pred, x, [hist[j] for j in range(K)], pred.x0)
+        dt = x.dtype
+        # write first, then read only the updated buffer: XLA then updates it in place
+        hist = jax.lax.dynamic_update_index_in_dim(state.hist, m.astype(state.hist.dtype), i % state.hist.shape[0], 0)
+        x_next = c.cx.astype(dt) * x + c.cx0.astype(dt) * pred.x0
+        for k in range(hist.shape[0]):
+            x_next = x_next + c.cm[k].astype(dt) * hist[k]
         if stochastic:
             x_next = x_next + c.noise.astype(x.dtype) * step_noise(state)
-        return state._replace(x=x_next, i=i + 1, pred=pred, hist=hist,
-                              x_prev=x if use_corr else None, nfe=state.nfe + 1)
+        return state._replace(x=x_next, i=i + 1, pred=pred, hist=hist, nfe=state.nfe + 1)
 
     def nfe(num_steps, to_data=False, from_noise=False):
         return num_steps

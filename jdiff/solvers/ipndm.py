@@ -25,7 +25,6 @@ from jdiff.solvers._base import (
     geometry_at,
     grid_curves,
     history_lambdas,
-    push,
     row,
     valid_history,
 )
@@ -65,7 +64,9 @@ def ipndm(order: int = 4, *, variable_step: bool = False, lower_order_final: boo
             if lower_order_final and N < 15:
                 p = jnp.minimum(p, N - i)
             first = ei_coefficients(geometry_at(gc.steps, i), mode="noise", K=0)
-            return ab.astype(grid.dtype)[p - 1], first
+            # ring buffer: eps_{i-j} lives in slot (i - j) % K
+            by_slot = jnp.zeros(K, grid.dtype).at[(i - jnp.arange(K)) % K].set(ab.astype(grid.dtype)[p - 1])
+            return by_slot, first
 
         return state._replace(aux=jax.vmap(one)(jnp.arange(N)))
 
@@ -73,8 +74,9 @@ def ipndm(order: int = 4, *, variable_step: bool = False, lower_order_final: boo
         x = state.x
         coeffs, first = row(state.aux, state.i)
         pred = evaluate(denoiser, x, state.grid[state.i], cond)
-        hist = push(state.hist, pred.eps)
-        eps_ab = jnp.tensordot(coeffs.astype(x.dtype), hist, axes=1)
+        # write first, then read only the updated buffer (XLA then updates it in place)
+        hist = jax.lax.dynamic_update_index_in_dim(state.hist, pred.eps, state.i % K, 0)
+        eps_ab = sum(coeffs[k].astype(x.dtype) * hist[k] for k in range(K))
         x_next = ei_apply(first, x, [eps_ab], pred.x0)
         return state._replace(x=x_next, i=state.i + 1, pred=pred, hist=hist, nfe=state.nfe + 1)
 
