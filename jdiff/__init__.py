@@ -9,7 +9,17 @@ Processes (:mod:`jdiff._process`), parameterizations and the denoiser boundary
 from jdiff import solvers, wrappers
 from jdiff._core import phi
 from jdiff._grid import GRID_KINDS, default_grid_kind, time_grid
-from jdiff._param import PREDICTIONS, Denoiser, Prediction, convert, denoiser, from_x0_eps, to_x0_eps
+from jdiff._param import (
+    PREDICTIONS,
+    TIME_INPUTS,
+    Denoiser,
+    Prediction,
+    convert,
+    denoiser,
+    from_x0_eps,
+    model_time,
+    to_x0_eps,
+)
 from jdiff._process import (
     EDM,
     VE,
@@ -43,6 +53,18 @@ def prior_sample(process, key, shape, dtype=None):
 
 __version__ = "0.1.0"
 
+_LAZY = ("models", "train", "data", "testbed")
+
+
+def __getattr__(name):
+    # Subpackages with heavy imports (flax, orbax, Pillow, scikit-learn, diffrax) load on
+    # first use: ``jdiff.train`` works without ``import jdiff.train``.
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"jdiff.{name}")
+    raise AttributeError(f"module 'jdiff' has no attribute {name!r}")
+
 __all__ = [
     "solvers",
     "wrappers",
@@ -51,6 +73,8 @@ __all__ = [
     "default_grid_kind",
     "time_grid",
     "PREDICTIONS",
+    "TIME_INPUTS",
+    "model_time",
     "Denoiser",
     "Prediction",
     "convert",

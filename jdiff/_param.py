@@ -27,7 +27,10 @@ from jdiff._process import Process
 
 __all__ = [
     "PREDICTIONS",
+    "TIME_INPUTS",
     "Prediction",
+    "check_prediction",
+    "model_time",
     "Denoiser",
     "denoiser",
     "to_x0_eps",
@@ -45,6 +48,26 @@ class Prediction(NamedTuple):
 
     x0: jax.Array
     eps: jax.Array
+
+
+def model_time(process: Process, time_input, t):
+    """What a network takes as time: ``time_input`` is ``"t"`` (the process time),
+    ``"timestep"`` (the discrete step index ``N t - 1`` of a :class:`~jdiff.VPDiscrete`
+    process), ``"sigma"``, ``"rho"`` (``sigma / alpha``), ``"log_rho"``
+    (``-lambda``; EDM's ``c_noise`` up to the factor 1/4) or a callable ``t -> t_in``."""
+    if callable(time_input):
+        return time_input(t)
+    if time_input == "t":
+        return t
+    if time_input == "timestep":
+        return process.timestep(t)
+    if time_input == "sigma":
+        return process.sigma(t)
+    if time_input == "rho":
+        return process.rho(t)
+    if time_input == "log_rho":
+        return -process.lambda_(t)
+    raise ValueError(f"unknown time_input {time_input!r}; expected one of {TIME_INPUTS} or a callable")
 
 
 def check_prediction(prediction: str) -> str:
@@ -165,18 +188,7 @@ class Denoiser:
             raise ValueError("time_input='timestep' needs a discrete process (jdiff.vp_discrete)")
 
     def model_time(self, t):
-        ti = self.time_input
-        if callable(ti):
-            return ti(t)
-        if ti == "t":
-            return t
-        if ti == "timestep":
-            return self.process.timestep(t)
-        if ti == "sigma":
-            return self.process.sigma(t)
-        if ti == "rho":
-            return self.process.rho(t)
-        return -self.process.lambda_(t)
+        return model_time(self.process, self.time_input, t)
 
     def raw(self, x, t, cond=None):
         """The network's own output at ``(x, t)``; ``t`` scalar or ``(B,)``."""

@@ -277,9 +277,13 @@ class VPCosine(Process):
         return math.log(math.cos(math.pi / 2 * self.s / (1.0 + self.s)))
 
     def log_alpha(self, t):
+        # log(cos(a + d) / cos(a)) = log1p(-2 sin^2(d/2) - tan(a) sin(d)), a = pi/2 s/(1+s),
+        # d = pi/2 t/(1+s): no cancellation near t = 0, where sigma is small.
         t = _as_float(t)
-        c = jnp.cos(jnp.pi / 2 * (t + self.s) / (1.0 + self.s))
-        return jnp.log(jnp.maximum(c, 0.0)) - self._log_alpha_0()
+        a = math.pi / 2 * self.s / (1.0 + self.s)
+        d = jnp.pi / 2 * t / (1.0 + self.s)
+        arg = -2.0 * jnp.sin(0.5 * d) ** 2 - math.tan(a) * jnp.sin(d)
+        return jnp.log1p(jnp.maximum(arg, -1.0))
 
     def alpha(self, t):
         t = _as_float(t)
@@ -295,9 +299,15 @@ class VPCosine(Process):
 
     def t_of_lambda(self, lam):
         lam = _as_float(lam)
-        log_alpha = _log_alpha_from_lambda_vp(lam)
-        c = jnp.clip(jnp.exp(log_alpha + self._log_alpha_0()), -1.0, 1.0)
-        return 2.0 * (1.0 + self.s) / jnp.pi * jnp.arccos(c) - self.s
+        # cos(a + d) = alpha cos(a) with a = pi/2 s/(1+s), d = pi/2 t/(1+s). Written as
+        # d = arcsin(cos(a) sigma^2 / (sqrt(sin^2 a + cos^2 a sigma^2) + alpha sin a)), it has
+        # no cancellation anywhere (sigma^2 = 1 - alpha^2 straight from lambda).
+        a = math.pi / 2 * self.s / (1.0 + self.s)
+        ca, sa = math.cos(a), math.sin(a)
+        sig2 = jax.nn.sigmoid(-2.0 * lam)
+        alpha = jnp.exp(_log_alpha_from_lambda_vp(lam))
+        d = jnp.arcsin(jnp.clip(ca * sig2 / (jnp.sqrt(sa * sa + ca * ca * sig2) + alpha * sa), 0.0, 1.0))
+        return 2.0 * (1.0 + self.s) / jnp.pi * d
 
 
 @dataclasses.dataclass(frozen=True, repr=False, eq=False)

@@ -41,7 +41,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jdiff._param import PREDICTIONS, TIME_INPUTS, broadcast_to_x, from_x0_eps, to_x0_eps
+from jdiff._param import PREDICTIONS, TIME_INPUTS, broadcast_to_x, from_x0_eps, model_time, to_x0_eps
 from jdiff._process import Process
 from jdiff._random import is_key_batch, per_sample_keys
 
@@ -343,20 +343,10 @@ def drop_labels(key, labels, p: float, null_class: int):
 
 
 def _model_time(config: LossConfig, t):
-    ti = config.time_input
-    p = config.process
-    if callable(ti):
-        return ti(t)
-    if ti == "t":
-        return t
-    if ti == "timestep":
-        ts = p.timestep(t)
-        return jnp.round(ts) if config.time_sampling == "discrete" else ts
-    if ti == "sigma":
-        return p.sigma(t)
-    if ti == "rho":
-        return p.rho(t)
-    return -p.lambda_(t)
+    t_in = model_time(config.process, config.time_input, t)
+    if config.time_input == "timestep" and config.time_sampling == "discrete":
+        return jnp.round(t_in)  # N t - 1 is an integer only up to rounding in float32
+    return t_in
 
 
 def _model_key(data, keys):
