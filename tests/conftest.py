@@ -15,6 +15,12 @@ def x64():
         yield
 
 
+# Solvers that are proven identical to another one by tests/test_solvers.py (to 1e-6 or
+# 1e-10) and so need no separate convergence run.
+EQUIVALENT = {"euler(rho)", "dpm_solver-1", "dpm_solver++(1)", "deis-1", "unip-1", "unip-2", "unip-3",
+              "deis-3(log_rho)", "ipndm_v-3"}
+
+
 def deterministic_zoo():
     """name -> (solver, order of convergence it must show on smooth problems)."""
     return {

@@ -10,11 +10,12 @@ from jdiff import solvers as S
 from jdiff._random import normal_per_sample
 from jdiff.testbed import random_mixture
 
-from conftest import deterministic_zoo
+from conftest import EQUIVALENT, deterministic_zoo
 
 pytestmark = pytest.mark.usefixtures("x64")
 
 ZOO = deterministic_zoo()
+ORDER_ZOO = [name for name in ZOO if name not in EQUIVALENT]
 STEPS = (80, 160, 320)
 
 
@@ -27,7 +28,7 @@ def problem(x64):
     return mix, proc, x_T, ref
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", ORDER_ZOO)
 def test_convergence_order(problem, name):
     solver, order = ZOO[name]
     mix, proc, x_T, ref = problem
@@ -60,14 +61,14 @@ def _run(solver, den, x_T, grid, **kw):
 def test_first_order_solvers_coincide(one_batch, final):
     mix, proc, x_T = one_batch
     grid = jdiff.time_grid(proc, 12, final=final, dtype=jnp.float64)
-    den_x0, den_eps = mix.denoiser(proc, "x0"), mix.denoiser(proc, "eps")
-    ref = _run(S.ddim(), den_eps, x_T, grid)
+    # an eps network on one grid and an x0 network on the other: the conversion does not matter
+    den = mix.denoiser(proc, "eps" if final == "t_min" else "x0")
+    ref = _run(S.ddim(), den, x_T, grid)
     for solver in [S.dpm_solver(1), S.dpm_solver(1, method="multistep"), S.dpm_solver_pp(1),
                    S.dpm_solver_pp(1, method="singlestep"), S.deis(1), S.deis(1, basis="log_rho"),
                    S.unipc(1, corrector=False), S.unipc(1, corrector=False, prediction="noise"),
                    S.euler("rho"), S.ipndm(1)]:
-        for den in (den_x0, den_eps):
-            np.testing.assert_allclose(_run(solver, den, x_T, grid), ref, rtol=0, atol=1e-6, err_msg=solver.name)
+        np.testing.assert_allclose(_run(solver, den, x_T, grid), ref, rtol=0, atol=1e-6, err_msg=solver.name)
 
 
 def test_known_identities(one_batch):
@@ -122,7 +123,10 @@ def test_sde_dpm_solver_1_is_ddpm(one_batch):
                                jdiff.sample(S.ddpm(), den, x_T, grid, key=key), atol=1e-10)
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+COUNTED = ["heun(t)", "heun(rho)", "dpm_solver-2", "dpm_solver-3", "dpm_solver++(3S)", "unipc-2(bh2)", "ipndm-4"]
+
+
+@pytest.mark.parametrize("name", COUNTED)
 def test_nfe_counter_matches_static_count(one_batch, name):
     solver, _ = ZOO[name]
     mix, proc, x_T = one_batch
@@ -137,7 +141,7 @@ def test_nfe_counter_matches_static_count(one_batch, name):
 def test_singlestep_spends_exactly_the_target_nfe(one_batch, order):
     mix, proc, x_T = one_batch
     den = mix.denoiser(proc)
-    for nfe in range(order, 13):
+    for nfe in range(order + 4, order + 7):  # every remainder of nfe modulo the order
         _, info = jdiff.sample(S.dpm_solver(order), den, x_T, nfe=nfe, return_info=True)
         assert int(info.nfe) == nfe
         assert info.grid.shape[0] - 1 == -(-nfe // order)

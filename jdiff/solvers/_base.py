@@ -198,6 +198,26 @@ def order_schedule(order: int, num_steps: int, nfe: int | None, *, lower_order_f
     return orders
 
 
+def traced_order_schedule(order: int, finite, nfe: int | None, *, lower_order_final: bool = False):
+    """:func:`order_schedule` computed from traced per-step flags ``finite`` (steps with
+    infinite log-SNR increment are first order): with ``nfe``, the free steps start at
+    ``order`` and the last ones are lowered until the orders add up to ``nfe`` (clamped
+    to what the grid allows; :func:`order_schedule` validates concrete grids)."""
+    n = finite.shape[0]
+    free = finite.astype(jnp.int32)
+    if nfe is not None:
+        hi = order * jnp.sum(free) + (n - jnp.sum(free))
+        extra = jnp.maximum(hi - nfe, 0)
+        # capacity (order - 1 each) of the free steps after step j
+        after = (jnp.cumsum(free[::-1])[::-1] - free) * (order - 1)
+        cut = jnp.clip(extra - after, 0, order - 1)
+        return jnp.where(finite, order - cut, 1).astype(jnp.int32)
+    orders = jnp.full((n,), order, jnp.int32)
+    if lower_order_final and n < 15:
+        orders = jnp.minimum(orders, n - jnp.arange(n))
+    return jnp.where(finite, orders, 1).astype(jnp.int32)
+
+
 def infinite_steps(process, grid) -> tuple:
     """Indices of the grid's steps with infinite log-SNR increment (a start at alpha = 0,
     an end at sigma = 0), when the grid is concrete; ``()`` when it is traced."""

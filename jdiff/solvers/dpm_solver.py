@@ -32,6 +32,7 @@ from jdiff.solvers._base import (
     infinite_steps,
     order_schedule,
     row,
+    traced_order_schedule,
 )
 from jdiff.solvers._multistep import multistep
 
@@ -57,9 +58,10 @@ def _singlestep(order: int, mode: str, coef: str, lower_order_final: bool, name:
     if order not in (1, 2, 3):
         raise ValueError(f"{name} supports order 1, 2 or 3, got {order!r}")
 
-    def table(process, grid, orders):
+    def table(process, grid, nfe):
         gc = grid_curves(process, grid)
         N = grid.shape[0] - 1
+        orders = traced_order_schedule(order, gc.steps.finite, nfe, lower_order_final=lower_order_final)
 
         def one(i):
             s = grid[i]
@@ -78,8 +80,7 @@ def _singlestep(order: int, mode: str, coef: str, lower_order_final: bool, name:
             tb, g2 = sub(2.0 / 3.0)
             stages.append((ei_coefficients(g1, mode=mode, K=0), one_node(g2, 0.5, "exact"),
                            one_node(g, 2.0 / 3.0, "exact")))
-            k = jnp.where(g.finite, orders[i], 1).astype(jnp.int32)
-            return _SingleTable(k, jnp.stack([ta, tb]), t_mid, tuple(stages[:order]))
+            return _SingleTable(orders[i], jnp.stack([ta, tb]), t_mid, tuple(stages[:order]))
 
         return jax.vmap(one)(jnp.arange(N))
 
@@ -87,10 +88,10 @@ def _singlestep(order: int, mode: str, coef: str, lower_order_final: bool, name:
         del key
         state = empty_state(x_T, grid)
         n = state.grid.shape[0] - 1
-        forced = infinite_steps(process, grid)
-        orders = jnp.asarray(order_schedule(order, n, nfe, lower_order_final=lower_order_final, forced=forced),
-                             jnp.int32)
-        return state._replace(aux=table(process, state.grid, orders))
+        # validate the target on a concrete grid (raises a clear error); the schedule
+        # itself is computed from the (possibly traced) grid in the table
+        order_schedule(order, n, nfe, lower_order_final=lower_order_final, forced=infinite_steps(process, grid))
+        return state._replace(aux=table(process, state.grid, nfe))
 
     def step(denoiser, state, cond=None):
         x = state.x
