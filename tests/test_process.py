@@ -166,3 +166,12 @@ def test_bad_tables():
         jdiff.vp_discrete(np.array([0.1, 1.5]))
     with pytest.raises(ValueError, match="unknown beta schedule"):
         jdiff.ddpm_betas("quartic")
+
+
+def test_cosine_inverse_accurate_near_the_data_in_float32():
+    with jax.enable_x64(False):
+        p = jdiff.vp_cosine(t_max=1.0)
+        for rho in (1e-6, 1e-4, 1e-2, 1.0, 100.0):
+            t = p.t_of_rho(jnp.float32(rho))
+            assert float(p.rho(t)) == pytest.approx(rho, rel=1e-3)  # t near 1 limits rho = 100
+        assert float(p.t_of_lambda(jnp.float32(-jnp.inf))) == pytest.approx(1.0, abs=1e-6)

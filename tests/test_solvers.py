@@ -168,3 +168,28 @@ def test_denoise_to_zero_adds_one_call_and_returns_x0(one_batch):
     x_last = jdiff.sample(S.unipc(2), den, x_T, grid)
     assert int(info.nfe) == 7
     np.testing.assert_allclose(x, den(x_last, grid[-1]).x0, atol=1e-12)
+
+
+def test_traced_schedule_equals_static_schedule():
+    from jdiff.solvers._base import traced_order_schedule
+
+    for order in (2, 3):
+        for n in range(1, 7):
+            for forced in [(), (0,), (n - 1,), (0, n - 1)]:
+                finite = jnp.array([k not in {f % n for f in forced} for k in range(n)])
+                free = int(jnp.sum(finite))
+                for nfe in [None] + list(range(n, order * free + (n - free) + 1)):
+                    want = S.order_schedule(order, n, nfe, lower_order_final=True, forced=forced)
+                    got = traced_order_schedule(order, finite, nfe, lower_order_final=True)
+                    assert [int(v) for v in got] == want, (order, n, forced, nfe)
+
+
+def test_singlestep_exact_nfe_under_jit_with_zero_snr_start(one_batch):
+    mix, _, x_T = one_batch
+    rf = jdiff.rectified_flow()
+    den = mix.denoiser(rf)
+    solver = S.dpm_solver(3)
+    for nfe in (4, 5, 6, 8):
+        grid = jdiff.time_grid(rf, nfe=nfe, solver=solver, kind="uniform", final="data")
+        f = jax.jit(lambda x, g, n=nfe: jdiff.sample(solver, den, x, g, nfe=n, return_info=True))
+        assert int(f(x_T, grid)[1].nfe) == nfe
