@@ -1,6 +1,5 @@
 """Time grids."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -193,3 +193,41 @@ def test_singlestep_exact_nfe_under_jit_with_zero_snr_start(one_batch):
         grid = jdiff.time_grid(rf, nfe=nfe, solver=solver, kind="uniform", final="data")
         f = jax.jit(lambda x, g, n=nfe: jdiff.sample(solver, den, x, g, nfe=n, return_info=True))
         assert int(f(x_T, grid)[1].nfe) == nfe
+
+
+@pytest.mark.parametrize("order,variant", [(1, "bh2"), (2, "bh1"), (3, "bh2")])
+def test_unipc_matches_a_textbook_predictor_corrector_loop(one_batch, order, variant):
+    # UniPC written the plain way (Zhao et al. 2023, Alg. 1-2): keep x_{i-1}, predict x_i
+    # with UniP, evaluate the model there, redo the step with UniC (new node at r = 1),
+    # then predict from the corrected x_i. The solver folds the corrector into the next
+    # predictor's coefficients; both must agree.
+    from jdiff._core import ei_step, geometry
+
+    mix, proc, x_T = one_batch
+    den = mix.denoiser(proc)
+    grid = jdiff.time_grid(proc, 8, dtype=jnp.float64)
+    N = 8
+    lam = proc.lambda_(grid)
+    x, x_prev, hist = x_T, None, []  # hist: x0 outputs, most recent first, with their lambdas
+    p_prev = None
+    for i in range(N):
+        m = den(x, grid[i]).x0
+        if i > 0:
+            g = geometry(proc, grid[i - 1], grid[i], jnp.float64)
+            m0, l0 = hist[0]
+            nodes = [(m, lam[i])] + hist[1:p_prev]
+            D = jnp.stack([mm - m0 for mm, _ in nodes])
+            r = jnp.stack([(ll - l0) / g.h for _, ll in nodes])
+            x = ei_step(x_prev, g, m0, D, r, len(nodes), mode="data", coef=variant)
+        hist = [(m, lam[i])] + hist
+        p = min(order, len(hist), N - i)  # warm-up and lower_order_final (N < 15)
+        g = geometry(proc, grid[i], grid[i + 1], jnp.float64)
+        if p > 1:
+            D = jnp.stack([mm - m for mm, _ in hist[1:p]])
+            r = jnp.stack([(ll - lam[i]) / g.h for _, ll in hist[1:p]])
+            x_next = ei_step(x, g, m, D, r, p - 1, mode="data", coef=variant)
+        else:
+            x_next = ei_step(x, g, m, mode="data")
+        x_prev, x, p_prev = x, x_next, p
+    np.testing.assert_allclose(jdiff.sample(S.unipc(order, variant=variant), den, x_T, grid), x, rtol=1e-10,
+                               atol=1e-12)
