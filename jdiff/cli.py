@@ -112,12 +112,18 @@ def load_data(cfg: RunConfig):
     return x, y, num_classes
 
 
-def build_model(cfg: RunConfig, data_shape: Sequence[int], num_classes: int):
-    """The NNX model of ``cfg.model`` for examples of shape ``data_shape``."""
+def build_model(cfg: RunConfig, data_shape: Sequence[int], num_classes: int, *, abstract: bool = False):
+    """The NNX model of ``cfg.model`` for examples of shape ``data_shape`` (with
+    ``abstract``: shapes and dtypes only, no initialization compute)."""
     import jax.numpy as jnp
     from flax import nnx
 
     from jdiff import models as M
+
+    def make(cls, conf):
+        if abstract:
+            return nnx.eval_shape(lambda: cls(conf, rngs=nnx.Rngs(m.init_seed)))
+        return cls(conf, rngs=nnx.Rngs(m.init_seed))
 
     m = cfg.model
     dtype = None if m.dtype == "float32" else jnp.bfloat16
@@ -131,20 +137,20 @@ def build_model(cfg: RunConfig, data_shape: Sequence[int], num_classes: int):
                                 dropout=u.dropout, emb_mult=u.emb_mult, time_embedding=u.time_embedding,
                                 time_scale=u.time_scale, num_classes=num_classes, class_dropout=0.0,
                                 scale_shift=u.scale_shift, resblock_updown=u.resblock_updown, dtype=dtype)
-            return M.UNet(conf, rngs=nnx.Rngs(m.init_seed))
+            return make(M.UNet, conf)
         if m.kind == "mlp":
             s = m.mlp
             conf = M.MLPResNetConfig(dim=int(data_shape[0]), width=s.width, num_blocks=s.num_blocks,
                                      mlp_ratio=s.mlp_ratio, time_embedding=s.time_embedding,
                                      time_scale=s.time_scale, num_classes=num_classes, dropout=s.dropout,
                                      dtype=dtype)
-            return M.MLPResNet(conf, rngs=nnx.Rngs(m.init_seed))
+            return make(M.MLPResNet, conf)
         s = m.dit
         h, w, c = data_shape
         conf = M.DiTConfig(image_size=h, in_channels=c, patch_size=s.patch_size, hidden_dim=s.hidden_dim,
                            depth=s.depth, num_heads=s.num_heads, mlp_ratio=s.mlp_ratio, dropout=s.dropout,
                            time_scale=s.time_scale, num_classes=num_classes, dtype=dtype)
-        return M.DiT(conf, rngs=nnx.Rngs(m.init_seed))
+        return make(M.DiT, conf)
     except (ValueError, TypeError) as e:
         raise CLIError(f"model.kind={m.kind}: {e}") from e
 
@@ -171,7 +177,8 @@ def optimizer(cfg: RunConfig):
     o = cfg.optim
     total = cfg.train.steps if o.schedule == "cosine" else None
     try:
-        sched = T.lr_schedule(o.lr, warmup_steps=o.warmup_steps, total_steps=total, final_lr=o.final_lr)
+        warmup = min(o.warmup_steps, max(cfg.train.steps - 1, 0))  # short test runs keep the preset's warmup
+        sched = T.lr_schedule(o.lr, warmup_steps=warmup, total_steps=total, final_lr=o.final_lr)
         tx = T.make_optimizer(sched, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm)
     except ValueError as e:
         raise CLIError(f"optim: {e}") from e
@@ -487,8 +494,10 @@ class Run:
     labels: Any = None
 
 
-def build_run(cfg: RunConfig, *, with_data: bool = True, data_shape=None, num_classes: int | None = None) -> Run:
-    """Data (optional), process and model of ``cfg``."""
+def build_run(cfg: RunConfig, *, with_data: bool = True, data_shape=None, num_classes: int | None = None,
+              abstract: bool = False) -> Run:
+    """Data (optional), process and model of ``cfg`` (``abstract``: parameter shapes
+    only, e.g. as the target of a checkpoint restore)."""
     from jdiff import models as M
 
     x = labels = None
@@ -498,7 +507,7 @@ def build_run(cfg: RunConfig, *, with_data: bool = True, data_shape=None, num_cl
     elif data_shape is None or num_classes is None:
         raise ValueError("give with_data=True, or data_shape and num_classes")
     process = _process(cfg)
-    model = build_model(cfg, tuple(data_shape), int(num_classes))
+    model = build_model(cfg, tuple(data_shape), int(num_classes), abstract=abstract)
     apply, params = M.functional(model)
     return Run(cfg, process, model, apply, params, tuple(int(s) for s in data_shape), int(num_classes), x, labels)
 
@@ -541,22 +550,31 @@ def _checkpoint_steps(ckpt_dir: str) -> list[int]:
 
 def load_run(run_dir: str) -> tuple[RunConfig, dict, Run]:
     """``(config, run.json dict, Run)`` of a run directory, without loading its data
-    when ``run.json`` records the data shape."""
+    when ``run.json`` records the data shape. ``Run.params`` are abstract (shapes
+    only): restore values with :func:`load_run_state`."""
     cfg = load_config_file(run_dir)
     info_path = os.path.join(run_dir, RUN_FILE)
     info = _read_json(info_path, "run info") if os.path.exists(info_path) else {}
     if "data_shape" in info and "num_classes" in info:
-        run = build_run(cfg, with_data=False, data_shape=info["data_shape"], num_classes=info["num_classes"])
+        run = build_run(cfg, with_data=False, data_shape=info["data_shape"], num_classes=info["num_classes"],
+                        abstract=True)
     else:
-        run = build_run(cfg)
+        run = build_run(cfg, abstract=True)
     return cfg, info, run
 
 
 def _train_state_target(run: Run):
+    """The shapes, dtypes and (first local device) placement of the run's TrainState."""
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
     from jdiff import train as T
 
     tx, _ = optimizer(run.cfg)
-    return T.init_train_state(run.params, tx, run.cfg.train.seed, ema=run.cfg.ema.decay is not None)
+    shapes = jax.eval_shape(lambda p: T.init_train_state(p, tx, run.cfg.train.seed, ema=run.cfg.ema.decay is not None),
+                            run.params)
+    dev = SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), shapes)
 
 
 def load_run_state(run_dir: str, step: int | None = None):
@@ -845,6 +863,14 @@ def cmd_train(args) -> int:
                     interval_t0, interval_steps = time.perf_counter(), 0
                 item = _advance(gen, stop_at is not None and step >= stop_at)
             result = item
+            if main_proc and pending and result is not None:
+                # Log the steps since the last line (a run stopped between log steps).
+                now = time.perf_counter()
+                row = _metrics_row(result.step, jax.device_get(pending), interval_steps, now - interval_t0,
+                                   t.batch_size, wall_offset + (now - t_start))
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                last_loss = row.get("loss", float("nan"))
         finally:
             if bar is not None:
                 bar.close()

@@ -175,7 +175,7 @@ class OptimConfig:
     """clip_by_global_norm + AdamW under linear warmup and cosine decay."""
 
     lr: float = _f(1e-3, "peak learning rate")
-    warmup_steps: int = _f(100, "linear warmup steps")
+    warmup_steps: int = _f(100, "linear warmup steps (at most train.steps - 1 are used)")
     schedule: str = _choices("cosine", "constant", doc="after warmup: cosine decay to final_lr, or constant")
     final_lr: float = _f(0.0, "learning rate at the last step (cosine)")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
@@ -591,8 +591,6 @@ def validate_config(cfg: RunConfig) -> None:
          f"train.batch_size ({t.batch_size}) must be divisible by optim.accum_steps ({opt.accum_steps})")
     need(opt.lr > 0, f"optim.lr must be positive, got {opt.lr}")
     need(opt.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {opt.warmup_steps}")
-    need(opt.schedule != "cosine" or opt.warmup_steps < t.steps,
-         f"optim.warmup_steps ({opt.warmup_steps}) must be smaller than train.steps ({t.steps}) with a cosine schedule")
     need(opt.clip_norm is None or opt.clip_norm > 0, f"optim.clip_norm must be positive or none, got {opt.clip_norm}")
     need(cfg.ema.decay is None or 0.0 <= cfg.ema.decay < 1.0, f"ema.decay must be in [0, 1) or none, got {cfg.ema.decay}")
     need(0.0 <= o.label_dropout <= 1.0, f"objective.label_dropout must be in [0, 1], got {o.label_dropout}")
