@@ -46,7 +46,8 @@ LOSS_PLOT = "loss.png"
 CKPT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 
-# Keys that may change when a run is resumed: they do not alter what the next step computes.
+# Keys that may change when a run is resumed (besides sample.*): they do not alter what
+# the next step computes, except that a new train.steps stretches the cosine schedule.
 RESUMABLE_KEYS = ("name", "train.steps", "train.log_every", "train.checkpoint_every", "train.keep",
                   "train.grid_every", "train.async_checkpointing")
 
@@ -723,21 +724,22 @@ def _resolve_train_config(args) -> tuple[RunConfig, str]:
     if saved is None and os.path.exists(cfg_path):
         saved = load_config_file(out)
     if saved is not None and has_ckpt:
-        diff = {k: v for k, v in P.config_diff(saved, cfg).items() if k not in RESUMABLE_KEYS}
+        diff = {k: v for k, v in P.config_diff(saved, cfg).items()
+                if k not in RESUMABLE_KEYS and not k.startswith("sample.")}
         if diff:
-            lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, b_a in diff.items() for a, b in [b_a])
+            lines = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
             raise CLIError(f"{out} has checkpoints of a run with a different configuration ({lines}); "
                            "use another --out, or the run's settings (jdiff train --out DIR --resume)")
     return cfg, out
 
 
 def cmd_train(args) -> int:
+    t_start = time.perf_counter()  # wall_time in metrics.jsonl counts from here (data, init, compile included)
     # Everything before _init_distributed must stay off the JAX backend.
     cfg, out = _resolve_train_config(args)
     _init_distributed(args)
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -748,7 +750,6 @@ def cmd_train(args) -> int:
 
     main_proc = jax.process_index() == 0
     ckpt_dir = os.path.join(out, CKPT_DIR)
-    has_ckpt = bool(_checkpoint_steps(ckpt_dir))
     run = build_run(cfg)
     if main_proc:
         os.makedirs(os.path.join(out, SAMPLES_DIR), exist_ok=True)
@@ -819,7 +820,6 @@ def cmd_train(args) -> int:
                        async_checkpointing=t.async_checkpointing, accum_steps=cfg.optim.accum_steps,
                        ema_decay=cfg.ema.decay, ema_warmup=cfg.ema.warmup, schedule=sched,
                        stop_flag=stopper.flag)
-    t_start = time.perf_counter()
     result = bar = None
     wall_offset = 0.0
     last_loss = float("nan")
@@ -937,7 +937,6 @@ def _trim_metrics(path: str, step: int) -> float:
 
 
 def cmd_sample(args) -> int:
-    import jax
     import numpy as np
 
     run_dir = args.run
@@ -972,6 +971,9 @@ def cmd_sample(args) -> int:
         raise CLIError(f"--label must be in [0, {nc}), got {args.label}")
     if nc == 0:
         guidance = 1.0
+    elif guidance != 1.0 and cfg.objective.label_dropout == 0:
+        print("warning: the model was trained without label dropout (objective.label_dropout=0), so its "
+              "unconditional prediction is untrained; guidance != 1 will not help", file=sys.stderr)
     labels = None
     if nc:
         labels = np.full(num, args.label, np.int32) if args.label is not None else np.arange(num) % nc

@@ -19,8 +19,11 @@ from jdiff import presets as P
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A toy2d run small enough to compile and train in a few seconds.
+# A toy2d run small enough to compile and train in a few seconds; class-conditional on
+# the two moons (labels 0/1) with label dropout, so that guidance can be tested too.
 TINY = [
+    "data.class_conditional=true",
+    "objective.label_dropout=0.2",
     "model.mlp.width=32",
     "model.mlp.num_blocks=1",
     "train.batch_size=64",
@@ -120,7 +123,7 @@ def test_train_writes_run_directory(tiny_run):
     cfg = P.config_from_dict(json.load(open(run / "config.json")))
     assert cfg.name == "toy2d" and cfg.train.steps == 20 and cfg.model.mlp.width == 32
     info = json.load(open(run / "run.json"))
-    assert info["data_shape"] == [2] and info["num_classes"] == 0
+    assert info["data_shape"] == [2] and info["num_classes"] == 2
     rows = metrics(run)
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     for r in rows:
@@ -168,6 +171,7 @@ def test_sample_solvers(tiny_run, tmp_path, capsys, solver, extra, nfe):
     z = np.load(tmp_path / f"{solver}.npz")
     assert z["samples"].shape == (50, 2) and np.all(np.isfinite(z["samples"]))
     assert int(z["nfe"]) == nfe and int(z["step"]) == 20
+    assert z["labels"].tolist() == [i % 2 for i in range(50)]  # cycling through the classes
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] > im.size[1] > 100  # data | samples panels
     # The samples are on the moons' scale, not exploded noise.
@@ -185,27 +189,47 @@ def test_sample_is_deterministic_and_batch_invariant(tiny_run, tmp_path, capsys)
     assert not np.allclose(xa, np.load(tmp_path / "b.npz")["samples"])  # EMA vs raw params differ
 
 
-def test_digits_images_end_to_end(tmp_path, capsys):
-    """A two-step run of a very small class-conditional U-Net: image grid and
-    guided sampling of one class."""
-    out = tmp_path / "digits"
-    code, o, e = run_cli(["train", "--preset", "digits", "--out", out, "--no-progress", "--steps", 2,
-                          "--set", "model.unet.base_channels=8", "--set", "model.unet.channel_mult=1",
-                          "--set", "model.unet.attn_resolutions=", "--set", "model.unet.head_channels=8",
-                          "--set", "train.batch_size=16",
-                          "--set", "optim.warmup_steps=1", "--set", "sample.num=20", "--set", "sample.nfe=2",
-                          "--set", "sample.solver=ddim", "--set", "sample.order=0"], capsys)
-    assert code == 0, e
-    assert json.load(open(out / "run.json"))["num_classes"] == 10
-    with Image.open(out / "samples" / "step_0000002.png") as im:
-        # 20 samples in rows of 10 classes, each 8x8 image enlarged 6x with 6-pixel padding
-        assert im.size == (10 * 48 + 11 * 6, 2 * 48 + 3 * 6)
-    code, o, e = run_cli(["sample", "--run", out, "--solver", "heun", "--nfe", 3, "--num", 4, "--label", 7,
-                          "--guidance", 2.0, "--out", tmp_path / "g.png"], capsys)
+def test_guided_sampling_of_one_class(tiny_run, tmp_path, capsys):
+    code, o, e = run_cli(["sample", "--run", tiny_run, "--solver", "heun", "--nfe", 6, "--num", 40, "--label", 1,
+                          "--guidance", 2.0, "--out", tmp_path / "g"], capsys)
     assert code == 0, e
     z = np.load(tmp_path / "g.npz")
-    assert z["samples"].shape == (4, 8, 8, 1) and np.all(np.isfinite(z["samples"]))
-    assert z["labels"].tolist() == [7] * 4 and float(z["guidance"]) == 2.0
+    assert os.path.exists(tmp_path / "g.png")
+    assert z["samples"].shape == (40, 2) and np.all(np.isfinite(z["samples"]))
+    assert z["labels"].tolist() == [1] * 40 and float(z["guidance"]) == 2.0
+
+
+def test_digits_images_end_to_end(tmp_path, capsys):
+    """Two steps of a class-conditional image model on the digits: an image grid with
+    one column per class. (A one-block DiT: it compiles several times faster than a
+    U-Net; the digits preset's own U-Net is built in the next test.)"""
+    out = tmp_path / "digits"
+    code, o, e = run_cli(["train", "--preset", "digits", "--out", out, "--no-progress", "--steps", 2,
+                          "--set", "model.kind=dit", "--set", "model.dit.patch_size=4", "--set", "model.dit.depth=1",
+                          "--set", "model.dit.hidden_dim=16", "--set", "model.dit.num_heads=2",
+                          "--set", "train.batch_size=16", "--set", "sample.num=20", "--set", "sample.nfe=2",
+                          "--set", "sample.solver=ddim", "--set", "sample.order=0", "--set", "sample.guidance=1"],
+                         capsys)
+    assert code == 0, e
+    info = json.load(open(out / "run.json"))
+    assert info["num_classes"] == 10 and info["data_shape"] == [8, 8, 1]
+    with Image.open(out / "samples" / "step_0000002.png") as im:
+        # 20 samples in rows of 10 classes, each 8x8 image enlarged 6x, 6-pixel padding
+        assert im.mode == "L" and im.size == (10 * 48 + 11 * 6, 2 * 48 + 3 * 6)
+        a = np.asarray(im)
+    assert a.std() > 0  # not a blank image
+
+
+def test_presets_build():
+    """Every preset builds (shapes only): data, process, model."""
+    from jdiff import models as M
+
+    sizes = {}
+    for name in P.preset_names():
+        run = cli.build_run(P.get_preset(name), abstract=True)
+        sizes[name] = (run.data_shape, run.num_classes, M.count_params(run.params))
+    assert sizes["digits"] == ((8, 8, 1), 10, 816_193)
+    assert sizes["toy2d"][:2] == ((2,), 0)
 
 
 # --------------------------------------------------------------------------- errors
@@ -261,8 +285,8 @@ def test_config_and_checkpoint_mismatch(tiny_run, tmp_path, capsys):
     assert code == 2
     assert "different model" in err and "Traceback" not in err
     # Options that do not fit the run.
-    code, _, err = run_cli(["sample", "--run", tiny_run, "--label", 1], capsys)
-    assert code == 2 and "unconditional" in err
+    code, _, err = run_cli(["sample", "--run", tiny_run, "--label", 2], capsys)
+    assert code == 2 and "--label must be in [0, 2)" in err
     code, _, err = run_cli(["sample", "--run", tiny_run, "--solver", "ddim", "--order", 2], capsys)
     assert code == 2 and "no order option" in err
 
