@@ -304,6 +304,14 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+def _readable(path: str) -> None:
+    """Give a file written through ``mkstemp`` (mode 0600) the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~umask)
+
+
 def _atomic_save(img, path: str) -> None:
     import tempfile
 
@@ -313,6 +321,7 @@ def _atomic_save(img, path: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format="PNG")
+        _readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -449,6 +458,7 @@ def save_samples_png(samples, path: str, *, nrow: int | None = None, reference=N
     if zoom > 1:
         x = x.repeat(zoom, axis=1).repeat(zoom, axis=2)
     D.save_image_grid(np.clip(x, -1, 1), path, nrow=nrow, padding=max(2, zoom))
+    _readable(path)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -848,9 +858,10 @@ def cmd_train(args) -> int:
                     pending.append(metrics)
                     bar.update(1)
                 if main_proc and (step % t.log_every == 0 or step == t.steps):
+                    host = jax.device_get(pending)  # waits for the steps dispatched so far
                     now = time.perf_counter()
-                    row = _metrics_row(step, jax.device_get(pending), interval_steps, now - interval_t0,
-                                       t.batch_size, wall_offset + (now - t_start))
+                    row = _metrics_row(step, host, interval_steps, now - interval_t0, t.batch_size,
+                                       wall_offset + (now - t_start))
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
                     last_loss = row.get("loss", float("nan"))
@@ -865,9 +876,10 @@ def cmd_train(args) -> int:
             result = item
             if main_proc and pending and result is not None:
                 # Log the steps since the last line (a run stopped between log steps).
+                host = jax.device_get(pending)
                 now = time.perf_counter()
-                row = _metrics_row(result.step, jax.device_get(pending), interval_steps, now - interval_t0,
-                                   t.batch_size, wall_offset + (now - t_start))
+                row = _metrics_row(result.step, host, interval_steps, now - interval_t0, t.batch_size,
+                                   wall_offset + (now - t_start))
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 last_loss = row.get("loss", float("nan"))
