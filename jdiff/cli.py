@@ -1050,8 +1050,16 @@ def cmd_plot(args) -> int:
 # ============================================================================ parser
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Show a default only where there is one worth showing (not None / False) and the
+    help text does not already say it."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if d in (None, False, argparse.SUPPRESS) or "default" in h or action.option_strings == []:
+            return h
+        return f"{h} (default: {d})"
 
 
 def _bool_flag(p, name: str, dest: str, help_on: str, help_off: str):
@@ -1115,13 +1123,15 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--order", type=int, metavar="K",
                     help="solver order, for dpm_solver, dpm_solver_pp, sde_dpm_solver_pp, deis, ipndm, unipc "
                          "(default: the solver's own; the run's sample.order if --solver is not given)")
-    sa.add_argument("--nfe", type=int, metavar="N", help="number of model evaluations")
-    sa.add_argument("--grid-kind", metavar="KIND", help=f"time grid: {', '.join(P.GRID_KINDS)}")
-    sa.add_argument("--num", type=int, metavar="M", help="number of samples")
-    sa.add_argument("--seed", type=int, metavar="S", help="seed of the prior noise (and of stochastic solvers)")
-    _bool_flag(sa, "ema", "ema", "use the EMA parameters (default)", "use the raw trained parameters")
+    sa.add_argument("--nfe", type=int, metavar="N", help="number of model evaluations (default: the run's sample.nfe)")
+    sa.add_argument("--grid-kind", metavar="KIND", help=f"time grid: {', '.join(P.GRID_KINDS)} (default: the run's sample.grid_kind)")
+    sa.add_argument("--num", type=int, metavar="M", help="number of samples (default: the run's sample.num)")
+    sa.add_argument("--seed", type=int, metavar="S", help="seed of the prior noise and of stochastic solvers (default: the run's sample.seed)")
+    _bool_flag(sa, "ema", "ema", "use the EMA parameters (default: the run's sample.ema, true in the presets)",
+               "use the raw trained parameters")
     sa.add_argument("--guidance", type=float, metavar="W",
-                    help="classifier-free guidance scale (1: conditional model alone, 0: unconditional)")
+                    help="classifier-free guidance scale, 1: conditional model alone, 0: unconditional "
+                         "(default: the run's sample.guidance)")
     sa.add_argument("--label", type=int, metavar="L", help="class of every sample (default: cycle through classes)")
     sa.add_argument("--step", type=int, metavar="STEP", help="checkpoint step (default: the newest)")
     sa.add_argument("--batch-size", type=int, default=0, metavar="B", help="samples per call (0: all at once)")

@@ -344,3 +344,14 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert "SIGTERM" in stdout
     steps = sorted(int(s) for s in os.listdir(out / "checkpoints"))
     assert steps and steps[-1] >= 3 and metrics(out)[-1]["step"] <= steps[-1] + 1
+
+
+def test_presets_command(capsys):
+    code, out, _ = run_cli(["presets"], capsys)
+    assert code == 0 and all(name in out for name in P.preset_names())
+    code, out, _ = run_cli(["presets", "digits", "--set", "train.steps=9"], capsys)
+    assert code == 0
+    cfg = P.config_from_dict(json.loads(out))
+    assert cfg.train.steps == 9 and cfg.model.kind == "unet"
+    code, out, _ = run_cli(["presets", "--keys"], capsys)
+    assert code == 0 and "optim.clip_norm" in out and "[float | none]" in out
