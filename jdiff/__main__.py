@@ -1,0 +1,8 @@
+"""``python -m jdiff``: the ``jdiff`` command line (see :mod:`jdiff.cli`)."""
+
+import sys
+
+from jdiff.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
