@@ -158,10 +158,31 @@ def sample(
     if solver.stochastic and key is None:
         raise ValueError(f"{solver.name} is stochastic: pass key=jax.random.key(seed)")
 
+    key = key if solver.stochastic else None
+    # One cached compilation per (solver, denoiser structure, shapes, flags); inside a
+    # user's jit it is inlined. Objects JAX cannot pass as arguments (a denoiser that is
+    # not a registered pytree, strings in cond) run the same body without the cache.
+    run = _run if _jittable((denoiser, cond, key)) else _run_impl
+    x, info = run(solver, denoiser, x_T, grid, cond, key, nfe=nfe, denoise_to_zero=denoise_to_zero,
+                  trajectory=trajectory, remat=remat)
+    return (x, info) if return_info else x
+
+
+def _jittable(tree) -> bool:
+    def ok(leaf):
+        return isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex, bool)) or hasattr(
+            leaf, "__jax_array__")
+
+    return all(ok(leaf) for leaf in jax.tree.leaves(tree))
+
+
+def _run_impl(solver, denoiser, x_T, grid, cond, key, *, nfe, denoise_to_zero, trajectory, remat):
+    """The body of :func:`sample` after validation."""
     in_dtype = x_T.dtype
     dt = compute_dtype(x_T)
     den = denoiser if in_dtype == dt else _CastInput(denoiser, in_dtype)
-    state = solver.init(x_T.astype(dt), grid, process, key=key if solver.stochastic else None, nfe=nfe)
+    state = solver.init(x_T.astype(dt), grid, denoiser.process, key=key, nfe=nfe)
+    N = grid.shape[0] - 1
 
     def body(st, _):
         new = solver.step(den, st, cond)
@@ -176,11 +197,11 @@ def sample(
     if denoise_to_zero:
         x = den(x, grid[-1], cond).x0.astype(dt)
         count = count + 1
-    x = x.astype(in_dtype)
-    if not return_info:
-        return x
     info = SampleInfo(nfe=count, grid=state.grid)
     if trajectory:
         xs = jnp.concatenate([x_T.astype(dt)[None], traj[0]], axis=0)
         info = info._replace(xs=xs, x0s=traj[1], epss=traj[2])
-    return x, info
+    return x.astype(in_dtype), info
+
+
+_run = jax.jit(_run_impl, static_argnames=("solver", "nfe", "denoise_to_zero", "trajectory", "remat"))
