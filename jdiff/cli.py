@@ -659,25 +659,6 @@ def _is_main() -> bool:
     return jax.process_index() == 0
 
 
-class _Batches:
-    """A :class:`jdiff.data.Loader` as the stateful iterator ``jdiff.train`` checkpoints."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return next(self.loader)
-
-    def get_state(self) -> dict:
-        return self.loader.state()
-
-    def set_state(self, state: dict) -> None:
-        self.loader.restore(state)
-
-
 def _init_distributed(args) -> None:
     """Start the multi-process runtime if the flags or environment ask for it."""
     from jdiff.train import initialize_distributed
@@ -825,7 +806,7 @@ def cmd_train(args) -> int:
     metrics_path = os.path.join(out, METRICS_FILE)
     stop_at = args.stop_at
     stopper = _StopFlag()
-    gen = T.train_iter(loss_fn, run.params, _Batches(loader), t.steps, optimizer=tx, seed=t.seed, mesh=mesh,
+    gen = T.train_iter(loss_fn, run.params, loader, t.steps, optimizer=tx, seed=t.seed, mesh=mesh,
                        checkpoint_dir=ckpt_dir, save_every=t.checkpoint_every, keep=t.keep,
                        async_checkpointing=t.async_checkpointing, accum_steps=cfg.optim.accum_steps,
                        ema_decay=cfg.ema.decay, ema_warmup=cfg.ema.warmup, schedule=sched,

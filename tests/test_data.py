@@ -536,6 +536,10 @@ def test_loader_resume():
     resumed.restore(saved)
     for g in range(13, 25):
         np.testing.assert_array_equal(next(resumed), uninterrupted[g])
+    # the get_state/set_state protocol jdiff.train.train checkpoints
+    again = data.Loader(x, 6, 9, process_index=0, process_count=1)
+    again.set_state(first.get_state())
+    np.testing.assert_array_equal(next(again), uninterrupted[13])
     # resume on 2 processes: the halves of the same batches
     halves = _loaders(x, 6, 9, 2)
     for ld in halves:

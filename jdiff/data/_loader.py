@@ -222,6 +222,16 @@ class Loader:
             raise ValueError(f"Loader.restore: need epoch >= 0 and 0 <= step < {self.steps_per_epoch}, got {epoch}, {step}")
         self._epoch, self._step = epoch, step
 
+    # The stateful-iterator protocol of :func:`jdiff.train.train`: a Loader passed as
+    # ``data`` checkpoints its position and resumes without replaying batches.
+    def get_state(self) -> dict[str, int]:
+        """Alias of :meth:`state`."""
+        return self.state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Alias of :meth:`restore`."""
+        self.restore(state)
+
     def __repr__(self) -> str:
         return (
             f"Loader(N={self.num_examples}, global_batch_size={self.global_batch_size}, seed={self.seed}, "
