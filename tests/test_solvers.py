@@ -231,3 +231,39 @@ def test_unipc_matches_a_textbook_predictor_corrector_loop(one_batch, order, var
         x_prev, x, p_prev = x, x_next, p
     np.testing.assert_allclose(jdiff.sample(S.unipc(order, variant=variant), den, x_T, grid), x, rtol=1e-10,
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_dpm_solver_singlestep_matches_the_papers_algorithms(one_batch, order):
+    # DPM-Solver-2 and -3 written as in Lu et al. 2022 (Algorithms 1 and 2, r1 = 1/2;
+    # r1 = 1/3, r2 = 2/3) in plain alpha / sigma / lambda terms, no jdiff core.
+    mix, proc, x_T = one_batch
+    den = mix.denoiser(proc)
+    N = 6
+    grid = jdiff.time_grid(proc, N, dtype=jnp.float64)
+    a, s, lam = proc.alpha, proc.sigma, proc.lambda_
+
+    def eps(x, t):
+        return den(x, t).eps
+
+    x = x_T
+    for i in range(N):
+        t_s, t_t = grid[i], grid[i + 1]
+        h = lam(t_t) - lam(t_s)
+        e_s = eps(x, t_s)
+        if order == 2:
+            s1 = proc.t_of_lambda(lam(t_s) + 0.5 * h)
+            u = a(s1) / a(t_s) * x - s(s1) * jnp.expm1(0.5 * h) * e_s
+            x = a(t_t) / a(t_s) * x - s(t_t) * jnp.expm1(h) * eps(u, s1)
+        else:
+            r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+            s1 = proc.t_of_lambda(lam(t_s) + r1 * h)
+            s2 = proc.t_of_lambda(lam(t_s) + r2 * h)
+            u1 = a(s1) / a(t_s) * x - s(s1) * jnp.expm1(r1 * h) * e_s
+            d1 = eps(u1, s1) - e_s
+            u2 = (a(s2) / a(t_s) * x - s(s2) * jnp.expm1(r2 * h) * e_s
+                  - s(s2) * r2 / r1 * (jnp.expm1(r2 * h) / (r2 * h) - 1.0) * d1)
+            d2 = eps(u2, s2) - e_s
+            x = a(t_t) / a(t_s) * x - s(t_t) * jnp.expm1(h) * e_s - s(t_t) / r2 * (jnp.expm1(h) / h - 1.0) * d2
+    got = jdiff.sample(S.dpm_solver(order, lower_order_final=False), den, x_T, grid)
+    np.testing.assert_allclose(got, x, rtol=1e-10, atol=1e-12)
