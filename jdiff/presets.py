@@ -234,8 +234,7 @@ class RunConfig:
 def _digits() -> RunConfig:
     """Class-conditional U-Net (0.8M) on the 8x8 scikit-learn digits; < 10 min on 2 CPU cores.
 
-    Sized so that a 2-core CPU trains it to recognisable samples in under 10 minutes.
-    """
+    Sized so that a 2-core CPU trains it to recognisable samples (docs/training.md)."""
     return RunConfig(
         name="digits",
         data=DataConfig(source="digits", resolution=8, channels=1, class_conditional=True),

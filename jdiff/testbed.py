@@ -211,8 +211,6 @@ class GaussianMixture:
         return process.alpha(t_fin) * ybar
 
 
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class ExactDenoiser:
     """The exact ``(x0, eps)`` of a :class:`GaussianMixture` under ``process``; usable

@@ -272,5 +272,3 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     step.jitted = jitted
     step.mesh = mesh
     return step
-
-
