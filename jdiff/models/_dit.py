@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdiff.models._common import KeySeq, SelfAttention, as_dropout_key, check_time, dropout, xavier_uniform, zeros_init
-from jdiff.models._embed import ClassEmbedding, TimeEmbedding, check_labels, drop_labels
+from jdiff.models._embed import ClassEmbedding, TimeEmbedding, check_labels, time_class_embedding
 
 __all__ = ["DiTConfig", "DiT", "dit_s2", "dit_b2", "dit_l2", "dit_xl2", "dit_tiny", "sincos_pos_embed_2d",
            "patchify", "unpatchify"]
@@ -229,11 +229,8 @@ class DiT(nnx.Module):
         pos = self.pos[...] if self.pos is not None else sincos_pos_embed_2d(c.hidden_dim, c.grid_size)
         h = h + pos.astype(h.dtype)[None]
 
-        cvec = self.time_embed(t)
-        if self.class_embed is not None:
-            if keys.train:
-                labels = drop_labels(keys.next(), labels, c.num_classes, c.class_dropout)
-            cvec = cvec + self.class_embed(labels).astype(cvec.dtype)
+        cvec = time_class_embedding(self.time_embed, self.class_embed, t, labels, keys, c.num_classes,
+                                    c.class_dropout)
 
         for blk in self.blocks:
             h = blk(h, cvec, keys)

@@ -43,6 +43,7 @@ __all__ = [
     "ClassEmbedding",
     "check_labels",
     "drop_labels",
+    "time_class_embedding",
     "TIME_EMBEDDINGS",
 ]
 
@@ -194,6 +195,18 @@ def drop_labels(key, labels, num_classes: int, p: float):
         return labels
     drop = jax.random.bernoulli(key, p, labels.shape)
     return jnp.where(drop, jnp.asarray(num_classes, labels.dtype), labels)
+
+
+def time_class_embedding(time_embed, class_embed, t, labels, keys, num_classes: int, class_dropout: float):
+    """The conditioning vector ``time_embed(t) + class_embed(labels)`` shared by the
+    models (no final activation). In train mode (``keys.train``) the labels first go
+    through :func:`drop_labels` with the next key of ``keys`` (a ``KeySeq``)."""
+    emb = time_embed(t)
+    if class_embed is not None:
+        if keys.train:
+            labels = drop_labels(keys.next(), labels, num_classes, class_dropout)
+        emb = emb + class_embed(labels).astype(emb.dtype)
+    return emb
 
 
 class ClassEmbedding(nnx.Module):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdiff.models._common import KeySeq, as_dropout_key, check_time, dropout, xavier_uniform, zeros_init
-from jdiff.models._embed import ClassEmbedding, TimeEmbedding, check_labels, drop_labels
+from jdiff.models._embed import ClassEmbedding, TimeEmbedding, check_labels, time_class_embedding
 
 __all__ = ["MLPResNetConfig", "MLPResNet"]
 
@@ -115,12 +115,8 @@ class MLPResNet(nnx.Module):
         keys = KeySeq(as_dropout_key(rngs))
         cdt = c.dtype or jnp.float32
 
-        emb = self.time_embed(t)
-        if self.class_embed is not None:
-            if keys.train:
-                labels = drop_labels(keys.next(), labels, c.num_classes, c.class_dropout)
-            emb = emb + self.class_embed(labels).astype(emb.dtype)
-        emb = nnx.silu(emb)
+        emb = nnx.silu(time_class_embedding(self.time_embed, self.class_embed, t, labels, keys, c.num_classes,
+                                            c.class_dropout))
 
         h = self.proj_in(x.astype(cdt))
         for blk in self.blocks:

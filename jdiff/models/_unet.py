@@ -50,7 +50,7 @@ from jdiff.models._common import (
     xavier_uniform,
     zeros_init,
 )
-from jdiff.models._embed import ClassEmbedding, TimeEmbedding, check_labels, drop_labels
+from jdiff.models._embed import ClassEmbedding, TimeEmbedding, check_labels, time_class_embedding
 
 __all__ = ["UNetConfig", "UNet", "ddpmpp_cifar10", "ddpmpp_cifar10_song", "unet_digits"]
 
@@ -381,12 +381,8 @@ class UNet(nnx.Module):
         keys = KeySeq(as_dropout_key(rngs))
         cdt = c.dtype or jnp.float32
 
-        emb = self.time_embed(t)
-        if self.class_embed is not None:
-            if keys.train:
-                labels = drop_labels(keys.next(), labels, c.num_classes, c.class_dropout)
-            emb = emb + self.class_embed(labels).astype(emb.dtype)
-        emb = nnx.silu(emb)
+        emb = nnx.silu(time_class_embedding(self.time_embed, self.class_embed, t, labels, keys, c.num_classes,
+                                            c.class_dropout))
 
         h = self.conv_in(x.astype(cdt))
         skips = [h]

@@ -25,7 +25,8 @@ from jdiff._core import Geometry, geometry_from
 from jdiff._param import Prediction
 from jdiff._random import normal_per_sample
 
-__all__ = ["State", "Solver", "evaluate", "valid_history", "step_noise", "order_schedule", "grid_curves", "row"]
+__all__ = ["State", "Solver", "evaluate", "valid_history", "multistep_order", "step_noise", "order_schedule",
+           "grid_curves", "row"]
 
 
 class State(NamedTuple):
@@ -159,6 +160,16 @@ def valid_history(hist_lam):
     """Number of leading history entries with finite log-SNR (usable as nodes)."""
     ok = jnp.isfinite(hist_lam)
     return jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
+
+
+def multistep_order(lam, i, order: int, num_steps: int, lower_order_final: bool):
+    """Effective order of multistep step ``i``: ``order`` limited by the usable history
+    (past outputs at finite log-SNR ``lam``; warm-up) and, with ``lower_order_final`` on
+    grids shorter than 15 steps, by the steps left (as in diffusers). int32 scalar."""
+    p = jnp.clip(jnp.minimum(order, valid_history(history_lambdas(lam, i, order))), 1, order)
+    if lower_order_final and num_steps < 15:
+        p = jnp.minimum(p, num_steps - i)
+    return p.astype(jnp.int32)
 
 
 def step_noise(state: State, dtype=None):

@@ -27,9 +27,9 @@ from jdiff.solvers._base import (
     geometry_at,
     grid_curves,
     history_lambdas,
+    multistep_order,
     row,
     step_noise,
-    valid_history,
 )
 
 __all__ = ["multistep"]
@@ -93,10 +93,7 @@ def multistep(
         gc = grid_curves(process, grid)
 
         def order_at(i):
-            p = jnp.clip(jnp.minimum(order, valid_history(history_lambdas(gc.lam, i, K))), 1, order)
-            if lower_order_final and N < 15:
-                p = jnp.minimum(p, N - i)
-            return p.astype(jnp.int32)
+            return multistep_order(gc.lam, i, order, N, lower_order_final)
 
         def one(i):
             g = geometry_at(gc.steps, i)

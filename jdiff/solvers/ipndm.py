@@ -24,9 +24,8 @@ from jdiff.solvers._base import (
     evaluate,
     geometry_at,
     grid_curves,
-    history_lambdas,
+    multistep_order,
     row,
-    valid_history,
 )
 
 __all__ = ["ipndm"]
@@ -60,9 +59,7 @@ def ipndm(order: int = 4, *, variable_step: bool = False, lower_order_final: boo
         gc = grid_curves(process, grid)
 
         def one(i):
-            p = jnp.clip(jnp.minimum(order, valid_history(history_lambdas(gc.lam, i, K))), 1, order)
-            if lower_order_final and N < 15:
-                p = jnp.minimum(p, N - i)
+            p = multistep_order(gc.lam, i, order, N, lower_order_final)
             first = ei_coefficients(geometry_at(gc.steps, i), mode="noise", K=0)
             # ring buffer: eps_{i-j} lives in slot (i - j) % K
             by_slot = jnp.zeros(K, grid.dtype).at[(i - jnp.arange(K)) % K].set(ab.astype(grid.dtype)[p - 1])
