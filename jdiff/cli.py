@@ -632,18 +632,16 @@ class _StopFlag:
     def __init__(self):
         from jdiff.train import SigtermFlag
 
-        self.flag = SigtermFlag(signals=(signal.SIGTERM, signal.SIGINT))
-        self._orig = self.flag._handler
-
-        def handler(signum, frame):
-            if signum == signal.SIGINT and self.flag.is_set():
+        def on_signal(signum, already_set):
+            if signum != signal.SIGINT:
+                return
+            if already_set:
                 raise KeyboardInterrupt
-            if signum == signal.SIGINT and _is_main():
+            if _is_main():
                 print("\ninterrupt: saving a checkpoint and stopping (Ctrl-C again to abort)", file=sys.stderr,
                       flush=True)
-            self._orig(signum, frame)
 
-        self.flag._handler = handler
+        self.flag = SigtermFlag(signals=(signal.SIGTERM, signal.SIGINT), on_signal=on_signal)
 
     def __enter__(self):
         self.flag.install()

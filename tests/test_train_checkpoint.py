@@ -163,6 +163,28 @@ def test_sigterm_flag_is_set_by_signal():
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGTERM))
 
 
+def test_sigterm_flag_on_signal_hook_sees_repeats_and_may_abort():
+    seen = []
+
+    def on_signal(signum, already_set):
+        seen.append(already_set)
+        if already_set:
+            raise KeyboardInterrupt
+
+    with T.SigtermFlag(signals=(signal.SIGUSR1,), on_signal=on_signal) as flag:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        for _ in range(100):
+            if flag.is_set():
+                break
+            time.sleep(0.01)
+        assert flag.is_set() and seen == [False]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            for _ in range(100):
+                time.sleep(0.01)
+        assert seen == [False, True]
+
+
 # ------------------------------------------------------ real runs in subprocesses
 
 STEPS, SAVE_EVERY = 24, 4

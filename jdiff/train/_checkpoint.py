@@ -321,14 +321,21 @@ class SigtermFlag:
     one on exit). Only the main thread can install signal handlers; elsewhere the flag
     just never fires. A second SIGTERM while the flag is already set is ignored, so a
     save in progress is not interrupted.
+
+    ``on_signal(signum, already_set)``, if given, is called first on every signal; it
+    may print a message, or raise (e.g. ``KeyboardInterrupt`` on a second Ctrl-C) to
+    abort at once instead of setting the flag.
     """
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM,), on_signal=None):
         self._signals = tuple(signals)
         self._event = threading.Event()
         self._previous = {}
+        self._on_signal = on_signal
 
     def _handler(self, signum, frame):
+        if self._on_signal is not None:
+            self._on_signal(signum, self._event.is_set())
         self._event.set()
 
     def install(self) -> "SigtermFlag":
