@@ -333,6 +333,26 @@ def test_bad_input_raises(case):
         m(x, jnp.zeros((B + 1,)))
 
 
+def test_bad_configurations_raise_before_building():
+    base = M.UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                        attn_resolutions=(4,), num_classes=0)
+    bad = [
+        (dict(image_size=9), r"divisible by 2\^1"),
+        (dict(attn_resolutions=(16,)), "not among the U-Net's resolutions"),
+        (dict(head_channels=12), "head_channels=12"),  # 8 and 16 channels: 12-wide heads do not fit
+        (dict(num_heads=3), "attention heads"),
+        (dict(channel_mult=()), "channel_mult"),
+        (dict(dropout=1.0), "dropout"),
+    ]
+    for kw, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            M.abstract_model(M.UNet, base.replace(**kw))
+    for kw, msg in [(dict(image_size=7), "patch_size"), (dict(num_heads=3), "num_heads"),
+                    (dict(pos_embed="rope"), "pos_embed")]:
+        with pytest.raises(ValueError, match=msg):
+            M.abstract_model(M.DiT, M.dit_tiny().replace(**kw))
+
+
 # ------------------------------------------------------------------ big configs
 def _abstract_params(cfg):
     return M.count_params(nnx.state(M.abstract_model(M.UNet, cfg), nnx.Param))

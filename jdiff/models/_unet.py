@@ -228,6 +228,9 @@ class _AttnBlock(nnx.Module):
     """``x + SelfAttention(GN(x))`` over the ``H * W`` positions (scaled by 1/sqrt 2)."""
 
     def __init__(self, channels, cfg: UNetConfig, rngs):
+        if cfg.head_channels and channels % cfg.head_channels:
+            raise ValueError(f"attention at {channels} channels cannot use heads of head_channels={cfg.head_channels} "
+                             "channels: choose a head width that divides every attention level's channels")
         heads = channels // cfg.head_channels if cfg.head_channels else cfg.num_heads
         if heads < 1 or channels % heads:
             raise ValueError(f"cannot split {channels} channels into attention heads (num_heads={cfg.num_heads}, "
