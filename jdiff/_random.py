@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["per_sample_keys", "is_key_batch", "normal_per_sample"]
+__all__ = ["per_sample_keys", "is_key_batch", "normal_per_sample", "drop_labels"]
 
 
 def _is_typed(key) -> bool:
@@ -48,3 +48,17 @@ def normal_per_sample(key, shape, dtype=jnp.float32, step=None):
     if step is not None:
         keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
     return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(keys)
+
+
+def drop_labels(key, labels, num_classes: int, p: float):
+    """Replace each label by the null class ``num_classes`` with probability ``p``
+    (classifier-free guidance training, Ho & Salimans, "Classifier-Free Diffusion
+    Guidance", 2021). ``key`` is one key (sample ``i`` uses ``fold_in(key, i)``) or one
+    key per sample, so a sample's coin does not depend on its batch."""
+    labels = jnp.asarray(labels)
+    if p <= 0.0:
+        return labels
+    keys = _batch_keys(key, labels.shape[0])
+    drop = jax.vmap(lambda k: jax.random.bernoulli(k, p))(keys)
+    drop = drop.reshape(drop.shape + (1,) * (labels.ndim - 1))
+    return jnp.where(drop, jnp.asarray(num_classes, labels.dtype), labels)

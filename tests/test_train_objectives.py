@@ -308,7 +308,7 @@ def test_discrete_training_feeds_integer_timesteps():
 def test_label_dropout_rate():
     n, p, k = 20000, 0.15, 10
     labels = jax.random.randint(jax.random.key(0), (n,), 0, k)
-    out = T.drop_labels(jax.random.key(1), labels, p, null_class=k)
+    out = T.drop_labels(jax.random.key(1), labels, k, p)
     dropped = np.asarray(out == k)
     assert abs(dropped.mean() - p) < 4 * np.sqrt(p * (1 - p) / n)
     np.testing.assert_array_equal(np.asarray(out)[~dropped], np.asarray(labels)[~dropped])

@@ -33,6 +33,7 @@ __all__ = [
     "SelfAttention",
     "concrete",
     "check_time",
+    "check_nhwc",
 ]
 
 xavier_uniform = nnx.initializers.xavier_uniform()
@@ -152,3 +153,11 @@ def check_time(t, batch: int, what: str = "t"):
     if t.shape != (batch,):
         raise ValueError(f"{what} must have shape ({batch},) (one time per sample) or be a scalar; got {t.shape}")
     return t
+
+
+def check_nhwc(x, size: int, channels: int, name: str):
+    """``x`` as an array, or a ``ValueError`` unless it is ``(B, size, size, channels)``."""
+    x = jnp.asarray(x)
+    if x.ndim != 4 or x.shape[1:] != (size, size, channels):
+        raise ValueError(f"{name} expects NHWC images of shape (B, {size}, {size}, {channels}), got {x.shape}")
+    return x

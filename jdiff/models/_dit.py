@@ -25,8 +25,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jdiff.models._common import KeySeq, SelfAttention, as_dropout_key, check_time, dropout, xavier_uniform, zeros_init
-from jdiff.models._embed import ClassEmbedding, TimeEmbedding, check_labels, time_class_embedding
+from jdiff.models._common import KeySeq, SelfAttention, check_nhwc, dropout, xavier_uniform, zeros_init
+from jdiff.models._embed import ClassEmbedding, TimeEmbedding, conditioning
 
 __all__ = ["DiTConfig", "DiT", "dit_s2", "dit_b2", "dit_l2", "dit_xl2", "dit_tiny", "sincos_pos_embed_2d",
            "patchify", "unpatchify"]
@@ -215,22 +215,14 @@ class DiT(nnx.Module):
 
     def __call__(self, x, t, cond=None, *, rngs=None):
         c = self.config
-        x = jnp.asarray(x)
-        want = (c.image_size, c.image_size, c.in_channels)
-        if x.ndim != 4 or x.shape[1:] != want:
-            raise ValueError(f"DiT expects NHWC images of shape (B, {want[0]}, {want[1]}, {want[2]}), got {x.shape}")
-        b = x.shape[0]
-        t = check_time(t, b)
-        labels = check_labels(cond, b, c.num_classes)
-        keys = KeySeq(as_dropout_key(rngs))
+        x = check_nhwc(x, c.image_size, c.in_channels, "DiT")
+        cvec, keys = conditioning(self.time_embed, self.class_embed, t, cond, x.shape[0], c.num_classes,
+                                  c.class_dropout, rngs)
         cdt = c.dtype or jnp.float32
 
         h = self.patch_embed(patchify(x.astype(cdt), c.patch_size))
         pos = self.pos[...] if self.pos is not None else sincos_pos_embed_2d(c.hidden_dim, c.grid_size)
         h = h + pos.astype(h.dtype)[None]
-
-        cvec = time_class_embedding(self.time_embed, self.class_embed, t, labels, keys, c.num_classes,
-                                    c.class_dropout)
 
         for blk in self.blocks:
             h = blk(h, cvec, keys)

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdiff.models._common import concrete, xavier_uniform
+from jdiff._random import drop_labels
+from jdiff.models._common import KeySeq, as_dropout_key, check_time, concrete, xavier_uniform
 
 __all__ = [
     "sinusoidal_embedding",
@@ -43,7 +44,7 @@ __all__ = [
     "ClassEmbedding",
     "check_labels",
     "drop_labels",
-    "time_class_embedding",
+    "conditioning",
     "TIME_EMBEDDINGS",
 ]
 
@@ -188,25 +189,22 @@ def check_labels(cond, batch: int, num_classes: int):
     return cond.astype(jnp.int32)
 
 
-def drop_labels(key, labels, num_classes: int, p: float):
-    """Replace each label by the null class ``num_classes`` with probability ``p``
-    (classifier-free guidance training, Ho & Salimans 2021)."""
-    if p <= 0.0:
-        return labels
-    drop = jax.random.bernoulli(key, p, labels.shape)
-    return jnp.where(drop, jnp.asarray(num_classes, labels.dtype), labels)
-
-
-def time_class_embedding(time_embed, class_embed, t, labels, keys, num_classes: int, class_dropout: float):
-    """The conditioning vector ``time_embed(t) + class_embed(labels)`` shared by the
-    models (no final activation). In train mode (``keys.train``) the labels first go
-    through :func:`drop_labels` with the next key of ``keys`` (a ``KeySeq``)."""
+def conditioning(time_embed, class_embed, t, cond, batch: int, num_classes: int, class_dropout: float, rngs):
+    """The model-call preamble shared by every jdiff model: validate the times (``(B,)``
+    or a scalar) and the labels (:func:`check_labels`), turn ``rngs`` into a
+    :class:`~jdiff.models._common.KeySeq`, and build the conditioning vector
+    ``time_embed(t) + class_embed(labels)`` (no final activation). In train mode the
+    labels first go through :func:`jdiff._random.drop_labels` with the sequence's first
+    key. Returns ``(embedding, keys)``; the model draws its dropout keys from ``keys``."""
+    t = check_time(t, batch)
+    labels = check_labels(cond, batch, num_classes)
+    keys = KeySeq(as_dropout_key(rngs))
     emb = time_embed(t)
     if class_embed is not None:
         if keys.train:
             labels = drop_labels(keys.next(), labels, num_classes, class_dropout)
         emb = emb + class_embed(labels).astype(emb.dtype)
-    return emb
+    return emb, keys
 
 
 class ClassEmbedding(nnx.Module):

@@ -8,8 +8,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jdiff.models._common import KeySeq, as_dropout_key, check_time, dropout, xavier_uniform, zeros_init
-from jdiff.models._embed import ClassEmbedding, TimeEmbedding, check_labels, time_class_embedding
+from jdiff.models._common import dropout, xavier_uniform, zeros_init
+from jdiff.models._embed import ClassEmbedding, TimeEmbedding, conditioning
 
 __all__ = ["MLPResNetConfig", "MLPResNet"]
 
@@ -109,14 +109,10 @@ class MLPResNet(nnx.Module):
         x = jnp.asarray(x)
         if x.ndim != 2 or x.shape[1] != c.dim:
             raise ValueError(f"MLPResNet expects x of shape (B, {c.dim}), got {x.shape}")
-        b = x.shape[0]
-        t = check_time(t, b)
-        labels = check_labels(cond, b, c.num_classes)
-        keys = KeySeq(as_dropout_key(rngs))
+        emb, keys = conditioning(self.time_embed, self.class_embed, t, cond, x.shape[0], c.num_classes,
+                                 c.class_dropout, rngs)
+        emb = nnx.silu(emb)
         cdt = c.dtype or jnp.float32
-
-        emb = nnx.silu(time_class_embedding(self.time_embed, self.class_embed, t, labels, keys, c.num_classes,
-                                            c.class_dropout))
 
         h = self.proj_in(x.astype(cdt))
         for blk in self.blocks:

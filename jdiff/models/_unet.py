@@ -42,15 +42,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdiff.models._common import (
-    KeySeq,
     SelfAttention,
-    as_dropout_key,
-    check_time,
+    check_nhwc,
     dropout,
     xavier_uniform,
     zeros_init,
 )
-from jdiff.models._embed import ClassEmbedding, TimeEmbedding, check_labels, time_class_embedding
+from jdiff.models._embed import ClassEmbedding, TimeEmbedding, conditioning
 
 __all__ = ["UNetConfig", "UNet", "ddpmpp_cifar10", "ddpmpp_cifar10_song", "unet_digits"]
 
@@ -374,18 +372,11 @@ class UNet(nnx.Module):
 
     def __call__(self, x, t, cond=None, *, rngs=None):
         c = self.config
-        x = jnp.asarray(x)
-        want = (c.image_size, c.image_size, c.in_channels)
-        if x.ndim != 4 or x.shape[1:] != want:
-            raise ValueError(f"UNet expects NHWC images of shape (B, {want[0]}, {want[1]}, {want[2]}), got {x.shape}")
-        b = x.shape[0]
-        t = check_time(t, b)
-        labels = check_labels(cond, b, c.num_classes)
-        keys = KeySeq(as_dropout_key(rngs))
+        x = check_nhwc(x, c.image_size, c.in_channels, "UNet")
+        emb, keys = conditioning(self.time_embed, self.class_embed, t, cond, x.shape[0], c.num_classes,
+                                 c.class_dropout, rngs)
+        emb = nnx.silu(emb)
         cdt = c.dtype or jnp.float32
-
-        emb = nnx.silu(time_class_embedding(self.time_embed, self.class_embed, t, labels, keys, c.num_classes,
-                                            c.class_dropout))
 
         h = self.conv_in(x.astype(cdt))
         skips = [h]

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 from jdiff._param import PREDICTIONS, TIME_INPUTS, broadcast_to_x, from_x0_eps, model_time, to_x0_eps
 from jdiff._process import Process
-from jdiff._random import is_key_batch, per_sample_keys
+from jdiff._random import drop_labels, is_key_batch, per_sample_keys
 
 __all__ = [
     "WEIGHTINGS",
@@ -59,7 +59,7 @@ __all__ = [
     "x0_jacobian",
     "edm_coefficients",
     "edm_precondition",
-    "drop_labels",
+    "drop_labels",  # re-exported from jdiff._random (shared with jdiff.models)
 ]
 
 WEIGHTINGS = ("none", "min_snr", "edm")
@@ -324,19 +324,6 @@ def edm_precondition(apply: Callable, process: Process, sigma_data: float = 0.5)
         return (broadcast_to_x(c_skip, x) * xbar + broadcast_to_x(c_out, x) * out.astype(dt)).astype(out.dtype)
 
     return apply_x0
-
-
-# ------------------------------------------------------------------ label dropout
-
-
-def drop_labels(key, labels, p: float, null_class: int):
-    """Replace each label by ``null_class`` with probability ``p`` (classifier-free
-    guidance training, Ho & Salimans 2022). ``key`` is one key or per-sample keys."""
-    labels = jnp.asarray(labels)
-    keys = _keys_for(key, labels.shape[0])
-    drop = jax.vmap(lambda k: jax.random.bernoulli(k, p))(keys)
-    drop = drop.reshape(drop.shape + (1,) * (labels.ndim - 1))
-    return jnp.where(drop, jnp.asarray(null_class, labels.dtype), labels)
 
 
 # --------------------------------------------------------------------- the loss
