@@ -216,8 +216,20 @@ class Process:
 # ---------------------------------------------------------------------------- VP
 
 
+class _VP(Process):
+    """Variance preserving: ``sigma = sqrt(1 - alpha^2)``, from ``log alpha`` without
+    cancellation (subclasses give ``log_alpha`` and ``t_of_lambda``)."""
+
+    def log_sigma(self, t):
+        return _log_sigma_from_log_alpha_vp(self.log_alpha(t))
+
+    def sigma(self, t):
+        t = _as_float(t)
+        return _vp_sigma(self.alpha(t), self.log_alpha(t))
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
-class VPLinear(Process):
+class VPLinear(_VP):
     """Variance-preserving process with a linear ``beta(t)`` (DDPM's continuous limit).
 
     ``log alpha(t) = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2``,
@@ -237,12 +249,6 @@ class VPLinear(Process):
         t = _as_float(t)
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
-    def log_sigma(self, t):
-        return _log_sigma_from_log_alpha_vp(self.log_alpha(t))
-
-    def sigma(self, t):
-        t = _as_float(t)
-        return _vp_sigma(self.alpha(t), self.log_alpha(t))
 
     def _t_of_log_alpha(self, log_alpha):
         # Solve a t^2 + b t + log_alpha = 0 for t >= 0 in the cancellation-free form.
@@ -257,7 +263,7 @@ class VPLinear(Process):
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class VPCosine(Process):
+class VPCosine(_VP):
     """Variance-preserving process with the cosine schedule of Nichol & Dhariwal,
     "Improved Denoising Diffusion Probabilistic Models", ICML 2021:
     ``alpha(t) = cos((t + s)/(1 + s) * pi/2) / cos(s/(1 + s) * pi/2)``.
@@ -290,12 +296,6 @@ class VPCosine(Process):
         c = jnp.cos(jnp.pi / 2 * (t + self.s) / (1.0 + self.s))
         return jnp.maximum(c, 0.0) / math.exp(self._log_alpha_0())
 
-    def log_sigma(self, t):
-        return _log_sigma_from_log_alpha_vp(self.log_alpha(t))
-
-    def sigma(self, t):
-        t = _as_float(t)
-        return _vp_sigma(self.alpha(t), self.log_alpha(t))
 
     def t_of_lambda(self, lam):
         lam = _as_float(lam)
@@ -311,7 +311,7 @@ class VPCosine(Process):
 
 
 @dataclasses.dataclass(frozen=True, repr=False, eq=False)
-class VPDiscrete(Process):
+class VPDiscrete(_VP):
     """A discrete-time VP process from a table ``alphas_cumprod[n], n = 0..N-1``
     (DDPM's 1000-step schedules), made continuous as in DPM-Solver (Lu et al. 2022,
     Sec. 3.4): step ``n`` sits at ``t_n = (n + 1) / N`` and ``log alpha`` is
@@ -353,12 +353,6 @@ class VPDiscrete(Process):
         tail = jnp.log(jnp.maximum(a_last, 0.0))
         return jnp.where(t > ts[-2], tail, body)
 
-    def log_sigma(self, t):
-        return _log_sigma_from_log_alpha_vp(self.log_alpha(t))
-
-    def sigma(self, t):
-        t = _as_float(t)
-        return _vp_sigma(self.alpha(t), self.log_alpha(t))
 
     def alpha(self, t):
         if not self.zero_terminal_snr:
