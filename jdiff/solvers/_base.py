@@ -181,39 +181,34 @@ def step_noise(state: State, dtype=None):
 
 def order_schedule(order: int, num_steps: int, nfe: int | None, *, lower_order_final: bool = False,
                    forced=()):
-    """Per-step orders of a singlestep solver.
+    """Per-step orders of a singlestep solver, as a list of ints, with validation.
 
     With ``nfe`` given, the orders add up to exactly ``nfe``, lowering the last steps
-    first (DPM-Solver's "fast" schedule, Lu et al. 2022, Sec. 3.4). Without it, every
-    step uses ``order``; ``lower_order_final`` then lowers the final steps as the
-    multistep solvers do. Steps listed in ``forced`` (infinite log-SNR increments)
-    are first order.
+    first (DPM-Solver's "fast" schedule, Lu et al. 2022, Sec. 3.4); a target that
+    cannot be met raises ``ValueError``. Without it, every step uses ``order``;
+    ``lower_order_final`` then lowers the final steps as the multistep solvers do.
+    Steps listed in ``forced`` (infinite log-SNR increments) are first order. The
+    schedule itself is :func:`traced_order_schedule` evaluated now.
     """
-    forced = sorted({k % num_steps for k in forced}) if num_steps else []
-    free = [k for k in range(num_steps) if k not in forced]
-    orders = [1 if k in forced else order for k in range(num_steps)]
+    forced = {k % num_steps for k in forced} if num_steps else set()
     if nfe is not None:
-        lo, hi = num_steps, order * len(free) + len(forced)
+        lo, hi = num_steps, order * (num_steps - len(forced)) + len(forced)
         if not lo <= nfe <= hi:
             raise ValueError(
                 f"cannot spend exactly {nfe} model calls in {num_steps} steps of order <= {order}; "
                 f"use between {lo} and {hi}"
             )
-        extra = hi - nfe
-        for j in reversed(free):
-            cut = min(extra, orders[j] - 1)
-            orders[j] -= cut
-            extra -= cut
-    elif lower_order_final and num_steps < 15:
-        orders = [min(o, num_steps - k) for k, o in enumerate(orders)]
-    return orders
+    finite = np.array([k not in forced for k in range(num_steps)], bool)
+    with jax.ensure_compile_time_eval():
+        orders = traced_order_schedule(order, jnp.asarray(finite), nfe, lower_order_final=lower_order_final)
+    return [int(o) for o in np.asarray(orders)]
 
 
 def traced_order_schedule(order: int, finite, nfe: int | None, *, lower_order_final: bool = False):
-    """:func:`order_schedule` computed from traced per-step flags ``finite`` (steps with
-    infinite log-SNR increment are first order): with ``nfe``, the free steps start at
-    ``order`` and the last ones are lowered until the orders add up to ``nfe`` (clamped
-    to what the grid allows; :func:`order_schedule` validates concrete grids)."""
+    """The singlestep order schedule from (possibly traced) per-step flags ``finite``
+    (steps with infinite log-SNR increment are first order): with ``nfe``, the free
+    steps start at ``order`` and the last ones are lowered until the orders add up to
+    ``nfe`` (clamped to what the grid allows; :func:`order_schedule` validates)."""
     n = finite.shape[0]
     free = finite.astype(jnp.int32)
     if nfe is not None:
