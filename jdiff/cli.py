@@ -304,36 +304,13 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def _readable(path: str) -> None:
-    """Give a file written through ``mkstemp`` (mode 0600) the usual permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    with contextlib.suppress(OSError):
-        os.chmod(path, 0o666 & ~umask)
-
-
-def _atomic_save(img, path: str) -> None:
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        _readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def plot_loss(steps, losses, path: str, title: str = "training loss") -> None:
     """A loss curve as PNG (Pillow only): the logged values (light) and a centred moving
     average (dark); log-scaled y axis when the values span more than 8x."""
     import numpy as np
     from PIL import Image, ImageDraw
+
+    from jdiff.data import save_png
 
     steps = np.asarray(steps, np.float64)
     losses = np.asarray(losses, np.float64)
@@ -347,7 +324,7 @@ def plot_loss(steps, losses, path: str, title: str = "training loss") -> None:
     dr.rectangle([L, T, W - R, H - B], outline="black")
     if steps.size == 0:
         dr.text((L + 10, T + 10), "no finite values", fill="black", font=font)
-        _atomic_save(img, path)
+        save_png(img, path)
         return
     logy = bool(losses.min() > 0 and losses.max() / losses.min() > 8)
     fy = np.log10 if logy else (lambda v: v)
@@ -404,7 +381,7 @@ def plot_loss(steps, losses, path: str, title: str = "training loss") -> None:
         dr.ellipse([X - 2, Y - 2, X + 2, Y + 2], fill=(20, 60, 160))
     dr.text(((L + W - R) / 2 - 14, H - 20), "step", fill="black", font=font)
     dr.text((6, T - 20), "loss" + (" (log)" if logy else ""), fill="black", font=font)
-    _atomic_save(img, path)
+    save_png(img, path)
 
 
 def plot_scatter(points, path: str, reference=None, title: str = "") -> None:
@@ -412,6 +389,8 @@ def plot_scatter(points, path: str, reference=None, title: str = "") -> None:
     on the same axes: the data (grey) and the samples (blue)."""
     import numpy as np
     from PIL import Image, ImageDraw
+
+    from jdiff.data import save_png
 
     pts = np.asarray(points, np.float64).reshape(-1, 2)
     base = pts if reference is None else np.asarray(reference, np.float64).reshape(-1, 2)
@@ -440,7 +419,7 @@ def plot_scatter(points, path: str, reference=None, title: str = "") -> None:
         out = int(p.shape[0] - inside.sum())
         note = name + (f", {out} outside the view" if out else "")
         dr.text((x0 + 4, M + S + 3), note, fill=(200, 0, 0) if out else "black", font=_font(12))
-    _atomic_save(img, path)
+    save_png(img, path)
 
 
 def save_samples_png(samples, path: str, *, nrow: int | None = None, reference=None, title: str = "") -> None:
@@ -458,7 +437,6 @@ def save_samples_png(samples, path: str, *, nrow: int | None = None, reference=N
     if zoom > 1:
         x = x.repeat(zoom, axis=1).repeat(zoom, axis=2)
     D.save_image_grid(np.clip(x, -1, 1), path, nrow=nrow, padding=max(2, zoom))
-    _readable(path)
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -623,6 +623,9 @@ def test_save_image_grid_roundtrip(tmp_path, channels):
     assert np.all(pix[:2] == 255) and np.all(pix[:, :2] == 255)
     assert np.all(pix[2 + h + 2 :, 2 + 2 * (w + 2) :] == 255)
     assert not any(p.name.endswith(".png") and p.name != "grid.png" for p in path.parent.iterdir())  # no temp left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~umask  # not the temporary file's 0600
 
 
 def test_image_grid_shapes_and_errors(tmp_path):

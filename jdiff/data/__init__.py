@@ -12,7 +12,15 @@ step)``, split across processes, with a checkpointable ``state()``.
 :func:`save_image_grid` writes samples as a PNG grid.
 """
 
-from jdiff.data._images import from_uint8, load_image, make_image_grid, resize_center_crop, save_image_grid, to_uint8
+from jdiff.data._images import (
+    from_uint8,
+    load_image,
+    make_image_grid,
+    resize_center_crop,
+    save_image_grid,
+    save_png,
+    to_uint8,
+)
 from jdiff.data._loader import Loader, epoch_permutation, to_global
 from jdiff.data._sources import (
     CIFAR10_CLASSES,
@@ -46,4 +54,5 @@ __all__ = [
     "from_uint8",
     "make_image_grid",
     "save_image_grid",
+    "save_png",
 ]

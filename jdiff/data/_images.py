@@ -25,6 +25,7 @@ __all__ = [
     "resize_center_crop",
     "make_image_grid",
     "save_image_grid",
+    "save_png",
 ]
 
 _MODES = {1: "L", 3: "RGB"}
@@ -155,25 +156,31 @@ def make_image_grid(images, nrow: int | None = None, *, padding: int = 2, pad_va
     return grid
 
 
-def save_image_grid(images, path, nrow: int | None = None, *, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
-    """Write images in ``[-1, 1]`` as one PNG grid (see :func:`make_image_grid`).
-
-    The PNG is written to a temporary file in the same folder and renamed into place, so
-    a reader never sees a half-written file; missing parent folders are created. The file
-    is PNG whatever ``path``'s extension. Returns the ``uint8`` grid that was written.
-    """
-    grid = make_image_grid(images, nrow, padding=padding, pad_value=pad_value)
+def save_png(img: Image.Image, path) -> None:
+    """Write a Pillow image as PNG atomically: to a temporary file in the same folder
+    (created if missing), given the usual permissions (``0666`` less the umask; a
+    temporary file starts at ``0600``), then renamed into place, so a reader never sees
+    a half-written file. The file is PNG whatever ``path``'s extension."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid, _MODES[grid.shape[-1]])
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_image_grid(images, path, nrow: int | None = None, *, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
+    """Write images in ``[-1, 1]`` as one PNG grid (see :func:`make_image_grid`) with
+    :func:`save_png`. Returns the ``uint8`` grid that was written."""
+    grid = make_image_grid(images, nrow, padding=padding, pad_value=pad_value)
+    save_png(Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid, _MODES[grid.shape[-1]]), path)
     return grid
