@@ -901,6 +901,8 @@ def _trim_metrics(path: str, step: int) -> float:
                 f.write(json.dumps(r) + "\n")
         os.replace(tmp, path)
     return float(keep[-1].get("wall_time", 0.0)) if keep else 0.0
+
+
 # ============================================================================ sample
 
 
