@@ -22,8 +22,10 @@ def machine() -> str:
     except OSError:
         pass
     devs = jax.devices()
-    return (f"{cpu}, {os.cpu_count()} cores, JAX {jax.__version__} on {devs[0].platform} "
-            f"({len(devs)} device{'s' if len(devs) > 1 else ''})")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, JAX {jax.__version__} on {devs[0].platform} "
+        f"({len(devs)} device{'s' if len(devs) > 1 else ''})"
+    )
 
 
 def today() -> str:
@@ -94,4 +96,6 @@ def table(rows: list[list], header: list[str]) -> str:
     cells = [[str(c) for c in r] for r in [header] + rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
+    return "\n".join(
+        [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]]
+    )

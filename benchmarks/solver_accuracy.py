@@ -29,10 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _common import machine, table, today, write_csv  # noqa: E402
+
 import jdiff  # noqa: E402
 from jdiff import solvers as S  # noqa: E402
 from jdiff.testbed import frechet_distance, gaussian_stats, random_mixture  # noqa: E402
-from _common import machine, table, today, write_csv  # noqa: E402
 
 SOLVERS = {
     "euler(t)": lambda: S.euler(),
@@ -80,8 +81,9 @@ def main():
     args = ap.parse_args()
     names = args.solvers or (QUICK if args.quick else list(SOLVERS))
     nfes = (5, 10, 20) if args.quick else NFES
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   "solver_accuracy_quick.csv" if args.quick else "solver_accuracy.csv")
+    out = args.out or os.path.join(
+        os.path.dirname(__file__), "results", "solver_accuracy_quick.csv" if args.quick else "solver_accuracy.csv"
+    )
     rows = []
     t_start = time.time()
     for tb_name, (mix, proc, gkw) in testbeds(args.quick).items():
@@ -90,12 +92,18 @@ def main():
         t0 = time.time()
         t_end = proc.t_data if gkw["final"] == "data" else proc.t_min
         with jax.enable_x64(True):
-            ref = np.asarray(mix.reference_ode(proc, jnp.asarray(np.asarray(x_T), jnp.float64), proc.t_max, t_end,
-                                               rtol=1e-9, atol=1e-9))
+            ref = np.asarray(
+                mix.reference_ode(
+                    proc, jnp.asarray(np.asarray(x_T), jnp.float64), proc.t_max, t_end, rtol=1e-9, atol=1e-9
+                )
+            )
         mu, cov = mix.mean(), mix.cov()
         fd_ref = frechet_distance(*gaussian_stats(ref), mu, cov)
-        print(f"\n== {tb_name}: d={mix.dim}, {type(proc).__name__}, grid {gkw}; reference ODE in "
-              f"{time.time() - t0:.1f}s, FD(reference samples, data) = {fd_ref:.4f}", flush=True)
+        print(
+            f"\n== {tb_name}: d={mix.dim}, {type(proc).__name__}, grid {gkw}; reference ODE in "
+            f"{time.time() - t0:.1f}s, FD(reference samples, data) = {fd_ref:.4f}",
+            flush=True,
+        )
         for name in names:
             for nfe in nfes:
                 solver = SOLVERS[name]()
@@ -103,8 +111,11 @@ def main():
                     grid = jdiff.time_grid(proc, nfe=nfe, solver=solver, **gkw)
                     if grid.shape[0] - 1 < solver.min_steps:
                         continue
-                    f = jax.jit(lambda x, g, s=solver, n=nfe: jdiff.sample(s, mix.denoiser(proc), x, g, key=key,
-                                                                          nfe=n, return_info=True))
+                    f = jax.jit(
+                        lambda x, g, s=solver, n=nfe: jdiff.sample(
+                            s, mix.denoiser(proc), x, g, key=key, nfe=n, return_info=True
+                        )
+                    )
                     x, info = f(x_T, grid)
                 except ValueError as e:  # e.g. a singlestep solver asked for fewer calls than steps
                     print(f"  {name} NFE {nfe}: skipped ({e})")
@@ -113,9 +124,22 @@ def main():
                 finite = bool(np.all(np.isfinite(x)))
                 l2 = float(np.mean(np.linalg.norm(x - ref, axis=1))) if not solver.stochastic else float("nan")
                 fd = frechet_distance(*gaussian_stats(x), mu, cov) if finite else float("nan")
-                rows.append(dict(testbed=tb_name, dim=mix.dim, process=proc.name, solver=name, nfe_target=nfe,
-                                 nfe=int(info.nfe), steps=int(grid.shape[0] - 1), l2=l2, fd=fd, fd_ref=fd_ref,
-                                 stochastic=solver.stochastic, finite=finite))
+                rows.append(
+                    dict(
+                        testbed=tb_name,
+                        dim=mix.dim,
+                        process=proc.name,
+                        solver=name,
+                        nfe_target=nfe,
+                        nfe=int(info.nfe),
+                        steps=int(grid.shape[0] - 1),
+                        l2=l2,
+                        fd=fd,
+                        fd_ref=fd_ref,
+                        stochastic=solver.stochastic,
+                        finite=finite,
+                    )
+                )
             last = [r for r in rows if r["testbed"] == tb_name and r["solver"] == name]
             print(f"  {name:22s} " + " ".join(f"{r['nfe']:>3d}:{r['l2']:.2e}/{r['fd']:.3f}" for r in last), flush=True)
 

@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _common import machine, table, time_pair, timeit, today, write_csv  # noqa: E402
+
 import jdiff  # noqa: E402
 from jdiff import solvers as S  # noqa: E402
-from _common import machine, table, time_pair, timeit, today, write_csv  # noqa: E402
 
 SOLVERS = {
     "ddim": lambda: S.ddim(),
@@ -124,15 +125,33 @@ def main():
                     gn = jax.jit(lambda x, g, d=den, n=used, k=k: model_loop(d, x, g, n, key=k))
                     t_s2, t_mn = time_pair(f, gn, (x, grid), (x, grid))
                     over_noise = (t_s2 - t_mn) / t_model
-                rows.append(dict(denoiser=dname, solver=name, nfe=used, sample_ms=1e3 * t_sample,
-                                 model_loop_ms=1e3 * t_model, overhead_pct=100 * over,
-                                 overhead_beyond_noise_pct=100 * over_noise))
-                table_rows.append([dname, name, used, f"{1e3 * t_sample:.3f}", f"{1e3 * t_model:.3f}", f"{100 * over:+.1f}%",
-                                   "" if not solver.stochastic else f"{100 * over_noise:+.1f}%"])
+                rows.append(
+                    dict(
+                        denoiser=dname,
+                        solver=name,
+                        nfe=used,
+                        sample_ms=1e3 * t_sample,
+                        model_loop_ms=1e3 * t_model,
+                        overhead_pct=100 * over,
+                        overhead_beyond_noise_pct=100 * over_noise,
+                    )
+                )
+                table_rows.append(
+                    [
+                        dname,
+                        name,
+                        used,
+                        f"{1e3 * t_sample:.3f}",
+                        f"{1e3 * t_model:.3f}",
+                        f"{100 * over:+.1f}%",
+                        "" if not solver.stochastic else f"{100 * over_noise:+.1f}%",
+                    ]
+                )
                 print(" | ".join(str(c) for c in table_rows[-1]), flush=True)
     print()
-    print(table(table_rows, ["denoiser", "solver", "NFE", "sample ms", "model-only ms", "overhead",
-                             "beyond noise draws"]))
+    print(
+        table(table_rows, ["denoiser", "solver", "NFE", "sample ms", "model-only ms", "overhead", "beyond noise draws"])
+    )
 
     print("\nCompile time of jit(sample) (trivial denoiser):")
     ctab = []
@@ -149,9 +168,19 @@ def main():
                 f.lower(x, grid).compile()
                 best = min(best, time.perf_counter() - t0)
             ct[nfe] = best
-        rows.append(dict(denoiser="trivial", solver=name, nfe=-1, sample_ms=float("nan"), model_loop_ms=float("nan"),
-                         overhead_pct=float("nan"), overhead_beyond_noise_pct=float("nan"),
-                         compile_s_nfe5=ct[5], compile_s_nfe100=ct[100]))
+        rows.append(
+            dict(
+                denoiser="trivial",
+                solver=name,
+                nfe=-1,
+                sample_ms=float("nan"),
+                model_loop_ms=float("nan"),
+                overhead_pct=float("nan"),
+                overhead_beyond_noise_pct=float("nan"),
+                compile_s_nfe5=ct[5],
+                compile_s_nfe100=ct[100],
+            )
+        )
         ctab.append([name, f"{ct[5]:.2f}", f"{ct[100]:.2f}", f"{ct[100] / ct[5]:.2f}"])
     print(table(ctab, ["solver", "compile s, NFE 5", "compile s, NFE 100", "ratio"]))
     for r in rows:

@@ -45,8 +45,15 @@ def measure(name: str, *, window: int = 0, repeats: int = 5, warmup: int = 3, ta
     mesh = T.make_mesh()
     loss_fn = T.make_loss_fn(run.apply, cli.loss_config(cfg, run.process, run.num_classes))
     tx, sched = cli.optimizer(cfg)
-    step = T.make_train_step(loss_fn, tx, mesh=mesh, accum_steps=cfg.optim.accum_steps, ema_decay=cfg.ema.decay,
-                             ema_warmup=cfg.ema.warmup, schedule=sched)
+    step = T.make_train_step(
+        loss_fn,
+        tx,
+        mesh=mesh,
+        accum_steps=cfg.optim.accum_steps,
+        ema_decay=cfg.ema.decay,
+        ema_warmup=cfg.ema.warmup,
+        schedule=sched,
+    )
     state = T.replicate(T.init_train_state(run.params, tx, cfg.train.seed, ema=cfg.ema.decay is not None), mesh)
     batch = T.shard_batch(next(loader), mesh)
 
@@ -102,14 +109,30 @@ def main(argv=None) -> int:
     for name in args.presets:
         r = measure(name, window=args.window, repeats=repeats, target_s=1.0 if args.quick else 5.0)
         rows.append(r)
-        print(f"{name}: {r['steps_per_s']} steps/s, {r['samples_per_s']} samples/s, compile {r['compile_s']} s",
-              flush=True)
+        print(
+            f"{name}: {r['steps_per_s']} steps/s, {r['samples_per_s']} samples/s, compile {r['compile_s']} s",
+            flush=True,
+        )
     write_csv(args.out, rows)
     print()
-    print(table([[r["preset"], r["model"], f"{r['params']:,}", r["data"], r["batch"], r["compile_s"],
-                  f"{r['steps_per_s']} ({r['steps_per_s_min']}-{r['steps_per_s_max']})", r["samples_per_s"]]
-                 for r in rows],
-                ["preset", "model", "params", "example", "batch", "compile (s)", "steps/s (min-max)", "samples/s"]))
+    print(
+        table(
+            [
+                [
+                    r["preset"],
+                    r["model"],
+                    f"{r['params']:,}",
+                    r["data"],
+                    r["batch"],
+                    r["compile_s"],
+                    f"{r['steps_per_s']} ({r['steps_per_s_min']}-{r['steps_per_s_max']})",
+                    r["samples_per_s"],
+                ]
+                for r in rows
+            ],
+            ["preset", "model", "params", "example", "batch", "compile (s)", "steps/s (min-max)", "samples/s"],
+        )
+    )
     print(f"\nCSV: {args.out}")
     return 0
 

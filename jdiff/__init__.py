@@ -65,6 +65,7 @@ def __getattr__(name):
         return importlib.import_module(f"jdiff.{name}")
     raise AttributeError(f"module 'jdiff' has no attribute {name!r}")
 
+
 __all__ = [
     "solvers",
     "wrappers",

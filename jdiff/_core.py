@@ -47,7 +47,19 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["phi", "Geometry", "geometry", "geometry_from", "ei_weights", "EICoef", "ei_coefficients", "ei_apply", "ei_step", "MODES", "COEFS"]
+__all__ = [
+    "phi",
+    "Geometry",
+    "geometry",
+    "geometry_from",
+    "ei_weights",
+    "EICoef",
+    "ei_coefficients",
+    "ei_apply",
+    "ei_step",
+    "MODES",
+    "COEFS",
+]
 
 MODES = ("data", "noise", "sde_data")
 COEFS = ("exact", "bh1", "bh2")
@@ -192,7 +204,9 @@ class EICoef(NamedTuple):
     cx0: jax.Array
 
 
-def ei_coefficients(g: Geometry, r=None, q=0, *, mode: str = "data", coef: str = "exact", w=None, K: int | None = None) -> EICoef:
+def ei_coefficients(
+    g: Geometry, r=None, q=0, *, mode: str = "data", coef: str = "exact", w=None, K: int | None = None
+) -> EICoef:
     """Coefficients of :func:`ei_step` (see :class:`EICoef`).
 
     Args:

@@ -18,7 +18,8 @@ with that pair (:class:`Prediction`). :func:`from_x0_eps` gives training targets
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -211,7 +212,7 @@ class Denoiser:
         dt = jnp.result_type(x.dtype, jnp.float32)
         return to_x0_eps(self.prediction, out.astype(dt), x.astype(dt), t, self.process)
 
-    def replace(self, **kw) -> "Denoiser":
+    def replace(self, **kw) -> Denoiser:
         return dataclasses.replace(self, **kw)
 
 

@@ -200,9 +200,7 @@ class Process:
         if np.any(bad):
             vals = arr[bad][:4]
             extra = f" or exactly t_data={self.t_data}" if (allow_data and self.t_data is not None) else ""
-            raise ValueError(
-                f"{what} {vals.tolist()} outside the valid range [{lo}, {hi}]{extra} of {self!r}"
-            )
+            raise ValueError(f"{what} {vals.tolist()} outside the valid range [{lo}, {hi}]{extra} of {self!r}")
 
     def __repr__(self):
         fields = ", ".join(
@@ -249,7 +247,6 @@ class VPLinear(_VP):
         t = _as_float(t)
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
-
     def _t_of_log_alpha(self, log_alpha):
         # Solve a t^2 + b t + log_alpha = 0 for t >= 0 in the cancellation-free form.
         a = 0.25 * (self.beta_max - self.beta_min)
@@ -295,7 +292,6 @@ class VPCosine(_VP):
         t = _as_float(t)
         c = jnp.cos(jnp.pi / 2 * (t + self.s) / (1.0 + self.s))
         return jnp.maximum(c, 0.0) / math.exp(self._log_alpha_0())
-
 
     def t_of_lambda(self, lam):
         lam = _as_float(lam)
@@ -352,7 +348,6 @@ class VPDiscrete(_VP):
         a_last = jnp.exp(la_fin[-1]) * (1.0 - w)
         tail = jnp.log(jnp.maximum(a_last, 0.0))
         return jnp.where(t > ts[-2], tail, body)
-
 
     def alpha(self, t):
         if not self.zero_terminal_snr:

@@ -163,15 +163,26 @@ def sample(
     # user's jit it is inlined. Objects JAX cannot pass as arguments (a denoiser that is
     # not a registered pytree, strings in cond) run the same body without the cache.
     run = _run if _jittable((denoiser, cond, key)) else _run_impl
-    x, info = run(solver, denoiser, x_T, grid, cond, key, nfe=nfe, denoise_to_zero=denoise_to_zero,
-                  trajectory=trajectory, remat=remat)
+    x, info = run(
+        solver,
+        denoiser,
+        x_T,
+        grid,
+        cond,
+        key,
+        nfe=nfe,
+        denoise_to_zero=denoise_to_zero,
+        trajectory=trajectory,
+        remat=remat,
+    )
     return (x, info) if return_info else x
 
 
 def _jittable(tree) -> bool:
     def ok(leaf):
         return isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex, bool)) or hasattr(
-            leaf, "__jax_array__")
+            leaf, "__jax_array__"
+        )
 
     return all(ok(leaf) for leaf in jax.tree.leaves(tree))
 

@@ -32,7 +32,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from jdiff import presets as P
 from jdiff.presets import ConfigError, RunConfig
@@ -48,8 +49,15 @@ SAMPLES_DIR = "samples"
 
 # Keys that may change when a run is resumed (besides sample.*): they do not alter what
 # the next step computes, except that a new train.steps stretches the cosine schedule.
-RESUMABLE_KEYS = ("name", "train.steps", "train.log_every", "train.checkpoint_every", "train.keep",
-                  "train.grid_every", "train.async_checkpointing")
+RESUMABLE_KEYS = (
+    "name",
+    "train.steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep",
+    "train.grid_every",
+    "train.async_checkpointing",
+)
 
 
 class CLIError(Exception):
@@ -98,8 +106,10 @@ def load_data(cfg: RunConfig):
     else:
         want = (d.resolution, d.resolution, d.channels)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise CLIError(f"data.source={d.source}: expected images of shape (N, {', '.join(map(str, want))}) "
-                           f"(data.resolution={d.resolution}, data.channels={d.channels}), got {tuple(x.shape)}")
+            raise CLIError(
+                f"data.source={d.source}: expected images of shape (N, {', '.join(map(str, want))}) "
+                f"(data.resolution={d.resolution}, data.channels={d.channels}), got {tuple(x.shape)}"
+            )
     if not np.all(np.isfinite(x)):
         raise CLIError(f"data.source={d.source}: the data contain non-finite values")
     num_classes = 0
@@ -132,25 +142,54 @@ def build_model(cfg: RunConfig, data_shape: Sequence[int], num_classes: int, *, 
         if m.kind == "unet":
             u = m.unet
             h, w, c = data_shape
-            conf = M.UNetConfig(image_size=h, in_channels=c, base_channels=u.base_channels,
-                                channel_mult=tuple(u.channel_mult), num_res_blocks=u.num_res_blocks,
-                                attn_resolutions=tuple(u.attn_resolutions), head_channels=u.head_channels,
-                                dropout=u.dropout, emb_mult=u.emb_mult, time_embedding=u.time_embedding,
-                                time_scale=u.time_scale, num_classes=num_classes, class_dropout=0.0,
-                                scale_shift=u.scale_shift, resblock_updown=u.resblock_updown, dtype=dtype)
+            conf = M.UNetConfig(
+                image_size=h,
+                in_channels=c,
+                base_channels=u.base_channels,
+                channel_mult=tuple(u.channel_mult),
+                num_res_blocks=u.num_res_blocks,
+                attn_resolutions=tuple(u.attn_resolutions),
+                head_channels=u.head_channels,
+                dropout=u.dropout,
+                emb_mult=u.emb_mult,
+                time_embedding=u.time_embedding,
+                time_scale=u.time_scale,
+                num_classes=num_classes,
+                class_dropout=0.0,
+                scale_shift=u.scale_shift,
+                resblock_updown=u.resblock_updown,
+                dtype=dtype,
+            )
             return make(M.UNet, conf)
         if m.kind == "mlp":
             s = m.mlp
-            conf = M.MLPResNetConfig(dim=int(data_shape[0]), width=s.width, num_blocks=s.num_blocks,
-                                     mlp_ratio=s.mlp_ratio, time_embedding=s.time_embedding,
-                                     time_scale=s.time_scale, num_classes=num_classes, dropout=s.dropout,
-                                     dtype=dtype)
+            conf = M.MLPResNetConfig(
+                dim=int(data_shape[0]),
+                width=s.width,
+                num_blocks=s.num_blocks,
+                mlp_ratio=s.mlp_ratio,
+                time_embedding=s.time_embedding,
+                time_scale=s.time_scale,
+                num_classes=num_classes,
+                dropout=s.dropout,
+                dtype=dtype,
+            )
             return make(M.MLPResNet, conf)
         s = m.dit
         h, w, c = data_shape
-        conf = M.DiTConfig(image_size=h, in_channels=c, patch_size=s.patch_size, hidden_dim=s.hidden_dim,
-                           depth=s.depth, num_heads=s.num_heads, mlp_ratio=s.mlp_ratio, dropout=s.dropout,
-                           time_scale=s.time_scale, num_classes=num_classes, dtype=dtype)
+        conf = M.DiTConfig(
+            image_size=h,
+            in_channels=c,
+            patch_size=s.patch_size,
+            hidden_dim=s.hidden_dim,
+            depth=s.depth,
+            num_heads=s.num_heads,
+            mlp_ratio=s.mlp_ratio,
+            dropout=s.dropout,
+            time_scale=s.time_scale,
+            num_classes=num_classes,
+            dtype=dtype,
+        )
         return make(M.DiT, conf)
     except (ValueError, TypeError) as e:
         raise CLIError(f"model.kind={m.kind}: {e}") from e
@@ -161,12 +200,22 @@ def loss_config(cfg: RunConfig, process, num_classes: int):
 
     o = cfg.objective
     try:
-        return T.LossConfig(process=process, prediction=o.prediction, weighting=o.weighting,
-                            min_snr_gamma=o.min_snr_gamma, time_sampling=o.time_sampling, logit_mean=o.logit_mean,
-                            logit_std=o.logit_std, p_mean=o.p_mean, p_std=o.p_std, time_input=o.time_input,
-                            precondition=None if o.precondition == "none" else o.precondition,
-                            sigma_data=o.sigma_data, label_dropout=o.label_dropout if num_classes else 0.0,
-                            num_classes=num_classes or None)
+        return T.LossConfig(
+            process=process,
+            prediction=o.prediction,
+            weighting=o.weighting,
+            min_snr_gamma=o.min_snr_gamma,
+            time_sampling=o.time_sampling,
+            logit_mean=o.logit_mean,
+            logit_std=o.logit_std,
+            p_mean=o.p_mean,
+            p_std=o.p_std,
+            time_input=o.time_input,
+            precondition=None if o.precondition == "none" else o.precondition,
+            sigma_data=o.sigma_data,
+            label_dropout=o.label_dropout if num_classes else 0.0,
+            num_classes=num_classes or None,
+        )
     except (ValueError, TypeError) as e:
         raise CLIError(f"objective: {e}") from e
 
@@ -212,8 +261,9 @@ def sampling_denoiser_parts(cfg: RunConfig, apply, process):
     return apply, o.prediction, o.time_input
 
 
-def make_sample_fn(cfg: RunConfig, apply, process, *, solver, nfe: int, grid_kind: str, guidance: float,
-                   num_classes: int):
+def make_sample_fn(
+    cfg: RunConfig, apply, process, *, solver, nfe: int, grid_kind: str, guidance: float, num_classes: int
+):
     """A jitted ``fn(params, x_T, cond, keys) -> (x0, nfe_spent)``."""
     import jax
 
@@ -228,17 +278,27 @@ def make_sample_fn(cfg: RunConfig, apply, process, *, solver, nfe: int, grid_kin
     except ValueError as e:
         raise CLIError(f"{solver.name} at nfe={nfe}: {e}") from e
     if n < solver.min_steps:
-        raise CLIError(f"{solver.name} needs at least {solver.min_steps} steps; nfe={nfe} gives {n}: "
-                       "raise --nfe or lower --order")
+        raise CLIError(
+            f"{solver.name} needs at least {solver.min_steps} steps; nfe={nfe} gives {n}: raise --nfe or lower --order"
+        )
 
     @jax.jit
     def fn(params, x_T, cond, keys):
-        den = jdiff.Denoiser(apply_fn=apply_fn, params=params, process=process, prediction=prediction,
-                             time_input=time_input)
+        den = jdiff.Denoiser(
+            apply_fn=apply_fn, params=params, process=process, prediction=prediction, time_input=time_input
+        )
         if guided:
             den = jdiff.wrappers.guidance(den, guidance, num_classes)
-        x, info = jdiff.sample(solver, den, x_T, cond=cond, key=keys if solver.stochastic else None, nfe=nfe,
-                               grid_kind=grid_kind, return_info=True)
+        x, info = jdiff.sample(
+            solver,
+            den,
+            x_T,
+            cond=cond,
+            key=keys if solver.stochastic else None,
+            nfe=nfe,
+            grid_kind=grid_kind,
+            return_info=True,
+        )
         return x, info.nfe
 
     return fn
@@ -459,8 +519,12 @@ def plot_metrics_file(run_dir: str, out: str | None = None, title: str | None = 
     if not rows:
         raise CLIError(f"no metrics in {os.path.join(run_dir, METRICS_FILE)}")
     out = out or os.path.join(run_dir, LOSS_PLOT)
-    plot_loss([r["step"] for r in rows], [r["loss"] for r in rows], out,
-              title or f"training loss: {os.path.basename(os.path.abspath(run_dir))}")
+    plot_loss(
+        [r["step"] for r in rows],
+        [r["loss"] for r in rows],
+        out,
+        title or f"training loss: {os.path.basename(os.path.abspath(run_dir))}",
+    )
     return out
 
 
@@ -482,8 +546,9 @@ class Run:
     labels: Any = None
 
 
-def build_run(cfg: RunConfig, *, with_data: bool = True, data_shape=None, num_classes: int | None = None,
-              abstract: bool = False) -> Run:
+def build_run(
+    cfg: RunConfig, *, with_data: bool = True, data_shape=None, num_classes: int | None = None, abstract: bool = False
+) -> Run:
     """Data (optional), process and model of ``cfg`` (``abstract``: parameter shapes
     only, e.g. as the target of a checkpoint restore)."""
     from jdiff import models as M
@@ -544,8 +609,9 @@ def load_run(run_dir: str) -> tuple[RunConfig, dict, Run]:
     info_path = os.path.join(run_dir, RUN_FILE)
     info = _read_json(info_path, "run info") if os.path.exists(info_path) else {}
     if "data_shape" in info and "num_classes" in info:
-        run = build_run(cfg, with_data=False, data_shape=info["data_shape"], num_classes=info["num_classes"],
-                        abstract=True)
+        run = build_run(
+            cfg, with_data=False, data_shape=info["data_shape"], num_classes=info["num_classes"], abstract=True
+        )
     else:
         run = build_run(cfg, abstract=True)
     return cfg, info, run
@@ -559,8 +625,9 @@ def _train_state_target(run: Run):
     from jdiff import train as T
 
     tx, _ = optimizer(run.cfg)
-    shapes = jax.eval_shape(lambda p: T.init_train_state(p, tx, run.cfg.train.seed, ema=run.cfg.ema.decay is not None),
-                            run.params)
+    shapes = jax.eval_shape(
+        lambda p: T.init_train_state(p, tx, run.cfg.train.seed, ema=run.cfg.ema.decay is not None), run.params
+    )
     dev = SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), shapes)
 
@@ -615,8 +682,9 @@ class _StopFlag:
             if already_set:
                 raise KeyboardInterrupt
             if _is_main():
-                print("\ninterrupt: saving a checkpoint and stopping (Ctrl-C again to abort)", file=sys.stderr,
-                      flush=True)
+                print(
+                    "\ninterrupt: saving a checkpoint and stopping (Ctrl-C again to abort)", file=sys.stderr, flush=True
+                )
 
         self.flag = SigtermFlag(signals=(signal.SIGTERM, signal.SIGINT), on_signal=on_signal)
 
@@ -653,8 +721,10 @@ def _init_distributed(args) -> None:
         return
     if nproc is not None and nproc > 1:
         if coord is None or pid is None:
-            raise CLIError("a multi-process run needs --coordinator HOST:PORT and --process-id "
-                           "(or JDIFF_COORDINATOR / JDIFF_PROCESS_ID)")
+            raise CLIError(
+                "a multi-process run needs --coordinator HOST:PORT and --process-id "
+                "(or JDIFF_COORDINATOR / JDIFF_PROCESS_ID)"
+            )
         if not 0 <= pid < nproc:
             raise CLIError(f"--process-id must be in [0, {nproc}), got {pid}")
         initialize_distributed(coord, nproc, pid)
@@ -690,12 +760,17 @@ def _resolve_train_config(args) -> tuple[RunConfig, str]:
     if saved is None and os.path.exists(cfg_path):
         saved = load_config_file(out)
     if saved is not None and has_ckpt:
-        diff = {k: v for k, v in P.config_diff(saved, cfg).items()
-                if k not in RESUMABLE_KEYS and not k.startswith("sample.")}
+        diff = {
+            k: v
+            for k, v in P.config_diff(saved, cfg).items()
+            if k not in RESUMABLE_KEYS and not k.startswith("sample.")
+        }
         if diff:
             lines = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
-            raise CLIError(f"{out} has checkpoints of a run with a different configuration ({lines}); "
-                           "use another --out, or the run's settings (jdiff train --out DIR --resume)")
+            raise CLIError(
+                f"{out} has checkpoints of a run with a different configuration ({lines}); "
+                "use another --out, or the run's settings (jdiff train --out DIR --resume)"
+            )
     return cfg, out
 
 
@@ -720,24 +795,30 @@ def cmd_train(args) -> int:
     if main_proc:
         os.makedirs(os.path.join(out, SAMPLES_DIR), exist_ok=True)
         _write_json(os.path.join(out, CONFIG_FILE), P.config_to_dict(cfg))
-        _write_json(os.path.join(out, RUN_FILE), {
-            "preset": cfg.name,
-            "argv": list(sys.argv),
-            "data_shape": list(run.data_shape),
-            "num_classes": run.num_classes,
-            "num_examples": int(run.x.shape[0]),
-            "num_params": M.count_params(run.params),
-            "process_count": jax.process_count(),
-            "device_count": jax.device_count(),
-            "devices": str(jax.devices()[0].device_kind),
-            "platform": jax.default_backend(),
-            "jax_version": jax.__version__,
-            "jdiff_version": jdiff.__version__,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        })
-        print(f"jdiff train: preset {cfg.name}, {M.count_params(run.params):,} parameters, data "
-              f"{tuple(run.x.shape)}{f', {run.num_classes} classes' if run.num_classes else ''}, "
-              f"{jax.device_count()} device(s) on {jax.process_count()} process(es) -> {out}", flush=True)
+        _write_json(
+            os.path.join(out, RUN_FILE),
+            {
+                "preset": cfg.name,
+                "argv": list(sys.argv),
+                "data_shape": list(run.data_shape),
+                "num_classes": run.num_classes,
+                "num_examples": int(run.x.shape[0]),
+                "num_params": M.count_params(run.params),
+                "process_count": jax.process_count(),
+                "device_count": jax.device_count(),
+                "devices": str(jax.devices()[0].device_kind),
+                "platform": jax.default_backend(),
+                "jax_version": jax.__version__,
+                "jdiff_version": jdiff.__version__,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+        )
+        print(
+            f"jdiff train: preset {cfg.name}, {M.count_params(run.params):,} parameters, data "
+            f"{tuple(run.x.shape)}{f', {run.num_classes} classes' if run.num_classes else ''}, "
+            f"{jax.device_count()} device(s) on {jax.process_count()} process(es) -> {out}",
+            flush=True,
+        )
 
     t = cfg.train
     arrays = {"x": run.x} if run.labels is None else {"x": run.x, "label": run.labels}
@@ -748,8 +829,10 @@ def cmd_train(args) -> int:
     mesh = T.make_mesh()
     n_dev = mesh.devices.size
     if t.batch_size % n_dev or (t.batch_size // cfg.optim.accum_steps) % n_dev:
-        raise CLIError(f"train.batch_size {t.batch_size} (and each of optim.accum_steps={cfg.optim.accum_steps} "
-                       f"micro-batches) must be divisible by the {n_dev} devices")
+        raise CLIError(
+            f"train.batch_size {t.batch_size} (and each of optim.accum_steps={cfg.optim.accum_steps} "
+            f"micro-batches) must be divisible by the {n_dev} devices"
+        )
     lc = loss_config(cfg, run.process, run.num_classes)
     loss_fn = T.make_loss_fn(run.apply, lc)
     tx, sched = optimizer(cfg)
@@ -761,8 +844,16 @@ def cmd_train(args) -> int:
     if main_proc:
         s = cfg.sample
         solver = make_solver(s.solver, s.order)
-        grid_fn = make_sample_fn(cfg, run.apply, run.process, solver=solver, nfe=s.nfe, grid_kind=s.grid_kind,
-                                 guidance=s.guidance, num_classes=run.num_classes)
+        grid_fn = make_sample_fn(
+            cfg,
+            run.apply,
+            run.process,
+            solver=solver,
+            nfe=s.nfe,
+            grid_kind=s.grid_kind,
+            guidance=s.guidance,
+            num_classes=run.num_classes,
+        )
         if run.num_classes:
             sample_labels = np.arange(s.num) % run.num_classes
 
@@ -774,18 +865,32 @@ def cmd_train(args) -> int:
             x, _ = draw_samples(grid_fn, host, run.process, run.data_shape, s.num, s.seed, sample_labels)
         path = os.path.join(out, SAMPLES_DIR, f"step_{step:07d}.png")
         nrow = run.num_classes if (run.num_classes and s.num % run.num_classes == 0) else None
-        save_samples_png(x, path, nrow=nrow, reference=reference,
-                         title=f"{cfg.name} step {step} ({s.solver}, nfe {s.nfe})")
+        save_samples_png(
+            x, path, nrow=nrow, reference=reference, title=f"{cfg.name} step {step} ({s.solver}, nfe {s.nfe})"
+        )
         return path
 
     metrics_path = os.path.join(out, METRICS_FILE)
     stop_at = args.stop_at
     stopper = _StopFlag()
-    gen = T.train_iter(loss_fn, run.params, loader, t.steps, optimizer=tx, seed=t.seed, mesh=mesh,
-                       checkpoint_dir=ckpt_dir, save_every=t.checkpoint_every, keep=t.keep,
-                       async_checkpointing=t.async_checkpointing, accum_steps=cfg.optim.accum_steps,
-                       ema_decay=cfg.ema.decay, ema_warmup=cfg.ema.warmup, schedule=sched,
-                       stop_flag=stopper.flag)
+    gen = T.train_iter(
+        loss_fn,
+        run.params,
+        loader,
+        t.steps,
+        optimizer=tx,
+        seed=t.seed,
+        mesh=mesh,
+        checkpoint_dir=ckpt_dir,
+        save_every=t.checkpoint_every,
+        keep=t.keep,
+        async_checkpointing=t.async_checkpointing,
+        accum_steps=cfg.optim.accum_steps,
+        ema_decay=cfg.ema.decay,
+        ema_warmup=cfg.ema.warmup,
+        schedule=sched,
+        stop_flag=stopper.flag,
+    )
     result = bar = None
     wall_offset = 0.0
     last_loss = float("nan")
@@ -806,8 +911,16 @@ def cmd_train(args) -> int:
                         wall_offset = _trim_metrics(metrics_path, start_step)
                         if start_step > 0:
                             print(f"resumed at step {start_step}", flush=True)
-                        bar = tqdm(total=t.steps, initial=start_step, unit="step", dynamic_ncols=True,
-                                   desc=cfg.name, smoothing=0.1, file=sys.stderr, disable=args.no_progress)
+                        bar = tqdm(
+                            total=t.steps,
+                            initial=start_step,
+                            unit="step",
+                            dynamic_ncols=True,
+                            desc=cfg.name,
+                            smoothing=0.1,
+                            file=sys.stderr,
+                            disable=args.no_progress,
+                        )
                 else:
                     interval_steps += 1
                 if main_proc:
@@ -816,8 +929,9 @@ def cmd_train(args) -> int:
                 if main_proc and (step % t.log_every == 0 or step == t.steps):
                     host = jax.device_get(pending)  # waits for the steps dispatched so far
                     now = time.perf_counter()
-                    row = _metrics_row(step, host, interval_steps, now - interval_t0, t.batch_size,
-                                       wall_offset + (now - t_start))
+                    row = _metrics_row(
+                        step, host, interval_steps, now - interval_t0, t.batch_size, wall_offset + (now - t_start)
+                    )
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
                     last_loss = row.get("loss", float("nan"))
@@ -834,8 +948,9 @@ def cmd_train(args) -> int:
                 # Log the steps since the last line (a run stopped between log steps).
                 host = jax.device_get(pending)
                 now = time.perf_counter()
-                row = _metrics_row(result.step, host, interval_steps, now - interval_t0, t.batch_size,
-                                   wall_offset + (now - t_start))
+                row = _metrics_row(
+                    result.step, host, interval_steps, now - interval_t0, t.batch_size, wall_offset + (now - t_start)
+                )
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 last_loss = row.get("loss", float("nan"))
@@ -844,22 +959,31 @@ def cmd_train(args) -> int:
                 bar.close()
     if result is None or start_step is None:
         if main_proc:
-            print(f"nothing to do: the run in {out} has reached train.steps={t.steps} "
-                  "(raise it with --steps to continue)", flush=True)
+            print(
+                f"nothing to do: the run in {out} has reached train.steps={t.steps} "
+                "(raise it with --steps to continue)",
+                flush=True,
+            )
         return 0
     if main_proc:
         wall = wall_offset + (time.perf_counter() - t_start)
         if result.step >= t.steps and not result.stopped:
             path = write_grid(result.step, result.state)
             plot_metrics_file(out, title=f"training loss: {cfg.name}")
-            print(f"done: step {result.step}/{t.steps}, loss {last_loss:.5g}, wall time {wall:.1f} s; "
-                  f"samples {path}; checkpoints {ckpt_dir}", flush=True)
+            print(
+                f"done: step {result.step}/{t.steps}, loss {last_loss:.5g}, wall time {wall:.1f} s; "
+                f"samples {path}; checkpoints {ckpt_dir}",
+                flush=True,
+            )
         else:
             why = "SIGTERM" if result.preempted else "stop requested"
             if read_metrics(metrics_path):
                 plot_metrics_file(out, title=f"training loss: {cfg.name}")
-            print(f"stopped at step {result.step}/{t.steps} ({why}); checkpoint saved in {ckpt_dir}; "
-                  f"continue with: jdiff train --out {out} --resume", flush=True)
+            print(
+                f"stopped at step {result.step}/{t.steps} ({why}); checkpoint saved in {ckpt_dir}; "
+                f"continue with: jdiff train --out {out} --resume",
+                flush=True,
+            )
     return 0
 
 
@@ -942,16 +1066,20 @@ def cmd_sample(args) -> int:
     if nc == 0:
         guidance = 1.0
     elif guidance != 1.0 and cfg.objective.label_dropout == 0:
-        print("warning: the model was trained without label dropout (objective.label_dropout=0), so its "
-              "unconditional prediction is untrained; guidance != 1 will not help", file=sys.stderr)
+        print(
+            "warning: the model was trained without label dropout (objective.label_dropout=0), so its "
+            "unconditional prediction is untrained; guidance != 1 will not help",
+            file=sys.stderr,
+        )
     labels = None
     if nc:
         labels = np.full(num, args.label, np.int32) if args.label is not None else np.arange(num) % nc
     if use_ema and state.ema_params is None:
         raise CLIError("this run has no EMA parameters (ema.decay=none): use --no-ema")
     params = _to_host(state.ema_params if use_ema else state.params)
-    fn = make_sample_fn(cfg, run.apply, run.process, solver=solver, nfe=nfe, grid_kind=grid_kind,
-                        guidance=guidance, num_classes=nc)
+    fn = make_sample_fn(
+        cfg, run.apply, run.process, solver=solver, nfe=nfe, grid_kind=grid_kind, guidance=guidance, num_classes=nc
+    )
     t0 = time.perf_counter()
     x, spent = draw_samples(fn, params, run.process, run.data_shape, num, seed, labels, args.batch_size)
     seconds = time.perf_counter() - t0
@@ -970,10 +1098,21 @@ def cmd_sample(args) -> int:
     title = f"{cfg.name} step {step}: {solver.name}, nfe {spent}" + (f", guidance {guidance:g}" if nc else "")
     save_samples_png(x, png, nrow=nrow, reference=reference, title=title)
     os.makedirs(os.path.dirname(os.path.abspath(npz)), exist_ok=True)
-    np.savez(npz, samples=x, labels=labels if labels is not None else np.zeros((0,), np.int32),
-             solver=solver.name, nfe=spent, step=step, guidance=guidance, ema=use_ema, seed=seed)
-    print(f"{num} samples from step {step} ({'EMA' if use_ema else 'raw'} params) with {solver.name}, "
-          f"nfe {spent}{f', guidance {guidance:g}' if nc else ''} in {seconds:.1f} s -> {png}, {npz}")
+    np.savez(
+        npz,
+        samples=x,
+        labels=labels if labels is not None else np.zeros((0,), np.int32),
+        solver=solver.name,
+        nfe=spent,
+        step=step,
+        guidance=guidance,
+        ema=use_ema,
+        seed=seed,
+    )
+    print(
+        f"{num} samples from step {step} ({'EMA' if use_ema else 'raw'} params) with {solver.name}, "
+        f"nfe {spent}{f', guidance {guidance:g}' if nc else ''} in {seconds:.1f} s -> {png}, {npz}"
+    )
     return 0
 
 
@@ -1029,84 +1168,147 @@ def _bool_flag(p, name: str, dest: str, help_on: str, help_off: str):
 def build_parser() -> argparse.ArgumentParser:
     preset_list = ", ".join(P.preset_names())
     parser = argparse.ArgumentParser(
-        prog="jdiff", formatter_class=_Formatter,
+        prog="jdiff",
+        formatter_class=_Formatter,
         description="Train and sample diffusion / flow models with jdiff.",
-        epilog="Run 'jdiff COMMAND --help' for a command's options. Errors exit with status 2.")
+        epilog="Run 'jdiff COMMAND --help' for a command's options. Errors exit with status 2.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     tr = sub.add_parser(
-        "train", formatter_class=_Formatter, help="train a model from a preset",
+        "train",
+        formatter_class=_Formatter,
+        help="train a model from a preset",
         description="Train from a named preset. Writes config.json, run.json, metrics.jsonl, loss.png, sample "
-                    "grids and orbax checkpoints into --out. A directory that already holds checkpoints of the "
-                    "same configuration is resumed exactly (model, optimizer, EMA, RNG and data position). "
-                    "SIGTERM or Ctrl-C saves a checkpoint and exits with status 0.",
+        "grids and orbax checkpoints into --out. A directory that already holds checkpoints of the "
+        "same configuration is resumed exactly (model, optimizer, EMA, RNG and data position). "
+        "SIGTERM or Ctrl-C saves a checkpoint and exits with status 0.",
         epilog="examples:\n  jdiff train --preset digits --out runs/digits\n"
-               "  jdiff train --preset toy2d --set optim.lr=1e-3 --set model.mlp.width=64 --steps 500\n"
-               "  jdiff train --out runs/digits --resume --steps 3000\n"
-               "  jdiff presets digits --keys      # every key --set accepts, with its type\n"
-               "multi-host: run the same command on every host with --coordinator HOST0:PORT "
-               "--num-processes N --process-id I (or JDIFF_COORDINATOR / JDIFF_NUM_PROCESSES / JDIFF_PROCESS_ID, "
-               "or --distributed on a TPU pod / SLURM); --out must be on a shared file system.")
+        "  jdiff train --preset toy2d --set optim.lr=1e-3 --set model.mlp.width=64 --steps 500\n"
+        "  jdiff train --out runs/digits --resume --steps 3000\n"
+        "  jdiff presets digits --keys      # every key --set accepts, with its type\n"
+        "multi-host: run the same command on every host with --coordinator HOST0:PORT "
+        "--num-processes N --process-id I (or JDIFF_COORDINATOR / JDIFF_NUM_PROCESSES / JDIFF_PROCESS_ID, "
+        "or --distributed on a TPU pod / SLURM); --out must be on a shared file system.",
+    )
     tr.add_argument("--preset", help=f"named configuration: {preset_list}")
-    tr.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override a config key, e.g. optim.lr=3e-4 or model.unet.channel_mult=1,2,2 (repeatable)")
+    tr.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. optim.lr=3e-4 or model.unet.channel_mult=1,2,2 (repeatable)",
+    )
     tr.add_argument("--out", metavar="DIR", help="run directory (default: runs/<preset>)")
     tr.add_argument("--steps", type=int, help="total training steps (same as --set train.steps=N)")
-    tr.add_argument("--resume", action="store_true",
-                    help="continue the run in --out with its saved config.json (--preset not needed; --set and "
-                         "--steps still apply); fails if it has no checkpoint")
-    tr.add_argument("--stop-at", type=int, metavar="STEP",
-                    help="save a checkpoint and stop after this step, as on SIGTERM (resume later)")
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out with its saved config.json (--preset not needed; --set and "
+        "--steps still apply); fails if it has no checkpoint",
+    )
+    tr.add_argument(
+        "--stop-at",
+        type=int,
+        metavar="STEP",
+        help="save a checkpoint and stop after this step, as on SIGTERM (resume later)",
+    )
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.add_argument("--coordinator", metavar="HOST:PORT", help="multi-host: address of process 0")
     tr.add_argument("--num-processes", type=int, metavar="N", help="multi-host: number of processes (one per host)")
     tr.add_argument("--process-id", type=int, metavar="I", help="multi-host: this process's index in [0, N)")
-    tr.add_argument("--distributed", action="store_true",
-                    help="multi-host: let jax.distributed.initialize detect the cluster (Cloud TPU, SLURM, ...)")
-    tr.add_argument("--cpu-devices", type=int, metavar="N",
-                    help="split the CPU into N JAX devices (data parallelism on one machine, for testing)")
+    tr.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: let jax.distributed.initialize detect the cluster (Cloud TPU, SLURM, ...)",
+    )
+    tr.add_argument(
+        "--cpu-devices",
+        type=int,
+        metavar="N",
+        help="split the CPU into N JAX devices (data parallelism on one machine, for testing)",
+    )
     tr.set_defaults(fn=cmd_train)
 
     sa = sub.add_parser(
-        "sample", formatter_class=_Formatter, help="sample from a trained run",
+        "sample",
+        formatter_class=_Formatter,
+        help="sample from a trained run",
         description="Load a run's config and newest checkpoint and sample with any jdiff solver. Writes a PNG "
-                    "(image grid, or a 2-D scatter plot) and an .npz with the samples. Unset options default to "
-                    "the run's 'sample' config section.",
+        "(image grid, or a 2-D scatter plot) and an .npz with the samples. Unset options default to "
+        "the run's 'sample' config section.",
         epilog="examples:\n  jdiff sample --run runs/digits --solver unipc --nfe 10 --guidance 2\n"
-               "  jdiff sample --run runs/digits --solver sde_dpm_solver_pp --nfe 50 --label 3 --num 16\n"
-               f"solvers: {', '.join(P.SOLVER_NAMES)}")
+        "  jdiff sample --run runs/digits --solver sde_dpm_solver_pp --nfe 50 --label 3 --num 16\n"
+        f"solvers: {', '.join(P.SOLVER_NAMES)}",
+    )
     sa.add_argument("--run", required=True, metavar="DIR", help="run directory written by 'jdiff train'")
-    sa.add_argument("--solver", choices=P.SOLVER_NAMES, metavar="NAME",
-                    help=f"sampler, one of: {', '.join(P.SOLVER_NAMES)} (default: the run's sample.solver)")
-    sa.add_argument("--order", type=int, metavar="K",
-                    help="solver order, for dpm_solver, dpm_solver_pp, sde_dpm_solver_pp, deis, ipndm, unipc "
-                         "(default: the solver's own; the run's sample.order if --solver is not given)")
+    sa.add_argument(
+        "--solver",
+        choices=P.SOLVER_NAMES,
+        metavar="NAME",
+        help=f"sampler, one of: {', '.join(P.SOLVER_NAMES)} (default: the run's sample.solver)",
+    )
+    sa.add_argument(
+        "--order",
+        type=int,
+        metavar="K",
+        help="solver order, for dpm_solver, dpm_solver_pp, sde_dpm_solver_pp, deis, ipndm, unipc "
+        "(default: the solver's own; the run's sample.order if --solver is not given)",
+    )
     sa.add_argument("--nfe", type=int, metavar="N", help="number of model evaluations (default: the run's sample.nfe)")
-    sa.add_argument("--grid-kind", metavar="KIND", help=f"time grid: {', '.join(P.GRID_KINDS)} (default: the run's sample.grid_kind)")
+    sa.add_argument(
+        "--grid-kind",
+        metavar="KIND",
+        help=f"time grid: {', '.join(P.GRID_KINDS)} (default: the run's sample.grid_kind)",
+    )
     sa.add_argument("--num", type=int, metavar="M", help="number of samples (default: the run's sample.num)")
-    sa.add_argument("--seed", type=int, metavar="S", help="seed of the prior noise and of stochastic solvers (default: the run's sample.seed)")
-    _bool_flag(sa, "ema", "ema", "use the EMA parameters (default: the run's sample.ema, true in the presets)",
-               "use the raw trained parameters")
-    sa.add_argument("--guidance", type=float, metavar="W",
-                    help="classifier-free guidance scale, 1: conditional model alone, 0: unconditional "
-                         "(default: the run's sample.guidance)")
+    sa.add_argument(
+        "--seed",
+        type=int,
+        metavar="S",
+        help="seed of the prior noise and of stochastic solvers (default: the run's sample.seed)",
+    )
+    _bool_flag(
+        sa,
+        "ema",
+        "ema",
+        "use the EMA parameters (default: the run's sample.ema, true in the presets)",
+        "use the raw trained parameters",
+    )
+    sa.add_argument(
+        "--guidance",
+        type=float,
+        metavar="W",
+        help="classifier-free guidance scale, 1: conditional model alone, 0: unconditional "
+        "(default: the run's sample.guidance)",
+    )
     sa.add_argument("--label", type=int, metavar="L", help="class of every sample (default: cycle through classes)")
     sa.add_argument("--step", type=int, metavar="STEP", help="checkpoint step (default: the newest)")
     sa.add_argument("--batch-size", type=int, default=0, metavar="B", help="samples per call (0: all at once)")
-    sa.add_argument("--out", metavar="FILE",
-                    help="output PNG (the .npz goes next to it; default: DIR/samples/sample_<solver>_nfe<N>_step<S>.png)")
+    sa.add_argument(
+        "--out",
+        metavar="FILE",
+        help="output PNG (the .npz goes next to it; default: DIR/samples/sample_<solver>_nfe<N>_step<S>.png)",
+    )
     sa.set_defaults(fn=cmd_sample)
 
-    pr = sub.add_parser("presets", formatter_class=_Formatter, help="list presets, show one, or list config keys",
-                        description="Without NAME: list the presets. With NAME: print its resolved config as JSON "
-                                    "(after --set). --keys: every key with its type, value and help.")
+    pr = sub.add_parser(
+        "presets",
+        formatter_class=_Formatter,
+        help="list presets, show one, or list config keys",
+        description="Without NAME: list the presets. With NAME: print its resolved config as JSON "
+        "(after --set). --keys: every key with its type, value and help.",
+    )
     pr.add_argument("name", nargs="?", help="preset to show")
     pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key before showing")
     pr.add_argument("--keys", action="store_true", help="list keys with types and help")
     pr.set_defaults(fn=cmd_presets)
 
-    pl = sub.add_parser("plot", formatter_class=_Formatter, help="draw a run's loss curve",
-                        description="Draw the loss curve of a run's metrics.jsonl as a PNG.")
+    pl = sub.add_parser(
+        "plot",
+        formatter_class=_Formatter,
+        help="draw a run's loss curve",
+        description="Draw the loss curve of a run's metrics.jsonl as a PNG.",
+    )
     pl.add_argument("--run", required=True, metavar="DIR", help="run directory")
     pl.add_argument("--out", metavar="FILE", help="output PNG (default: DIR/loss.png)")
     pl.set_defaults(fn=cmd_plot)

@@ -28,7 +28,8 @@ import difflib
 import json
 import types
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = [
     "ConfigError",
@@ -63,8 +64,19 @@ class ConfigError(ValueError):
 
 
 PROCESSES = ("vp_linear", "vp_cosine", "sub_vp", "ve", "edm", "rectified_flow")
-SOLVER_NAMES = ("ddim", "ddpm", "euler", "heun", "euler_maruyama", "dpm_solver", "dpm_solver_pp",
-                "sde_dpm_solver_pp", "deis", "ipndm", "unipc")
+SOLVER_NAMES = (
+    "ddim",
+    "ddpm",
+    "euler",
+    "heun",
+    "euler_maruyama",
+    "dpm_solver",
+    "dpm_solver_pp",
+    "sde_dpm_solver_pp",
+    "deis",
+    "ipndm",
+    "unipc",
+)
 GRID_KINDS = ("default", "uniform", "logsnr", "quadratic", "karras")
 
 
@@ -85,8 +97,7 @@ def _f(default, doc: str = "", **kw):
 class DataConfig:
     """What to train on. Images are NHWC in [-1, 1]; 2-D toy points are (N, 2)."""
 
-    source: str = _choices("digits", "toy", "npz", "image_folder", "cifar10",
-                           doc="data source")
+    source: str = _choices("digits", "toy", "npz", "image_folder", "cifar10", doc="data source")
     resolution: int = _f(8, "image side; digits: 8 or an upsampled multiple of 8; npz/image_folder: required size")
     channels: int = _f(1, "image channels the model expects (1 or 3); npz/image_folder files must match")
     upsample: str = _choices("bilinear", "nearest", doc="digits upsampling method when resolution > 8")
@@ -238,14 +249,23 @@ def _digits() -> RunConfig:
     return RunConfig(
         name="digits",
         data=DataConfig(source="digits", resolution=8, channels=1, class_conditional=True),
-        model=ModelConfig(kind="unet", unet=UNetSpec(base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                                                     attn_resolutions=(4,), head_channels=16, dropout=0.1)),
-        objective=ObjectiveConfig(process="vp_cosine", prediction="v", weighting="min_snr", min_snr_gamma=5.0,
-                                  label_dropout=0.1),
+        model=ModelConfig(
+            kind="unet",
+            unet=UNetSpec(
+                base_channels=32,
+                channel_mult=(1, 2),
+                num_res_blocks=1,
+                attn_resolutions=(4,),
+                head_channels=16,
+                dropout=0.1,
+            ),
+        ),
+        objective=ObjectiveConfig(
+            process="vp_cosine", prediction="v", weighting="min_snr", min_snr_gamma=5.0, label_dropout=0.1
+        ),
         optim=OptimConfig(lr=2e-3, warmup_steps=100, schedule="cosine", final_lr=1e-5, clip_norm=1.0),
         ema=EMAConfig(decay=0.995, warmup=True),
-        train=TrainLoopConfig(steps=1500, batch_size=128, log_every=10, checkpoint_every=250, keep=2,
-                              grid_every=500),
+        train=TrainLoopConfig(steps=1500, batch_size=128, log_every=10, checkpoint_every=250, keep=2, grid_every=500),
         sample=SampleConfig(solver="dpm_solver_pp", order=2, nfe=25, num=100, guidance=1.5),
     )
 
@@ -259,8 +279,7 @@ def _toy2d() -> RunConfig:
         objective=ObjectiveConfig(process="rectified_flow", prediction="flow", label_dropout=0.0),
         optim=OptimConfig(lr=3e-3, warmup_steps=50, schedule="cosine", final_lr=1e-5, clip_norm=1.0),
         ema=EMAConfig(decay=0.99, warmup=True),
-        train=TrainLoopConfig(steps=2000, batch_size=256, log_every=10, checkpoint_every=500, keep=2,
-                              grid_every=500),
+        train=TrainLoopConfig(steps=2000, batch_size=256, log_every=10, checkpoint_every=500, keep=2, grid_every=500),
         sample=SampleConfig(solver="heun", order=0, nfe=20, num=2000, guidance=1.0),
     )
 
@@ -282,8 +301,9 @@ def _digits16() -> RunConfig:
     cfg = _digits()
     cfg.name = "digits16"
     cfg.data.resolution = 16
-    cfg.model.unet = UNetSpec(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,),
-                              head_channels=16, dropout=0.1)
+    cfg.model.unet = UNetSpec(
+        base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,), head_channels=16, dropout=0.1
+    )
     return cfg
 
 
@@ -462,12 +482,13 @@ def set_value(cfg: RunConfig, key: str, text: str) -> None:
         last = i == len(parts) - 1
         if dataclasses.is_dataclass(cur):
             if last:
-                raise ConfigError(f"{key!r} is a section, not a value; its keys: "
-                                  f"{', '.join(_valid_keys(cur, key + '.'))}")
+                raise ConfigError(
+                    f"{key!r} is a section, not a value; its keys: {', '.join(_valid_keys(cur, key + '.'))}"
+                )
             obj, prefix = cur, prefix + part + "."
             continue
         if not last:
-            raise ConfigError(f"{'.'.join(parts[:i + 1])!r} is a value, not a section (in override {key!r})")
+            raise ConfigError(f"{'.'.join(parts[: i + 1])!r} is a value, not a section (in override {key!r})")
         tp = _hints(type(obj))[part]
         value = _parse_value(text, tp, key)
         choices = f.metadata.get("choices")
@@ -561,8 +582,10 @@ def describe_keys(cfg: RunConfig | None = None) -> str:
             choices = f.metadata.get("choices")
             tp = "{" + ",".join(map(str, choices)) + "}" if choices else _type_name(hints[f.name])
             doc = f.metadata.get("doc", "")
-            lines.append(f"  {prefix}{f.name} = {json.dumps(config_to_dict(v) if isinstance(v, tuple) else v)}"
-                         f"  [{tp}]  {doc}".rstrip())
+            lines.append(
+                f"  {prefix}{f.name} = {json.dumps(config_to_dict(v) if isinstance(v, tuple) else v)}"
+                f"  [{tp}]  {doc}".rstrip()
+            )
 
     walk(cfg, "")
     return "\n".join(lines)
@@ -588,12 +611,16 @@ def validate_config(cfg: RunConfig) -> None:
     need(t.grid_every >= 0, f"train.grid_every must be >= 0, got {t.grid_every}")
     need(t.seed >= 0 and d.shuffle_seed >= 0 and m.init_seed >= 0 and s.seed >= 0, "seeds must be >= 0")
     need(opt.accum_steps >= 1, f"optim.accum_steps must be >= 1, got {opt.accum_steps}")
-    need(t.batch_size % max(opt.accum_steps, 1) == 0,
-         f"train.batch_size ({t.batch_size}) must be divisible by optim.accum_steps ({opt.accum_steps})")
+    need(
+        t.batch_size % max(opt.accum_steps, 1) == 0,
+        f"train.batch_size ({t.batch_size}) must be divisible by optim.accum_steps ({opt.accum_steps})",
+    )
     need(opt.lr > 0, f"optim.lr must be positive, got {opt.lr}")
     need(opt.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {opt.warmup_steps}")
     need(opt.clip_norm is None or opt.clip_norm > 0, f"optim.clip_norm must be positive or none, got {opt.clip_norm}")
-    need(cfg.ema.decay is None or 0.0 <= cfg.ema.decay < 1.0, f"ema.decay must be in [0, 1) or none, got {cfg.ema.decay}")
+    need(
+        cfg.ema.decay is None or 0.0 <= cfg.ema.decay < 1.0, f"ema.decay must be in [0, 1) or none, got {cfg.ema.decay}"
+    )
     need(0.0 <= o.label_dropout <= 1.0, f"objective.label_dropout must be in [0, 1], got {o.label_dropout}")
     need(o.precondition != "edm" or o.prediction == "x0", "objective.precondition=edm needs objective.prediction=x0")
     need(s.nfe >= 1, f"sample.nfe must be >= 1, got {s.nfe}")
@@ -603,7 +630,9 @@ def validate_config(cfg: RunConfig) -> None:
         need(m.kind == "mlp", f"data.source=toy gives 2-D vectors: use model.kind=mlp, not {m.kind}")
         need(d.toy_size >= t.batch_size, f"data.toy_size ({d.toy_size}) must be at least train.batch_size")
     else:
-        need(m.kind in ("unet", "dit"), f"data.source={d.source} gives images: use model.kind=unet or dit, not {m.kind}")
+        need(
+            m.kind in ("unet", "dit"), f"data.source={d.source} gives images: use model.kind=unet or dit, not {m.kind}"
+        )
         need(d.channels in (1, 3), f"data.channels must be 1 or 3, got {d.channels}")
         need(d.resolution >= 1, f"data.resolution must be positive, got {d.resolution}")
         if d.source == "digits":
@@ -618,13 +647,17 @@ def validate_config(cfg: RunConfig) -> None:
         levels = len(u.channel_mult)
         need(levels >= 1, "model.unet.channel_mult must not be empty")
         if levels and d.source != "toy":
-            need(d.resolution % (1 << (levels - 1)) == 0,
-                 f"data.resolution {d.resolution} must be divisible by 2^{levels - 1} for {levels} U-Net levels")
+            need(
+                d.resolution % (1 << (levels - 1)) == 0,
+                f"data.resolution {d.resolution} must be divisible by 2^{levels - 1} for {levels} U-Net levels",
+            )
             res = tuple(d.resolution >> i for i in range(levels))
             bad = [r for r in u.attn_resolutions if r not in res]
             need(not bad, f"model.unet.attn_resolutions {list(bad)} are not among the U-Net's resolutions {list(res)}")
     if m.kind == "dit" and d.source != "toy":
-        need(d.resolution % m.dit.patch_size == 0,
-             f"data.resolution {d.resolution} must be divisible by model.dit.patch_size {m.dit.patch_size}")
+        need(
+            d.resolution % m.dit.patch_size == 0,
+            f"data.resolution {d.resolution} must be divisible by model.dit.patch_size {m.dit.patch_size}",
+        )
     if errs:
         raise ConfigError("invalid configuration: " + "; ".join(errs))

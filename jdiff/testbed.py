@@ -48,7 +48,9 @@ class GaussianMixture:
         mu = np.asarray(self.means, np.float64)
         sd = np.asarray(self.stds, np.float64)
         if mu.ndim != 2 or sd.shape != mu.shape or w.shape != (mu.shape[0],):
-            raise ValueError(f"shapes: weights {w.shape}, means {mu.shape}, stds {sd.shape}; expected (K,), (K, d), (K, d)")
+            raise ValueError(
+                f"shapes: weights {w.shape}, means {mu.shape}, stds {sd.shape}; expected (K,), (K, d), (K, d)"
+            )
         if np.any(w < 0) or w.sum() <= 0 or np.any(sd <= 0):
             raise ValueError("weights must be non-negative with positive sum and stds positive")
         object.__setattr__(self, "weights", w / w.sum())
@@ -92,7 +94,9 @@ class GaussianMixture:
         sd2 = jnp.asarray(self.stds, dt)[None] ** 2
         v = a * a * sd2 + s * s  # (B, K, d)
         diff = xf[:, None, :] - a * mu  # (B, K, d)
-        logw = jnp.log(jnp.asarray(self.weights, dt))[None] - 0.5 * jnp.sum(diff * diff / v + jnp.log(2 * jnp.pi * v), -1)
+        logw = jnp.log(jnp.asarray(self.weights, dt))[None] - 0.5 * jnp.sum(
+            diff * diff / v + jnp.log(2 * jnp.pi * v), -1
+        )
         return xf, a, s, mu, sd2, v, diff, logw
 
     def log_prob(self, x, t, process: Process):
@@ -106,7 +110,9 @@ class GaussianMixture:
         mu = jnp.asarray(self.means, x.dtype)[None]
         sd2 = jnp.asarray(self.stds, x.dtype)[None] ** 2
         diff = x.reshape(x.shape[0], -1)[:, None, :] - mu
-        logw = jnp.log(jnp.asarray(self.weights, x.dtype))[None] - 0.5 * jnp.sum(diff**2 / sd2 + jnp.log(2 * jnp.pi * sd2), -1)
+        logw = jnp.log(jnp.asarray(self.weights, x.dtype))[None] - 0.5 * jnp.sum(
+            diff**2 / sd2 + jnp.log(2 * jnp.pi * sd2), -1
+        )
         return jax.nn.logsumexp(logw, axis=-1)
 
     def posterior(self, x, t, process: Process) -> Prediction:
@@ -122,7 +128,7 @@ class GaussianMixture:
         p = self.posterior(x, t, process)
         return -p.eps / jnp.reshape(process.sigma(jnp.asarray(t, p.eps.dtype)), (-1,) + (1,) * (x.ndim - 1))
 
-    def denoiser(self, process: Process, prediction: str | None = None) -> "ExactDenoiser | Denoiser":
+    def denoiser(self, process: Process, prediction: str | None = None) -> ExactDenoiser | Denoiser:
         """The exact denoiser for ``process``.
 
         With ``prediction=None`` the returned object hands the solvers the exact pair
@@ -167,17 +173,32 @@ class GaussianMixture:
         @jax.jit
         def solve(y, a, b):
             sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(f), diffrax.Dopri8(), a, b, None, y,
+                diffrax.ODETerm(f),
+                diffrax.Dopri8(),
+                a,
+                b,
+                None,
+                y,
                 stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-                max_steps=max_steps, saveat=diffrax.SaveAt(t1=True),
+                max_steps=max_steps,
+                saveat=diffrax.SaveAt(t1=True),
             )
             return sol.ys[0]
 
         cache[key] = (process, solve)  # keep the process alive so its id stays unique
         return solve
 
-    def reference_ode(self, process: Process, x_T, t_start=None, t_end=None, *, rtol: float = 1e-10,
-                      atol: float = 1e-10, max_steps: int = 100_000):
+    def reference_ode(
+        self,
+        process: Process,
+        x_T,
+        t_start=None,
+        t_end=None,
+        *,
+        rtol: float = 1e-10,
+        atol: float = 1e-10,
+        max_steps: int = 100_000,
+    ):
         """Solve the probability-flow ODE exactly (to ``rtol``) from ``x_T`` at ``t_start``
         (default ``t_max``) to ``t_end`` (default ``t_min``; ``t_data`` allowed) with
         diffrax's 8th-order Dormand-Prince method.
@@ -198,7 +219,11 @@ class GaussianMixture:
             return fn(y, jnp.asarray(a, dt), jnp.asarray(b, dt))
 
         rho0 = float(process.rho(jnp.asarray(t0, dt)))
-        rho1 = float(process.rho(jnp.asarray(t1, dt))) if not (process.t_data is not None and t1 == process.t_data) else 0.0
+        rho1 = (
+            float(process.rho(jnp.asarray(t1, dt)))
+            if not (process.t_data is not None and t1 == process.t_data)
+            else 0.0
+        )
         if rho1 >= 1.0:
             return solve(f_t, t0, t1, x)
         if rho0 > 1.0:
@@ -227,7 +252,9 @@ class ExactDenoiser:
 jax.tree_util.register_dataclass(ExactDenoiser, data_fields=["process"], meta_fields=["mixture"])
 
 
-def random_mixture(key, dim: int, n_components: int = 4, *, spread: float = 1.0, std_range=(0.1, 0.5)) -> GaussianMixture:
+def random_mixture(
+    key, dim: int, n_components: int = 4, *, spread: float = 1.0, std_range=(0.1, 0.5)
+) -> GaussianMixture:
     """A random mixture: means ``N(0, spread^2)``, stds uniform in ``std_range``,
     Dirichlet(1) weights. Deterministic in ``key``."""
     k1, k2, k3 = jax.random.split(key, 3)

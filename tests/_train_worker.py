@@ -17,7 +17,6 @@ import os
 import sys
 import time
 
-
 WORKER_PATH = os.path.abspath(__file__)
 REPO_ROOT = os.path.dirname(os.path.dirname(WORKER_PATH))
 
@@ -47,7 +46,9 @@ def _early_env(argv):
     p.add_argument("--devices", type=int, default=0)
     a, _ = p.parse_known_args(argv)
     if a.devices:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={a.devices}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={a.devices}"
+        ).strip()
 
 
 DIM, HIDDEN, NUM_CLASSES = 4, 16, 3
@@ -91,8 +92,9 @@ def loss_fn():
     import jdiff
     from jdiff import train as T
 
-    cfg = T.LossConfig(jdiff.vp_cosine(), prediction="v", weighting="min_snr", label_dropout=0.2,
-                       num_classes=NUM_CLASSES)
+    cfg = T.LossConfig(
+        jdiff.vp_cosine(), prediction="v", weighting="min_snr", label_dropout=0.2, num_classes=NUM_CLASSES
+    )
     return T.make_loss_fn(apply, cfg)
 
 
@@ -110,8 +112,19 @@ def save_state(path, state):
     np.savez(path, **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
 
 
-def train_run(steps, batch=16, seed=0, accum=1, ckpt=None, save_every=5, keep=3, sleep=0.0, mesh=None,
-              handle_sigterm=True, total=None):
+def train_run(
+    steps,
+    batch=16,
+    seed=0,
+    accum=1,
+    ckpt=None,
+    save_every=5,
+    keep=3,
+    sleep=0.0,
+    mesh=None,
+    handle_sigterm=True,
+    total=None,
+):
     """The training run every test compares against: jdiff.train.train on the tiny MLP,
     stopping at ``steps`` of a ``total``-step learning-rate schedule (default ``steps``)."""
     from jdiff import train as T
@@ -129,9 +142,23 @@ def train_run(steps, batch=16, seed=0, accum=1, ckpt=None, save_every=5, keep=3,
         if sleep:
             time.sleep(sleep)
 
-    return T.train(loss_fn(), init_params(seed), data, steps, optimizer=optimizer(total or steps), seed=seed, mesh=mesh,
-                   checkpoint_dir=ckpt, save_every=save_every, keep=keep, accum_steps=accum, ema_decay=0.9,
-                   ema_warmup=True, callbacks=[progress], handle_sigterm=handle_sigterm)
+    return T.train(
+        loss_fn(),
+        init_params(seed),
+        data,
+        steps,
+        optimizer=optimizer(total or steps),
+        seed=seed,
+        mesh=mesh,
+        checkpoint_dir=ckpt,
+        save_every=save_every,
+        keep=keep,
+        accum_steps=accum,
+        ema_decay=0.9,
+        ema_warmup=True,
+        callbacks=[progress],
+        handle_sigterm=handle_sigterm,
+    )
 
 
 def mode_run(a):
@@ -145,8 +172,11 @@ def mode_run(a):
         T.initialize_distributed(f"localhost:{a.port}", a.num_processes, a.process_id)
     res = train_run(a.steps, a.batch, a.seed, a.accum, a.ckpt, a.save_every, a.keep, a.sleep, total=a.total)
     if T.is_main_process():
-        print(f"finished step={res.step} preempted={res.preempted} devices={jax.device_count()} "
-              f"processes={jax.process_count()}", flush=True)
+        print(
+            f"finished step={res.step} preempted={res.preempted} devices={jax.device_count()} "
+            f"processes={jax.process_count()}",
+            flush=True,
+        )
         if a.out:
             save_state(a.out, res.state)
     return 0

@@ -17,8 +17,17 @@ def x64():
 
 # Solvers that are proven identical to another one by tests/test_solvers.py (to 1e-6 or
 # 1e-10) and so need no separate convergence run.
-EQUIVALENT = {"euler(rho)", "dpm_solver-1", "dpm_solver++(1)", "deis-1", "unip-1", "unip-2", "unip-3",
-              "deis-3(log_rho)", "ipndm_v-3"}
+EQUIVALENT = {
+    "euler(rho)",
+    "dpm_solver-1",
+    "dpm_solver++(1)",
+    "deis-1",
+    "unip-1",
+    "unip-2",
+    "unip-3",
+    "deis-3(log_rho)",
+    "ipndm_v-3",
+}
 
 
 def deterministic_zoo():

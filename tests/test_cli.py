@@ -76,10 +76,18 @@ def assert_trees_equal(a, b):
 
 
 def test_overrides_are_type_checked():
-    cfg = P.apply_overrides(P.get_preset("digits"), [
-        "optim.lr=3e-4", "train.steps=7", "ema.decay=none", "model.unet.channel_mult=1,2", "sample.solver=unipc",
-        "data.class_conditional=false", "optim.clip_norm=none",
-    ])
+    cfg = P.apply_overrides(
+        P.get_preset("digits"),
+        [
+            "optim.lr=3e-4",
+            "train.steps=7",
+            "ema.decay=none",
+            "model.unet.channel_mult=1,2",
+            "sample.solver=unipc",
+            "data.class_conditional=false",
+            "optim.clip_norm=none",
+        ],
+    )
     assert cfg.optim.lr == 3e-4 and cfg.train.steps == 7 and cfg.ema.decay is None
     assert cfg.model.unet.channel_mult == (1, 2) and cfg.sample.solver == "unipc"
     assert cfg.data.class_conditional is False and cfg.optim.clip_norm is None
@@ -112,8 +120,10 @@ def test_overrides_are_type_checked():
 def tiny_run(tmp_path_factory):
     """An uninterrupted 20-step toy2d run (shared by the tests below)."""
     out = tmp_path_factory.mktemp("runs") / "full"
-    code = cli.main(["train", "--preset", "toy2d", "--out", str(out), "--no-progress", "--steps", "20"]
-                    + sum((["--set", s] for s in TINY), []))
+    code = cli.main(
+        ["train", "--preset", "toy2d", "--out", str(out), "--no-progress", "--steps", "20"]
+        + sum((["--set", s] for s in TINY), [])
+    )
     assert code == 0
     return out
 
@@ -161,12 +171,14 @@ def test_resume_matches_uninterrupted(tiny_run, tmp_path, capsys):
     assert code == 0 and "nothing to do" in o
 
 
-@pytest.mark.parametrize("solver,extra,nfe", [("ddim", [], 5), ("dpm_solver_pp", ["--order", "3"], 8),
-                                              ("euler_maruyama", [], 6)])
+@pytest.mark.parametrize(
+    "solver,extra,nfe", [("ddim", [], 5), ("dpm_solver_pp", ["--order", "3"], 8), ("euler_maruyama", [], 6)]
+)
 def test_sample_solvers(tiny_run, tmp_path, capsys, solver, extra, nfe):
     png = tmp_path / f"{solver}.png"
-    code, o, e = run_cli(["sample", "--run", tiny_run, "--solver", solver, "--nfe", nfe, "--num", 50, "--out", png]
-                         + extra, capsys)
+    code, o, e = run_cli(
+        ["sample", "--run", tiny_run, "--solver", solver, "--nfe", nfe, "--num", 50, "--out", png] + extra, capsys
+    )
     assert code == 0, e
     z = np.load(tmp_path / f"{solver}.npz")
     assert z["samples"].shape == (50, 2) and np.all(np.isfinite(z["samples"]))
@@ -190,8 +202,26 @@ def test_sample_is_deterministic_and_batch_invariant(tiny_run, tmp_path, capsys)
 
 
 def test_guided_sampling_of_one_class(tiny_run, tmp_path, capsys):
-    code, o, e = run_cli(["sample", "--run", tiny_run, "--solver", "heun", "--nfe", 6, "--num", 40, "--label", 1,
-                          "--guidance", 2.0, "--out", tmp_path / "g"], capsys)
+    code, o, e = run_cli(
+        [
+            "sample",
+            "--run",
+            tiny_run,
+            "--solver",
+            "heun",
+            "--nfe",
+            6,
+            "--num",
+            40,
+            "--label",
+            1,
+            "--guidance",
+            2.0,
+            "--out",
+            tmp_path / "g",
+        ],
+        capsys,
+    )
     assert code == 0, e
     z = np.load(tmp_path / "g.npz")
     assert os.path.exists(tmp_path / "g.png")
@@ -204,12 +234,41 @@ def test_digits_images_end_to_end(tmp_path, capsys):
     one column per class. (A one-block DiT: it compiles several times faster than a
     U-Net; the digits preset's own U-Net is built in the next test.)"""
     out = tmp_path / "digits"
-    code, o, e = run_cli(["train", "--preset", "digits", "--out", out, "--no-progress", "--steps", 2,
-                          "--set", "model.kind=dit", "--set", "model.dit.patch_size=4", "--set", "model.dit.depth=1",
-                          "--set", "model.dit.hidden_dim=16", "--set", "model.dit.num_heads=2",
-                          "--set", "train.batch_size=16", "--set", "sample.num=20", "--set", "sample.nfe=2",
-                          "--set", "sample.solver=ddim", "--set", "sample.order=0", "--set", "sample.guidance=1"],
-                         capsys)
+    code, o, e = run_cli(
+        [
+            "train",
+            "--preset",
+            "digits",
+            "--out",
+            out,
+            "--no-progress",
+            "--steps",
+            2,
+            "--set",
+            "model.kind=dit",
+            "--set",
+            "model.dit.patch_size=4",
+            "--set",
+            "model.dit.depth=1",
+            "--set",
+            "model.dit.hidden_dim=16",
+            "--set",
+            "model.dit.num_heads=2",
+            "--set",
+            "train.batch_size=16",
+            "--set",
+            "sample.num=20",
+            "--set",
+            "sample.nfe=2",
+            "--set",
+            "sample.solver=ddim",
+            "--set",
+            "sample.order=0",
+            "--set",
+            "sample.guidance=1",
+        ],
+        capsys,
+    )
     assert code == 0, e
     info = json.load(open(out / "run.json"))
     assert info["num_classes"] == 10 and info["data_shape"] == [8, 8, 1]
@@ -235,17 +294,23 @@ def test_presets_build():
 # --------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["train", "--preset", "mnist"], "unknown preset 'mnist'.*valid presets: digits, digits16, toy2d"),
-    (["train", "--preset", "toy2d", "--set", "optim.lrr=1"], "unknown config key 'optim.lrr'.*valid keys in 'optim'"),
-    (["train", "--preset", "toy2d", "--set", "train.steps=ten"], "train.steps: expected an integer, got 'ten'"),
-    (["train", "--preset", "toy2d", "--set", "model.kind=resnet"], "valid choices: unet, mlp, dit"),
-    (["train", "--preset", "toy2d", "--set", "model.kind=unet"], "data.source=toy gives 2-D vectors"),
-    (["train", "--out", "/nonexistent/jdiff-run", "--resume"], "run directory not found"),
-    (["train"], "give --preset NAME"),
-    (["sample", "--run", "/nonexistent/jdiff-run"], "run directory not found"),
-    (["presets", "nope"], "unknown preset 'nope'"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["train", "--preset", "mnist"], "unknown preset 'mnist'.*valid presets: digits, digits16, toy2d"),
+        (
+            ["train", "--preset", "toy2d", "--set", "optim.lrr=1"],
+            "unknown config key 'optim.lrr'.*valid keys in 'optim'",
+        ),
+        (["train", "--preset", "toy2d", "--set", "train.steps=ten"], "train.steps: expected an integer, got 'ten'"),
+        (["train", "--preset", "toy2d", "--set", "model.kind=resnet"], "valid choices: unet, mlp, dit"),
+        (["train", "--preset", "toy2d", "--set", "model.kind=unet"], "data.source=toy gives 2-D vectors"),
+        (["train", "--out", "/nonexistent/jdiff-run", "--resume"], "run directory not found"),
+        (["train"], "give --preset NAME"),
+        (["sample", "--run", "/nonexistent/jdiff-run"], "run directory not found"),
+        (["presets", "nope"], "unknown preset 'nope'"),
+    ],
+)
 def test_errors_exit_2(argv, msg, capsys):
     code, out, err = run_cli(argv, capsys)
     assert code == 2
@@ -269,8 +334,12 @@ def test_sample_without_checkpoint(tmp_path, capsys):
 
 def test_config_and_checkpoint_mismatch(tiny_run, tmp_path, capsys):
     # Training into a directory whose checkpoints are of another configuration.
-    code, _, err = run_cli(["train", "--preset", "toy2d", "--out", tiny_run, "--no-progress"]
-                           + sum((["--set", s] for s in TINY), []) + ["--set", "model.mlp.width=16"], capsys)
+    code, _, err = run_cli(
+        ["train", "--preset", "toy2d", "--out", tiny_run, "--no-progress"]
+        + sum((["--set", s] for s in TINY), [])
+        + ["--set", "model.mlp.width=16"],
+        capsys,
+    )
     assert code == 2
     assert "different configuration" in err and "model.mlp.width: 32 -> 16" in err
     # A config.json that no longer matches its checkpoints (edited by hand, copied...).
@@ -294,12 +363,39 @@ def test_config_and_checkpoint_mismatch(tiny_run, tmp_path, capsys):
 def test_data_shape_errors(tmp_path, capsys):
     rgb = tmp_path / "rgb.npz"
     np.savez(rgb, images=np.zeros((10, 8, 8, 3), np.uint8))
-    code, _, err = run_cli(["train", "--preset", "digits", "--out", tmp_path / "r", "--set", "data.source=npz",
-                            "--set", f"data.path={rgb}"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--preset",
+            "digits",
+            "--out",
+            tmp_path / "r",
+            "--set",
+            "data.source=npz",
+            "--set",
+            f"data.path={rgb}",
+        ],
+        capsys,
+    )
     assert code == 2 and "3 channel" in err
-    code, _, err = run_cli(["train", "--preset", "digits", "--out", tmp_path / "r", "--set", "data.source=npz",
-                            "--set", f"data.path={rgb}", "--set", "data.channels=3", "--set", "data.resolution=16"],
-                           capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--preset",
+            "digits",
+            "--out",
+            tmp_path / "r",
+            "--set",
+            "data.source=npz",
+            "--set",
+            f"data.path={rgb}",
+            "--set",
+            "data.channels=3",
+            "--set",
+            "data.resolution=16",
+        ],
+        capsys,
+    )
     assert code == 2 and "16" in err
 
 
@@ -315,19 +411,39 @@ def _env():
 
 def test_module_entry_points_and_help():
     for mod in ("jdiff", "jdiff.cli"):
-        r = subprocess.run([sys.executable, "-m", mod, "train", "--help"], capture_output=True, text=True,
-                           env=_env(), timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", mod, "train", "--help"], capture_output=True, text=True, env=_env(), timeout=60
+        )
         assert r.returncode == 0 and "--preset" in r.stdout and "--resume" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "jdiff", "train", "--preset", "nope"], capture_output=True, text=True,
-                       env=_env(), timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "jdiff", "train", "--preset", "nope"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
     assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "term"
-    cmd = [sys.executable, "-m", "jdiff", "train", "--preset", "toy2d", "--out", str(out), "--no-progress",
-           "--steps", "100000"] + sum((["--set", s] for s in TINY), []) + ["--set", "train.log_every=1",
-                                                                           "--set", "train.grid_every=0"]
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "jdiff",
+            "train",
+            "--preset",
+            "toy2d",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--steps",
+            "100000",
+        ]
+        + sum((["--set", s] for s in TINY), [])
+        + ["--set", "train.log_every=1", "--set", "train.grid_every=0"]
+    )
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         deadline = time.time() + 60

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import integrate
 
+import jdiff
 from jdiff._core import ei_step, ei_weights, geometry, phi
 from jdiff.solvers.deis import lagrange_quadrature_weights
-import jdiff
 
 pytestmark = pytest.mark.usefixtures("x64")
 

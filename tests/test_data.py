@@ -24,7 +24,7 @@ def _rand_u8(shape, seed=0):
 # ----------------------------------------------------------------------------- digits
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits(resolution, method="bilinear"):
     return data.digits(resolution, method=method)
 
@@ -91,7 +91,9 @@ def test_toy_deterministic_and_scaled(name):
 def test_toy_regression_and_names():
     # pins the generator: a numpy change that alters the stream would show up here
     np.testing.assert_allclose(
-        data.toy("moons", 3, 0)[0], [[-0.2217719, -0.7234702], [1.2870408, -1.031734], [-0.7103867, 0.3154609]], atol=1e-6
+        data.toy("moons", 3, 0)[0],
+        [[-0.2217719, -0.7234702], [1.2870408, -1.031734], [-0.7103867, 0.3154609]],
+        atol=1e-6,
     )
     np.testing.assert_array_equal(data.toy("two_moons", 50, 1)[0], data.toy("moons", 50, 1)[0])
     np.testing.assert_array_equal(data.toy("Eight-Gaussians", 50, 1)[0], data.toy("8gaussians", 50, 1)[0])
@@ -260,7 +262,9 @@ def _smooth_rgb(h, w, seed):
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
     base = rng.uniform(40, 215, size=3)
-    return np.clip(base + 30 * np.stack([np.sin(3 * xx), np.cos(2 * yy), np.sin(2 * xx + yy)], -1), 0, 255).astype(np.uint8)
+    return np.clip(base + 30 * np.stack([np.sin(3 * xx), np.cos(2 * yy), np.sin(2 * xx + yy)], -1), 0, 255).astype(
+        np.uint8
+    )
 
 
 @pytest.fixture
@@ -481,7 +485,9 @@ def test_loader_seed_determinism():
     assert data.epoch_permutation(0, 0, 10).tolist() == [3, 2, 1, 8, 6, 0, 7, 4, 5, 9]
     assert data.epoch_permutation(7, 3, 10).tolist() == [2, 4, 7, 3, 5, 1, 8, 9, 0, 6]
     # shuffle=False: storage order
-    np.testing.assert_array_equal(next(data.Loader(x, 8, 0, process_index=0, process_count=1, shuffle=False)), np.arange(8))
+    np.testing.assert_array_equal(
+        next(data.Loader(x, 8, 0, process_index=0, process_count=1, shuffle=False)), np.arange(8)
+    )
 
 
 @pytest.mark.parametrize("drop_last", [True, False])
@@ -517,7 +523,7 @@ def test_loader_reads_only_own_rows():
     for p in range(P):
         rec = _Recording(np.arange(n))
         ld = data.Loader((rec, None), B, 1, process_index=p, process_count=P)
-        for g in range(3):
+        for _ in range(3):
             next(ld)
         want = np.concatenate([ref.batch(g)[p * 2 : (p + 1) * 2] for g in range(3)])
         assert rec.read == want.tolist()
@@ -598,7 +604,9 @@ def test_uint8_mapping():
     u = np.arange(256, dtype=np.uint8)
     np.testing.assert_array_equal(data.to_uint8(data.from_uint8(u)), u)
     assert data.from_uint8(u)[0] == -1.0 and data.from_uint8(u)[-1] == 1.0
-    np.testing.assert_array_equal(data.to_uint8(np.array([-1.0, 1.0, -3.0, 2.0, np.nan, np.inf])), [0, 255, 0, 255, 0, 255])
+    np.testing.assert_array_equal(
+        data.to_uint8(np.array([-1.0, 1.0, -3.0, 2.0, np.nan, np.inf])), [0, 255, 0, 255, 0, 255]
+    )
     with pytest.raises(ValueError, match="uint8"):
         data.from_uint8(np.zeros(3, np.int32))
 

@@ -79,8 +79,15 @@ class Case:
 # 16x16, BigGAN resampling, additive time injection) reduced in width and depth: the
 # full one takes ~9 s to initialize and ~8 s to compile on a 2-core CPU (see
 # test_ddpmpp_cifar10_config_builds for its shapes and size).
-UNET_SMALL = M.ddpmpp_cifar10(num_classes=NUM_CLASSES, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                              num_heads=2, dropout=0.3, class_dropout=0.5)
+UNET_SMALL = M.ddpmpp_cifar10(
+    num_classes=NUM_CLASSES,
+    base_channels=8,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    num_heads=2,
+    dropout=0.3,
+    class_dropout=0.5,
+)
 DIT_SMALL = M.dit_tiny(image_size=8, in_channels=2, num_classes=NUM_CLASSES, dropout=0.3, depth=2)
 MLP_SMALL = M.MLPResNetConfig(dim=3, width=32, num_blocks=2, num_classes=NUM_CLASSES, dropout=0.3)
 
@@ -115,7 +122,7 @@ def test_sinusoidal_embedding_closed_form():
     assert np.all(got[:, -1] == 0.0)  # odd width: zero pad
     # at t = 0 every cosine is 1 and every sine 0
     np.testing.assert_array_equal(got[0, :half], 1.0)
-    np.testing.assert_array_equal(got[0, half:2 * half], 0.0)
+    np.testing.assert_array_equal(got[0, half : 2 * half], 0.0)
 
 
 def test_fourier_embedding_closed_form():
@@ -149,9 +156,23 @@ def test_only_params_in_state(case):
     "cls,cfg,shape",
     [
         (M.MLPResNet, MLP_SMALL.replace(num_classes=0, time_embedding="fourier", time_scale=1.0), (B, 3)),
-        (M.UNet, M.UNetConfig(image_size=8, in_channels=2, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                              attn_resolutions=(4,), head_channels=8, scale_shift=True, resblock_updown=False,
-                              time_embedding="fourier", time_scale=1.0), (B, 8, 8, 2)),
+        (
+            M.UNet,
+            M.UNetConfig(
+                image_size=8,
+                in_channels=2,
+                base_channels=8,
+                channel_mult=(1, 2),
+                num_res_blocks=1,
+                attn_resolutions=(4,),
+                head_channels=8,
+                scale_shift=True,
+                resblock_updown=False,
+                time_embedding="fourier",
+                time_scale=1.0,
+            ),
+            (B, 8, 8, 2),
+        ),
         (M.DiT, DIT_SMALL.replace(num_classes=0, pos_embed="learned"), (B, 8, 8, 2)),
     ],
     ids=["mlp", "unet", "dit"],
@@ -284,8 +305,9 @@ def test_vmap_through_apply(case):
         return
     out = _jit(f)(xs, ts)
     for i in range(3):
-        np.testing.assert_allclose(np.asarray(out[i]), np.asarray(case.eval(case.params, xs[i], ts[i], case.y)),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(out[i]), np.asarray(case.eval(case.params, xs[i], ts[i], case.y)), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_apply_is_hashable_and_stable():
@@ -334,8 +356,15 @@ def test_bad_input_raises(case):
 
 
 def test_bad_configurations_raise_before_building():
-    base = M.UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                        attn_resolutions=(4,), num_classes=0)
+    base = M.UNetConfig(
+        image_size=8,
+        in_channels=1,
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        num_classes=0,
+    )
     bad = [
         (dict(image_size=9), r"divisible by 2\^1"),
         (dict(attn_resolutions=(16,)), "not among the U-Net's resolutions"),
@@ -347,8 +376,11 @@ def test_bad_configurations_raise_before_building():
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):
             M.abstract_model(M.UNet, base.replace(**kw))
-    for kw, msg in [(dict(image_size=7), "patch_size"), (dict(num_heads=3), "num_heads"),
-                    (dict(pos_embed="rope"), "pos_embed")]:
+    for kw, msg in [
+        (dict(image_size=7), "patch_size"),
+        (dict(num_heads=3), "num_heads"),
+        (dict(pos_embed="rope"), "pos_embed"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             M.abstract_model(M.DiT, M.dit_tiny().replace(**kw))
 
@@ -367,8 +399,9 @@ def test_ddpmpp_cifar10_config_builds():
     n = M.count_params(nnx.state(abstract, nnx.Param))
     assert 55.0e6 < n < 56.5e6, n
     apply, params = M.functional(abstract)
-    out = jax.eval_shape(apply, params, jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32),
-                         jax.ShapeDtypeStruct((4,), jnp.float32))
+    out = jax.eval_shape(
+        apply, params, jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.float32)
+    )
     assert out.shape == (4, 32, 32, 3) and out.dtype == jnp.float32
 
 
@@ -395,6 +428,11 @@ def test_compute_dtype_bf16():
         ap, ps = M.functional(abstract)
         assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(ps))
         for xdt in (jnp.float32, jnp.bfloat16):
-            out = jax.eval_shape(ap, ps, jax.ShapeDtypeStruct(shape, xdt), jax.ShapeDtypeStruct((B,), jnp.float32),
-                                 jax.ShapeDtypeStruct((B,), jnp.int32))
+            out = jax.eval_shape(
+                ap,
+                ps,
+                jax.ShapeDtypeStruct(shape, xdt),
+                jax.ShapeDtypeStruct((B,), jnp.float32),
+                jax.ShapeDtypeStruct((B,), jnp.int32),
+            )
             assert out.shape == shape and out.dtype == xdt

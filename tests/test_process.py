@@ -29,7 +29,11 @@ PROCS = all_processes()
 
 def interior(p, n=41):
     # interior times (avoid exact zero-SNR endpoints, where lambda = -inf)
-    return jnp.linspace(p.t_min, p.t_max, n)[:-1] if p.alpha(jnp.asarray(p.t_max)) == 0 else jnp.linspace(p.t_min, p.t_max, n)
+    return (
+        jnp.linspace(p.t_min, p.t_max, n)[:-1]
+        if p.alpha(jnp.asarray(p.t_max)) == 0
+        else jnp.linspace(p.t_min, p.t_max, n)
+    )
 
 
 @pytest.mark.parametrize("name", list(PROCS))

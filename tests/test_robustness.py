@@ -54,15 +54,20 @@ def _run(make, proc, nfe, dtype, prediction=None, final="data", kind="default"):
 def test_finite_over_nfe_dtypes_and_endpoints(name):
     make = FAMILIES[name]
     vp = jdiff.vp_linear()
-    zsnr = jdiff.vp_discrete(jdiff.rescale_zero_terminal_snr(
-        jdiff.ddpm_betas("scaled_linear", beta_start=0.00085, beta_end=0.012)))
+    zsnr = jdiff.vp_discrete(
+        jdiff.rescale_zero_terminal_snr(jdiff.ddpm_betas("scaled_linear", beta_start=0.00085, beta_end=0.012))
+    )
     # NFE from 3 to 100 with float32, bfloat16 and float16 inputs (float32 inside), every
     # grid ending with a step straight to x0 (lambda = inf); the zero-terminal-SNR cases
     # (alpha = 0 at the start) are rectified flow with an x0 network and a rescaled
     # discrete table with a v network (Lin et al. 2024). One compilation per case.
-    cases = [(vp, 3, jnp.bfloat16, None, "default"), (vp, 10, jnp.float16, None, "default"),
-             (vp, 100, jnp.float32, None, "default"), (jdiff.rectified_flow(), 5, jnp.float32, "x0", "uniform"),
-             (zsnr, 30, jnp.bfloat16, "v", "uniform")]
+    cases = [
+        (vp, 3, jnp.bfloat16, None, "default"),
+        (vp, 10, jnp.float16, None, "default"),
+        (vp, 100, jnp.float32, None, "default"),
+        (jdiff.rectified_flow(), 5, jnp.float32, "x0", "uniform"),
+        (zsnr, 30, jnp.bfloat16, "v", "uniform"),
+    ]
     for proc, nfe, dtype, prediction, kind in cases:
         x, used = _run(make, proc, nfe, dtype, prediction=prediction, kind=kind)
         assert np.all(np.isfinite(x)), (name, proc.name, nfe, dtype)

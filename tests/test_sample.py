@@ -36,11 +36,15 @@ def scaled_denoiser(mix, proc):
 def test_vmap_with_a_grid_per_sample(setup, solver):
     mix, proc, x_T = setup
     den = mix.denoiser(proc)
-    grids = jnp.stack([jdiff.time_grid(proc, 6, kind=k, dtype=jnp.float64) for k in ("logsnr", "uniform", "quadratic", "karras")])
+    grids = jnp.stack(
+        [jdiff.time_grid(proc, 6, kind=k, dtype=jnp.float64) for k in ("logsnr", "uniform", "quadratic", "karras")]
+    )
     f = jax.vmap(lambda x, g: jdiff.sample(solver, den, x[None], g)[0])
     got = jax.jit(f)(x_T, grids)
     for i in range(4):
-        np.testing.assert_allclose(got[i], jdiff.sample(solver, den, x_T[i:i + 1], grids[i])[0], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            got[i], jdiff.sample(solver, den, x_T[i : i + 1], grids[i])[0], rtol=1e-10, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("solver", [S.dpm_solver_pp(3), S.dpm_solver(2), S.unipc(2)], ids=lambda s: s.name)
@@ -82,8 +86,9 @@ def test_grad_through_stochastic_sampler(setup):
     assert float(g[0, 0]) == pytest.approx(float((f(x_T + d) - f(x_T - d)) / (2 * eps)), rel=1e-6)
 
 
-@pytest.mark.parametrize("solver", [S.unipc(3), S.dpm_solver(3), S.heun(), S.sde_dpm_solver_pp(2), S.deis(3)],
-                         ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "solver", [S.unipc(3), S.dpm_solver(3), S.heun(), S.sde_dpm_solver_pp(2), S.deis(3)], ids=lambda s: s.name
+)
 def test_compiled_program_does_not_grow_with_steps(setup, solver):
     mix, proc, x_T = setup
     den = mix.denoiser(proc)

@@ -4,13 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import EQUIVALENT, deterministic_zoo
 
 import jdiff
 from jdiff import solvers as S
 from jdiff._random import normal_per_sample
 from jdiff.testbed import random_mixture
-
-from conftest import EQUIVALENT, deterministic_zoo
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -64,10 +63,18 @@ def test_first_order_solvers_coincide(one_batch, final):
     # an eps network on one grid and an x0 network on the other: the conversion does not matter
     den = mix.denoiser(proc, "eps" if final == "t_min" else "x0")
     ref = _run(S.ddim(), den, x_T, grid)
-    for solver in [S.dpm_solver(1), S.dpm_solver(1, method="multistep"), S.dpm_solver_pp(1),
-                   S.dpm_solver_pp(1, method="singlestep"), S.deis(1), S.deis(1, basis="log_rho"),
-                   S.unipc(1, corrector=False), S.unipc(1, corrector=False, prediction="noise"),
-                   S.euler("rho"), S.ipndm(1)]:
+    for solver in [
+        S.dpm_solver(1),
+        S.dpm_solver(1, method="multistep"),
+        S.dpm_solver_pp(1),
+        S.dpm_solver_pp(1, method="singlestep"),
+        S.deis(1),
+        S.deis(1, basis="log_rho"),
+        S.unipc(1, corrector=False),
+        S.unipc(1, corrector=False, prediction="noise"),
+        S.euler("rho"),
+        S.ipndm(1),
+    ]:
         np.testing.assert_allclose(_run(solver, den, x_T, grid), ref, rtol=0, atol=1e-6, err_msg=solver.name)
 
 
@@ -119,8 +126,11 @@ def test_sde_dpm_solver_1_is_ddpm(one_batch):
     den = mix.denoiser(proc)
     grid = jdiff.time_grid(proc, 9, dtype=jnp.float64)
     key = jax.random.key(9)
-    np.testing.assert_allclose(jdiff.sample(S.sde_dpm_solver_pp(1), den, x_T, grid, key=key),
-                               jdiff.sample(S.ddpm(), den, x_T, grid, key=key), atol=1e-10)
+    np.testing.assert_allclose(
+        jdiff.sample(S.sde_dpm_solver_pp(1), den, x_T, grid, key=key),
+        jdiff.sample(S.ddpm(), den, x_T, grid, key=key),
+        atol=1e-10,
+    )
 
 
 COUNTED = ["heun(t)", "heun(rho)", "dpm_solver-2", "dpm_solver-3", "dpm_solver++(3S)", "unipc-2(bh2)", "ipndm-4"]
@@ -229,8 +239,7 @@ def test_unipc_matches_a_textbook_predictor_corrector_loop(one_batch, order, var
         else:
             x_next = ei_step(x, g, m, mode="data")
         x_prev, x, p_prev = x, x_next, p
-    np.testing.assert_allclose(jdiff.sample(S.unipc(order, variant=variant), den, x_T, grid), x, rtol=1e-10,
-                               atol=1e-12)
+    np.testing.assert_allclose(jdiff.sample(S.unipc(order, variant=variant), den, x_T, grid), x, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("order", [2, 3])
@@ -261,8 +270,11 @@ def test_dpm_solver_singlestep_matches_the_papers_algorithms(one_batch, order):
             s2 = proc.t_of_lambda(lam(t_s) + r2 * h)
             u1 = a(s1) / a(t_s) * x - s(s1) * jnp.expm1(r1 * h) * e_s
             d1 = eps(u1, s1) - e_s
-            u2 = (a(s2) / a(t_s) * x - s(s2) * jnp.expm1(r2 * h) * e_s
-                  - s(s2) * r2 / r1 * (jnp.expm1(r2 * h) / (r2 * h) - 1.0) * d1)
+            u2 = (
+                a(s2) / a(t_s) * x
+                - s(s2) * jnp.expm1(r2 * h) * e_s
+                - s(s2) * r2 / r1 * (jnp.expm1(r2 * h) / (r2 * h) - 1.0) * d1
+            )
             d2 = eps(u2, s2) - e_s
             x = a(t_t) / a(t_s) * x - s(t_t) * jnp.expm1(h) * e_s - s(t_t) / r2 * (jnp.expm1(h) / h - 1.0) * d2
     got = jdiff.sample(S.dpm_solver(order, lower_order_final=False), den, x_T, grid)

@@ -4,12 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import stochastic_zoo
 
 import jdiff
 from jdiff import solvers as S
 from jdiff.testbed import frechet_distance, gaussian_stats, random_mixture
-
-from conftest import stochastic_zoo
 
 ZOO = stochastic_zoo()
 
@@ -72,7 +71,8 @@ def test_per_sample_keys_argument(mix):
     key = jax.random.key(1)
     x_T = jnp.zeros((3, 2))
     keys = jdiff.per_sample_keys(key, 3)
-    np.testing.assert_array_equal(jdiff.sample(S.ddpm(), den, x_T, grid, key=keys),
-                                  jdiff.sample(S.ddpm(), den, x_T, grid, key=key))
+    np.testing.assert_array_equal(
+        jdiff.sample(S.ddpm(), den, x_T, grid, key=keys), jdiff.sample(S.ddpm(), den, x_T, grid, key=key)
+    )
     with pytest.raises(ValueError, match="got 2 per-sample keys for a batch of 3"):
         jdiff.sample(S.ddpm(), den, x_T, grid, key=keys[:2])

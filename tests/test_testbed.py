@@ -70,8 +70,11 @@ def test_mean_and_cov_match_samples(mix):
     np.testing.assert_allclose(c, mix.cov(), atol=0.02)
 
 
-@pytest.mark.parametrize("proc", [jdiff.vp_linear(), jdiff.edm(), jdiff.rectified_flow(), jdiff.vp_cosine(t_max=1.0)],
-                         ids=["vp", "edm", "rf", "cosine_zsnr"])
+@pytest.mark.parametrize(
+    "proc",
+    [jdiff.vp_linear(), jdiff.edm(), jdiff.rectified_flow(), jdiff.vp_cosine(t_max=1.0)],
+    ids=["vp", "edm", "rf", "cosine_zsnr"],
+)
 def test_reference_ode_exact_for_one_gaussian(proc):
     # For one Gaussian N(mu, s^2) the probability-flow ODE is the affine map
     # x_t = alpha_t mu + sqrt(alpha_t^2 s^2 + sigma_t^2) / sqrt(alpha_T^2 s^2 + sigma_T^2) (x_T - alpha_T mu).

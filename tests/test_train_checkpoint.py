@@ -10,14 +10,13 @@ import subprocess
 import sys
 import time
 
+import _train_worker as W
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jdiff import train as T
-
-import _train_worker as W
 
 WORKER = W.WORKER_PATH
 _env = W.subprocess_env
@@ -69,8 +68,11 @@ def _largest(paths):
 
 
 def _corrupt(step_dir, mode, other_step_dir):
-    data_files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
-                  if os.path.isfile(p) and os.sep + "d" + os.sep in p]
+    data_files = [
+        p
+        for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+        if os.path.isfile(p) and os.sep + "d" + os.sep in p
+    ]
     assert data_files, os.listdir(step_dir)
     if mode == "truncate_data":
         for p in data_files:
@@ -139,7 +141,9 @@ def test_different_model_configuration_raises_clear_error(tmp_path):
         ck.save(1, state)
     wider, _ = _state(shape=(3, 5))
     with T.Checkpointer(tmp_path) as ck:
-        with pytest.raises(T.CheckpointMismatchError, match=r"\['w'\]: checkpoint float32\[3, 4\] vs model float32\[3, 5\]"):
+        with pytest.raises(
+            T.CheckpointMismatchError, match=r"\['w'\]: checkpoint float32\[3, 4\] vs model float32\[3, 5\]"
+        ):
             ck.restore(wider)
     bigger = state._replace(params={**state.params, "extra_layer": jnp.zeros(2)})
     bigger = bigger._replace(opt_state=T.make_optimizer(1e-3).init(bigger.params))
@@ -198,13 +202,29 @@ def reference():
 
 
 def _cmd(ckpt, out, sleep=0.0):
-    return [sys.executable, WORKER, "run", "--ckpt", ckpt, "--out", out, "--steps", str(STEPS),
-            "--save-every", str(SAVE_EVERY), "--keep", "2", "--sleep", str(sleep)]
+    return [
+        sys.executable,
+        WORKER,
+        "run",
+        "--ckpt",
+        ckpt,
+        "--out",
+        out,
+        "--steps",
+        str(STEPS),
+        "--save-every",
+        str(SAVE_EVERY),
+        "--keep",
+        "2",
+        "--sleep",
+        str(sleep),
+    ]
 
 
 def _start(ckpt, out, sleep):
-    return subprocess.Popen(_cmd(ckpt, out, sleep), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(
+        _cmd(ckpt, out, sleep), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _wait_for_step(proc, step, lines):
@@ -217,12 +237,13 @@ def _wait_for_step(proc, step, lines):
         if line.startswith("step ") and int(line.split()[1]) >= step:
             return
     proc.kill()
-    raise AssertionError("worker never reached step %d:\n%s" % (step, "".join(lines)[-4000:]))
+    raise AssertionError(f"worker never reached step {step}:\n" + "".join(lines)[-4000:])
 
 
 def _finish(ckpt, out):
-    r = subprocess.run(_cmd(ckpt, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        _cmd(ckpt, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stdout[-4000:]
     return r.stdout
 
@@ -310,7 +331,7 @@ class _EpochIterator:
         if self.step == per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
         order = np.random.default_rng(self.epoch).permutation(len(self.data["x"]))
-        rows = order[self.step * self.batch:(self.step + 1) * self.batch]
+        rows = order[self.step * self.batch : (self.step + 1) * self.batch]
         self.step += 1
         return {k: v[rows] for k, v in self.data.items()}
 

@@ -71,8 +71,10 @@ def test_point_mass_perfect_predictor_has_zero_loss(pname):
                 perfect = _point_mass_perfect(pred, process, c)
                 wrong = lambda p, x, t, cond, key=None, f=perfect: f(p, x, t, cond) + 0.1
                 cfg = T.LossConfig(process, prediction=pred)
-                out[pred] = (T.make_loss_fn(perfect, cfg)(None, batch, key)[0],
-                             T.make_loss_fn(wrong, cfg)(None, batch, key)[0])
+                out[pred] = (
+                    T.make_loss_fn(perfect, cfg)(None, batch, key)[0],
+                    T.make_loss_fn(wrong, cfg)(None, batch, key)[0],
+                )
             return out
 
         for pred, (good, bad) in losses(jax.random.key(0)).items():
@@ -111,10 +113,11 @@ def test_gaussian_exact_denoiser_attains_minimal_loss(prediction):
 
         @jax.jit
         def losses(key):
-            pert = lambda d: (lambda p, x, t, c, key=None: exact(p, x, t, c) + d * jnp.tanh(x))
+            pert = lambda d: lambda p, x, t, c, key=None: exact(p, x, t, c) + d * jnp.tanh(x)
             return [T.make_loss_fn(f, cfg)(None, batch, key)[0] for f in (exact, pert(-0.2), pert(0.2))]
 
         loss_star, lo, hi = map(float, losses(jax.random.key(2)))
+
         @jax.jit
         def quadrature(ts):
             w = T.loss_weight("min_snr", process, prediction, ts)
@@ -160,8 +163,9 @@ def test_min_snr_weights_match_paper_formulas():
     np.testing.assert_allclose(T.min_snr_weight(process, "eps", t, g), jnp.minimum(snr, g) / snr, rtol=1e-5)
     np.testing.assert_allclose(T.min_snr_weight(process, "x0", t, g), jnp.minimum(snr, g), rtol=1e-5)
     np.testing.assert_allclose(T.min_snr_weight(process, "v", t, g), jnp.minimum(snr, g) / (snr + 1), rtol=1e-5)
-    np.testing.assert_allclose(T.loss_weight("min_snr", process, "v", t, gamma=g), jnp.minimum(snr, g) / (snr + 1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        T.loss_weight("min_snr", process, "v", t, gamma=g), jnp.minimum(snr, g) / (snr + 1), rtol=1e-5
+    )
     np.testing.assert_array_equal(T.loss_weight("none", process, "v", t), np.ones(101))
 
 
@@ -181,6 +185,7 @@ def test_weighted_loss_is_the_same_x0_loss_for_every_parameterization(pname):
             x0 = x0_model(x, t)
             eps = (x - process.alpha(t)[:, None] * x0) / process.sigma(t)[:, None]
             return jdiff.from_x0_eps(pred, x0, eps, t, process)
+
         return apply
 
     with jax.enable_x64(True):
@@ -188,8 +193,13 @@ def test_weighted_loss_is_the_same_x0_loss_for_every_parameterization(pname):
 
         @jax.jit
         def losses(key):
-            return {(w, pred): T.make_loss_fn(model(pred), T.LossConfig(process, prediction=pred, weighting=w))(
-                None, batch, key)[0] for w in ("min_snr", "edm") for pred in ("eps", "x0", "v", "flow")}
+            return {
+                (w, pred): T.make_loss_fn(model(pred), T.LossConfig(process, prediction=pred, weighting=w))(
+                    None, batch, key
+                )[0]
+                for w in ("min_snr", "edm")
+                for pred in ("eps", "x0", "v", "flow")
+            }
 
         out = losses(jax.random.key(1))
         for (w, pred), v in out.items():
@@ -222,8 +232,9 @@ def test_edm_preconditioned_model_returns_x_at_zero_noise(pname):
     with jax.enable_x64(True):
         t_small = process.t_of_rho(jnp.full((5,), 1e-7, jnp.float64))
         assert float(process.rho(t_small).max()) < 1e-6
-        np.testing.assert_allclose(d(params, x.astype(jnp.float64), t_small, None),
-                                   x / process.alpha(t_small)[:, None], atol=1e-6)
+        np.testing.assert_allclose(
+            d(params, x.astype(jnp.float64), t_small, None), x / process.alpha(t_small)[:, None], atol=1e-6
+        )
     # and follows D = c_skip x + c_out F(c_in x, c_noise) at a moderate noise level (EDM process)
     if pname == "edm":
         t = jnp.full((5,), 1.3)
@@ -247,8 +258,9 @@ def test_edm_objective_perfect_raw_network_has_zero_loss():
     with jax.enable_x64(True):
         cfg = T.edm_objective(sigma_data=sd)
         assert cfg.time_sampling == "log_normal" and cfg.weighting == "edm" and cfg.precondition == "edm"
-        loss, _ = jax.jit(T.make_loss_fn(raw, cfg))(None, {"x": jnp.broadcast_to(c, (128, 2)).astype(jnp.float64)},
-                                           jax.random.key(0))
+        loss, _ = jax.jit(T.make_loss_fn(raw, cfg))(
+            None, {"x": jnp.broadcast_to(c, (128, 2)).astype(jnp.float64)}, jax.random.key(0)
+        )
         assert float(loss) < 1e-12
 
 
@@ -261,12 +273,14 @@ def test_time_samplers():
 
     @jax.jit
     def draw(key):
-        return (T.sample_times(key, n, p, "uniform"),
-                T.sample_times(key, n, rf, "logit_normal", logit_mean=0.5, logit_std=0.8),
-                T.sample_times(key, n, e, "log_normal"),
-                T.sample_times(key, n, d, "discrete"),
-                T.sample_times(key, 8, p, "uniform"),
-                T.sample_times(jdiff.per_sample_keys(key, 1, offset=5), 1, p, "uniform"))
+        return (
+            T.sample_times(key, n, p, "uniform"),
+            T.sample_times(key, n, rf, "logit_normal", logit_mean=0.5, logit_std=0.8),
+            T.sample_times(key, n, e, "log_normal"),
+            T.sample_times(key, n, d, "discrete"),
+            T.sample_times(key, 8, p, "uniform"),
+            T.sample_times(jdiff.per_sample_keys(key, 1, offset=5), 1, p, "uniform"),
+        )
 
     t_u, t_ln, t_edm, t_d, t_all, t_one = map(np.asarray, draw(jax.random.key(0)))
     assert t_u.shape == (n,) and t_u.min() >= p.t_min and t_u.max() <= p.t_max
@@ -324,7 +338,9 @@ def test_label_dropout_inside_the_loss():
     _, m = jax.jit(T.make_loss_fn(apply, cfg))(None, batch, jax.random.key(0))
     assert abs(float(m["mse"]) - p) < 4 * np.sqrt(p * (1 - p) / n)
     # no dropout configured: never the null class
-    _, m = jax.jit(T.make_loss_fn(apply, T.LossConfig(jdiff.vp_linear(), prediction="x0")))(None, batch, jax.random.key(0))
+    _, m = jax.jit(T.make_loss_fn(apply, T.LossConfig(jdiff.vp_linear(), prediction="x0")))(
+        None, batch, jax.random.key(0)
+    )
     assert float(m["mse"]) == 0.0
 
 
@@ -336,24 +352,27 @@ def test_loss_is_mean_of_per_sample_losses():
     x = jax.random.normal(jax.random.key(0), (6, 3))
     keys = jdiff.per_sample_keys(jax.random.key(1), 6)
     full = lf(0.5, {"x": x}, jax.random.key(1))[0]
-    parts = [lf(0.5, {"x": x[i:i + 1]}, keys[i:i + 1])[0] for i in range(6)]
+    parts = [lf(0.5, {"x": x[i : i + 1]}, keys[i : i + 1])[0] for i in range(6)]
     np.testing.assert_allclose(full, np.mean(parts), rtol=1e-6)
 
 
 # -------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"weighting": "snr_magic"}, "unknown weighting 'snr_magic'"),
-    ({"prediction": "noise"}, "unknown prediction 'noise'"),
-    ({"time_sampling": "beta"}, "unknown time sampling 'beta'"),
-    ({"precondition": "karras"}, "unknown preconditioning 'karras'"),
-    ({"time_input": "step"}, "unknown time_input 'step'"),
-    ({"time_sampling": "discrete"}, "needs a discrete process"),
-    ({"label_dropout": 0.1}, "needs num_classes"),
-    ({"label_dropout": 1.5, "num_classes": 3}, "probability"),
-    ({"precondition": "edm", "prediction": "eps"}, "prediction='x0'"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"weighting": "snr_magic"}, "unknown weighting 'snr_magic'"),
+        ({"prediction": "noise"}, "unknown prediction 'noise'"),
+        ({"time_sampling": "beta"}, "unknown time sampling 'beta'"),
+        ({"precondition": "karras"}, "unknown preconditioning 'karras'"),
+        ({"time_input": "step"}, "unknown time_input 'step'"),
+        ({"time_sampling": "discrete"}, "needs a discrete process"),
+        ({"label_dropout": 0.1}, "needs num_classes"),
+        ({"label_dropout": 1.5, "num_classes": 3}, "probability"),
+        ({"precondition": "edm", "prediction": "eps"}, "prediction='x0'"),
+    ],
+)
 def test_bad_config_raises(kw, match):
     with pytest.raises(ValueError, match=match):
         T.LossConfig(jdiff.vp_linear(), **kw)

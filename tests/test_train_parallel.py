@@ -7,12 +7,11 @@ set before JAX starts), with the repository root first on ``PYTHONPATH``.
 import subprocess
 import sys
 
+import _train_worker as W
 import jax
 import numpy as np
 
 from jdiff import train as T
-
-import _train_worker as W
 
 WORKER = W.WORKER_PATH
 _env = W.subprocess_env
@@ -28,19 +27,51 @@ def _check(proc_or_result, what):
 def test_8_fake_devices_match_1_device():
     """One train step on a global batch sharded over 8 devices gives the parameters of the
     same step on 1 device (to 1e-5), with and without accumulation; bad batch sizes raise."""
-    r = subprocess.run([sys.executable, WORKER, "dp", "--devices", "8", "--batch", "16"], env=_env(),
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, WORKER, "dp", "--devices", "8", "--batch", "16"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
     out = _check(r, "8-device worker")
     assert "dp ok" in out and "max_param_diff=" in out
 
 
 def _two_processes(ckpt, steps, total, out_file):
     port = _free_port()
-    cmd = [sys.executable, WORKER, "run", "--num-processes", "2", "--local-devices", "2", "--port", str(port),
-           "--ckpt", ckpt, "--steps", str(steps), "--total", str(total), "--save-every", "3", "--batch", "16"]
-    procs = [subprocess.Popen(cmd + ["--process-id", str(i)] + (["--out", out_file] if i == 0 else []),
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    cmd = [
+        sys.executable,
+        WORKER,
+        "run",
+        "--num-processes",
+        "2",
+        "--local-devices",
+        "2",
+        "--port",
+        str(port),
+        "--ckpt",
+        ckpt,
+        "--steps",
+        str(steps),
+        "--total",
+        str(total),
+        "--save-every",
+        "3",
+        "--batch",
+        "16",
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd + ["--process-id", str(i)] + (["--out", out_file] if i == 0 else []),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         outs = [p.communicate(timeout=300)[0] for p in procs]
     finally:

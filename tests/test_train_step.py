@@ -1,5 +1,6 @@
 """The pure train step: accumulation, EMA, optimizer, determinism, the NNX contract."""
 
+import _train_worker as W  # tiny MLP, deterministic data (tests/ is on sys.path under pytest)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,12 +10,11 @@ import pytest
 import jdiff
 from jdiff import train as T
 
-import _train_worker as W  # tiny MLP, deterministic data (tests/ is on sys.path under pytest)
-
 
 def _loss():
-    cfg = T.LossConfig(jdiff.vp_cosine(), prediction="v", weighting="min_snr", label_dropout=0.2,
-                       num_classes=W.NUM_CLASSES)
+    cfg = T.LossConfig(
+        jdiff.vp_cosine(), prediction="v", weighting="min_snr", label_dropout=0.2, num_classes=W.NUM_CLASSES
+    )
     return T.make_loss_fn(W.apply, cfg)
 
 
@@ -57,8 +57,9 @@ def test_ema_matches_closed_form():
     opt = optax.sgd(0.1)
     loss = _loss()
     for warmup, decay in ((False, 0.8), (True, 0.95)):
-        step = T.make_train_step(loss, opt, mesh=T.make_mesh(jax.devices()[:1]), ema_decay=decay,
-                                 ema_warmup=warmup, donate=False)
+        step = T.make_train_step(
+            loss, opt, mesh=T.make_mesh(jax.devices()[:1]), ema_decay=decay, ema_warmup=warmup, donate=False
+        )
         state = T.init_train_state(W.init_params(1), opt, 0)
         p0 = jax.tree.map(np.asarray, state.params)
         seq = []
@@ -68,7 +69,7 @@ def test_ema_matches_closed_form():
         ds = [min(decay, (1 + n) / (10 + n)) if warmup else decay for n in range(1, 7)]
         want = jax.tree.map(lambda x: np.asarray(x, np.float64) * np.prod(ds), p0)
         for k, pk in enumerate(seq):
-            coef = (1 - ds[k]) * np.prod(ds[k + 1:])
+            coef = (1 - ds[k]) * np.prod(ds[k + 1 :])
             want = jax.tree.map(lambda w, p: w + coef * p, want, pk)
         _leaves_close(state.ema_params, want, atol=1e-6)
     np.testing.assert_allclose(float(T.ema_decay_at(1, 0.999, True)), 2 / 11, rtol=1e-6)
@@ -90,8 +91,10 @@ def test_lr_schedule_warmup_then_cosine():
 def test_optimizer_is_clip_then_adamw():
     kw = dict(warmup_steps=2, total_steps=20)
     mine = T.make_optimizer(1e-2, weight_decay=0.1, clip_norm=0.3, **kw)
-    ref = optax.chain(optax.clip_by_global_norm(0.3),
-                      optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 20, 0.0), weight_decay=0.1))
+    ref = optax.chain(
+        optax.clip_by_global_norm(0.3),
+        optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 20, 0.0), weight_decay=0.1),
+    )
     p = {"a": jnp.ones(3), "b": jnp.arange(4.0)}
     sa, sb = mine.init(p), ref.init(p)
     for i in range(4):
@@ -118,8 +121,9 @@ def test_metrics_report_lr_and_grad_norm():
 def test_same_seed_same_result_and_seed_matters():
     def run(seed):
         data = lambda s: W.global_batch(s, 8, seed=3)
-        return T.train(_loss(), W.init_params(0), data, 4, optimizer=T.make_optimizer(1e-2), seed=seed,
-                       handle_sigterm=False).state
+        return T.train(
+            _loss(), W.init_params(0), data, 4, optimizer=T.make_optimizer(1e-2), seed=seed, handle_sigterm=False
+        ).state
 
     a, b, c = run(11), run(11), run(12)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -135,8 +139,9 @@ def test_train_loop_callbacks_and_generator():
         seen.append((step, int(state.step)))
         return step == 3  # ask to stop
 
-    res = T.train(_loss(), W.init_params(0), data, 10, optimizer=T.make_optimizer(1e-3), callbacks=[cb],
-                  handle_sigterm=False)
+    res = T.train(
+        _loss(), W.init_params(0), data, 10, optimizer=T.make_optimizer(1e-3), callbacks=[cb], handle_sigterm=False
+    )
     assert res.stopped and not res.preempted and res.step == 3 and seen == [(1, 1), (2, 2), (3, 3)]
     assert set(res.metrics) >= {"loss", "mse", "grad_norm"}
     gen = T.train_iter(_loss(), W.init_params(0), data, 2, optimizer=T.make_optimizer(1e-3), handle_sigterm=False)
@@ -184,12 +189,21 @@ def test_nnx_model_through_split_and_merge():
     x = jnp.ones((4, 2))
     t = jnp.full((4,), 0.5)
     np.testing.assert_array_equal(apply(params, x, t, None), apply(params, x, t, None))
-    assert not np.array_equal(apply(params, x, t, None, jax.random.key(0)), apply(params, x, t, None, jax.random.key(1)))
+    assert not np.array_equal(
+        apply(params, x, t, None, jax.random.key(0)), apply(params, x, t, None, jax.random.key(1))
+    )
 
     lf = T.make_loss_fn(apply, T.flow_matching_objective())
     data = lambda s: {"x": np.tile(np.array([[1.0, -1.0]], np.float32), (32, 1))}
     losses = []
-    res = T.train(lf, params, data, 60, optimizer=T.make_optimizer(1e-2, clip_norm=None),
-                  callbacks=[lambda s, m, st: losses.append(float(m["loss"]))], handle_sigterm=False)
+    res = T.train(
+        lf,
+        params,
+        data,
+        60,
+        optimizer=T.make_optimizer(1e-2, clip_norm=None),
+        callbacks=[lambda s, m, st: losses.append(float(m["loss"]))],
+        handle_sigterm=False,
+    )
     assert isinstance(res.state.params, nnx.State)
     assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:5])

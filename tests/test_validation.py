@@ -37,8 +37,14 @@ def test_times_outside_range():
 
 
 def test_orders_the_solvers_lack():
-    for make, bad in [(S.dpm_solver, 4), (S.dpm_solver_pp, 0), (S.unipc, 5), (S.deis, 4), (S.ipndm, 5),
-                      (S.sde_dpm_solver_pp, 3)]:
+    for make, bad in [
+        (S.dpm_solver, 4),
+        (S.dpm_solver_pp, 0),
+        (S.unipc, 5),
+        (S.deis, 4),
+        (S.ipndm, 5),
+        (S.sde_dpm_solver_pp, 3),
+    ]:
         with pytest.raises(ValueError, match="order"):
             make(bad)
     with pytest.raises(ValueError, match="eta must be in"):

@@ -81,7 +81,9 @@ class Loader:
         leaves = _leaves(arrays)
         if not leaves:
             raise ValueError("Loader: arrays holds no arrays")
-        arrays = jax.tree.map(lambda a: a if hasattr(a, "shape") and hasattr(a, "__getitem__") else np.asarray(a), arrays)
+        arrays = jax.tree.map(
+            lambda a: a if hasattr(a, "shape") and hasattr(a, "__getitem__") else np.asarray(a), arrays
+        )
         sizes = {tuple(np.shape(a))[:1] for a in _leaves(arrays)}
         if any(len(s) == 0 for s in sizes):
             raise ValueError("Loader: every array needs a leading example axis; got a scalar")
@@ -219,7 +221,9 @@ class Loader:
                     f"Loader.restore: state was saved with {k}={int(state[k])}, this loader has {k}={getattr(self, k)}"
                 )
         if epoch < 0 or not 0 <= step < self.steps_per_epoch:
-            raise ValueError(f"Loader.restore: need epoch >= 0 and 0 <= step < {self.steps_per_epoch}, got {epoch}, {step}")
+            raise ValueError(
+                f"Loader.restore: need epoch >= 0 and 0 <= step < {self.steps_per_epoch}, got {epoch}, {step}"
+            )
         self._epoch, self._step = epoch, step
 
     # The stateful-iterator protocol of :func:`jdiff.train.train`: a Loader passed as

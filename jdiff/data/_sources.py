@@ -150,7 +150,9 @@ def load_npz(
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # missing, truncated, pickled
         raise ValueError(f"{where}: cannot read file: {e}") from e
     if not isinstance(f, np.lib.npyio.NpzFile):
-        raise ValueError(f"{where}: not an .npz archive (a single .npy array?); save with np.savez(path, images=..., labels=...)")
+        raise ValueError(
+            f"{where}: not an .npz archive (a single .npy array?); save with np.savez(path, images=..., labels=...)"
+        )
     with f:
         files = list(f.files)
         if key is None:
@@ -178,19 +180,24 @@ def load_npz(
     image_config = channels is not None or resolution is not None
     if x.ndim == 2 and not image_config:
         if kind == "uint8":
-            raise ValueError(f"{where}: array {key!r} is (N, D) uint8; vectors must be float (images are (N, H, W[, C]))")
+            raise ValueError(
+                f"{where}: array {key!r} is (N, D) uint8; vectors must be float (images are (N, H, W[, C]))"
+            )
     elif x.ndim in (3, 4):
         if x.ndim == 3:
             x = x[..., None]
         c = x.shape[-1]
         if c not in (1, 3):
             hint = " (this looks like NCHW; transpose to NHWC)" if x.shape[1] in (1, 3) else ""
-            raise ValueError(f"{where}: images {key!r} of shape {x.shape} have {c} channels; expected NHWC with 1 or 3{hint}")
+            raise ValueError(
+                f"{where}: images {key!r} of shape {x.shape} have {c} channels; expected NHWC with 1 or 3{hint}"
+            )
         if channels is not None and c != channels:
             raise ValueError(f"{where}: images {key!r} have {c} channel(s), {channels} requested; shape {x.shape}")
         if resolution is not None and x.shape[1:3] != (resolution, resolution):
             raise ValueError(
-                f"{where}: images {key!r} are {x.shape[1]}x{x.shape[2]}, {resolution}x{resolution} requested; shape {x.shape}"
+                f"{where}: images {key!r} are {x.shape[1]}x{x.shape[2]}, {resolution}x{resolution} requested; "
+                f"shape {x.shape}"
             )
     else:
         want = "(N, H, W) or (N, H, W, C)" if image_config else "(N, D) vectors or (N, H, W[, C]) images"
@@ -203,7 +210,8 @@ def load_npz(
             raise ValueError(f"{where}: array {key!r} contains NaN or infinity")
         if x.ndim == 4 and x.size and (x.min() < -1.0 - 1e-3 or x.max() > 1.0 + 1e-3):
             raise ValueError(
-                f"{where}: float images must be in [-1, 1], got [{x.min():.4g}, {x.max():.4g}] (store uint8 to have them scaled)"
+                f"{where}: float images must be in [-1, 1], got [{x.min():.4g}, {x.max():.4g}] "
+                "(store uint8 to have them scaled)"
             )
         x = x.astype(dtype)
     elif not _is_uint8_dtype(dtype):

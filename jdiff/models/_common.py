@@ -125,15 +125,31 @@ class SelfAttention(nnx.Module):
     """Multi-head self-attention over tokens ``(B, N, dim)``: a fused qkv projection,
     :func:`attention`, and an output projection (zero-initialized when ``zero_out``)."""
 
-    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, zero_out: bool = True,
-                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        qkv_bias: bool = True,
+        zero_out: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if dim % num_heads:
             raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
-        self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, kernel_init=xavier_uniform,
-                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.proj = nnx.Linear(dim, dim, kernel_init=zeros_init if zero_out else xavier_uniform,
-                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv = nnx.Linear(
+            dim, 3 * dim, use_bias=qkv_bias, kernel_init=xavier_uniform, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.proj = nnx.Linear(
+            dim,
+            dim,
+            kernel_init=zeros_init if zero_out else xavier_uniform,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x):
         b, n, d = x.shape

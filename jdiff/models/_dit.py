@@ -28,8 +28,18 @@ from flax import nnx
 from jdiff.models._common import KeySeq, SelfAttention, check_nhwc, dropout, xavier_uniform, zeros_init
 from jdiff.models._embed import ClassEmbedding, TimeEmbedding, conditioning
 
-__all__ = ["DiTConfig", "DiT", "dit_s2", "dit_b2", "dit_l2", "dit_xl2", "dit_tiny", "sincos_pos_embed_2d",
-           "patchify", "unpatchify"]
+__all__ = [
+    "DiTConfig",
+    "DiT",
+    "dit_s2",
+    "dit_b2",
+    "dit_l2",
+    "dit_xl2",
+    "dit_tiny",
+    "sincos_pos_embed_2d",
+    "patchify",
+    "unpatchify",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +80,7 @@ class DiTConfig:
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def replace(self, **kw) -> "DiTConfig":
+    def replace(self, **kw) -> DiTConfig:
         return dataclasses.replace(self, **kw)
 
     @property
@@ -89,11 +99,19 @@ class DiTConfig:
 
 
 def _named(depth, hidden, heads):
-    def make(image_size: int = 32, in_channels: int = 4, num_classes: int = 0, patch_size: int = 2,
-             **overrides) -> DiTConfig:
-        return DiTConfig(image_size=image_size, in_channels=in_channels, patch_size=patch_size, hidden_dim=hidden,
-                         depth=depth, num_heads=heads, num_classes=num_classes,
-                         class_dropout=0.1 if num_classes else 0.0).replace(**overrides)
+    def make(
+        image_size: int = 32, in_channels: int = 4, num_classes: int = 0, patch_size: int = 2, **overrides
+    ) -> DiTConfig:
+        return DiTConfig(
+            image_size=image_size,
+            in_channels=in_channels,
+            patch_size=patch_size,
+            hidden_dim=hidden,
+            depth=depth,
+            num_heads=heads,
+            num_classes=num_classes,
+            class_dropout=0.1 if num_classes else 0.0,
+        ).replace(**overrides)
 
     return make
 
@@ -105,13 +123,24 @@ dit_b2.__doc__ = "DiT-B/2: depth 12, width 768, 12 heads, patch 2."
 dit_l2 = _named(24, 1024, 16)
 dit_l2.__doc__ = "DiT-L/2: depth 24, width 1024, 16 heads, patch 2."
 dit_xl2 = _named(28, 1152, 16)
-dit_xl2.__doc__ = "DiT-XL/2: depth 28, width 1152, 16 heads, patch 2 (the paper's 256x256 latent model uses image_size=32, in_channels=4)."
+dit_xl2.__doc__ = (
+    "DiT-XL/2: depth 28, width 1152, 16 heads, patch 2 "
+    "(the paper's 256x256 latent model uses image_size=32, in_channels=4)."
+)
 
 
 def dit_tiny(image_size: int = 8, in_channels: int = 1, num_classes: int = 0, **overrides) -> DiTConfig:
     """A tiny DiT for tests and toy data: depth 2, width 64, 4 heads, patch 2."""
-    return DiTConfig(image_size=image_size, in_channels=in_channels, patch_size=2, hidden_dim=64, depth=2,
-                     num_heads=4, time_freq_dim=64, num_classes=num_classes).replace(**overrides)
+    return DiTConfig(
+        image_size=image_size,
+        in_channels=in_channels,
+        patch_size=2,
+        hidden_dim=64,
+        depth=2,
+        num_heads=4,
+        time_freq_dim=64,
+        num_classes=num_classes,
+    ).replace(**overrides)
 
 
 def _sincos_1d(pos, dim):
@@ -124,8 +153,7 @@ def sincos_pos_embed_2d(dim: int, grid: int):
     """Fixed 2-D sin-cos position embeddings (Vaswani et al. 2017 per axis, as in MAE
     and DiT): half the channels encode the row, half the column. ``(grid * grid, dim)``,
     row-major order."""
-    rows, cols = jnp.meshgrid(jnp.arange(grid, dtype=jnp.float32), jnp.arange(grid, dtype=jnp.float32),
-                              indexing="ij")
+    rows, cols = jnp.meshgrid(jnp.arange(grid, dtype=jnp.float32), jnp.arange(grid, dtype=jnp.float32), indexing="ij")
     return jnp.concatenate([_sincos_1d(rows, dim // 2), _sincos_1d(cols, dim // 2)], axis=1)
 
 
@@ -161,15 +189,16 @@ class _Mlp(nnx.Module):
 class _DiTBlock(nnx.Module):
     def __init__(self, cfg: DiTConfig, rngs):
         d = cfg.hidden_dim
-        ln = dict(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32, param_dtype=cfg.param_dtype,
-                  rngs=rngs)
+        ln = dict(
+            epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32, param_dtype=cfg.param_dtype, rngs=rngs
+        )
         self.norm1 = nnx.LayerNorm(d, **ln)
-        self.attn = SelfAttention(d, cfg.num_heads, zero_out=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                  rngs=rngs)
+        self.attn = SelfAttention(
+            d, cfg.num_heads, zero_out=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
+        )
         self.norm2 = nnx.LayerNorm(d, **ln)
         self.mlp = _Mlp(d, int(d * cfg.mlp_ratio), cfg, rngs)
-        self.ada = nnx.Linear(d, 6 * d, kernel_init=zeros_init, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                              rngs=rngs)
+        self.ada = nnx.Linear(d, 6 * d, kernel_init=zeros_init, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.rate = cfg.dropout
         self.dtype = cfg.dtype or jnp.float32
 
@@ -200,24 +229,36 @@ class DiT(nnx.Module):
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         self.patch_embed = nnx.Linear(p * p * c.in_channels, d, kernel_init=xavier_uniform, **kw)
         if c.pos_embed == "learned":
-            self.pos = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (c.grid_size ** 2, d), c.param_dtype))
+            self.pos = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (c.grid_size**2, d), c.param_dtype))
         else:
             self.pos = None
-        self.time_embed = TimeEmbedding(d, kind=c.time_embedding, freq_dim=c.time_freq_dim, scale=c.time_scale,
-                                        fourier_std=c.fourier_std, init=nnx.initializers.normal(0.02), **kw)
-        self.class_embed = (ClassEmbedding(c.num_classes, d, init_std=0.02, param_dtype=c.param_dtype, rngs=rngs)
-                            if c.num_classes > 0 else None)
+        self.time_embed = TimeEmbedding(
+            d,
+            kind=c.time_embedding,
+            freq_dim=c.time_freq_dim,
+            scale=c.time_scale,
+            fourier_std=c.fourier_std,
+            init=nnx.initializers.normal(0.02),
+            **kw,
+        )
+        self.class_embed = (
+            ClassEmbedding(c.num_classes, d, init_std=0.02, param_dtype=c.param_dtype, rngs=rngs)
+            if c.num_classes > 0
+            else None
+        )
         self.blocks = nnx.List([_DiTBlock(c, rngs) for _ in range(c.depth)])
-        self.norm_out = nnx.LayerNorm(d, epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32,
-                                      param_dtype=c.param_dtype, rngs=rngs)
+        self.norm_out = nnx.LayerNorm(
+            d, epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32, param_dtype=c.param_dtype, rngs=rngs
+        )
         self.ada_out = nnx.Linear(d, 2 * d, kernel_init=zeros_init, **kw)
         self.proj_out = nnx.Linear(d, p * p * out_ch, kernel_init=zeros_init, **kw)
 
     def __call__(self, x, t, cond=None, *, rngs=None):
         c = self.config
         x = check_nhwc(x, c.image_size, c.in_channels, "DiT")
-        cvec, keys = conditioning(self.time_embed, self.class_embed, t, cond, x.shape[0], c.num_classes,
-                                  c.class_dropout, rngs)
+        cvec, keys = conditioning(
+            self.time_embed, self.class_embed, t, cond, x.shape[0], c.num_classes, c.class_dropout, rngs
+        )
         cdt = c.dtype or jnp.float32
 
         h = self.patch_embed(patchify(x.astype(cdt), c.patch_size))

@@ -130,10 +130,21 @@ class TimeEmbedding(nnx.Module):
     The output has no final activation; callers apply one where the architecture does.
     """
 
-    def __init__(self, out_dim: int, *, kind: str = "sinusoidal", freq_dim: int | None = None,
-                 scale: float = 1.0, max_period: float = 10000.0, fourier_std: float = 16.0,
-                 fourier_seed: int = 0, init=xavier_uniform, dtype: Any = None,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        out_dim: int,
+        *,
+        kind: str = "sinusoidal",
+        freq_dim: int | None = None,
+        scale: float = 1.0,
+        max_period: float = 10000.0,
+        fourier_std: float = 16.0,
+        fourier_seed: int = 0,
+        init=xavier_uniform,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if kind not in TIME_EMBEDDINGS:
             raise ValueError(f"unknown time embedding {kind!r}; expected one of {TIME_EMBEDDINGS}")
         self.kind = kind
@@ -216,8 +227,9 @@ class ClassEmbedding(nnx.Module):
     visible instead of silently wrapping to another class.
     """
 
-    def __init__(self, num_classes: int, dim: int, *, init_std: float = 1.0, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, num_classes: int, dim: int, *, init_std: float = 1.0, param_dtype: Any = jnp.float32, rngs: nnx.Rngs
+    ):
         if num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.num_classes = int(num_classes)

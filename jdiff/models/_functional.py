@@ -60,8 +60,9 @@ def functional(model: nnx.Module):
     return Apply(graphdef), params
 
 
-def to_denoiser(model: nnx.Module, process: Process, prediction: str = "eps", time_input: Any = "t",
-                params=None) -> Denoiser:
+def to_denoiser(
+    model: nnx.Module, process: Process, prediction: str = "eps", time_input: Any = "t", params=None
+) -> Denoiser:
     """Wrap a model for the samplers as a :class:`jdiff.Denoiser` with explicit params.
 
     Args:
@@ -77,8 +78,13 @@ def to_denoiser(model: nnx.Module, process: Process, prediction: str = "eps", ti
     so ``jax.grad`` through :func:`jdiff.sample` reaches the network weights.
     """
     apply, own = functional(model)
-    return Denoiser(apply_fn=apply, params=own if params is None else params, process=process,
-                    prediction=prediction, time_input=time_input)
+    return Denoiser(
+        apply_fn=apply,
+        params=own if params is None else params,
+        process=process,
+        prediction=prediction,
+        time_input=time_input,
+    )
 
 
 def count_params(model_or_state) -> int:

@@ -48,7 +48,7 @@ class MLPResNetConfig:
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def replace(self, **kw) -> "MLPResNetConfig":
+    def replace(self, **kw) -> MLPResNetConfig:
         return dataclasses.replace(self, **kw)
 
 
@@ -59,8 +59,9 @@ class _MLPBlock(nnx.Module):
 
     def __init__(self, width, hidden, emb_dim, rate, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm = nnx.LayerNorm(width, epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32,
-                                  param_dtype=param_dtype, rngs=rngs)
+        self.norm = nnx.LayerNorm(
+            width, epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs
+        )
         self.mod = nnx.Linear(emb_dim, 2 * width, kernel_init=zeros_init, **kw)
         self.fc1 = nnx.Linear(width, hidden, kernel_init=xavier_uniform, **kw)
         self.fc2 = nnx.Linear(hidden, width, kernel_init=zeros_init, **kw)
@@ -94,13 +95,17 @@ class MLPResNet(nnx.Module):
             raise ValueError(f"invalid MLPResNet sizes in {c}")
         emb = c.emb_dim or c.width
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
-        self.time_embed = TimeEmbedding(emb, kind=c.time_embedding, scale=c.time_scale,
-                                        fourier_std=c.fourier_std, **kw)
-        self.class_embed = (ClassEmbedding(c.num_classes, emb, param_dtype=c.param_dtype, rngs=rngs)
-                            if c.num_classes > 0 else None)
+        self.time_embed = TimeEmbedding(emb, kind=c.time_embedding, scale=c.time_scale, fourier_std=c.fourier_std, **kw)
+        self.class_embed = (
+            ClassEmbedding(c.num_classes, emb, param_dtype=c.param_dtype, rngs=rngs) if c.num_classes > 0 else None
+        )
         self.proj_in = nnx.Linear(c.dim, c.width, kernel_init=xavier_uniform, **kw)
-        self.blocks = nnx.List([_MLPBlock(c.width, c.mlp_ratio * c.width, emb, c.dropout, c.dtype,
-                                          c.param_dtype, rngs) for _ in range(c.num_blocks)])
+        self.blocks = nnx.List(
+            [
+                _MLPBlock(c.width, c.mlp_ratio * c.width, emb, c.dropout, c.dtype, c.param_dtype, rngs)
+                for _ in range(c.num_blocks)
+            ]
+        )
         self.norm_out = nnx.LayerNorm(c.width, epsilon=1e-6, dtype=jnp.float32, param_dtype=c.param_dtype, rngs=rngs)
         self.proj_out = nnx.Linear(c.width, c.dim, kernel_init=zeros_init, **kw)
 
@@ -109,8 +114,9 @@ class MLPResNet(nnx.Module):
         x = jnp.asarray(x)
         if x.ndim != 2 or x.shape[1] != c.dim:
             raise ValueError(f"MLPResNet expects x of shape (B, {c.dim}), got {x.shape}")
-        emb, keys = conditioning(self.time_embed, self.class_embed, t, cond, x.shape[0], c.num_classes,
-                                 c.class_dropout, rngs)
+        emb, keys = conditioning(
+            self.time_embed, self.class_embed, t, cond, x.shape[0], c.num_classes, c.class_dropout, rngs
+        )
         emb = nnx.silu(emb)
         cdt = c.dtype or jnp.float32
 

@@ -114,7 +114,7 @@ class UNetConfig:
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def replace(self, **kw) -> "UNetConfig":
+    def replace(self, **kw) -> UNetConfig:
         return dataclasses.replace(self, **kw)
 
     @property
@@ -126,9 +126,7 @@ class UNetConfig:
             raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
         levels = len(self.channel_mult)
         if self.image_size < 1 or self.image_size % (1 << (levels - 1)):
-            raise ValueError(
-                f"image_size={self.image_size} must be divisible by 2^{levels - 1} for {levels} levels"
-            )
+            raise ValueError(f"image_size={self.image_size} must be divisible by 2^{levels - 1} for {levels} levels")
         bad = [r for r in self.attn_resolutions if r not in self.resolutions]
         if bad:
             raise ValueError(f"attn_resolutions {bad} are not among the U-Net's resolutions {self.resolutions}")
@@ -152,9 +150,22 @@ def ddpmpp_cifar10(num_classes: int = 0, **overrides) -> UNetConfig:
     after the time MLP as in ADM, where EDM adds a linear map of the one-hot label
     before it). Pass ``time_scale`` / ``time_input`` for your process (EDM's
     ``c_noise = log(sigma) / 4`` wants ``time_scale=1``)."""
-    cfg = UNetConfig(image_size=32, in_channels=3, base_channels=128, channel_mult=(2, 2, 2), num_res_blocks=4,
-                     attn_resolutions=(16,), num_heads=1, dropout=0.13, emb_mult=4, time_embedding="sinusoidal",
-                     num_classes=num_classes, scale_shift=False, resblock_updown=True, skip_rescale=True)
+    cfg = UNetConfig(
+        image_size=32,
+        in_channels=3,
+        base_channels=128,
+        channel_mult=(2, 2, 2),
+        num_res_blocks=4,
+        attn_resolutions=(16,),
+        num_heads=1,
+        dropout=0.13,
+        emb_mult=4,
+        time_embedding="sinusoidal",
+        num_classes=num_classes,
+        scale_shift=False,
+        resblock_updown=True,
+        skip_rescale=True,
+    )
     return cfg.replace(**overrides)
 
 
@@ -183,8 +194,16 @@ def unet_digits(image_size: int = 8, num_classes: int = 10, **overrides) -> UNet
         kw = dict(channel_mult=(1, 2, 2, 2), attn_resolutions=(4,), num_res_blocks=1)
     else:
         raise ValueError(f"unet_digits supports image_size 8, 16 or 32, got {image_size}")
-    cfg = UNetConfig(image_size=image_size, in_channels=1, base_channels=32, head_channels=16, dropout=0.1,
-                     num_classes=num_classes, scale_shift=True, **kw)
+    cfg = UNetConfig(
+        image_size=image_size,
+        in_channels=1,
+        base_channels=32,
+        head_channels=16,
+        dropout=0.1,
+        num_classes=num_classes,
+        scale_shift=True,
+        **kw,
+    )
     return cfg.replace(**overrides)
 
 
@@ -208,8 +227,14 @@ class _Norm(nnx.Module):
     """GroupNorm computed in float32, returned in the compute dtype."""
 
     def __init__(self, channels, cfg: UNetConfig, rngs):
-        self.gn = nnx.GroupNorm(channels, num_groups=_groups(channels, cfg.num_groups), epsilon=cfg.norm_eps,
-                                dtype=jnp.float32, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.gn = nnx.GroupNorm(
+            channels,
+            num_groups=_groups(channels, cfg.num_groups),
+            epsilon=cfg.norm_eps,
+            dtype=jnp.float32,
+            param_dtype=cfg.param_dtype,
+            rngs=rngs,
+        )
         self.dtype = cfg.dtype or jnp.float32
 
     def __call__(self, x):
@@ -217,9 +242,17 @@ class _Norm(nnx.Module):
 
 
 def _conv(cin, cout, k, cfg, rngs, *, zero=False, stride=1):
-    return nnx.Conv(cin, cout, kernel_size=(k, k), strides=(stride, stride), padding=((k // 2, k // 2),) * 2,
-                    kernel_init=zeros_init if zero else xavier_uniform, dtype=cfg.dtype,
-                    param_dtype=cfg.param_dtype, rngs=rngs)
+    return nnx.Conv(
+        cin,
+        cout,
+        kernel_size=(k, k),
+        strides=(stride, stride),
+        padding=((k // 2, k // 2),) * 2,
+        kernel_init=zeros_init if zero else xavier_uniform,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        rngs=rngs,
+    )
 
 
 class _AttnBlock(nnx.Module):
@@ -227,15 +260,20 @@ class _AttnBlock(nnx.Module):
 
     def __init__(self, channels, cfg: UNetConfig, rngs):
         if cfg.head_channels and channels % cfg.head_channels:
-            raise ValueError(f"attention at {channels} channels cannot use heads of head_channels={cfg.head_channels} "
-                             "channels: choose a head width that divides every attention level's channels")
+            raise ValueError(
+                f"attention at {channels} channels cannot use heads of head_channels={cfg.head_channels} "
+                "channels: choose a head width that divides every attention level's channels"
+            )
         heads = channels // cfg.head_channels if cfg.head_channels else cfg.num_heads
         if heads < 1 or channels % heads:
-            raise ValueError(f"cannot split {channels} channels into attention heads (num_heads={cfg.num_heads}, "
-                             f"head_channels={cfg.head_channels})")
+            raise ValueError(
+                f"cannot split {channels} channels into attention heads (num_heads={cfg.num_heads}, "
+                f"head_channels={cfg.head_channels})"
+            )
         self.norm = _Norm(channels, cfg, rngs)
-        self.attn = SelfAttention(channels, heads, zero_out=cfg.zero_init_residual, dtype=cfg.dtype,
-                                  param_dtype=cfg.param_dtype, rngs=rngs)
+        self.attn = SelfAttention(
+            channels, heads, zero_out=cfg.zero_init_residual, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
+        )
         self.scale = 1.0 / math.sqrt(2.0) if cfg.skip_rescale else 1.0
 
     def __call__(self, x):
@@ -245,16 +283,21 @@ class _AttnBlock(nnx.Module):
 
 
 class _ResBlock(nnx.Module):
-    def __init__(self, cin, cout, emb_dim, cfg: UNetConfig, rngs, *, resample=None, attention=False,
-                 takes_skip=False):
+    def __init__(self, cin, cout, emb_dim, cfg: UNetConfig, rngs, *, resample=None, attention=False, takes_skip=False):
         self.takes_skip = takes_skip
         self.resample = resample
         self.scale_shift = cfg.scale_shift
         self.rate = cfg.dropout
         self.norm0 = _Norm(cin, cfg, rngs)
         self.conv0 = _conv(cin, cout, 3, cfg, rngs)
-        self.emb_proj = nnx.Linear(emb_dim, cout * (2 if cfg.scale_shift else 1), kernel_init=xavier_uniform,
-                                   dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.emb_proj = nnx.Linear(
+            emb_dim,
+            cout * (2 if cfg.scale_shift else 1),
+            kernel_init=xavier_uniform,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            rngs=rngs,
+        )
         self.norm1 = _Norm(cout, cfg, rngs)
         self.conv1 = _conv(cout, cout, 3, cfg, rngs, zero=cfg.zero_init_residual)
         self.skip = _conv(cin, cout, 1, cfg, rngs) if (cin != cout or resample) else None
@@ -326,11 +369,19 @@ class UNet(nnx.Module):
         base = c.base_channels
         emb_dim = c.emb_mult * base
         out_ch = c.out_channels or c.in_channels
-        self.time_embed = TimeEmbedding(emb_dim, kind=c.time_embedding, freq_dim=c.time_freq_dim or base,
-                                        scale=c.time_scale, fourier_std=c.fourier_std, dtype=c.dtype,
-                                        param_dtype=c.param_dtype, rngs=rngs)
-        self.class_embed = (ClassEmbedding(c.num_classes, emb_dim, param_dtype=c.param_dtype, rngs=rngs)
-                            if c.num_classes > 0 else None)
+        self.time_embed = TimeEmbedding(
+            emb_dim,
+            kind=c.time_embedding,
+            freq_dim=c.time_freq_dim or base,
+            scale=c.time_scale,
+            fourier_std=c.fourier_std,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            rngs=rngs,
+        )
+        self.class_embed = (
+            ClassEmbedding(c.num_classes, emb_dim, param_dtype=c.param_dtype, rngs=rngs) if c.num_classes > 0 else None
+        )
         self.conv_in = _conv(c.in_channels, base, 3, c, rngs)
 
         def block(cin, cout, **kw):
@@ -373,8 +424,9 @@ class UNet(nnx.Module):
     def __call__(self, x, t, cond=None, *, rngs=None):
         c = self.config
         x = check_nhwc(x, c.image_size, c.in_channels, "UNet")
-        emb, keys = conditioning(self.time_embed, self.class_embed, t, cond, x.shape[0], c.num_classes,
-                                 c.class_dropout, rngs)
+        emb, keys = conditioning(
+            self.time_embed, self.class_embed, t, cond, x.shape[0], c.num_classes, c.class_dropout, rngs
+        )
         emb = nnx.silu(emb)
         cdt = c.dtype or jnp.float32
 

@@ -15,7 +15,8 @@ grid stays data, so a new grid of the same length reuses the compiled program.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +26,17 @@ from jdiff._core import Geometry, geometry_from
 from jdiff._param import Prediction
 from jdiff._random import normal_per_sample
 
-__all__ = ["State", "Solver", "evaluate", "valid_history", "multistep_order", "step_noise", "order_schedule",
-           "grid_curves", "row"]
+__all__ = [
+    "State",
+    "Solver",
+    "evaluate",
+    "valid_history",
+    "multistep_order",
+    "step_noise",
+    "order_schedule",
+    "grid_curves",
+    "row",
+]
 
 
 class State(NamedTuple):
@@ -179,8 +189,7 @@ def step_noise(state: State, dtype=None):
     return normal_per_sample(state.key, state.x.shape, dtype or state.x.dtype, step=state.i)
 
 
-def order_schedule(order: int, num_steps: int, nfe: int | None, *, lower_order_final: bool = False,
-                   forced=()):
+def order_schedule(order: int, num_steps: int, nfe: int | None, *, lower_order_final: bool = False, forced=()):
     """Per-step orders of a singlestep solver, as a list of ints, with validation.
 
     With ``nfe`` given, the orders add up to exactly ``nfe``, lowering the last steps

@@ -160,5 +160,6 @@ def multistep(
     def num_steps(nfe, to_data=False, from_noise=False):
         return nfe
 
-    return Solver(init=init, step=step, nfe=nfe, num_steps=num_steps, order=order,
-                  stochastic=stochastic, name=name, min_steps=1)
+    return Solver(
+        init=init, step=step, nfe=nfe, num_steps=num_steps, order=order, stochastic=stochastic, name=name, min_steps=1
+    )

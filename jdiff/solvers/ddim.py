@@ -53,9 +53,15 @@ def ddim(eta: float = 0.0) -> Solver:
             x_next = x_next + c.c * step_noise(state)
         return state._replace(x=x_next.astype(x.dtype), i=state.i + 1, pred=pred, nfe=state.nfe + 1)
 
-    return Solver(init=init, step=step, nfe=lambda n, to_data=False, from_noise=False: n,
-                  num_steps=lambda k, to_data=False, from_noise=False: k,
-                  order=1, stochastic=stochastic, name=name)
+    return Solver(
+        init=init,
+        step=step,
+        nfe=lambda n, to_data=False, from_noise=False: n,
+        num_steps=lambda k, to_data=False, from_noise=False: k,
+        order=1,
+        stochastic=stochastic,
+        name=name,
+    )
 
 
 def ddpm() -> Solver:

@@ -64,8 +64,10 @@ def quadrature_weights_fn(basis: str):
         if basis == "t":
             tau_fn = process.t_of_lambda
         else:
+
             def tau_fn(lam):
                 return jnp.exp(-lam)
+
         return lagrange_quadrature_weights(tau_fn, g, lam_nodes, jnp.where(g.finite, q, 0))
 
     return weights
@@ -74,9 +76,15 @@ def quadrature_weights_fn(basis: str):
 def deis(order: int = 3, *, basis: str = "t", lower_order_final: bool = True) -> Solver:
     """DEIS of ``order`` 1-3 (one model call per step). See the module docstring."""
     if basis == "log_rho":
-        return multistep(order, mode="noise", coef="exact", lower_order_final=lower_order_final,
-                         name=f"deis-{order}(log_rho)")
+        return multistep(
+            order, mode="noise", coef="exact", lower_order_final=lower_order_final, name=f"deis-{order}(log_rho)"
+        )
     if basis not in ("t", "rho"):
         raise ValueError(f"unknown DEIS basis {basis!r}; expected 't', 'rho' or 'log_rho'")
-    return multistep(order, mode="noise", weights=quadrature_weights_fn(basis), lower_order_final=lower_order_final,
-                     name=f"deis-{order}({basis})")
+    return multistep(
+        order,
+        mode="noise",
+        weights=quadrature_weights_fn(basis),
+        lower_order_final=lower_order_final,
+        name=f"deis-{order}({basis})",
+    )

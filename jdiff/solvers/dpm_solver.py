@@ -71,15 +71,21 @@ def _singlestep(order: int, mode: str, coef: str, lower_order_final: bool, name:
                 t_r = process.t_of_lambda(g.lam_s + r * g.h_safe).astype(grid.dtype)
                 return t_r, geometry(process, s, t_r, grid.dtype)
 
-            one_node = lambda gg, r, variant: ei_coefficients(gg, jnp.full((1,), r, grid.dtype), 1, mode=mode,  # noqa
-                                                               coef=variant)
+            one_node = lambda gg, r, variant: ei_coefficients(
+                gg,
+                jnp.full((1,), r, grid.dtype),
+                1,
+                mode=mode,  # noqa
+                coef=variant,
+            )
             stages = [(ei_coefficients(g, mode=mode, K=0),)]
             t_mid, ga = sub(0.5)
             stages.append((ei_coefficients(ga, mode=mode, K=0), one_node(g, 0.5, coef)))
             ta, g1 = sub(1.0 / 3.0)
             tb, g2 = sub(2.0 / 3.0)
-            stages.append((ei_coefficients(g1, mode=mode, K=0), one_node(g2, 0.5, "exact"),
-                           one_node(g, 2.0 / 3.0, "exact")))
+            stages.append(
+                (ei_coefficients(g1, mode=mode, K=0), one_node(g2, 0.5, "exact"), one_node(g, 2.0 / 3.0, "exact"))
+            )
             return _SingleTable(orders[i], jnp.stack([ta, tb]), t_mid, tuple(stages[:order]))
 
         return jax.vmap(one)(jnp.arange(N))
@@ -128,19 +134,28 @@ def _singlestep(order: int, mode: str, coef: str, lower_order_final: bool, name:
         return ([0] if from_noise else []) + ([num_steps - 1] if to_data else [])
 
     def nfe(num_steps, to_data=False, from_noise=False):
-        return sum(order_schedule(order, num_steps, None, lower_order_final=lower_order_final,
-                                  forced=_forced(num_steps, to_data, from_noise)))
+        return sum(
+            order_schedule(
+                order,
+                num_steps,
+                None,
+                lower_order_final=lower_order_final,
+                forced=_forced(num_steps, to_data, from_noise),
+            )
+        )
 
     def num_steps(nfe, to_data=False, from_noise=False):
         f = int(to_data) + int(from_noise)
         return f + max(1, -(-(nfe - f) // order)) if nfe > f else max(nfe, 1)
 
-    return Solver(init=init, step=step, nfe=nfe, num_steps=num_steps, order=order, stochastic=False,
-                  name=name, min_steps=1)
+    return Solver(
+        init=init, step=step, nfe=nfe, num_steps=num_steps, order=order, stochastic=False, name=name, min_steps=1
+    )
 
 
-def dpm_solver(order: int = 3, *, method: str = "singlestep", solver_type: str = "midpoint",
-               lower_order_final: bool = True) -> Solver:
+def dpm_solver(
+    order: int = 3, *, method: str = "singlestep", solver_type: str = "midpoint", lower_order_final: bool = True
+) -> Solver:
     """DPM-Solver with noise prediction.
 
     Args:
@@ -155,19 +170,22 @@ def dpm_solver(order: int = 3, *, method: str = "singlestep", solver_type: str =
     if method == "singlestep":
         return _singlestep(order, "noise", coef, lower_order_final, f"dpm_solver-{order}")
     if method == "multistep":
-        return multistep(order, mode="noise", coef=coef, lower_order_final=lower_order_final,
-                         name=f"dpm_solver-{order}M")
+        return multistep(
+            order, mode="noise", coef=coef, lower_order_final=lower_order_final, name=f"dpm_solver-{order}M"
+        )
     raise ValueError(f"unknown method {method!r}; expected 'singlestep' or 'multistep'")
 
 
-def dpm_solver_pp(order: int = 2, *, method: str = "multistep", solver_type: str = "midpoint",
-                  lower_order_final: bool = True) -> Solver:
+def dpm_solver_pp(
+    order: int = 2, *, method: str = "multistep", solver_type: str = "midpoint", lower_order_final: bool = True
+) -> Solver:
     """DPM-Solver++ with data prediction: ``(2M)``/``(3M)`` for ``method="multistep"``
     (the default, as in diffusers) and ``(2S)``/3S for ``"singlestep"``."""
     coef = _solver_type(solver_type)
     if method == "multistep":
-        return multistep(order, mode="data", coef=coef, lower_order_final=lower_order_final,
-                         name=f"dpm_solver++({order}M)")
+        return multistep(
+            order, mode="data", coef=coef, lower_order_final=lower_order_final, name=f"dpm_solver++({order}M)"
+        )
     if method == "singlestep":
         return _singlestep(order, "data", coef, lower_order_final, f"dpm_solver++({order}S)")
     raise ValueError(f"unknown method {method!r}; expected 'singlestep' or 'multistep'")
@@ -176,5 +194,11 @@ def dpm_solver_pp(order: int = 2, *, method: str = "multistep", solver_type: str
 def sde_dpm_solver_pp(order: int = 2, *, solver_type: str = "midpoint", lower_order_final: bool = True) -> Solver:
     """SDE-DPM-Solver++(1) or (2M): multistep, data prediction, stochastic (needs a key).
     Order 1 is DDPM ancestral sampling, i.e. DDIM with ``eta = 1``."""
-    return multistep(order, mode="sde_data", coef=_solver_type(solver_type), lower_order_final=lower_order_final,
-                     name=f"sde_dpm_solver++({order}M)", max_order=2)
+    return multistep(
+        order,
+        mode="sde_data",
+        coef=_solver_type(solver_type),
+        lower_order_final=lower_order_final,
+        name=f"sde_dpm_solver++({order}M)",
+        max_order=2,
+    )

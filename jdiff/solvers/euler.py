@@ -50,8 +50,16 @@ def _t_table(process, grid):
     s, t = grid[:-1], grid[1:]
     first = jax.vmap(lambda gi: ei_coefficients(gi, mode="noise", K=0))(g)
     t_safe = jnp.where(g.log_sigma_t > -jnp.inf, t, s)  # sigma'(t) may be infinite at sigma = 0 (VP)
-    return _TTable(t - s, process.d_alpha(s), process.d_sigma(s), process.d_alpha(t_safe), process.d_sigma(t_safe),
-                   g.finite, g.log_sigma_t > -jnp.inf, first)
+    return _TTable(
+        t - s,
+        process.d_alpha(s),
+        process.d_sigma(s),
+        process.d_alpha(t_safe),
+        process.d_sigma(t_safe),
+        g.finite,
+        g.log_sigma_t > -jnp.inf,
+        first,
+    )
 
 
 def _counts(two_calls, rho=False):
@@ -91,8 +99,7 @@ def euler(time: str = "t") -> Solver:
         return state._replace(x=x_next.astype(x.dtype), i=state.i + 1, pred=pred, nfe=state.nfe + 1)
 
     nfe, num_steps = _counts(False)
-    return Solver(init=init, step=step, nfe=nfe, num_steps=num_steps, order=1, stochastic=False,
-                  name=f"euler({time})")
+    return Solver(init=init, step=step, nfe=nfe, num_steps=num_steps, order=1, stochastic=False, name=f"euler({time})")
 
 
 def heun(time: str = "t") -> Solver:
@@ -139,8 +146,7 @@ def heun(time: str = "t") -> Solver:
         return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1 + extra)
 
     nfe, num_steps = _counts(True, rho=time == "rho")
-    return Solver(init=init, step=step, nfe=nfe, num_steps=num_steps, order=2, stochastic=False,
-                  name=f"heun({time})")
+    return Solver(init=init, step=step, nfe=nfe, num_steps=num_steps, order=2, stochastic=False, name=f"heun({time})")
 
 
 class _EMTable(NamedTuple):
@@ -173,8 +179,15 @@ def euler_maruyama() -> Solver:
         dt = grid[1:] - grid[:-1]
         g2 = process.diffusion2(s)
         limit = jax.vmap(lambda gi: ei_coefficients(gi, mode="sde_data", K=0))(g)
-        tab = _EMTable(dt, process.drift_coef(s), g2 / process.sigma(s), jnp.sqrt(jnp.maximum(-g2 * dt, 0.0)),
-                       g.finite, limit, g.sigma_t)
+        tab = _EMTable(
+            dt,
+            process.drift_coef(s),
+            g2 / process.sigma(s),
+            jnp.sqrt(jnp.maximum(-g2 * dt, 0.0)),
+            g.finite,
+            limit,
+            g.sigma_t,
+        )
         return state._replace(aux=tab)
 
     def step(denoiser, state, cond=None):
@@ -187,6 +200,12 @@ def euler_maruyama() -> Solver:
         x_next = jnp.where(c.finite, x_em, x_lim).astype(x.dtype)
         return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1)
 
-    return Solver(init=init, step=step, nfe=lambda n, to_data=False, from_noise=False: n,
-                  num_steps=lambda k, to_data=False, from_noise=False: k,
-                  order=1, stochastic=True, name="euler_maruyama")
+    return Solver(
+        init=init,
+        step=step,
+        nfe=lambda n, to_data=False, from_noise=False: n,
+        num_steps=lambda k, to_data=False, from_noise=False: k,
+        order=1,
+        stochastic=True,
+        name="euler_maruyama",
+    )

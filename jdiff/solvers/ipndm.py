@@ -46,8 +46,14 @@ def ipndm(order: int = 4, *, variable_step: bool = False, lower_order_final: boo
         from jdiff.solvers._multistep import multistep
         from jdiff.solvers.deis import quadrature_weights_fn
 
-        s = multistep(order, mode="noise", weights=quadrature_weights_fn("rho"), lower_order_final=lower_order_final,
-                      name=f"ipndm_v-{order}", max_order=4)
+        s = multistep(
+            order,
+            mode="noise",
+            weights=quadrature_weights_fn("rho"),
+            lower_order_final=lower_order_final,
+            name=f"ipndm_v-{order}",
+            max_order=4,
+        )
         return s._replace(min_steps=order)
     K = order
     ab = jnp.asarray([list(_AB[k]) + [0.0] * (K - k) for k in range(1, K + 1)])  # (K, K)
@@ -77,6 +83,13 @@ def ipndm(order: int = 4, *, variable_step: bool = False, lower_order_final: boo
         x_next = ei_apply(first, x, [eps_ab], pred.x0)
         return state._replace(x=x_next, i=state.i + 1, pred=pred, hist=hist, nfe=state.nfe + 1)
 
-    return Solver(init=init, step=step, nfe=lambda n, to_data=False, from_noise=False: n,
-                  num_steps=lambda k, to_data=False, from_noise=False: k,
-                  order=order, stochastic=False, name=f"ipndm-{order}", min_steps=order)
+    return Solver(
+        init=init,
+        step=step,
+        nfe=lambda n, to_data=False, from_noise=False: n,
+        num_steps=lambda k, to_data=False, from_noise=False: k,
+        order=order,
+        stochastic=False,
+        name=f"ipndm-{order}",
+        min_steps=order,
+    )

@@ -17,8 +17,14 @@ from jdiff.solvers._multistep import multistep
 __all__ = ["unipc"]
 
 
-def unipc(order: int = 2, *, variant: str = "bh2", corrector: bool = True, prediction: str = "data",
-          lower_order_final: bool = True) -> Solver:
+def unipc(
+    order: int = 2,
+    *,
+    variant: str = "bh2",
+    corrector: bool = True,
+    prediction: str = "data",
+    lower_order_final: bool = True,
+) -> Solver:
     """UniPC of ``order`` 1-3 (with UniC, the corrected result has order ``order + 1``).
 
     Args:
@@ -33,5 +39,11 @@ def unipc(order: int = 2, *, variant: str = "bh2", corrector: bool = True, predi
     if prediction not in ("data", "noise"):
         raise ValueError(f"prediction must be 'data' or 'noise', got {prediction!r}")
     name = f"unipc-{order}({variant}{'' if corrector else ', no corrector'})"
-    return multistep(order, mode=prediction, coef=variant, corrector=variant if corrector else None,
-                     lower_order_final=lower_order_final, name=name)
+    return multistep(
+        order,
+        mode=prediction,
+        coef=variant,
+        corrector=variant if corrector else None,
+        lower_order_final=lower_order_final,
+        name=name,
+    )

@@ -121,15 +121,26 @@ def _compare(saved: list, target: list) -> list[str]:
     missing = [p for p in t if p not in s]
     extra = [p for p in s if p not in t]
     if missing:
-        msgs.append(f"{len(missing)} leaves of the model are not in the checkpoint: " + ", ".join(missing[:8])
-                    + (" ..." if len(missing) > 8 else ""))
+        msgs.append(
+            f"{len(missing)} leaves of the model are not in the checkpoint: "
+            + ", ".join(missing[:8])
+            + (" ..." if len(missing) > 8 else "")
+        )
     if extra:
-        msgs.append(f"{len(extra)} leaves of the checkpoint are not in the model: " + ", ".join(extra[:8])
-                    + (" ..." if len(extra) > 8 else ""))
-    diff = [f"{p}: checkpoint {s[p][1]}{list(s[p][0])} vs model {t[p][1]}{list(t[p][0])}"
-            for p in t if p in s and s[p] != t[p]]
+        msgs.append(
+            f"{len(extra)} leaves of the checkpoint are not in the model: "
+            + ", ".join(extra[:8])
+            + (" ..." if len(extra) > 8 else "")
+        )
+    diff = [
+        f"{p}: checkpoint {s[p][1]}{list(s[p][0])} vs model {t[p][1]}{list(t[p][0])}"
+        for p in t
+        if p in s and s[p] != t[p]
+    ]
     if diff:
-        msgs.append(f"{len(diff)} leaves differ in shape or dtype: " + "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else ""))
+        msgs.append(
+            f"{len(diff)} leaves differ in shape or dtype: " + "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+        )
     if not msgs and [p for p, *_ in saved] != [p for p, *_ in target]:
         msgs.append("the leaves are the same but in a different tree order")
     return msgs
@@ -162,8 +173,9 @@ class Checkpointer:
       verify: record and check the per-leaf checksums.
     """
 
-    def __init__(self, directory, *, save_every: int = 1000, keep: int | None = 3, async_save: bool = True,
-                 verify: bool = True):
+    def __init__(
+        self, directory, *, save_every: int = 1000, keep: int | None = 3, async_save: bool = True, verify: bool = True
+    ):
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
         if keep is not None and keep < 1:
@@ -172,8 +184,12 @@ class Checkpointer:
         self.save_every = int(save_every)
         self.verify = verify
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
-            create=True, cleanup_tmp_directories=True)
+            max_to_keep=keep,
+            save_interval_steps=1,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     # -------------------------------------------------------------------- info
@@ -200,10 +216,20 @@ class Checkpointer:
             extra = json.loads(json.dumps({} if extra is None else dict(extra), default=_builtin))
         except TypeError as e:
             raise TypeError(f"extra must be JSON-serializable: {e}") from None
-        meta = {"format": _FORMAT, "step": step, "leaves": tree_description(state), "extra": extra,
-                "checksum": tree_checksum(state) if self.verify else None}
-        return bool(self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                                    meta=ocp.args.JsonSave(meta)), force=True))
+        meta = {
+            "format": _FORMAT,
+            "step": step,
+            "leaves": tree_description(state),
+            "extra": extra,
+            "checksum": tree_checksum(state) if self.verify else None,
+        }
+        return bool(
+            self._mgr.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+        )
 
     def wait(self) -> None:
         """Block until background saves are on disk."""
@@ -238,14 +264,18 @@ class Checkpointer:
             have = tree_checksum(state)
             bad = [d[0] for d, a, b in zip(meta["leaves"], have, meta["checksum"]) if list(a) != list(b)]
             if bad:
-                raise CheckpointCorruptError(f"step {step}: checksum mismatch in {len(bad)} leaves: "
-                                             + ", ".join(bad[:5]))
+                raise CheckpointCorruptError(
+                    f"step {step}: checksum mismatch in {len(bad)} leaves: " + ", ".join(bad[:5])
+                )
         return state
 
     def _quarantine(self, step: int, err: BaseException) -> None:
-        warnings.warn(f"checkpoint step {step} in {self.directory} is unreadable or corrupt "
-                      f"({type(err).__name__}: {str(err)[:300]}); moving it aside and using the previous step",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"checkpoint step {step} in {self.directory} is unreadable or corrupt "
+            f"({type(err).__name__}: {str(err)[:300]}); moving it aside and using the previous step",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         src = os.path.join(self.directory, str(step))
         if is_main_process() and os.path.isdir(src):
             dst = os.path.join(self.directory, f"corrupt_step_{step}")
@@ -295,7 +325,8 @@ class Checkpointer:
             if diffs:
                 raise CheckpointMismatchError(
                     f"checkpoint step {s} in {self.directory} was written for a different model/optimizer "
-                    f"configuration: " + " | ".join(diffs))
+                    f"configuration: " + " | ".join(diffs)
+                )
             state = None
             try:
                 state = self._restore_state(s, target, meta)
@@ -338,7 +369,7 @@ class SigtermFlag:
             self._on_signal(signum, self._event.is_set())
         self._event.set()
 
-    def install(self) -> "SigtermFlag":
+    def install(self) -> SigtermFlag:
         if threading.current_thread() is threading.main_thread():
             for s in self._signals:
                 self._previous[s] = signal.signal(s, self._handler)

@@ -11,7 +11,8 @@ same loop; only process 0 logs.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterator, NamedTuple, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import optax
@@ -46,22 +47,32 @@ class _Data:
     """Uniform access to the three supported data sources."""
 
     def __init__(self, data, start: int, extra: dict):
-        self.kind = "callable" if callable(data) and not hasattr(data, "__next__") else (
-            "stateful" if hasattr(data, "get_state") and hasattr(data, "set_state") else "iterable")
+        self.kind = (
+            "callable"
+            if callable(data) and not hasattr(data, "__next__")
+            else ("stateful" if hasattr(data, "get_state") and hasattr(data, "set_state") else "iterable")
+        )
         self.data = data
         if self.kind == "stateful":
             if "data" in extra:
                 data.set_state(extra["data"])
             elif start > 0:
-                warnings.warn("the checkpoint has no data iterator state; the iterator starts from its "
-                              "current position", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    "the checkpoint has no data iterator state; the iterator starts from its current position",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             self.it = data
         elif self.kind == "iterable":
             self.it = iter(data)
             if start > 0:
-                warnings.warn(f"resuming at step {start} with a plain iterator: skipping {start} batches "
-                              "(give an object with get_state/set_state, or a callable step -> batch, to "
-                              "resume without replaying)", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"resuming at step {start} with a plain iterator: skipping {start} batches "
+                    "(give an object with get_state/set_state, or a callable step -> batch, to "
+                    "resume without replaying)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 for _ in range(start):
                     next(self.it)
 
@@ -95,11 +106,26 @@ def log_metrics(every: int = 100, print_fn: Callable = print) -> Callable:
     return cb
 
 
-def train_iter(loss_fn: Callable, params, data, num_steps: int, *, optimizer: optax.GradientTransformation,
-               seed=0, mesh=None, checkpoint_dir=None, save_every: int = 1000, keep: int | None = 3,
-               async_checkpointing: bool = True, accum_steps: int = 1, ema_decay: float | None = 0.9999,
-               ema_warmup: bool = False, schedule=None, handle_sigterm: bool = True,
-               stop_flag: SigtermFlag | None = None) -> Iterator:
+def train_iter(
+    loss_fn: Callable,
+    params,
+    data,
+    num_steps: int,
+    *,
+    optimizer: optax.GradientTransformation,
+    seed=0,
+    mesh=None,
+    checkpoint_dir=None,
+    save_every: int = 1000,
+    keep: int | None = 3,
+    async_checkpointing: bool = True,
+    accum_steps: int = 1,
+    ema_decay: float | None = 0.9999,
+    ema_warmup: bool = False,
+    schedule=None,
+    handle_sigterm: bool = True,
+    stop_flag: SigtermFlag | None = None,
+) -> Iterator:
     """Generator form of :func:`train`: yields ``(step, metrics, state)`` after each
     update (``metrics`` are device scalars) and returns a :class:`TrainResult`.
     ``gen.send(True)`` asks it to stop: it saves the current step and returns. Close
@@ -126,8 +152,15 @@ def train_iter(loss_fn: Callable, params, data, num_steps: int, *, optimizer: op
                     print(f"resumed from checkpoint step {restored.step} in {ckpt.directory}", flush=True)
         step = int(np.asarray(state.step))
         source = _Data(data, step, extra)
-        step_fn = make_train_step(loss_fn, optimizer, mesh=mesh, accum_steps=accum_steps, ema_decay=ema_decay,
-                                  ema_warmup=ema_warmup, schedule=schedule)
+        step_fn = make_train_step(
+            loss_fn,
+            optimizer,
+            mesh=mesh,
+            accum_steps=accum_steps,
+            ema_decay=ema_decay,
+            ema_warmup=ema_warmup,
+            schedule=schedule,
+        )
         metrics = None
         stop_requested = False
         stopped = preempted = False
@@ -145,8 +178,12 @@ def train_iter(loss_fn: Callable, params, data, num_steps: int, *, optimizer: op
                 stopped = True
                 preempted = sync_flag(sigterm)
                 if is_main_process():
-                    print(f"stopping at step {step}" + (" (SIGTERM)" if preempted else "")
-                          + (": checkpoint saved" if ckpt is not None else ""), flush=True)
+                    print(
+                        f"stopping at step {step}"
+                        + (" (SIGTERM)" if preempted else "")
+                        + (": checkpoint saved" if ckpt is not None else ""),
+                        flush=True,
+                    )
                 break
         if ckpt is not None and step == num_steps and ckpt.latest_step() != step:
             ckpt.save(step, state, source.state(step), force=True)
@@ -158,8 +195,17 @@ def train_iter(loss_fn: Callable, params, data, num_steps: int, *, optimizer: op
             flag.uninstall()
 
 
-def train(loss_fn: Callable, params, data, num_steps: int, *, optimizer: optax.GradientTransformation,
-          callbacks: Sequence[Callable] = (), log_every: int = 0, **kw) -> TrainResult:
+def train(
+    loss_fn: Callable,
+    params,
+    data,
+    num_steps: int,
+    *,
+    optimizer: optax.GradientTransformation,
+    callbacks: Sequence[Callable] = (),
+    log_every: int = 0,
+    **kw,
+) -> TrainResult:
     """Train for ``num_steps`` optimizer updates (counting from step 0: a resumed run
     does only the remaining ones).
 

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -163,8 +164,9 @@ class LossConfig:
             raise ValueError(f"sigma_data must be positive, got {self.sigma_data}")
 
 
-def edm_objective(process: Process | None = None, sigma_data: float = 0.5, *, p_mean: float = -1.2,
-                  p_std: float = 1.2, **kw) -> LossConfig:
+def edm_objective(
+    process: Process | None = None, sigma_data: float = 0.5, *, p_mean: float = -1.2, p_std: float = 1.2, **kw
+) -> LossConfig:
     """The full EDM recipe of Karras et al. (2022), Table 1: preconditioned x0
     prediction, ``lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2`` and
     ``ln sigma ~ N(p_mean, p_std^2)``. ``process`` defaults to ``jdiff.edm()``."""
@@ -172,12 +174,22 @@ def edm_objective(process: Process | None = None, sigma_data: float = 0.5, *, p_
         from jdiff._process import edm
 
         process = edm(sigma_data=sigma_data)
-    return LossConfig(process=process, prediction="x0", weighting="edm", time_sampling="log_normal",
-                      precondition="edm", sigma_data=sigma_data, p_mean=p_mean, p_std=p_std, **kw)
+    return LossConfig(
+        process=process,
+        prediction="x0",
+        weighting="edm",
+        time_sampling="log_normal",
+        precondition="edm",
+        sigma_data=sigma_data,
+        p_mean=p_mean,
+        p_std=p_std,
+        **kw,
+    )
 
 
-def flow_matching_objective(process: Process | None = None, *, logit_normal: bool = False, logit_mean: float = 0.0,
-                            logit_std: float = 1.0, **kw) -> LossConfig:
+def flow_matching_objective(
+    process: Process | None = None, *, logit_normal: bool = False, logit_mean: float = 0.0, logit_std: float = 1.0, **kw
+) -> LossConfig:
     """(Conditional) flow matching: regress the velocity ``alpha' x0 + sigma' eps``
     (``eps - x0`` for the default ``jdiff.rectified_flow()``), optionally with
     logit-normal ``t`` (Esser et al. 2024)."""
@@ -185,9 +197,14 @@ def flow_matching_objective(process: Process | None = None, *, logit_normal: boo
         from jdiff._process import rectified_flow
 
         process = rectified_flow()
-    return LossConfig(process=process, prediction="flow",
-                      time_sampling="logit_normal" if logit_normal else "uniform",
-                      logit_mean=logit_mean, logit_std=logit_std, **kw)
+    return LossConfig(
+        process=process,
+        prediction="flow",
+        time_sampling="logit_normal" if logit_normal else "uniform",
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------- time sampling
@@ -228,8 +245,18 @@ def _times_from_uniform(u, process: Process, sampling: str, logit_mean, logit_st
     return (step + 1) / N
 
 
-def sample_times(key, n: int, process: Process, sampling: str = "uniform", *, logit_mean: float = 0.0,
-                 logit_std: float = 1.0, p_mean: float = -1.2, p_std: float = 1.2, dtype=jnp.float32):
+def sample_times(
+    key,
+    n: int,
+    process: Process,
+    sampling: str = "uniform",
+    *,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+    dtype=jnp.float32,
+):
     """Draw ``n`` training times (``(n,)`` array of ``dtype``).
 
     ``key`` is one key (sample ``i`` then uses ``fold_in(key, i)``) or ``n`` per-sample
@@ -268,8 +295,7 @@ def min_snr_weight(process: Process, prediction: str, t, gamma: float = 5.0):
     return jnp.minimum(snr, gamma) * x0_jacobian(process, prediction, t) ** 2
 
 
-def loss_weight(weighting: str, process: Process, prediction: str, t, *, gamma: float = 5.0,
-                sigma_data: float = 0.5):
+def loss_weight(weighting: str, process: Process, prediction: str, t, *, gamma: float = 5.0, sigma_data: float = 0.5):
     """Per-sample weight on the squared error of a network output of kind
     ``prediction`` at times ``t``; see :class:`LossConfig` for ``weighting``."""
     _choice("weighting", weighting, WEIGHTINGS)
@@ -376,16 +402,25 @@ def make_loss_fn(apply: Callable, config: LossConfig) -> Callable:
 
     def loss_fn(params, batch, key):
         if not isinstance(batch, dict) or config.data_key not in batch:
-            raise ValueError(f"batch must be a dict with the data under {config.data_key!r}, "
-                             f"got {type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else ""))
+            raise ValueError(
+                f"batch must be a dict with the data under {config.data_key!r}, "
+                f"got {type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
+            )
         x0 = jnp.asarray(batch[config.data_key])
         n = x0.shape[0]
         dt = _fdtype(x0)
         keys = _keys_for(key, n)
         d = math.prod(x0.shape[1:])
         words = jax.vmap(lambda k: jax.random.bits(k, (_W_NOISE + d,), jnp.uint32))(keys)
-        t = _times_from_uniform(_uniform(words[:, _W_TIME], dt), process, config.time_sampling, config.logit_mean,
-                                config.logit_std, config.p_mean, config.p_std)
+        t = _times_from_uniform(
+            _uniform(words[:, _W_TIME], dt),
+            process,
+            config.time_sampling,
+            config.logit_mean,
+            config.logit_std,
+            config.p_mean,
+            config.p_std,
+        )
         eps = _std_normal(_uniform(words[:, _W_NOISE:], dt)).reshape(x0.shape)
         x0f = x0.astype(dt)
         a = broadcast_to_x(process.alpha(t), x0f)
@@ -397,19 +432,22 @@ def make_loss_fn(apply: Callable, config: LossConfig) -> Callable:
             drop = _uniform(words[:, _W_LABEL], dt) < config.label_dropout
             drop = drop.reshape(drop.shape + (1,) * (jnp.ndim(cond) - 1))
             cond = jnp.where(drop, jnp.asarray(config.num_classes, jnp.asarray(cond).dtype), cond)
-        model_key = _model_key(words[0, _W_KEY:_W_KEY + 2], keys) if config.model_rng else None
+        model_key = _model_key(words[0, _W_KEY : _W_KEY + 2], keys) if config.model_rng else None
 
         if net is not None:
             out = net(params, xt, t, cond, model_key)
         else:
             out = apply(params, xt, _model_time(config, t), cond, model_key)
         if getattr(out, "shape", None) != x0.shape:
-            raise ValueError(f"the model returned shape {getattr(out, 'shape', type(out))} for input of shape "
-                             f"{x0.shape}; a denoiser must return an array of the input's shape")
+            raise ValueError(
+                f"the model returned shape {getattr(out, 'shape', type(out))} for input of shape "
+                f"{x0.shape}; a denoiser must return an array of the input's shape"
+            )
         target = from_x0_eps(config.prediction, x0f, eps, t, process)
         err = jnp.mean(jnp.square(out.astype(dt) - target).reshape(n, -1), axis=1)
-        w = loss_weight(config.weighting, process, config.prediction, t, gamma=config.min_snr_gamma,
-                        sigma_data=config.sigma_data).astype(dt)
+        w = loss_weight(
+            config.weighting, process, config.prediction, t, gamma=config.min_snr_gamma, sigma_data=config.sigma_data
+        ).astype(dt)
         loss = jnp.mean(w * err)
         return loss, {"loss": loss, "mse": jnp.mean(err)}
 

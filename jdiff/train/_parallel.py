@@ -28,7 +28,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 __all__ = [
     "DATA_AXIS",
@@ -47,8 +48,9 @@ __all__ = [
 DATA_AXIS = "data"
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, **kwargs) -> None:
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None, **kwargs
+) -> None:
     """Start JAX's multi-process runtime (one process per host), if asked to.
 
     Calls ``jax.distributed.initialize`` when ``num_processes > 1`` or when no argument
@@ -65,8 +67,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     # recent versions, older ones defaulted to none.
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, **kwargs)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id, **kwargs
+    )
 
 
 def make_mesh(devices=None, axis_name: str = DATA_AXIS) -> Mesh:
@@ -120,8 +123,9 @@ def process_batch_slice(global_batch_size: int, mesh: Mesh | None = None) -> sli
     return slice(start, start + _local_devices_in(mesh) * per_dev)
 
 
-def check_batch_divisible(batch_size: int, num_devices: int, what: str = "batch",
-                          where: str = "the number of devices on the data axis") -> None:
+def check_batch_divisible(
+    batch_size: int, num_devices: int, what: str = "batch", where: str = "the number of devices on the data axis"
+) -> None:
     """Raise a ``ValueError`` naming both numbers unless ``batch_size`` is a positive
     multiple of ``num_devices``."""
     if num_devices <= 0 or batch_size % num_devices != 0 or batch_size == 0:
@@ -149,8 +153,9 @@ def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
         x = np.asarray(x)
         if x.ndim == 0:
             raise ValueError("every batch leaf needs a leading batch axis; got a scalar")
-        check_batch_divisible(x.shape[0], n_local, "per-process batch",
-                              "the number of this process's devices on the data axis")
+        check_batch_divisible(
+            x.shape[0], n_local, "per-process batch", "the number of this process's devices on the data axis"
+        )
         global_shape = (x.shape[0] // n_local * n_total,) + x.shape[1:]
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 

@@ -13,13 +13,15 @@ parameters lives in the state.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jdiff._random import per_sample_keys
 from jdiff.train._parallel import (
@@ -77,8 +79,13 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed, *, e
     """A fresh :class:`TrainState` at step 0. ``seed`` is an int or a key (typed or raw)."""
     params = jax.tree.map(jnp.asarray, params)
     ema_params = jax.tree.map(jnp.copy, params) if ema else None
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      ema_params=ema_params, rng=_raw_key(seed))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        ema_params=ema_params,
+        rng=_raw_key(seed),
+    )
 
 
 def state_key(state: TrainState):
@@ -89,8 +96,14 @@ def state_key(state: TrainState):
 # ------------------------------------------------------------------------- optax
 
 
-def lr_schedule(learning_rate: float, *, warmup_steps: int = 0, total_steps: int | None = None,
-                final_lr: float = 0.0, init_lr: float = 0.0) -> optax.Schedule:
+def lr_schedule(
+    learning_rate: float,
+    *,
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    final_lr: float = 0.0,
+    init_lr: float = 0.0,
+) -> optax.Schedule:
     """Linear warmup from ``init_lr`` to ``learning_rate`` over ``warmup_steps``, then a
     cosine decay to ``final_lr`` at ``total_steps`` (constant if ``total_steps`` is None)."""
     if learning_rate < 0 or warmup_steps < 0:
@@ -100,20 +113,32 @@ def lr_schedule(learning_rate: float, *, warmup_steps: int = 0, total_steps: int
             return optax.constant_schedule(learning_rate)
         return optax.join_schedules(
             [optax.linear_schedule(init_lr, learning_rate, warmup_steps), optax.constant_schedule(learning_rate)],
-            [warmup_steps])
+            [warmup_steps],
+        )
     if total_steps <= warmup_steps:
         raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})")
     return optax.warmup_cosine_decay_schedule(init_lr, learning_rate, warmup_steps, total_steps, final_lr)
 
 
-def make_optimizer(learning_rate: float | optax.Schedule = 1e-4, *, warmup_steps: int = 0,
-                   total_steps: int | None = None, final_lr: float = 0.0, weight_decay: float = 0.0,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                   clip_norm: float | None = 1.0) -> optax.GradientTransformation:
+def make_optimizer(
+    learning_rate: float | optax.Schedule = 1e-4,
+    *,
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    final_lr: float = 0.0,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    clip_norm: float | None = 1.0,
+) -> optax.GradientTransformation:
     """``clip_by_global_norm(clip_norm)`` then AdamW with :func:`lr_schedule` (or a given
     schedule). ``clip_norm=None`` disables clipping."""
-    sched = learning_rate if callable(learning_rate) else lr_schedule(
-        learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, final_lr=final_lr)
+    sched = (
+        learning_rate
+        if callable(learning_rate)
+        else lr_schedule(learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, final_lr=final_lr)
+    )
     parts = [] if clip_norm is None else [optax.clip_by_global_norm(clip_norm)]
     parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     tx = optax.chain(*parts)
@@ -137,6 +162,7 @@ def ema_decay_at(step, decay: float, warmup: bool = False):
 
 def ema_update(ema, params, decay):
     """``ema <- decay * ema + (1 - decay) * params``, leaf by leaf, in each leaf's dtype."""
+
     def upd(e, p):
         d = jnp.asarray(decay, e.dtype) if jnp.issubdtype(e.dtype, jnp.floating) else decay
         return (d * e + (1 - d) * p).astype(e.dtype)
@@ -157,9 +183,19 @@ def _batch_size(batch) -> int:
     return sizes.pop()
 
 
-def train_step(state: TrainState, batch, key, *, loss_fn: Callable, optimizer: optax.GradientTransformation,
-               accum_steps: int = 1, ema_decay: float | None = 0.9999, ema_warmup: bool = False,
-               schedule: optax.Schedule | None = None, micro_sharding: NamedSharding | None = None):
+def train_step(
+    state: TrainState,
+    batch,
+    key,
+    *,
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    accum_steps: int = 1,
+    ema_decay: float | None = 0.9999,
+    ema_warmup: bool = False,
+    schedule: optax.Schedule | None = None,
+    micro_sharding: NamedSharding | None = None,
+):
     """One optimizer update; pure (jit it, or use :func:`make_train_step`).
 
     Arguments:
@@ -193,6 +229,7 @@ def train_step(state: TrainState, batch, key, *, loss_fn: Callable, optimizer: o
     if k == 1:
         (_, metrics), grads = grad_fn(state.params, batch, keys)
     else:
+
         def split(x):
             x = x.reshape((B // k, k) + x.shape[1:])
             x = jnp.swapaxes(x, 0, 1)
@@ -227,9 +264,17 @@ def train_step(state: TrainState, batch, key, *, loss_fn: Callable, optimizer: o
     return TrainState(step, params, opt_state, ema, state.rng), metrics
 
 
-def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, mesh: Mesh | None = None,
-                    accum_steps: int = 1, ema_decay: float | None = 0.9999, ema_warmup: bool = False,
-                    schedule: optax.Schedule | None = None, donate: bool = True) -> Callable:
+def make_train_step(
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: Mesh | None = None,
+    accum_steps: int = 1,
+    ema_decay: float | None = 0.9999,
+    ema_warmup: bool = False,
+    schedule: optax.Schedule | None = None,
+    donate: bool = True,
+) -> Callable:
     """Compile :func:`train_step` for data parallelism on ``mesh`` (default: every device).
 
     Returns ``step(state, batch, key=None) -> (state, metrics)``. The state is kept
@@ -248,11 +293,20 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     dat = data_sharding(mesh)
 
     def fn(state, batch, key):
-        return train_step(state, batch, key, loss_fn=loss_fn, optimizer=optimizer, accum_steps=accum_steps,
-                          ema_decay=ema_decay, ema_warmup=ema_warmup, schedule=schedule, micro_sharding=dat)
+        return train_step(
+            state,
+            batch,
+            key,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            accum_steps=accum_steps,
+            ema_decay=ema_decay,
+            ema_warmup=ema_warmup,
+            schedule=schedule,
+            micro_sharding=dat,
+        )
 
-    jitted = jax.jit(fn, in_shardings=(rep, dat, rep), out_shardings=(rep, rep),
-                     donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(fn, in_shardings=(rep, dat, rep), out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())
 
     def step(state: TrainState, batch, key=None):
         _batch_size(batch)
