@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff._checks import concrete
 from jdiff._grid import time_grid
 from jdiff._param import Prediction
 from jdiff.solvers._base import Solver, compute_dtype
@@ -53,13 +54,6 @@ class _CastInput:
 jax.tree_util.register_dataclass(_CastInput, data_fields=["inner"], meta_fields=["dtype"])
 
 
-def _concrete(a):
-    try:
-        return np.asarray(a)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError, TypeError):
-        return None
-
-
 def validate_grid(process, grid):
     """Raise ``ValueError`` unless ``grid`` is a valid decreasing time grid for
     ``process`` (values are checked only when the grid is concrete)."""
@@ -68,7 +62,7 @@ def validate_grid(process, grid):
         raise ValueError(f"the time grid must be 1-D, got shape {grid.shape}")
     if grid.shape[0] < 2:
         raise ValueError(f"the time grid needs at least 2 points, got {grid.shape[0]}")
-    g = _concrete(grid)
+    g = concrete(grid)
     if g is None:
         return
     g = g.astype(np.float64)

@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 __all__ = [
@@ -31,23 +30,12 @@ __all__ = [
     "zeros_init",
     "attention",
     "SelfAttention",
-    "concrete",
     "check_time",
     "check_nhwc",
 ]
 
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros_init = nnx.initializers.zeros_init()
-
-
-def concrete(a):
-    """``a`` as a NumPy array if its value is known now (not traced), else ``None``."""
-    if isinstance(a, jax.core.Tracer):
-        return None
-    try:
-        return np.asarray(a)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError, TypeError):
-        return None
 
 
 def _is_key(k) -> bool:

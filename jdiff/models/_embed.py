@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jdiff._checks import concrete
 from jdiff._random import drop_labels
-from jdiff.models._common import KeySeq, as_dropout_key, check_time, concrete, xavier_uniform
+from jdiff.models._common import KeySeq, as_dropout_key, check_time, xavier_uniform
 
 __all__ = [
     "sinusoidal_embedding",

@@ -1,6 +1,7 @@
 """Samplers as optax-style ``(init, step)`` pairs. See :mod:`jdiff.solvers._base`."""
 
 from jdiff.solvers._base import Solver, State, order_schedule
+from jdiff.solvers._registry import get, names
 from jdiff.solvers.ddim import ddim, ddpm
 from jdiff.solvers.deis import deis
 from jdiff.solvers.dpm_solver import dpm_solver, dpm_solver_pp, sde_dpm_solver_pp
@@ -12,6 +13,8 @@ __all__ = [
     "Solver",
     "State",
     "order_schedule",
+    "get",
+    "names",
     "ddim",
     "ddpm",
     "deis",

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff._checks import concrete
 from jdiff._core import Geometry, geometry_from
 from jdiff._param import Prediction
 from jdiff._random import normal_per_sample
@@ -236,10 +237,10 @@ def traced_order_schedule(order: int, finite, nfe: int | None, *, lower_order_fi
 def infinite_steps(process, grid) -> tuple:
     """Indices of the grid's steps with infinite log-SNR increment (a start at alpha = 0,
     an end at sigma = 0), when the grid is concrete; ``()`` when it is traced."""
-    try:
-        g = np.asarray(grid, np.float64)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError, TypeError):
+    g = concrete(grid)
+    if g is None:
         return ()
+    g = g.astype(np.float64)
     with jax.ensure_compile_time_eval():
         lam = np.asarray(process.lambda_(jnp.asarray(g[[0, -1]], jnp.float32)))
     out = []

@@ -1,0 +1,105 @@
+"""One registry from solver names to solvers, for the CLI, presets and benchmarks.
+
+Names carry the common settings in the style of k-diffusion and diffusers; other
+settings are keyword arguments of the solver's factory::
+
+    get("dpm++2m")                    # dpm_solver_pp(2)
+    get("unipc3-bh1")                 # unipc(3, variant="bh1")
+    get("deis3", basis="rho")         # deis(3, basis="rho")
+    get("ddim", eta=0.5)
+
+``names()`` lists every canonical name. A factory's own name (``"dpm_solver_pp"``)
+is accepted too, with its settings as keywords.
+"""
+
+from __future__ import annotations
+
+import re
+
+from jdiff.solvers.ddim import ddim, ddpm
+from jdiff.solvers.deis import deis
+from jdiff.solvers.dpm_solver import dpm_solver, dpm_solver_pp, sde_dpm_solver_pp
+from jdiff.solvers.euler import euler, euler_maruyama, heun
+from jdiff.solvers.ipndm import ipndm
+from jdiff.solvers.unipc import unipc
+
+__all__ = ["get", "names", "FACTORIES"]
+
+FACTORIES = {
+    f.__name__: f
+    for f in (ddim, ddpm, euler, heun, euler_maruyama, dpm_solver, dpm_solver_pp, sde_dpm_solver_pp, deis, unipc, ipndm)
+}
+
+# (pattern, factory, settings from the match); the order of this table is names()'s order
+_PATTERNS = [
+    (r"euler(?:-(?P<time>rho))?", euler, lambda m: {"time": m["time"]} if m["time"] else {}),
+    (r"heun(?:-(?P<time>rho))?", heun, lambda m: {"time": m["time"]} if m["time"] else {}),
+    (r"euler-maruyama", euler_maruyama, lambda m: {}),
+    (r"ddim", ddim, lambda m: {}),
+    (r"ddpm", ddpm, lambda m: {}),
+    (r"dpm(?P<order>[123])", dpm_solver, lambda m: {"order": int(m["order"]), "method": "singlestep"}),
+    (r"dpm(?P<order>[123])m", dpm_solver, lambda m: {"order": int(m["order"]), "method": "multistep"}),
+    (r"dpm\+\+(?P<order>[123])s", dpm_solver_pp, lambda m: {"order": int(m["order"]), "method": "singlestep"}),
+    (r"dpm\+\+(?P<order>[123])m", dpm_solver_pp, lambda m: {"order": int(m["order"]), "method": "multistep"}),
+    (r"sde-dpm\+\+(?P<order>1|2m)", sde_dpm_solver_pp, lambda m: {"order": int(m["order"][0])}),
+    (
+        r"deis(?P<order>[123])(?:-(?P<basis>rho|log_rho))?",
+        deis,
+        lambda m: {"order": int(m["order"])} | ({"basis": m["basis"]} if m["basis"] else {}),
+    ),
+    (
+        r"unipc(?P<order>[123])(?:-(?P<variant>bh1|bh2))?",
+        unipc,
+        lambda m: {"order": int(m["order"])} | ({"variant": m["variant"]} if m["variant"] else {}),
+    ),
+    (
+        r"unip(?P<order>[123])(?:-(?P<variant>bh1|bh2))?",
+        unipc,
+        lambda m: {"order": int(m["order"]), "corrector": False} | ({"variant": m["variant"]} if m["variant"] else {}),
+    ),
+    (
+        r"ipndm(?P<order>[1234])(?P<v>-v)?",
+        ipndm,
+        lambda m: {"order": int(m["order"])} | ({"variable_step": True} if m["v"] else {}),
+    ),
+]
+
+_NAMES = (
+    ["euler", "euler-rho", "heun", "heun-rho", "euler-maruyama", "ddim", "ddpm"]
+    + [f"dpm{k}" for k in (1, 2, 3)]
+    + [f"dpm{k}m" for k in (2, 3)]
+    + [f"dpm++{k}s" for k in (2, 3)]
+    + [f"dpm++{k}m" for k in (1, 2, 3)]
+    + ["sde-dpm++1", "sde-dpm++2m"]
+    + [f"deis{k}{b}" for k in (1, 2, 3) for b in ("", "-rho", "-log_rho")]
+    + [f"unipc{k}{v}" for k in (1, 2, 3) for v in ("", "-bh1")]
+    + [f"unip{k}" for k in (1, 2, 3)]
+    + [f"ipndm{k}{v}" for k in (1, 2, 3, 4) for v in ("", "-v")]
+)
+
+
+def names() -> list[str]:
+    """Every canonical solver name :func:`get` accepts (settings in the name)."""
+    return list(_NAMES)
+
+
+def get(name: str, **settings):
+    """The solver called ``name`` (see the module docstring), with ``settings`` passed
+    to its factory. Settings may not contradict the name."""
+    if not isinstance(name, str):
+        raise TypeError(f"a solver name must be a string, got {type(name).__name__}")
+    key = name.strip().lower().replace("_pp", "++") if name not in FACTORIES else name
+    if name in FACTORIES:
+        factory, fixed = FACTORIES[name], {}
+    else:
+        found = [(f, fields(m)) for p, f, fields in _PATTERNS if (m := re.fullmatch(p, key))]
+        if not found:
+            raise ValueError(f"unknown solver {name!r}; known solvers: {', '.join(_NAMES)}")
+        factory, fixed = found[0]
+    clash = {k for k in fixed if k in settings and settings[k] != fixed[k]}
+    if clash:
+        raise ValueError(f"solver {name!r} fixes {', '.join(sorted(clash))}; do not pass a different value")
+    try:
+        return factory(**(fixed | settings))
+    except TypeError as e:
+        raise TypeError(f"solver {name!r}: {e}") from None
