@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff._process import EDM, VE, Process, RectifiedFlow
+from jdiff._process import Process
 
 __all__ = ["time_grid", "GRID_KINDS", "default_grid_kind"]
 
@@ -32,12 +32,9 @@ GRID_KINDS = ("uniform", "logsnr", "quadratic", "karras")
 
 
 def default_grid_kind(process: Process) -> str:
-    """Karras spacing for EDM and VE, uniform t for rectified flow, logSNR otherwise."""
-    if isinstance(process, (EDM, VE)):
-        return "karras"
-    if isinstance(process, RectifiedFlow):
-        return "uniform"
-    return "logsnr"
+    """The process's own default (``process.default_grid``): Karras spacing for EDM and
+    VE, uniform t for rectified flow, logSNR otherwise."""
+    return process.default_grid
 
 
 def time_grid(process: Process, num_steps: int | None = None, **kw):

@@ -185,7 +185,7 @@ class Denoiser:
             raise TypeError(f"process must be a jdiff Process, got {type(self.process).__name__}")
         if not callable(self.time_input) and self.time_input not in TIME_INPUTS:
             raise ValueError(f"unknown time_input {self.time_input!r}; expected one of {TIME_INPUTS} or a callable")
-        if self.time_input == "timestep" and not hasattr(self.process, "timestep"):
+        if self.time_input == "timestep" and not self.process.discrete:
             raise ValueError("time_input='timestep' needs a discrete process (jdiff.vp_discrete)")
 
     def model_time(self, t):

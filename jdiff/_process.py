@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +105,17 @@ class Process:
     t_max: float
     t_data: float | None = 0.0
     name: str = "process"
+
+    # Capabilities (class attributes, not dataclass fields): a new process states them in
+    # its own class and needs no edit anywhere else.
+    #: the grid kind that ``kind="default"`` means for this process
+    default_grid: ClassVar[str] = "logsnr"
+    #: whether the process is a table of discrete training steps; such a process has
+    #: ``num_train_steps`` and :meth:`timestep`, and supports ``"discrete"`` time sampling
+    discrete: ClassVar[bool] = False
+    #: the model time a network trained on this process usually takes (see
+    #: :func:`jdiff.model_time`)
+    default_time_input: ClassVar[str] = "t"
 
     # ----------------------------------------------------------- curves (subclasses)
     def log_alpha(self, t):
@@ -329,6 +340,9 @@ class VPDiscrete(_VP):
     zero_terminal_snr: bool = False
     name: str = "vp_discrete"
 
+    discrete = True
+    default_time_input = "timestep"
+
     def _tables(self):
         la = jnp.asarray(self.log_alphas)
         ts = jnp.linspace(0.0, 1.0, self.num_train_steps + 1, dtype=la.dtype)
@@ -453,6 +467,8 @@ class VE(Process):
     t_data: float | None = None
     name: str = "ve"
 
+    default_grid = "karras"
+
     def log_alpha(self, t):
         return jnp.zeros_like(_as_float(t))
 
@@ -476,6 +492,8 @@ class EDM(Process):
     t_data: float | None = 0.0
     sigma_data: float = 0.5
     name: str = "edm"
+
+    default_grid = "karras"
 
     def log_alpha(self, t):
         return jnp.zeros_like(_as_float(t))
@@ -507,6 +525,8 @@ class RectifiedFlow(Process):
     t_max: float = 1.0
     t_data: float | None = 0.0
     name: str = "rectified_flow"
+
+    default_grid = "uniform"
 
     def log_alpha(self, t):
         return jnp.log1p(-_as_float(t))
