@@ -8,6 +8,7 @@ Processes (:mod:`jdiff._process`), parameterizations and the denoiser boundary
 
 from jdiff import solvers, wrappers
 from jdiff._core import phi
+from jdiff._generate import SamplingConfig, generate
 from jdiff._grid import GRID_KINDS, default_grid_kind, time_grid
 from jdiff._param import (
     PREDICTIONS,
@@ -68,6 +69,8 @@ def __getattr__(name):
 
 __all__ = [
     "solvers",
+    "generate",
+    "SamplingConfig",
     "wrappers",
     "phi",
     "GRID_KINDS",

@@ -1,0 +1,49 @@
+"""``jdiff plot``: redraw a run's loss curve (see :mod:`jdiff.plotting`)."""
+
+from __future__ import annotations
+
+import os
+
+from jdiff.cli._common import CLIError
+
+HELP = "draw a run's loss curve"
+
+
+def add_parser(sub, formatter):
+    pl = sub.add_parser(
+        "plot", formatter_class=formatter, help=HELP, description="Draw the loss curve of a run's metrics.jsonl."
+    )
+    pl.add_argument("--run", required=True, metavar="DIR", help="run directory")
+    pl.add_argument("--out", metavar="FILE", help="output image, .png or .jpg (default: DIR/loss.png)")
+    pl.set_defaults(fn=run, check=resolve)
+    return pl
+
+
+def resolve(args):
+    from jdiff.cli import _run as R
+    from jdiff.cli._common import writable_path
+    from jdiff.plotting import image_format, read_metrics
+
+    if not os.path.isdir(args.run):
+        raise CLIError(f"run directory not found: {args.run}")
+    out = args.out or os.path.join(args.run, R.LOSS_PLOT)
+    try:
+        image_format(out)
+    except ValueError as e:
+        raise CLIError(f"--out {out}: {e}") from None
+    writable_path(out, "--out", directory=False)
+    path = os.path.join(args.run, R.METRICS_FILE)
+    rows = [r for r in read_metrics(path) if "loss" in r]
+    if not rows:
+        raise CLIError(f"no metrics in {path}")
+    return out, rows
+
+
+def run(args, resolved) -> int:
+    from jdiff import plotting
+
+    out, rows = resolved
+    name = os.path.basename(os.path.abspath(args.run))
+    plotting.plot_loss([r["step"] for r in rows], [r["loss"] for r in rows], out, f"training loss: {name}")
+    print(out)
+    return 0

@@ -1,0 +1,191 @@
+"""``jdiff sample``: sample a trained run with any solver of the registry, on every
+device, through :func:`jdiff.generate`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+from jdiff.cli import _run as R
+from jdiff.cli._common import CLIError, check_solver_nfe, denoiser, denoiser_apply, make_solver, positive, to_host
+
+HELP = "sample from a trained run"
+
+
+def add_parser(sub, formatter, solver_names: list[str]):
+    sa = sub.add_parser(
+        "sample",
+        formatter_class=formatter,
+        help=HELP,
+        description="Load a run's config and newest checkpoint and sample with any jdiff solver. Writes an image "
+        "(a grid, or a 2-D scatter plot; PNG, or JPEG for .jpg/.jpeg) and an .npz with the samples. Unset options "
+        "default to the run's 'sample' config section.",
+        epilog="examples:\n  jdiff sample --run runs/digits --solver unipc3 --nfe 10 --guidance 2\n"
+        "  jdiff sample --run runs/digits --solver dpm_solver_pp --order 3 --nfe 50 --label 3 --num 16\n"
+        f"solvers (jdiff.solvers.names(); factory names such as dpm_solver_pp take --order): {', '.join(solver_names)}",
+    )
+    sa.add_argument("--run", required=True, metavar="DIR", help="run directory written by 'jdiff train'")
+    sa.add_argument("--solver", metavar="NAME", help="sampler from jdiff.solvers (default: the run's sample.solver)")
+    sa.add_argument(
+        "--order",
+        type=int,
+        metavar="K",
+        help="solver order for factory names (dpm_solver, dpm_solver_pp, deis, ipndm, unipc, ...) "
+        "(default: the solver's own; the run's sample.order if --solver is not given)",
+    )
+    sa.add_argument("--nfe", type=int, metavar="N", help="number of model evaluations (default: the run's sample.nfe)")
+    sa.add_argument("--grid-kind", metavar="KIND", help="time grid (default: the run's sample.grid_kind)")
+    sa.add_argument("--num", type=int, metavar="M", help="number of samples (default: the run's sample.num)")
+    sa.add_argument("--seed", type=int, metavar="S", help="seed of the noise (default: the run's sample.seed)")
+    g = sa.add_mutually_exclusive_group()
+    g.add_argument("--ema", dest="ema", action="store_true", default=None, help="use the EMA parameters")
+    g.add_argument("--no-ema", dest="ema", action="store_false", default=None, help="use the raw trained parameters")
+    sa.add_argument(
+        "--guidance",
+        type=float,
+        metavar="W",
+        help="classifier-free guidance scale, 1: conditional model alone, 0: unconditional "
+        "(default: the run's sample.guidance)",
+    )
+    sa.add_argument("--label", type=int, metavar="L", help="class of every sample (default: cycle through classes)")
+    sa.add_argument("--step", type=int, metavar="STEP", help="checkpoint step (default: the newest)")
+    sa.add_argument("--batch-size", type=int, default=0, metavar="B", help="samples per call (0: all at once)")
+    sa.add_argument(
+        "--out",
+        metavar="FILE",
+        help="output image, .png or .jpg (no extension: .png; the .npz goes next to it; "
+        "default: DIR/samples/sample_<solver>_nfe<N>_step<S>.png)",
+    )
+    sa.set_defaults(fn=run, check=resolve)
+    return sa
+
+
+def _outputs(out: str) -> tuple[str, str]:
+    """``(image path, npz path)`` of ``--out``."""
+    from jdiff.plotting import image_format
+
+    root, ext = os.path.splitext(out)
+    img = out if ext else out + ".png"
+    try:
+        image_format(img)
+    except ValueError as e:
+        raise CLIError(f"--out {out}: {e}") from None
+    return img, (root if ext else out) + ".npz"
+
+
+def resolve(args):
+    """Check the options and the run's sampling settings; creates nothing."""
+    import math
+
+    from jdiff.cli._common import writable_path
+    from jdiff.cli._config import ConfigError
+
+    positive(args.nfe, "--nfe")
+    positive(args.num, "--num")
+    positive(args.batch_size, "--batch-size", 0)
+    positive(args.order, "--order", 0)
+    positive(args.seed, "--seed", 0)
+    positive(args.step, "--step", 0)
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise CLIError(f"--guidance must be finite, got {args.guidance}")
+    if args.out is not None:
+        img, npz = _outputs(args.out)
+        writable_path(img, "--out", directory=False)
+        writable_path(npz, "--out", directory=False)
+    if not os.path.isdir(args.run):
+        raise CLIError(f"run directory not found: {args.run}")
+    cfg = R.load_config_file(args.run)
+    s = cfg.sample
+    changes = {}
+    if args.solver is not None:
+        changes["solver"], changes["order"] = args.solver, args.order or 0
+    elif args.order is not None:
+        changes["order"] = args.order
+    for name in ("nfe", "num", "seed", "ema", "guidance", "grid_kind"):
+        v = getattr(args, name)
+        if v is not None:
+            changes[name] = v
+    try:
+        s = dataclasses.replace(s, **changes)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"sample: {e}") from None
+    make_solver(s)
+    if not R.checkpoint_steps(args.run):
+        raise CLIError(f"no checkpoint found in {os.path.join(args.run, R.CKPT_DIR)}")
+    return s
+
+
+def run(args, s) -> int:
+    import numpy as np
+
+    import jdiff
+
+    solver = make_solver(s)
+    cfg, info, run_, state, step = R.load_run_state(args.run, args.step)
+    check_solver_nfe(run_, solver, s.nfe, s.grid_kind)
+    nc = run_.num_classes
+    guidance = s.guidance
+    if nc == 0 and (args.label is not None or (args.guidance is not None and args.guidance != 1.0)):
+        raise CLIError("this run's model is unconditional: --label and --guidance do not apply")
+    if args.label is not None and not 0 <= args.label < nc:
+        raise CLIError(f"--label must be in [0, {nc}), got {args.label}")
+    if nc == 0:
+        guidance = 1.0
+    elif guidance != 1.0 and cfg.objective.label_dropout == 0:
+        print(
+            "warning: the model was trained without label dropout (objective.label_dropout=0), so its "
+            "unconditional prediction is untrained; guidance != 1 will not help",
+            file=sys.stderr,
+        )
+    labels = None
+    if nc:
+        labels = np.full(s.num, args.label, np.int32) if args.label is not None else np.arange(s.num) % nc
+    if s.ema and state.ema_params is None:
+        raise CLIError("this run has no EMA parameters (ema.decay=none): use --no-ema")
+    params = to_host(state.ema_params if s.ema else state.params)
+    den = denoiser(denoiser_apply(run_), run_, params, guidance)
+    t0 = time.perf_counter()
+    x, spent = jdiff.generate(
+        solver,
+        den,
+        s.num,
+        run_.data_shape,
+        nfe=s.nfe,
+        seed=s.seed,
+        cond=None if labels is None else labels.astype(np.int32),
+        batch_size=args.batch_size,
+        grid_kind=s.grid_kind,
+        return_nfe=True,
+    )
+    seconds = time.perf_counter() - t0
+    if not np.all(np.isfinite(x)):
+        print(f"warning: {int((~np.isfinite(x)).sum())} non-finite values in the samples", file=sys.stderr)
+
+    from jdiff import plotting
+
+    tag = f"{s.solver}{f'-{s.order}' if s.order else ''}_nfe{s.nfe}_step{step}"
+    out = args.out or os.path.join(args.run, R.SAMPLES_DIR, f"sample_{tag}.png")
+    img, npz = _outputs(out)
+    reference = cfg.data.load()[0][:5000] if cfg.data.source == "toy" else None
+    nrow = nc if (nc and args.label is None and s.num % nc == 0) else None
+    title = f"{cfg.name} step {step}: {solver.name}, nfe {spent}" + (f", guidance {guidance:g}" if nc else "")
+    plotting.save_samples(x, img, nrow=nrow, reference=reference, title=title)
+    os.makedirs(os.path.dirname(os.path.abspath(npz)), exist_ok=True)
+    np.savez(
+        npz,
+        samples=x,
+        labels=labels if labels is not None else np.zeros((0,), np.int32),
+        solver=solver.name,
+        nfe=spent,
+        step=step,
+        guidance=guidance,
+        ema=s.ema,
+        seed=s.seed,
+    )
+    print(
+        f"{s.num} samples from step {step} ({'EMA' if s.ema else 'raw'} params) with {solver.name}, "
+        f"nfe {spent}{f', guidance {guidance:g}' if nc else ''} in {seconds:.1f} s -> {img}, {npz}"
+    )
+    return 0

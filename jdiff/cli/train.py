@@ -1,0 +1,445 @@
+"""``jdiff train``: train from a preset (or resume a run) with the library's loop."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from jdiff.cli import _run as R
+from jdiff.cli._common import CLIError, build_run, check_solver_nfe, denoiser, denoiser_apply, make_solver, to_host
+from jdiff.cli._config import ConfigError, RunConfig, apply_overrides
+
+HELP = "train a model from a preset"
+
+
+def add_parser(sub, formatter, preset_names: list[str]):
+    preset_list = ", ".join(preset_names)
+    tr = sub.add_parser(
+        "train",
+        formatter_class=formatter,
+        help=HELP,
+        description="Train from a named preset. Writes config.json, run.json, metrics.jsonl, loss.png, sample "
+        "grids and orbax checkpoints into --out. A directory that already holds checkpoints of the "
+        "same configuration is resumed exactly (model, optimizer, EMA, RNG and data position). "
+        "SIGTERM or Ctrl-C saves a checkpoint and exits with status 0.",
+        epilog="examples:\n  jdiff train digits --out runs/digits\n"
+        "  jdiff train --preset toy2d --set optim.lr=1e-3 --set model.mlp.width=64 --steps 500\n"
+        "  jdiff train --out runs/digits --resume --steps 3000\n"
+        "  jdiff presets digits --keys      # every key --set accepts, with its type\n"
+        "multi-host: run the same command on every host with --coordinator HOST0:PORT "
+        "--num-processes N --process-id I (or JDIFF_COORDINATOR / JDIFF_NUM_PROCESSES / JDIFF_PROCESS_ID, "
+        "or --distributed on a TPU pod / SLURM); --out must be on a shared file system.",
+    )
+    tr.add_argument("preset_arg", nargs="?", metavar="PRESET", help=f"named configuration: {preset_list}")
+    tr.add_argument("--preset", help="the same as the positional PRESET")
+    tr.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. optim.lr=3e-4 or model.unet.channel_mult=1,2,2 (repeatable)",
+    )
+    tr.add_argument("--out", metavar="DIR", help="run directory (default: runs/<preset>)")
+    tr.add_argument("--steps", type=int, help="total training steps (same as --set train.steps=N)")
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out with its saved config.json (--preset not needed; --set and "
+        "--steps still apply); fails if it has no checkpoint",
+    )
+    tr.add_argument(
+        "--stop-at", type=int, metavar="STEP", help="save a checkpoint and stop after this step (resume later)"
+    )
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--coordinator", metavar="HOST:PORT", help="multi-host: address of process 0")
+    tr.add_argument("--num-processes", type=int, metavar="N", help="multi-host: number of processes (one per host)")
+    tr.add_argument("--process-id", type=int, metavar="I", help="multi-host: this process's index in [0, N)")
+    tr.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: let jax.distributed.initialize detect the cluster (Cloud TPU, SLURM, ...)",
+    )
+    tr.add_argument(
+        "--cpu-devices",
+        type=int,
+        metavar="N",
+        help="split the CPU into N JAX devices (data parallelism on one machine, for testing)",
+    )
+    tr.set_defaults(fn=run, check=resolve)
+    return tr
+
+
+# ------------------------------------------------------------------------ config
+
+
+def resolve(args) -> tuple[RunConfig, str]:
+    """The configuration to train with and the run directory, every value checked;
+    creates nothing and starts no JAX backend."""
+    from jdiff import presets as P
+    from jdiff.cli._common import positive, writable_path
+
+    if args.preset_arg is not None and args.preset is not None and args.preset_arg != args.preset:
+        raise CLIError(f"two presets given: {args.preset_arg!r} and --preset {args.preset!r}")
+    preset = args.preset if args.preset is not None else args.preset_arg
+    positive(args.steps, "--steps")
+    positive(args.stop_at, "--stop-at")
+    positive(args.cpu_devices, "--cpu-devices")
+    positive(args.num_processes, "--num-processes")
+    positive(args.process_id, "--process-id", 0)
+    overrides = list(args.set or [])
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    out = args.out
+    if out is not None:
+        writable_path(out, "--out", directory=True)
+    saved = None
+    if args.resume:
+        if out is None:
+            raise CLIError("--resume needs --out DIR (the run to continue)")
+        saved = R.load_config_file(out)
+        if preset is not None and preset != saved.name:
+            raise CLIError(f"{out} holds a run of preset {saved.name!r}, not {preset!r}")
+        if not R.checkpoint_steps(out):
+            raise CLIError(f"--resume: no checkpoint found in {os.path.join(out, R.CKPT_DIR)}")
+        base = saved
+    else:
+        if preset is None:
+            raise CLIError(
+                f"give a preset: jdiff train NAME (one of: {', '.join(P.preset_names())}) or --resume --out DIR"
+            )
+        base = P.get_preset(preset)
+    cfg = apply_overrides(base, overrides)
+    if out is None:
+        out = os.path.join("runs", cfg.name)
+        writable_path(out, "run directory", directory=True)
+    if saved is None and os.path.exists(os.path.join(out, R.CONFIG_FILE)):
+        saved = R.load_config_file(out)
+    if saved is not None and R.checkpoint_steps(out):
+        R.check_resumable(saved, cfg, out)
+    return cfg, out
+
+
+# ------------------------------------------------------------------------- signals
+
+
+class _Signals:
+    """SIGTERM sets the library's stop flag (the run was preempted); a first Ctrl-C
+    asks the loop to save and stop (an interrupt, reported as SIGINT); a second one
+    aborts at once."""
+
+    def __init__(self, main: bool):
+        from jdiff.train import SigtermFlag
+
+        self.flag = SigtermFlag(signals=(signal.SIGTERM,))
+        self.interrupted = False
+        self._main = main
+        self._previous = None
+
+    def _on_sigint(self, signum, frame):
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        if self._main:
+            print("\ninterrupt: saving a checkpoint and stopping (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        import threading
+
+        self.flag.install()
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc):
+        self.flag.uninstall()
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _init_distributed(args) -> None:
+    """Start the multi-process runtime if the flags or environment ask for it."""
+    from jdiff.train import initialize_distributed
+
+    coord = args.coordinator or os.environ.get("JDIFF_COORDINATOR")
+    nproc = args.num_processes if args.num_processes is not None else os.environ.get("JDIFF_NUM_PROCESSES")
+    pid = args.process_id if args.process_id is not None else os.environ.get("JDIFF_PROCESS_ID")
+    nproc = None if nproc in (None, "") else int(nproc)
+    pid = None if pid in (None, "") else int(pid)
+    if args.cpu_devices:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", int(args.cpu_devices))
+    if args.distributed and coord is None and nproc is None:
+        os.environ["JDIFF_DISTRIBUTED"] = "1"  # let JAX detect the cluster (TPU pod, SLURM, ...)
+        initialize_distributed()
+        return
+    if nproc is not None and nproc > 1:
+        if coord is None or pid is None:
+            raise CLIError(
+                "a multi-process run needs --coordinator HOST:PORT and --process-id "
+                "(or JDIFF_COORDINATOR / JDIFF_PROCESS_ID)"
+            )
+        if not 0 <= pid < nproc:
+            raise CLIError(f"--process-id must be in [0, {nproc}), got {pid}")
+        initialize_distributed(coord, nproc, pid)
+    elif coord is not None and nproc is None:
+        initialize_distributed(coord, None, pid)
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def _advance(gen, send):
+    """The loop's next ``(step, metrics, state)``, or its :class:`TrainResult` when it
+    has finished (``None`` if it never ran a step and returned nothing)."""
+    try:
+        return next(gen) if send is None else gen.send(bool(send))
+    except StopIteration as e:
+        return e.value
+
+
+def _metrics_row(step: int, host: list, steps: int, seconds: float, batch_size: int, wall: float) -> dict:
+    """One metrics line: interval means of the step metrics (``lr``: the last value)."""
+    import numpy as np
+
+    row: dict[str, Any] = {"step": int(step)}
+    for k in sorted(host[0]) if host else ():
+        vals = [float(np.asarray(m[k])) for m in host]
+        row[k] = vals[-1] if k == "lr" else float(np.mean(vals))
+    rate = steps / seconds if steps and seconds > 0 else None
+    row["steps_per_sec"] = rate
+    row["samples_per_sec"] = None if rate is None else rate * batch_size
+    row["wall_time"] = wall
+    return row
+
+
+def run(args, resolved) -> int:
+    t_start = time.perf_counter()  # wall_time in metrics.jsonl counts from here (data, init, compile included)
+    cfg, out = resolved
+    _init_distributed(args)  # everything before this stays off the JAX backend
+
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+    from tqdm.auto import tqdm
+
+    import jdiff
+    from jdiff import data as D
+    from jdiff import models as M
+    from jdiff import plotting
+    from jdiff import train as T
+
+    main_proc = jax.process_index() == 0
+    ckpt_dir = os.path.join(out, R.CKPT_DIR)
+    run_ = build_run(cfg)
+    cfg = run_.cfg  # with the data-derived fields filled
+    t = cfg.train
+    n = int(run_.x.shape[0])
+    if t.batch_size > n:
+        raise CLIError(f"train.batch_size ({t.batch_size}) is larger than the data set ({n} examples)")
+    mesh = T.make_mesh()
+    n_dev = mesh.devices.size
+    if t.batch_size % n_dev or (t.batch_size // cfg.optim.accum_steps) % n_dev:
+        raise CLIError(
+            f"train.batch_size {t.batch_size} (and each of optim.accum_steps={cfg.optim.accum_steps} "
+            f"micro-batches) must be divisible by the {n_dev} devices"
+        )
+    s = cfg.sample
+    solver = make_solver(s)
+    check_solver_nfe(run_, solver, s.nfe, s.grid_kind)
+    arrays = {"x": run_.x} if run_.labels is None else {"x": run_.x, "label": run_.labels}
+    try:
+        loader = D.Loader(arrays, t.batch_size, cfg.data.shuffle_seed)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    loss_fn = T.make_loss_fn(run_.apply, cfg.objective)
+    tx, sched = cfg.optim.build(t.steps)
+
+    if main_proc:
+        R.write_run_record(
+            out,
+            cfg,
+            {
+                "preset": cfg.name,
+                "argv": list(sys.argv),
+                "data_shape": list(run_.data_shape),
+                "num_classes": run_.num_classes,
+                "num_examples": n,
+                "num_params": M.count_params(run_.params),
+                "process_count": jax.process_count(),
+                "device_count": jax.device_count(),
+                "devices": str(jax.devices()[0].device_kind),
+                "platform": jax.default_backend(),
+                "jax_version": jax.__version__,
+                "jdiff_version": jdiff.__version__,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+        )
+        print(
+            f"jdiff train: preset {cfg.name}, {M.count_params(run_.params):,} parameters, data "
+            f"{tuple(run_.x.shape)}{f', {run_.num_classes} classes' if run_.num_classes else ''}, "
+            f"{jax.device_count()} device(s) on {jax.process_count()} process(es) -> {out}",
+            flush=True,
+        )
+
+    # Sample grids: process 0 alone, on its first local device, from host copies of the params.
+    parts = denoiser_apply(run_)
+    grid_mesh = Mesh(
+        np.array(jax.local_devices()[:1], dtype=object), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    sample_labels = np.arange(s.num) % run_.num_classes if run_.num_classes else None
+    reference = run_.x[:5000] if run_.x.ndim == 2 else None
+
+    def write_grid(step, state):
+        params = state.ema_params if (s.ema and state.ema_params is not None) else state.params
+        den = denoiser(parts, run_, to_host(params), s.guidance)
+        x = jdiff.generate(
+            solver,
+            den,
+            s.num,
+            run_.data_shape,
+            nfe=s.nfe,
+            seed=s.seed,
+            cond=sample_labels,
+            mesh=grid_mesh,
+            grid_kind=s.grid_kind,
+        )
+        path = os.path.join(out, R.SAMPLES_DIR, f"step_{step:07d}.png")
+        nrow = run_.num_classes if (run_.num_classes and s.num % run_.num_classes == 0) else None
+        plotting.save_samples(
+            x, path, nrow=nrow, reference=reference, title=f"{cfg.name} step {step} ({s.solver}, nfe {s.nfe})"
+        )
+        return path
+
+    def plot_loss():
+        rows = [r for r in plotting.read_metrics(os.path.join(out, R.METRICS_FILE)) if "loss" in r]
+        if rows:
+            plotting.plot_loss(
+                [r["step"] for r in rows],
+                [r["loss"] for r in rows],
+                os.path.join(out, R.LOSS_PLOT),
+                f"training loss: {cfg.name}",
+            )
+
+    stop_at = args.stop_at
+    signals = _Signals(main_proc)
+    gen = T.train_iter(
+        loss_fn,
+        run_.params,
+        loader,
+        t.steps,
+        optimizer=tx,
+        seed=t.seed,
+        mesh=mesh,
+        checkpoint_dir=ckpt_dir,
+        save_every=t.checkpoint_every,
+        keep=t.keep,
+        async_checkpointing=t.async_checkpointing,
+        accum_steps=cfg.optim.accum_steps,
+        ema_decay=cfg.ema.decay,
+        ema_warmup=cfg.ema.warmup,
+        schedule=sched,
+        stop_flag=signals.flag,
+    )
+    result = bar = None
+    wall_offset = 0.0
+    last_loss = float("nan")
+    pending: list = []
+    interval_t0, interval_steps = t_start, 0
+    start_step = None
+    with signals, contextlib.closing(gen):
+        try:
+            item = _advance(gen, None)
+            while item is not None and not isinstance(item, T.TrainResult):
+                step, metrics, state = item
+                if start_step is None:
+                    # First step: it includes compilation, so it is left out of steps/s.
+                    # (The library's loop prints the restored step of a resumed run.)
+                    start_step = step - 1
+                    jax.block_until_ready(metrics)
+                    interval_t0, interval_steps = time.perf_counter(), 0
+                    if main_proc:
+                        wall_offset = R.trim_metrics(out, start_step)
+                        bar = tqdm(
+                            total=t.steps,
+                            initial=start_step,
+                            unit="step",
+                            dynamic_ncols=True,
+                            desc=cfg.name,
+                            smoothing=0.1,
+                            file=sys.stderr,
+                            disable=args.no_progress,
+                        )
+                else:
+                    interval_steps += 1
+                if main_proc:
+                    pending.append(metrics)
+                    bar.update(1)
+                if main_proc and (step % t.log_every == 0 or step == t.steps):
+                    host = jax.device_get(pending)  # waits for the steps dispatched so far
+                    now = time.perf_counter()
+                    row = _metrics_row(
+                        step, host, interval_steps, now - interval_t0, t.batch_size, wall_offset + (now - t_start)
+                    )
+                    R.append_metrics(out, row)
+                    last_loss = row.get("loss", float("nan"))
+                    bar.set_postfix(loss=f"{last_loss:.4g}", refresh=False)
+                    pending.clear()
+                    interval_t0, interval_steps = now, 0
+                if main_proc and t.grid_every and step % t.grid_every == 0 and step != t.steps:
+                    write_grid(step, state)
+                    plot_loss()
+                    interval_t0, interval_steps = time.perf_counter(), 0
+                stop = (stop_at is not None and step >= stop_at) or signals.interrupted
+                item = _advance(gen, stop)
+            result = item
+            if main_proc and pending and result is not None:
+                # Log the steps since the last line (a run stopped between log steps).
+                host = jax.device_get(pending)
+                now = time.perf_counter()
+                row = _metrics_row(
+                    result.step, host, interval_steps, now - interval_t0, t.batch_size, wall_offset + (now - t_start)
+                )
+                R.append_metrics(out, row)
+                last_loss = row.get("loss", float("nan"))
+        finally:
+            if bar is not None:
+                bar.close()
+    if result is None or start_step is None:
+        if main_proc:
+            print(
+                f"nothing to do: the run in {out} has reached train.steps={t.steps} "
+                "(raise it with --steps to continue)",
+                flush=True,
+            )
+        return 0
+    if main_proc:
+        wall = wall_offset + (time.perf_counter() - t_start)
+        if result.step >= t.steps and not result.stopped:
+            path = write_grid(result.step, result.state)
+            plot_loss()
+            print(
+                f"done: step {result.step}/{t.steps}, loss {last_loss:.5g}, wall time {wall:.1f} s; "
+                f"samples {path}; checkpoints {ckpt_dir}",
+                flush=True,
+            )
+        else:
+            if result.preempted:
+                why = "SIGTERM"
+            elif signals.interrupted:
+                why = "interrupted (SIGINT)"
+            else:
+                why = "stop requested"
+            plot_loss()
+            print(
+                f"stopped at step {result.step}/{t.steps} ({why}); checkpoint saved in {ckpt_dir}; "
+                f"continue with: jdiff train --out {out} --resume",
+                flush=True,
+            )
+    return 0
+
+
+__all__ = ["add_parser", "resolve", "run", "ConfigError"]
