@@ -12,6 +12,7 @@ step)``, split across processes, with a checkpointable ``state()``.
 :func:`save_image_grid` writes samples as a PNG grid.
 """
 
+from jdiff.data._config import DataConfig
 from jdiff.data._images import (
     from_uint8,
     load_image,
@@ -35,6 +36,7 @@ from jdiff.data._sources import (
 from jdiff.data._toy import TOY_NAMES, toy
 
 __all__ = [
+    "DataConfig",
     "digits",
     "toy",
     "TOY_NAMES",

@@ -25,6 +25,7 @@ from jdiff.train._checkpoint import (
     tree_checksum,
     tree_description,
 )
+from jdiff.train._config import EMAConfig, OptimizerConfig, TrainConfig
 from jdiff.train._loop import TrainResult, log_metrics, train, train_iter
 from jdiff.train._objectives import (
     PRECONDITIONINGS,
@@ -67,6 +68,9 @@ from jdiff.train._step import (
 )
 
 __all__ = [
+    "OptimizerConfig",
+    "EMAConfig",
+    "TrainConfig",
     "CheckpointCorruptError",
     "Checkpointer",
     "CheckpointMismatchError",
