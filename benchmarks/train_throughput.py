@@ -43,8 +43,9 @@ def measure(name: str, *, window: int = 0, repeats: int = 5, warmup: int = 3, ta
     arrays = {"x": run.x} if run.labels is None else {"x": run.x, "label": run.labels}
     loader = D.Loader(arrays, cfg.train.batch_size, cfg.data.shuffle_seed)
     mesh = T.make_mesh()
-    loss_fn = T.make_loss_fn(run.apply, cli.loss_config(cfg, run.process, run.num_classes))
-    tx, sched = cli.optimizer(cfg)
+    cfg = run.cfg  # data-derived fields filled
+    loss_fn = T.make_loss_fn(run.apply, cfg.objective)
+    tx, sched = cfg.optim.build(cfg.train.steps)
     step = T.make_train_step(
         loss_fn,
         tx,
