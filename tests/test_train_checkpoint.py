@@ -453,3 +453,42 @@ def test_corrupt_step_is_reported_as_one_clean_log_line(tmp_path):
     assert err[0].startswith(f"checkpoint step 2 in {tmp_path} is corrupt (")
     assert err[0].endswith("using step 1; moved to corrupt_step_2")
     assert "Warning" not in err[0] and ".py:" not in err[0]
+
+
+def _reference_checksum(x):
+    """The checksum's definition, leaf by leaf, in numpy (uint32 arithmetic wraps)."""
+    a = np.asarray(x)
+    if a.dtype == np.bool_ or a.dtype.itemsize == 1:
+        u = a.astype(np.uint32).reshape(-1)
+    elif a.dtype.itemsize == 2:
+        u = a.view(np.uint16).astype(np.uint32).reshape(-1)
+    else:
+        u = a.view(np.uint32).reshape(-1)
+    i = np.arange(u.size, dtype=np.uint32)
+    w1 = (i * np.uint32(0x9E3779B1) + np.uint32(0x7F4A7C15)) | np.uint32(1)
+    w2 = (i * np.uint32(0x85EBCA6B) + np.uint32(0xC2B2AE35)) | np.uint32(1)
+    return [int(np.sum(u * w1, dtype=np.uint32)), int(np.sum(u * w2, dtype=np.uint32))]
+
+
+@pytest.mark.parametrize("group_words", [1 << 26, 7])
+def test_tree_checksum_matches_its_leafwise_definition(monkeypatch, group_words):
+    from jdiff.train import _checkpoint as C
+
+    monkeypatch.setattr(C, "_GROUP_WORDS", group_words)  # also split into several programs
+    k = jax.random.split(jax.random.key(1), 4)
+    tree = {
+        "f32": jax.random.normal(k[0], (5, 7)),
+        "bf16": jax.random.normal(k[1], (9,)).astype(jnp.bfloat16),
+        "i8": jnp.arange(-5, 6, dtype=jnp.int8),
+        "bool": jnp.array([True, False, True]),
+        "scalar": jnp.int32(-3),
+        "empty": jnp.zeros((0, 3)),
+        "u32": jax.random.bits(k[2], (300,)),
+    }
+    got = T.tree_checksum(tree)
+    want = [_reference_checksum(x) for x in jax.tree.leaves(tree)]
+    assert got == want
+    assert T.tree_checksum({}) == []
+    with jax.enable_x64(True):  # 8-byte leaves are two words per element
+        wide = {"f64": jnp.linspace(-1.0, 1.0, 11, dtype=jnp.float64), "i64": jnp.arange(5, dtype=jnp.int64)}
+        assert T.tree_checksum(wide) == [_reference_checksum(x) for x in jax.tree.leaves(wide)]
