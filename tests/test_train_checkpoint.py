@@ -110,11 +110,15 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, mode):
         for i in (2, 4):
             ck.save(i, _advance(state, i), {"step": i})
     _corrupt(str(tmp_path / "4"), mode, str(tmp_path / "2"))
-    with T.Checkpointer(tmp_path, save_every=1, keep=3) as ck:
-        with pytest.warns(RuntimeWarning, match="step 4 .* corrupt"):
-            r = ck.restore(state)
+    lines = []
+    with T.Checkpointer(tmp_path, save_every=1, keep=3, report=lines.append) as ck:
+        r = ck.restore(state)
         assert r.step == 2 and r.extra == {"step": 2}
         _equal(r.state, _advance(state, 2))
+        assert len(lines) == 1 and "\n" not in lines[0], lines
+        assert lines[0].startswith(f"checkpoint step 4 in {tmp_path} is corrupt (")
+        assert lines[0].endswith("); using step 2; moved to corrupt_step_4"), lines[0]
+        assert "source locations" not in lines[0] and len(lines[0]) < 400 + len(str(tmp_path))
         assert ck.all_steps() == [2]
         assert os.path.isdir(tmp_path / "corrupt_step_4")
         assert ck.save(4, _advance(state, 4), {"step": 4})  # the step number is free again
@@ -350,3 +354,141 @@ def test_loop_checkpoints_iterator_position_and_resumes_exactly(tmp_path):
     resumed = T.train(loss, W.init_params(0), it, 8, checkpoint_dir=tmp_path, save_every=2, **kw)
     assert it.set_state_calls == [{"epoch": 1, "step": 2}]
     _equal(resumed.state, full.state)
+
+
+# ------------------------------------------- no usable step, read-only, clean reports
+
+
+def _tree_hashes(root):
+    """{relative path: sha256} of every file, and the set of directories, under root."""
+    import hashlib
+
+    files, dirs = {}, set()
+    for d, subdirs, names in os.walk(root):
+        dirs.update(os.path.relpath(os.path.join(d, n), root) for n in subdirs)
+        for n in names:
+            p = os.path.join(d, n)
+            with open(p, "rb") as f:
+                files[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
+    return files, dirs
+
+
+def _break_meta(step_dir):
+    paths = glob.glob(os.path.join(step_dir, "meta", "metadata"))
+    assert paths, os.listdir(os.path.join(step_dir, "meta"))
+    for p in paths:
+        with open(p, "w") as f:
+            f.write('{"x')
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("read_only", [True, False])
+def test_no_usable_step_raises_listing_every_step_and_changes_nothing(tmp_path, read_only):
+    state, _ = _state()
+    with T.Checkpointer(tmp_path, save_every=1, keep=None, async_save=False) as ck:
+        for i in (3, 6, 9):
+            ck.save(i, _advance(state, i), {"step": i})
+    for i in (3, 6, 9):
+        _break_meta(str(tmp_path / str(i)))
+    before = _tree_hashes(tmp_path)
+    lines = []
+    with T.Checkpointer(tmp_path, read_only=read_only, report=lines.append) as ck:
+        with pytest.raises(T.NoUsableCheckpointError) as info:
+            ck.restore(state)
+    err = info.value
+    assert [s for s, _ in err.rejected] == [9, 6, 3]
+    msg = str(err).splitlines()
+    assert msg[0].startswith(f"no usable checkpoint in {tmp_path}: all 3 steps")
+    assert [m.split(":")[0].strip() for m in msg[1:]] == ["step 9", "step 6", "step 3"]
+    assert all(why for _, why in err.rejected)
+    assert isinstance(err, T.CheckpointCorruptError)
+    assert lines == []  # the error says it all; nothing reported twice
+    assert _tree_hashes(tmp_path) == before  # nothing renamed, quarantined, created or deleted
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_read_only_falls_back_without_touching_the_directory(tmp_path):
+    state, _ = _state(shape=(64, 64))
+    with T.Checkpointer(tmp_path, save_every=1, keep=None, async_save=False) as ck:
+        for i in (2, 4):
+            ck.save(i, _advance(state, i), {"step": i})
+    _break_meta(str(tmp_path / "4"))
+    os.makedirs(tmp_path / "4.orbax-checkpoint-tmp-123")  # a leftover a writer would clean up
+    before = _tree_hashes(tmp_path)
+    lines = []
+    with T.Checkpointer(tmp_path, read_only=True, report=lines.append) as ck:
+        r = ck.restore(state)
+        assert r.step == 2
+        _equal(r.state, _advance(state, 2))
+        with pytest.raises(RuntimeError, match="read-only"):
+            ck.save(5, state, force=True)
+    assert len(lines) == 1 and lines[0].startswith("checkpoint step 4 ") and lines[0].endswith("using step 2")
+    assert _tree_hashes(tmp_path) == before
+    # a missing directory is an empty one, and is not created
+    with T.Checkpointer(tmp_path / "absent", read_only=True) as ck:
+        assert ck.all_steps() == [] and ck.restore(state) is None
+    assert not os.path.exists(tmp_path / "absent")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_step_is_reported_as_one_clean_log_line(tmp_path):
+    state, _ = _state()
+    with T.Checkpointer(tmp_path, save_every=1, async_save=False) as ck:
+        for i in (1, 2):
+            ck.save(i, _advance(state, i))
+    _break_meta(str(tmp_path / "2"))
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from jdiff import train as T\n"
+        "p = {'w': jnp.zeros((3, 4)), 'b': jnp.zeros(4)}\n"
+        "s = T.init_train_state(p, T.make_optimizer(1e-3), 0)\n"
+        f"r = T.Checkpointer({str(tmp_path)!r}).restore(s)\n"
+        "print('restored', r.step)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "restored 1"
+    err = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(err) == 1, out.stderr[-3000:]
+    assert err[0].startswith(f"checkpoint step 2 in {tmp_path} is corrupt (")
+    assert err[0].endswith("using step 1; moved to corrupt_step_2")
+    assert "Warning" not in err[0] and ".py:" not in err[0]
+
+
+def _reference_checksum(x):
+    """The checksum's definition, leaf by leaf, in numpy (uint32 arithmetic wraps)."""
+    a = np.asarray(x)
+    if a.dtype == np.bool_ or a.dtype.itemsize == 1:
+        u = a.astype(np.uint32).reshape(-1)
+    elif a.dtype.itemsize == 2:
+        u = a.view(np.uint16).astype(np.uint32).reshape(-1)
+    else:
+        u = a.view(np.uint32).reshape(-1)
+    i = np.arange(u.size, dtype=np.uint32)
+    w1 = (i * np.uint32(0x9E3779B1) + np.uint32(0x7F4A7C15)) | np.uint32(1)
+    w2 = (i * np.uint32(0x85EBCA6B) + np.uint32(0xC2B2AE35)) | np.uint32(1)
+    return [int(np.sum(u * w1, dtype=np.uint32)), int(np.sum(u * w2, dtype=np.uint32))]
+
+
+@pytest.mark.parametrize("group_words", [1 << 26, 7])
+def test_tree_checksum_matches_its_leafwise_definition(monkeypatch, group_words):
+    from jdiff.train import _checkpoint as C
+
+    monkeypatch.setattr(C, "_GROUP_WORDS", group_words)  # also split into several programs
+    k = jax.random.split(jax.random.key(1), 4)
+    tree = {
+        "f32": jax.random.normal(k[0], (5, 7)),
+        "bf16": jax.random.normal(k[1], (9,)).astype(jnp.bfloat16),
+        "i8": jnp.arange(-5, 6, dtype=jnp.int8),
+        "bool": jnp.array([True, False, True]),
+        "scalar": jnp.int32(-3),
+        "empty": jnp.zeros((0, 3)),
+        "u32": jax.random.bits(k[2], (300,)),
+    }
+    got = T.tree_checksum(tree)
+    want = [_reference_checksum(x) for x in jax.tree.leaves(tree)]
+    assert got == want
+    assert T.tree_checksum({}) == []
+    with jax.enable_x64(True):  # 8-byte leaves are two words per element
+        wide = {"f64": jnp.linspace(-1.0, 1.0, 11, dtype=jnp.float64), "i64": jnp.arange(5, dtype=jnp.int64)}
+        assert T.tree_checksum(wide) == [_reference_checksum(x) for x in jax.tree.leaves(wide)]

@@ -11,6 +11,9 @@
 - :mod:`~jdiff.train._checkpoint`: orbax :class:`Checkpointer` with exact resume,
   corruption fallback, configuration-mismatch errors, :class:`SigtermFlag`.
 - :mod:`~jdiff.train._loop`: :func:`train` / :func:`train_iter`.
+- :mod:`~jdiff.train._run`: a run's record: atomic ``config.json``, append-only
+  ``history.jsonl``, the learning-rate plan from the history, resume rules, trimming
+  ``metrics.jsonl`` on resume.
 
 The model is any pure ``apply(params, x, t, cond, key=None) -> out`` with ``out.shape
 == x.shape`` and a parameter pytree (e.g. from ``flax.nnx.split``).
@@ -20,6 +23,7 @@ from jdiff.train._checkpoint import (
     CheckpointCorruptError,
     Checkpointer,
     CheckpointMismatchError,
+    NoUsableCheckpointError,
     Restored,
     SigtermFlag,
     tree_checksum,
@@ -55,6 +59,24 @@ from jdiff.train._parallel import (
     shard_batch,
     sync_flag,
 )
+from jdiff.train._run import (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    METRICS_FILE,
+    RESUMABLE_KEYS,
+    ResumeConfigError,
+    RunRecordError,
+    append_history,
+    check_resume_config,
+    flatten_config,
+    history_entry,
+    read_config,
+    read_history,
+    schedule_plan,
+    trim_metrics,
+    write_config,
+    write_json_atomic,
+)
 from jdiff.train._step import (
     TrainState,
     ema_decay_at,
@@ -74,6 +96,7 @@ __all__ = [
     "CheckpointCorruptError",
     "Checkpointer",
     "CheckpointMismatchError",
+    "NoUsableCheckpointError",
     "Restored",
     "SigtermFlag",
     "tree_checksum",
@@ -106,6 +129,22 @@ __all__ = [
     "replicated_sharding",
     "shard_batch",
     "sync_flag",
+    "CONFIG_FILE",
+    "HISTORY_FILE",
+    "METRICS_FILE",
+    "RESUMABLE_KEYS",
+    "ResumeConfigError",
+    "RunRecordError",
+    "append_history",
+    "check_resume_config",
+    "flatten_config",
+    "history_entry",
+    "read_config",
+    "read_history",
+    "schedule_plan",
+    "trim_metrics",
+    "write_config",
+    "write_json_atomic",
     "TrainState",
     "ema_decay_at",
     "ema_update",

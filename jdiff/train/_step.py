@@ -13,7 +13,8 @@ parameters lives in the state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -103,11 +104,36 @@ def lr_schedule(
     total_steps: int | None = None,
     final_lr: float = 0.0,
     init_lr: float = 0.0,
+    extensions: Sequence[tuple[int, int]] = (),
 ) -> optax.Schedule:
     """Linear warmup from ``init_lr`` to ``learning_rate`` over ``warmup_steps``, then a
-    cosine decay to ``final_lr`` at ``total_steps`` (constant if ``total_steps`` is None)."""
+    cosine decay to ``final_lr`` at ``total_steps`` (constant if ``total_steps`` is None).
+
+    ``extensions``: ``((at_step, new_total_steps), ...)`` with non-decreasing
+    ``at_step``, for a run whose total number of steps was changed when it was at
+    ``at_step``. The schedule in force holds up to ``at_step``; from there the *rest of
+    the cosine* is re-planned: the cosine continues from the phase it had reached at
+    ``at_step`` (the learning rate reached there) and arrives at ``final_lr`` exactly at
+    ``new_total_steps``, stretched or compressed over the new number of remaining steps.
+    The learning rate is therefore continuous (no restart of the warmup or the decay)
+    and keeps decreasing monotonically. An extension of a finished run (``at_step >=``
+    the total in force) continues at ``final_lr``; one made during the warmup only moves
+    the end of the decay. Extensions chain: each one re-plans what the previous one left.
+    Without a cosine (``total_steps=None``) the learning rate stays constant and
+    extensions change nothing. Without extensions the schedule is exactly the plain
+    one. The schedule is a function of the step count only, so an optax state built
+    with the original schedule continues unchanged under the extended one.
+    """
     if learning_rate < 0 or warmup_steps < 0:
         raise ValueError("learning_rate and warmup_steps must be non-negative")
+    extensions = tuple((int(a), int(n)) for a, n in extensions)
+    prev = -1
+    for a, n in extensions:
+        if a < 0 or a < prev:
+            raise ValueError(f"extensions need non-negative, non-decreasing steps, got {list(extensions)}")
+        if n <= a:
+            raise ValueError(f"an extension at step {a} needs a new total above it, got {n}")
+        prev = a
     if total_steps is None:
         if warmup_steps == 0:
             return optax.constant_schedule(learning_rate)
@@ -117,7 +143,37 @@ def lr_schedule(
         )
     if total_steps <= warmup_steps:
         raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})")
-    return optax.warmup_cosine_decay_schedule(init_lr, learning_rate, warmup_steps, total_steps, final_lr)
+    rest = list(extensions)
+    while rest and rest[0][0] <= warmup_steps:  # changed during the warmup: the decay just ends elsewhere
+        total_steps = rest.pop(0)[1]
+        if total_steps <= warmup_steps:
+            raise ValueError(f"an extension's total ({total_steps}) must exceed warmup_steps ({warmup_steps})")
+    base = optax.warmup_cosine_decay_schedule(init_lr, learning_rate, warmup_steps, total_steps, final_lr)
+    if not rest:
+        return base
+    # Re-planned cosine pieces (start step, phase at start, end step): from ``start`` on,
+    # lr = final + (peak - final) (1 + cos(theta)) / 2 with theta going linearly from the
+    # phase reached at ``start`` to pi at ``end``.
+    pieces: list[tuple[int, float, int]] = []
+    start, theta, end = warmup_steps, 0.0, total_steps
+    for a, n in rest:
+        if pieces and a == start:  # a second change at the same step replaces the first
+            pieces[-1] = (start, theta, n)
+        else:
+            theta = math.pi if a >= end else theta + (math.pi - theta) * (a - start) / (end - start)
+            pieces.append((a, theta, n))
+        start, end = a, n
+    amp = learning_rate - final_lr
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        lr = base(count)
+        for s0, th, s1 in pieces:
+            phase = th + (math.pi - th) * jnp.clip((count - s0) / (s1 - s0), 0.0, 1.0)
+            lr = jnp.where(count >= s0, final_lr + amp * 0.5 * (1.0 + jnp.cos(phase)), lr)
+        return lr
+
+    return schedule
 
 
 def make_optimizer(
@@ -131,13 +187,20 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     clip_norm: float | None = 1.0,
+    extensions: Sequence[tuple[int, int]] = (),
 ) -> optax.GradientTransformation:
     """``clip_by_global_norm(clip_norm)`` then AdamW with :func:`lr_schedule` (or a given
-    schedule). ``clip_norm=None`` disables clipping."""
+    schedule). ``clip_norm=None`` disables clipping. ``extensions`` continue the schedule
+    of a run whose total step count was changed (see :func:`lr_schedule`); they need a
+    float ``learning_rate``, not a schedule."""
+    if callable(learning_rate) and extensions:
+        raise ValueError("extensions apply to lr_schedule's plan; pass a float learning_rate, not a schedule")
     sched = (
         learning_rate
         if callable(learning_rate)
-        else lr_schedule(learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, final_lr=final_lr)
+        else lr_schedule(
+            learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, final_lr=final_lr, extensions=extensions
+        )
     )
     parts = [] if clip_norm is None else [optax.clip_by_global_norm(clip_norm)]
     parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
