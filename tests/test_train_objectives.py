@@ -1,5 +1,7 @@
 """Objectives: targets, weightings, EDM preconditioning, time samplers, label dropout."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -390,3 +392,96 @@ def test_bad_inputs_raise():
         lf(None, jnp.zeros((4, 3)), jax.random.key(0))
     with pytest.raises(TypeError, match="LossConfig"):
         T.make_loss_fn(lambda *a: None, {"process": "vp"})
+
+
+# ------------------------------------------------------------ the noising seam
+
+
+def test_noise_batch_is_per_sample():
+    """Sample i's (t, eps) depend on its own key only: not on the rest of the batch, not
+    on the data values; the same key on another batch of that shape gives the same
+    (t, eps) (what a preference loss uses for its pairs)."""
+    cfg = T.LossConfig(jdiff.vp_cosine(), time_sampling="logit_normal")
+    key = jax.random.key(3)
+    x0 = jax.random.normal(jax.random.key(4), (6, 2, 3))
+    f = jax.jit(T.noise_batch, static_argnums=0)
+    t, eps, xt = f(cfg, x0, key)
+    assert t.shape == (6,) and eps.shape == x0.shape and xt.shape == x0.shape and xt.dtype == x0.dtype
+    keys = jdiff.per_sample_keys(key, 6)
+    for i in (0, 4):
+        ti, ei, xi = f(cfg, x0[i : i + 1], keys[i : i + 1])
+        # one sample alone is the same program on one row: bitwise equal
+        np.testing.assert_array_equal(np.asarray(ti[0]), np.asarray(t[i]))
+        np.testing.assert_array_equal(np.asarray(ei[0]), np.asarray(eps[i]))
+        np.testing.assert_array_equal(np.asarray(xi[0]), np.asarray(xt[i]))
+    other = x0.at[1:].set(-3.0 * x0[1:])  # other data, same key and shape
+    t2, eps2, xt2 = f(cfg, other, key)
+    np.testing.assert_array_equal(np.asarray(t2), np.asarray(t))
+    np.testing.assert_array_equal(np.asarray(eps2), np.asarray(eps))
+    np.testing.assert_array_equal(np.asarray(xt2[0]), np.asarray(xt[0]))
+    # distinct samples get distinct draws
+    assert np.unique(np.asarray(t)).size == 6
+    # a Process alone means uniform time sampling
+    t_u = T.noise_batch(jdiff.vp_cosine(), x0, key).t
+    t_c = T.noise_batch(T.LossConfig(jdiff.vp_cosine()), x0, key).t
+    np.testing.assert_array_equal(np.asarray(t_u), np.asarray(t_c))
+    with pytest.raises(TypeError, match="LossConfig or a jdiff Process"):
+        T.noise_batch("vp", x0, key)
+
+
+@pytest.mark.parametrize("pname", ["vp_cosine", "edm", "rectified_flow"])
+def test_noise_batch_forward_process(pname):
+    """x_t = alpha(t) x0 + sigma(t) eps, t in the process's range, eps standard normal."""
+    process = PROCESSES[pname]
+    n, d = 4096, 4
+    with jax.enable_x64(True):
+        x0 = jax.random.normal(jax.random.key(0), (n, d), jnp.float64) * 0.7 + 0.2
+        t, eps, xt = jax.jit(T.noise_batch, static_argnums=0)(T.LossConfig(process), x0, jax.random.key(1))
+        (a, s), (da, ds) = jax.jvp(lambda u: (process.alpha(u), process.sigma(u)), (t,), (jnp.ones_like(t),))
+        a, s, da, ds = (np.asarray(v)[:, None] for v in (a, s, da, ds))
+        t, eps, xt, x0 = (np.asarray(v) for v in (t, eps, xt, x0))
+    assert xt.dtype == np.float64 and eps.dtype == np.float64
+    assert t.min() >= process.t_min and t.max() <= process.t_max
+    # float64 rounding. The formula: two products and a sum rounded to half an ulp each,
+    # in the library and in the reference: 3 eps (|a x0| + |s eps|). alpha and sigma are
+    # evaluated in two compiled programs; each evaluation is exact up to a few roundings
+    # of its argument (|t| eps each, carried by the derivative: a cosine schedule near
+    # alpha = 0 is ill-conditioned) and of its value: 4 eps |t| (|a'| |x0| + |s'| |eps|)
+    # + 4 eps (|a x0| + |s eps|). In all: 8 eps (|a x0| + |s eps| + |t| (|a' x0| + |s' eps|)).
+    ref = a * x0 + s * eps
+    scale = np.abs(a * x0) + np.abs(s * eps) + np.abs(t)[:, None] * (np.abs(da * x0) + np.abs(ds * eps))
+    assert np.all(np.abs(xt - ref) <= 8 * np.finfo(np.float64).eps * scale)
+    # eps ~ N(0, 1): mean and variance within 4 standard errors (SE 1/sqrt(N), sqrt(2/N))
+    m = eps.size
+    assert abs(eps.mean()) < 4 / np.sqrt(m) and abs(eps.var() - 1) < 4 * np.sqrt(2 / m)
+
+
+@pytest.mark.parametrize("which", ["min_snr_v", "edm", "discrete_timestep"])
+def test_denoising_loss_is_built_on_the_seam(which):
+    """A loss written by hand on noise_batch + prediction_fn + from_x0_eps equals
+    make_loss_fn's loss (same keys), so the seam draws exactly what the loss trains on."""
+    cfg = {
+        "min_snr_v": T.LossConfig(jdiff.vp_cosine(), prediction="v", weighting="min_snr"),
+        "edm": T.edm_objective(),
+        "discrete_timestep": T.LossConfig(
+            jdiff.vp_discrete(), prediction="eps", time_sampling="discrete", time_input="timestep"
+        ),
+    }[which]
+    apply = lambda p, x, t, c, key=None: jnp.tanh(x * p) + 0.1 * jnp.cos(t)[:, None]
+
+    def by_hand(params, batch, key):
+        x0 = batch["x"]
+        t, eps, xt = T.noise_batch(cfg, x0, key)
+        out = T.prediction_fn(apply, cfg)(params, xt, t, None, None)
+        target = jdiff.from_x0_eps(cfg.prediction, x0, eps, t, cfg.process)
+        w = T.loss_weight(cfg.weighting, cfg.process, cfg.prediction, t, sigma_data=cfg.sigma_data)
+        return jnp.mean(w * jnp.mean((out - target) ** 2, axis=1))
+
+    with jax.enable_x64(True):
+        batch = {"x": jax.random.normal(jax.random.key(0), (64, 3), jnp.float64)}
+        keys = jdiff.per_sample_keys(jax.random.key(1), 64)
+        cfg_no_rng = dataclasses.replace(cfg, model_rng=False)
+        got = jax.jit(T.make_loss_fn(apply, cfg_no_rng))(jnp.float64(0.8), batch, keys)[0]
+        want = jax.jit(by_hand)(jnp.float64(0.8), batch, keys)
+        # the same float64 operations in another order: a few eps64 relative
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-12)
