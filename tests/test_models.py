@@ -230,9 +230,96 @@ def test_bad_labels_raise(case):
         m(case.x, case.t, jnp.array([0.0, 1.0]))
     with pytest.raises(ValueError, match="shape"):
         m(case.x, case.t, jnp.zeros((B + 1,), jnp.int32))
-    # traced labels cannot raise: out-of-range ones poison their sample with NaN
-    out = case.eval(case.params, case.x, case.t, jnp.array([0, NUM_CLASSES + 5], jnp.int32))
-    assert bool(jnp.all(jnp.isfinite(out[0]))) and bool(jnp.all(jnp.isnan(out[1])))
+    # traced labels out of range fail the compiled program (no NaN output), naming the problem
+    for bad in (NUM_CLASSES + 1, 99, -1):
+        with pytest.raises(Exception, match=r"class labels must lie in \[0, 2\]"):
+            jax.block_until_ready(case.eval(case.params, case.x, case.t, jnp.array([0, bad], jnp.int32)))
+    # in range, the null class included, is fine under jit
+    out = case.eval(case.params, case.x, case.t, jnp.array([0, NUM_CLASSES], jnp.int32))
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.fixture(scope="module")
+def mlp10():
+    """A 10-class MLP: labels 0..9, null class 10."""
+    model = M.MLPResNet(MLP_SMALL.replace(num_classes=10), rngs=_rngs(0))
+    apply, params = M.functional(model)
+    return model, apply, _jit(_perturb)(params)
+
+
+@pytest.mark.parametrize("label", [11, 99, -1])
+def test_out_of_range_label_raises_eagerly_and_under_jit(mlp10, label):
+    model, apply, params = mlp10
+    x, t = jnp.ones((B, 3)), jnp.array([0.3, 0.6])
+    y = jnp.array([3, label], jnp.int32)
+    msg = r"class labels must lie in \[0, 9\], or equal 10 for the null"
+    with pytest.raises(ValueError, match=msg + r".*\[" + str(label) + r"\]"):  # eager: the bad values listed
+        model(x, t, y)
+    with pytest.raises(Exception, match=msg):
+        jax.block_until_ready(_jit(apply)(params, x, t, y))
+    # through the sampler (a jitted loop): an error, not NaN samples
+    proc = jdiff.vp_cosine()
+    den = M.to_denoiser(model, proc, "eps", params=params)
+    x_T = jdiff.prior_sample(proc, jax.random.key(0), (B, 3))
+    with pytest.raises(Exception, match=msg):
+        jax.block_until_ready(jdiff.sample(jdiff.solvers.ddim(), den, x_T, nfe=2, cond=y))
+
+
+# --------------------------------------------------- label dropout in one place
+def test_models_do_not_drop_labels_by_default():
+    for cfg in (
+        M.dit_s2(num_classes=10),
+        M.dit_b2(num_classes=10),
+        M.dit_l2(num_classes=10),
+        M.dit_xl2(num_classes=10),
+        M.dit_tiny(num_classes=10),
+        M.DiTConfig(num_classes=10),
+        M.ddpmpp_cifar10(num_classes=10),
+        M.ddpmpp_cifar10_song(num_classes=10),
+        M.unet_digits(8),
+        M.UNetConfig(num_classes=10),
+        M.MLPResNetConfig(dim=2, num_classes=10),
+    ):
+        assert cfg.class_dropout == 0.0, cfg
+
+
+def _null_fraction_seen(monkeypatch, config, label_dropout, n=4096, k=10):
+    """Train-mode loss evaluation of ``DiT(config)`` on ``n`` samples through
+    make_loss_fn; returns the fraction of null labels that the class embedding saw."""
+    seen = []
+    original = M.ClassEmbedding.__call__
+
+    def spy(self, labels):
+        jax.debug.callback(lambda v: seen.append(np.asarray(v)), labels)
+        return original(self, labels)
+
+    monkeypatch.setattr(M.ClassEmbedding, "__call__", spy)
+    apply, params = M.functional(M.DiT(config, rngs=_rngs(0)))
+    cfg = jdiff.train.LossConfig(jdiff.vp_cosine(), label_dropout=label_dropout, num_classes=k)
+    batch = {"x": jnp.zeros((n, 4, 4, 1)), "label": jnp.arange(n, dtype=jnp.int32) % k}
+    jax.block_until_ready(_jit(jdiff.train.make_loss_fn(apply, cfg))(params, batch, jax.random.key(0)))
+    labels = np.concatenate(seen)
+    assert labels.shape == (n,) and labels.min() >= 0 and labels.max() <= k
+    return float(np.mean(labels == k))
+
+
+# DiT-B/2 (whose paper configuration drops 10% of labels) reduced to a cheap size; the
+# overrides leave class_dropout at the factory's value.
+_DIT_B2_SMALL = dict(image_size=4, in_channels=1, depth=1, hidden_dim=32, num_heads=2, time_freq_dim=32)
+
+
+@pytest.mark.parametrize("loss_p, model_p", [(0.1, 0.0), (0.0, 0.25)], ids=["loss", "model_opt_in"])
+def test_label_dropout_rate_end_to_end(monkeypatch, loss_p, model_p):
+    """The labels a DiT-B/2 sees in training are dropped at the loss's rate p only (not
+    1 - (1 - p)^2 as when the model dropped them again); a model's explicit class_dropout
+    q alone gives q. Within 3 standard errors sqrt(p (1 - p) / n)."""
+    n = 4096
+    config = M.dit_b2(num_classes=10, **_DIT_B2_SMALL)
+    if model_p:
+        config = config.replace(class_dropout=model_p)
+    frac = _null_fraction_seen(monkeypatch, config, loss_p, n)
+    p = 1 - (1 - loss_p) * (1 - model_p)
+    assert abs(frac - p) < 3 * np.sqrt(p * (1 - p) / n), (frac, p)
 
 
 # ----------------------------------------------------------------------- dropout
