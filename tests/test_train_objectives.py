@@ -79,6 +79,9 @@ def test_point_mass_perfect_predictor_has_zero_loss(pname):
                 )
             return out
 
+        # float64: the largest error is the finite-difference flow target of
+        # _closed_form_target, ~eps64 / h = 2e-10 per unit of x0 and eps, so the perfect
+        # loss is ~1e-19 (< 1e-10) and the off-by-0.1 loss 0.01 + 0.2 * 2e-10 (rel 1e-6)
         for pred, (good, bad) in losses(jax.random.key(0)).items():
             assert float(good) < 1e-10, (pname, pred, float(good))
             assert float(bad) == pytest.approx(0.01, rel=1e-6), (pname, pred)
@@ -126,6 +129,9 @@ def test_gaussian_exact_denoiser_attains_minimal_loss(prediction):
             return jnp.trapezoid(w * _posterior_var(prediction, process, ts, 0.5, 0.36), ts)
 
         expected = float(quadrature(jnp.linspace(process.t_min, process.t_max, 4001))) / (process.t_max - process.t_min)
+        # Monte Carlo over n = 20000 samples of w(t) * (squared Gaussian error): a
+        # chi-square(1) error alone has relative SE sqrt(2 / n) = 1%, the spread of
+        # w(t) Var(t) over t adds to it (~1.3% together); 0.04 is about 3 SE
         assert loss_star == pytest.approx(expected, rel=0.04)
         assert lo > loss_star and hi > loss_star
 
@@ -162,6 +168,8 @@ def test_min_snr_weights_match_paper_formulas():
     t = jnp.linspace(process.t_min, process.t_max, 101)
     snr = (process.alpha(t) / process.sigma(t)) ** 2
     g = 5.0
+    # float32: SNR through exp(log_snr) with |log_snr| <= 10 carries ~10 eps, the weight
+    # ~10 more roundings; rtol 1e-5 is ~80 eps32 (eps32 = 1.2e-7)
     np.testing.assert_allclose(T.min_snr_weight(process, "eps", t, g), jnp.minimum(snr, g) / snr, rtol=1e-5)
     np.testing.assert_allclose(T.min_snr_weight(process, "x0", t, g), jnp.minimum(snr, g), rtol=1e-5)
     np.testing.assert_allclose(T.min_snr_weight(process, "v", t, g), jnp.minimum(snr, g) / (snr + 1), rtol=1e-5)
@@ -204,6 +212,8 @@ def test_weighted_loss_is_the_same_x0_loss_for_every_parameterization(pname):
             }
 
         out = losses(jax.random.key(1))
+        # float64: the same x0 error reached through different conversions, ~10 roundings
+        # of 256 * 2 terms: a few hundred eps64 at most, ~1e-13 relative; 1e-7 is loose
         for (w, pred), v in out.items():
             assert float(v) == pytest.approx(float(out[(w, "x0")]), rel=1e-7), (w, pred)
 
@@ -215,6 +225,8 @@ def test_edm_coefficients_and_weighting():
     sd = 0.5
     s = jnp.array([0.002, 0.1, 0.5, 2.0, 80.0])
     c_skip, c_out, c_in, c_noise = T.edm_coefficients(s, sd)
+    # float32, each coefficient a handful of roundings: rtol 1e-6 ~ 8 eps32; the weight
+    # lam (and lam c_out^2) a dozen more: 1e-5
     np.testing.assert_allclose(c_skip, sd**2 / (s**2 + sd**2), rtol=1e-6)
     np.testing.assert_allclose(c_out, s * sd / np.sqrt(s**2 + sd**2), rtol=1e-6)
     np.testing.assert_allclose(c_in, 1 / np.sqrt(s**2 + sd**2), rtol=1e-6)
@@ -234,6 +246,8 @@ def test_edm_preconditioned_model_returns_x_at_zero_noise(pname):
     with jax.enable_x64(True):
         t_small = process.t_of_rho(jnp.full((5,), 1e-7, jnp.float64))
         assert float(process.rho(t_small).max()) < 1e-6
+        # D - x / alpha = c_out F + (c_skip - 1) x / alpha with c_out <= rho sd = 5e-8 and
+        # |F| <= |tanh| + |c_noise| ~ 5: at most 2.5e-7, below atol 1e-6
         np.testing.assert_allclose(
             d(params, x.astype(jnp.float64), t_small, None), x / process.alpha(t_small)[:, None], atol=1e-6
         )
@@ -242,6 +256,7 @@ def test_edm_preconditioned_model_returns_x_at_zero_noise(pname):
         t = jnp.full((5,), 1.3)
         cs, co, ci, cn = T.edm_coefficients(t, 0.5)
         want = cs[:, None] * x + co[:, None] * raw(params, ci[:, None] * x, cn, None)
+        # the same float32 formula evaluated in another order: a few roundings, ~8 eps32
         np.testing.assert_allclose(d(params, x, t, None), want, rtol=1e-6)
 
 
@@ -285,6 +300,11 @@ def test_time_samplers():
         )
 
     t_u, t_ln, t_edm, t_d, t_all, t_one = map(np.asarray, draw(jax.random.key(0)))
+    # Monte-Carlo bounds, n = 20000: the uniform mean has SE 1 / sqrt(12 n) = 0.002 (0.01
+    # is 5 SE); the logit-normal mean and std SE 0.8 / sqrt(n) = 0.006 and 0.8 / sqrt(2n)
+    # = 0.004 (0.03: 5 and 7 SE); the log-normal ones 1.2 / sqrt(n) = 0.0085 and 0.006
+    # (0.04: 4.7 and 6.7 SE). Discrete steps N t - 1 in float32: eps32 * N = 1.2e-4 of
+    # rounding, atol 1e-3.
     assert t_u.shape == (n,) and t_u.min() >= p.t_min and t_u.max() <= p.t_max
     assert t_u.mean() == pytest.approx((p.t_min + p.t_max) / 2, abs=0.01)
     assert np.histogram(t_u, bins=10)[0].min() > 0.9 * n / 10
@@ -355,6 +375,8 @@ def test_loss_is_mean_of_per_sample_losses():
     keys = jdiff.per_sample_keys(jax.random.key(1), 6)
     full = lf(0.5, {"x": x}, jax.random.key(1))[0]
     parts = [lf(0.5, {"x": x[i : i + 1]}, keys[i : i + 1])[0] for i in range(6)]
+    # a mean of 6 non-negative terms summed in another order: ~log2(6) u + 1 rounding of
+    # the mean, under 4 eps32 = 5e-7 relative; rtol 1e-6
     np.testing.assert_allclose(full, np.mean(parts), rtol=1e-6)
 
 

@@ -447,6 +447,25 @@ def noise_batch(config: LossConfig | Process, x0, key) -> Noised:
     ``(t, eps, x_t)`` the denoising loss of :func:`make_loss_fn` trains on. A loss that
     needs more randomness should draw it from ``fold_in(key_i, c)`` of each sample's key
     with its own constant ``c``.
+
+    Example: a Diffusion-DPO loss (Wallace et al., "Diffusion Model Alignment Using
+    Direct Preference Optimization", CVPR 2024) on pairs ``batch["win"]``,
+    ``batch["lose"]`` against a frozen reference, for ``train(..., frozen=ref_params)``::
+
+        cfg = LossConfig(jdiff.vp_cosine(), prediction="eps")
+        predict = prediction_fn(apply, cfg)
+
+        def dpo_loss(params, batch, keys, *, frozen, beta=1000.0):
+            def err(p, x0):  # per-sample squared error; same (t, eps) for both images
+                t, eps, x_t = noise_batch(cfg, x0, keys)
+                target = jdiff.from_x0_eps(cfg.prediction, x0, eps, t, cfg.process)
+                d = predict(p, x_t, t, batch.get("label")) - target
+                return jnp.mean(d.reshape(d.shape[0], -1) ** 2, axis=1)
+
+            w, l = batch["win"], batch["lose"]
+            margin = (err(params, w) - err(frozen, w)) - (err(params, l) - err(frozen, l))
+            loss = -jnp.mean(jax.nn.log_sigmoid(-beta * margin))
+            return loss, {"loss": loss}
     """
     return _draw(_as_config(config), x0, key).noised
 
