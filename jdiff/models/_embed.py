@@ -199,7 +199,11 @@ def check_labels(cond, batch: int, num_classes: int):
             bad = c[(c < 0) | (c > num_classes)]
             raise ValueError(f"{msg}; got {bad[:8].tolist()}")
         return cond.astype(jnp.int32)
-    return error_if(cond, (cond < 0) | (cond > num_classes), msg).astype(jnp.int32)
+    # The check is attached to one replicated flag, not to the labels: under a sharded
+    # jit the runtime check then moves a scalar to one device, not the batch of labels.
+    bad = jnp.any((cond < 0) | (cond > num_classes))
+    bad = error_if(bad, bad, msg)
+    return jnp.where(bad, num_classes, cond).astype(jnp.int32)  # keeps the check in the program
 
 
 def conditioning(time_embed, class_embed, t, cond, batch: int, num_classes: int, class_dropout: float, rngs):
