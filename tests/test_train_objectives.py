@@ -1,5 +1,7 @@
 """Objectives: targets, weightings, EDM preconditioning, time samplers, label dropout."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,6 +79,9 @@ def test_point_mass_perfect_predictor_has_zero_loss(pname):
                 )
             return out
 
+        # float64: the largest error is the finite-difference flow target of
+        # _closed_form_target, ~eps64 / h = 2e-10 per unit of x0 and eps, so the perfect
+        # loss is ~1e-19 (< 1e-10) and the off-by-0.1 loss 0.01 + 0.2 * 2e-10 (rel 1e-6)
         for pred, (good, bad) in losses(jax.random.key(0)).items():
             assert float(good) < 1e-10, (pname, pred, float(good))
             assert float(bad) == pytest.approx(0.01, rel=1e-6), (pname, pred)
@@ -124,6 +129,9 @@ def test_gaussian_exact_denoiser_attains_minimal_loss(prediction):
             return jnp.trapezoid(w * _posterior_var(prediction, process, ts, 0.5, 0.36), ts)
 
         expected = float(quadrature(jnp.linspace(process.t_min, process.t_max, 4001))) / (process.t_max - process.t_min)
+        # Monte Carlo over n = 20000 samples of w(t) * (squared Gaussian error): a
+        # chi-square(1) error alone has relative SE sqrt(2 / n) = 1%, the spread of
+        # w(t) Var(t) over t adds to it (~1.3% together); 0.04 is about 3 SE
         assert loss_star == pytest.approx(expected, rel=0.04)
         assert lo > loss_star and hi > loss_star
 
@@ -160,6 +168,8 @@ def test_min_snr_weights_match_paper_formulas():
     t = jnp.linspace(process.t_min, process.t_max, 101)
     snr = (process.alpha(t) / process.sigma(t)) ** 2
     g = 5.0
+    # float32: SNR through exp(log_snr) with |log_snr| <= 10 carries ~10 eps, the weight
+    # ~10 more roundings; rtol 1e-5 is ~80 eps32 (eps32 = 1.2e-7)
     np.testing.assert_allclose(T.min_snr_weight(process, "eps", t, g), jnp.minimum(snr, g) / snr, rtol=1e-5)
     np.testing.assert_allclose(T.min_snr_weight(process, "x0", t, g), jnp.minimum(snr, g), rtol=1e-5)
     np.testing.assert_allclose(T.min_snr_weight(process, "v", t, g), jnp.minimum(snr, g) / (snr + 1), rtol=1e-5)
@@ -202,6 +212,8 @@ def test_weighted_loss_is_the_same_x0_loss_for_every_parameterization(pname):
             }
 
         out = losses(jax.random.key(1))
+        # float64: the same x0 error reached through different conversions, ~10 roundings
+        # of 256 * 2 terms: a few hundred eps64 at most, ~1e-13 relative; 1e-7 is loose
         for (w, pred), v in out.items():
             assert float(v) == pytest.approx(float(out[(w, "x0")]), rel=1e-7), (w, pred)
 
@@ -213,6 +225,8 @@ def test_edm_coefficients_and_weighting():
     sd = 0.5
     s = jnp.array([0.002, 0.1, 0.5, 2.0, 80.0])
     c_skip, c_out, c_in, c_noise = T.edm_coefficients(s, sd)
+    # float32, each coefficient a handful of roundings: rtol 1e-6 ~ 8 eps32; the weight
+    # lam (and lam c_out^2) a dozen more: 1e-5
     np.testing.assert_allclose(c_skip, sd**2 / (s**2 + sd**2), rtol=1e-6)
     np.testing.assert_allclose(c_out, s * sd / np.sqrt(s**2 + sd**2), rtol=1e-6)
     np.testing.assert_allclose(c_in, 1 / np.sqrt(s**2 + sd**2), rtol=1e-6)
@@ -232,6 +246,8 @@ def test_edm_preconditioned_model_returns_x_at_zero_noise(pname):
     with jax.enable_x64(True):
         t_small = process.t_of_rho(jnp.full((5,), 1e-7, jnp.float64))
         assert float(process.rho(t_small).max()) < 1e-6
+        # D - x / alpha = c_out F + (c_skip - 1) x / alpha with c_out <= rho sd = 5e-8 and
+        # |F| <= |tanh| + |c_noise| ~ 5: at most 2.5e-7, below atol 1e-6
         np.testing.assert_allclose(
             d(params, x.astype(jnp.float64), t_small, None), x / process.alpha(t_small)[:, None], atol=1e-6
         )
@@ -240,6 +256,7 @@ def test_edm_preconditioned_model_returns_x_at_zero_noise(pname):
         t = jnp.full((5,), 1.3)
         cs, co, ci, cn = T.edm_coefficients(t, 0.5)
         want = cs[:, None] * x + co[:, None] * raw(params, ci[:, None] * x, cn, None)
+        # the same float32 formula evaluated in another order: a few roundings, ~8 eps32
         np.testing.assert_allclose(d(params, x, t, None), want, rtol=1e-6)
 
 
@@ -283,6 +300,11 @@ def test_time_samplers():
         )
 
     t_u, t_ln, t_edm, t_d, t_all, t_one = map(np.asarray, draw(jax.random.key(0)))
+    # Monte-Carlo bounds, n = 20000: the uniform mean has SE 1 / sqrt(12 n) = 0.002 (0.01
+    # is 5 SE); the logit-normal mean and std SE 0.8 / sqrt(n) = 0.006 and 0.8 / sqrt(2n)
+    # = 0.004 (0.03: 5 and 7 SE); the log-normal ones 1.2 / sqrt(n) = 0.0085 and 0.006
+    # (0.04: 4.7 and 6.7 SE). Discrete steps N t - 1 in float32: eps32 * N = 1.2e-4 of
+    # rounding, atol 1e-3.
     assert t_u.shape == (n,) and t_u.min() >= p.t_min and t_u.max() <= p.t_max
     assert t_u.mean() == pytest.approx((p.t_min + p.t_max) / 2, abs=0.01)
     assert np.histogram(t_u, bins=10)[0].min() > 0.9 * n / 10
@@ -353,6 +375,8 @@ def test_loss_is_mean_of_per_sample_losses():
     keys = jdiff.per_sample_keys(jax.random.key(1), 6)
     full = lf(0.5, {"x": x}, jax.random.key(1))[0]
     parts = [lf(0.5, {"x": x[i : i + 1]}, keys[i : i + 1])[0] for i in range(6)]
+    # a mean of 6 non-negative terms summed in another order: ~log2(6) u + 1 rounding of
+    # the mean, under 4 eps32 = 5e-7 relative; rtol 1e-6
     np.testing.assert_allclose(full, np.mean(parts), rtol=1e-6)
 
 
@@ -390,3 +414,96 @@ def test_bad_inputs_raise():
         lf(None, jnp.zeros((4, 3)), jax.random.key(0))
     with pytest.raises(TypeError, match="LossConfig"):
         T.make_loss_fn(lambda *a: None, {"process": "vp"})
+
+
+# ------------------------------------------------------------ the noising seam
+
+
+def test_noise_batch_is_per_sample():
+    """Sample i's (t, eps) depend on its own key only: not on the rest of the batch, not
+    on the data values; the same key on another batch of that shape gives the same
+    (t, eps) (what a preference loss uses for its pairs)."""
+    cfg = T.LossConfig(jdiff.vp_cosine(), time_sampling="logit_normal")
+    key = jax.random.key(3)
+    x0 = jax.random.normal(jax.random.key(4), (6, 2, 3))
+    f = jax.jit(T.noise_batch, static_argnums=0)
+    t, eps, xt = f(cfg, x0, key)
+    assert t.shape == (6,) and eps.shape == x0.shape and xt.shape == x0.shape and xt.dtype == x0.dtype
+    keys = jdiff.per_sample_keys(key, 6)
+    for i in (0, 4):
+        ti, ei, xi = f(cfg, x0[i : i + 1], keys[i : i + 1])
+        # one sample alone is the same program on one row: bitwise equal
+        np.testing.assert_array_equal(np.asarray(ti[0]), np.asarray(t[i]))
+        np.testing.assert_array_equal(np.asarray(ei[0]), np.asarray(eps[i]))
+        np.testing.assert_array_equal(np.asarray(xi[0]), np.asarray(xt[i]))
+    other = x0.at[1:].set(-3.0 * x0[1:])  # other data, same key and shape
+    t2, eps2, xt2 = f(cfg, other, key)
+    np.testing.assert_array_equal(np.asarray(t2), np.asarray(t))
+    np.testing.assert_array_equal(np.asarray(eps2), np.asarray(eps))
+    np.testing.assert_array_equal(np.asarray(xt2[0]), np.asarray(xt[0]))
+    # distinct samples get distinct draws
+    assert np.unique(np.asarray(t)).size == 6
+    # a Process alone means uniform time sampling
+    t_u = T.noise_batch(jdiff.vp_cosine(), x0, key).t
+    t_c = T.noise_batch(T.LossConfig(jdiff.vp_cosine()), x0, key).t
+    np.testing.assert_array_equal(np.asarray(t_u), np.asarray(t_c))
+    with pytest.raises(TypeError, match="LossConfig or a jdiff Process"):
+        T.noise_batch("vp", x0, key)
+
+
+@pytest.mark.parametrize("pname", ["vp_cosine", "edm", "rectified_flow"])
+def test_noise_batch_forward_process(pname):
+    """x_t = alpha(t) x0 + sigma(t) eps, t in the process's range, eps standard normal."""
+    process = PROCESSES[pname]
+    n, d = 4096, 4
+    with jax.enable_x64(True):
+        x0 = jax.random.normal(jax.random.key(0), (n, d), jnp.float64) * 0.7 + 0.2
+        t, eps, xt = jax.jit(T.noise_batch, static_argnums=0)(T.LossConfig(process), x0, jax.random.key(1))
+        (a, s), (da, ds) = jax.jvp(lambda u: (process.alpha(u), process.sigma(u)), (t,), (jnp.ones_like(t),))
+        a, s, da, ds = (np.asarray(v)[:, None] for v in (a, s, da, ds))
+        t, eps, xt, x0 = (np.asarray(v) for v in (t, eps, xt, x0))
+    assert xt.dtype == np.float64 and eps.dtype == np.float64
+    assert t.min() >= process.t_min and t.max() <= process.t_max
+    # float64 rounding. The formula: two products and a sum rounded to half an ulp each,
+    # in the library and in the reference: 3 eps (|a x0| + |s eps|). alpha and sigma are
+    # evaluated in two compiled programs; each evaluation is exact up to a few roundings
+    # of its argument (|t| eps each, carried by the derivative: a cosine schedule near
+    # alpha = 0 is ill-conditioned) and of its value: 4 eps |t| (|a'| |x0| + |s'| |eps|)
+    # + 4 eps (|a x0| + |s eps|). In all: 8 eps (|a x0| + |s eps| + |t| (|a' x0| + |s' eps|)).
+    ref = a * x0 + s * eps
+    scale = np.abs(a * x0) + np.abs(s * eps) + np.abs(t)[:, None] * (np.abs(da * x0) + np.abs(ds * eps))
+    assert np.all(np.abs(xt - ref) <= 8 * np.finfo(np.float64).eps * scale)
+    # eps ~ N(0, 1): mean and variance within 4 standard errors (SE 1/sqrt(N), sqrt(2/N))
+    m = eps.size
+    assert abs(eps.mean()) < 4 / np.sqrt(m) and abs(eps.var() - 1) < 4 * np.sqrt(2 / m)
+
+
+@pytest.mark.parametrize("which", ["min_snr_v", "edm", "discrete_timestep"])
+def test_denoising_loss_is_built_on_the_seam(which):
+    """A loss written by hand on noise_batch + prediction_fn + from_x0_eps equals
+    make_loss_fn's loss (same keys), so the seam draws exactly what the loss trains on."""
+    cfg = {
+        "min_snr_v": T.LossConfig(jdiff.vp_cosine(), prediction="v", weighting="min_snr"),
+        "edm": T.edm_objective(),
+        "discrete_timestep": T.LossConfig(
+            jdiff.vp_discrete(), prediction="eps", time_sampling="discrete", time_input="timestep"
+        ),
+    }[which]
+    apply = lambda p, x, t, c, key=None: jnp.tanh(x * p) + 0.1 * jnp.cos(t)[:, None]
+
+    def by_hand(params, batch, key):
+        x0 = batch["x"]
+        t, eps, xt = T.noise_batch(cfg, x0, key)
+        out = T.prediction_fn(apply, cfg)(params, xt, t, None, None)
+        target = jdiff.from_x0_eps(cfg.prediction, x0, eps, t, cfg.process)
+        w = T.loss_weight(cfg.weighting, cfg.process, cfg.prediction, t, sigma_data=cfg.sigma_data)
+        return jnp.mean(w * jnp.mean((out - target) ** 2, axis=1))
+
+    with jax.enable_x64(True):
+        batch = {"x": jax.random.normal(jax.random.key(0), (64, 3), jnp.float64)}
+        keys = jdiff.per_sample_keys(jax.random.key(1), 64)
+        cfg_no_rng = dataclasses.replace(cfg, model_rng=False)
+        got = jax.jit(T.make_loss_fn(apply, cfg_no_rng))(jnp.float64(0.8), batch, keys)[0]
+        want = jax.jit(by_hand)(jnp.float64(0.8), batch, keys)
+        # the same float64 operations in another order: a few eps64 relative
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-12)

@@ -9,7 +9,8 @@ Every model is called as ``model(x, t, cond=None, *, rngs=None)``:
 - ``cond``: None, or int32 class labels ``(B,)``; the label ``num_classes`` is the null
   class used by classifier-free guidance;
 - ``rngs``: None for eval mode (deterministic), or a JAX PRNG key / ``nnx.Rngs`` for
-  train mode (dropout, label dropout).
+  train mode (dropout; the model drops labels only with an explicit ``class_dropout``:
+  classifier-free-guidance label dropout is ``jdiff.train.LossConfig.label_dropout``).
 
 The output has ``x``'s shape and dtype. For samplers and training use the pure view
 :func:`functional` (``apply(params, x, t, cond=None, key=None)``) and

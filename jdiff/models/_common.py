@@ -5,8 +5,9 @@ Conventions used by every model in :mod:`jdiff.models`:
 - Parameters are stored in ``param_dtype`` (float32 by default); ``dtype`` is the
   compute dtype of the matrix multiplies and convolutions (e.g. ``jnp.bfloat16`` on
   GPU/TPU). Normalizations, softmax and the time embedding are computed in float32.
-- Randomness (dropout, classifier-free-guidance label dropout) comes from one JAX key
-  per call. Each dropout site derives its own key with ``fold_in(key, site_index)``, so
+- Randomness (dropout, and label dropout only when a config's ``class_dropout`` asks
+  for it: classifier-free-guidance label dropout is the training objective's job)
+  comes from one JAX key per call. Each dropout site derives its own key with ``fold_in(key, site_index)``, so
   a call is a pure function of ``(params, x, t, cond, key)``. No key means eval mode.
 - All learnable state is :class:`flax.nnx.Param`; the models hold no other variables
   (fixed tensors such as Fourier bases or sin-cos position tables are recomputed from

@@ -55,8 +55,11 @@ class DiTConfig:
         sinusoidal frequencies in the paper; ``time_scale`` 1000 for t in [0, 1]).
       num_classes: 0 for unconditional; else labels ``0..num_classes-1`` plus the null
         class ``num_classes``.
-      class_dropout: in train mode, probability of replacing a label by the null class
-        (0.1 in the paper).
+      class_dropout: an opt-in extra, 0 by default: in train mode, the probability with
+        which the model itself replaces a label by the null class. Classifier-free-guidance
+        label dropout belongs to the objective (``jdiff.train.LossConfig.label_dropout``);
+        setting both drops a fraction ``1 - (1 - p)(1 - class_dropout)`` of labels. (The paper's 0.1 is
+        ``LossConfig(label_dropout=0.1)`` here.)
       dropout: dropout on attention and MLP outputs (train mode only; 0 in the paper).
       dtype: compute dtype (None: float32); param_dtype: parameter dtype.
     """
@@ -96,6 +99,8 @@ class DiTConfig:
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}")
         if self.pos_embed == "sincos" and self.hidden_dim % 4:
             raise ValueError(f"2-D sin-cos position embeddings need hidden_dim divisible by 4, got {self.hidden_dim}")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.class_dropout <= 1.0:
+            raise ValueError("dropout must be in [0, 1) and class_dropout in [0, 1]")
 
 
 def _named(depth, hidden, heads):
@@ -110,7 +115,6 @@ def _named(depth, hidden, heads):
             depth=depth,
             num_heads=heads,
             num_classes=num_classes,
-            class_dropout=0.1 if num_classes else 0.0,
         ).replace(**overrides)
 
     return make
@@ -217,7 +221,7 @@ class DiT(nnx.Module):
     Call: ``model(x, t, cond=None, *, rngs=None)`` with ``x`` NHWC
     ``(B, image_size, image_size, in_channels)``, ``t`` ``(B,)`` floats, ``cond`` None or
     int labels ``(B,)`` (``num_classes`` = null class), ``rngs`` None (eval) or a PRNG
-    key / ``nnx.Rngs`` (train mode: dropout and label dropout). Returns
+    key / ``nnx.Rngs`` (train mode: dropout, and label dropout with ``class_dropout``). Returns
     ``(B, H, W, out_channels)`` in ``x``'s dtype; a fresh model returns exactly zeros.
     """
 

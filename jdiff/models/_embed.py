@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdiff._checks import concrete
+from jdiff._checks import concrete, error_if
 from jdiff._random import drop_labels
 from jdiff.models._common import KeySeq, as_dropout_key, check_time, xavier_uniform
 
@@ -176,9 +176,10 @@ def check_labels(cond, batch: int, num_classes: int):
 
     Returns an int32 ``(batch,)`` array: ``cond`` itself, or the null class
     ``num_classes`` everywhere when ``cond`` is None. Raises ``ValueError`` for a
-    wrong shape and, when the labels are concrete (not traced), for values outside
-    ``[0, num_classes]``; ``TypeError`` for non-integer labels. Traced out-of-range
-    labels cannot raise: :class:`ClassEmbedding` turns them into NaN embeddings.
+    wrong shape and for values outside ``[0, num_classes]`` (``num_classes`` is the null
+    class), ``TypeError`` for non-integer labels. The range check holds under ``jit``
+    too (:func:`jdiff._checks.error_if`): concrete labels raise at once, traced ones make
+    the compiled program fail with the same message instead of returning NaN.
     """
     if num_classes <= 0:
         if cond is not None:
@@ -191,29 +192,39 @@ def check_labels(cond, batch: int, num_classes: int):
         raise TypeError(f"class labels must be integers (int32), got dtype {cond.dtype}")
     if cond.shape != (batch,):
         raise ValueError(f"class labels must have shape ({batch},) (one per sample), got {cond.shape}")
+    msg = f"class labels must lie in [0, {num_classes - 1}], or equal {num_classes} for the null (unconditional) class"
     c = concrete(cond)
-    if c is not None and c.size and (c.min() < 0 or c.max() > num_classes):
-        bad = c[(c < 0) | (c > num_classes)]
-        raise ValueError(
-            f"class labels must lie in [0, {num_classes - 1}], or equal {num_classes} for the null "
-            f"(unconditional) class; got {bad[:8].tolist()}"
-        )
-    return cond.astype(jnp.int32)
+    if c is not None:
+        if c.size and (c.min() < 0 or c.max() > num_classes):
+            bad = c[(c < 0) | (c > num_classes)]
+            raise ValueError(f"{msg}; got {bad[:8].tolist()}")
+        return cond.astype(jnp.int32)
+    # The check is attached to one replicated flag, not to the labels: under a sharded
+    # jit the runtime check then moves a scalar to one device, not the batch of labels.
+    bad = jnp.any((cond < 0) | (cond > num_classes))
+    bad = error_if(bad, bad, msg)
+    return jnp.where(bad, num_classes, cond).astype(jnp.int32)  # keeps the check in the program
 
 
 def conditioning(time_embed, class_embed, t, cond, batch: int, num_classes: int, class_dropout: float, rngs):
     """The model-call preamble shared by every jdiff model: validate the times (``(B,)``
     or a scalar) and the labels (:func:`check_labels`), turn ``rngs`` into a
     :class:`~jdiff.models._common.KeySeq`, and build the conditioning vector
-    ``time_embed(t) + class_embed(labels)`` (no final activation). In train mode the
-    labels first go through :func:`jdiff._random.drop_labels` with the sequence's first
-    key. Returns ``(embedding, keys)``; the model draws its dropout keys from ``keys``."""
+    ``time_embed(t) + class_embed(labels)`` (no final activation).
+
+    Classifier-free-guidance label dropout belongs to the training objective
+    (``jdiff.train.LossConfig.label_dropout``); the model drops labels only when asked
+    explicitly, with ``class_dropout > 0`` in train mode (through
+    :func:`jdiff._random.drop_labels` with the sequence's first key). Returns
+    ``(embedding, keys)``; the model draws its dropout keys from ``keys``."""
     t = check_time(t, batch)
     labels = check_labels(cond, batch, num_classes)
     keys = KeySeq(as_dropout_key(rngs))
     emb = time_embed(t)
     if class_embed is not None:
         if keys.train:
+            # the label-dropout key is taken even when class_dropout is 0, so the dropout
+            # sites keep their keys (and trained runs their numbers) whatever it is
             labels = drop_labels(keys.next(), labels, num_classes, class_dropout)
         emb = emb + class_embed(labels).astype(emb.dtype)
     return emb, keys

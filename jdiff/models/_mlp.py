@@ -29,7 +29,10 @@ class MLPResNetConfig:
       fourier_std: std of the Fourier frequencies (``time_embedding="fourier"``).
       num_classes: 0 for an unconditional model; else labels ``0..num_classes-1`` and the
         null class ``num_classes``.
-      class_dropout: in train mode, probability of replacing a label by the null class.
+      class_dropout: an opt-in extra, 0 by default: in train mode, the probability with
+        which the model itself replaces a label by the null class. Classifier-free-guidance
+        label dropout belongs to the objective (``jdiff.train.LossConfig.label_dropout``);
+        setting both drops a fraction ``1 - (1 - p)(1 - class_dropout)`` of labels.
       dropout: dropout rate inside the blocks (train mode only).
       dtype: compute dtype (None: float32); param_dtype: parameter dtype.
     """
@@ -86,13 +89,15 @@ class MLPResNet(nnx.Module):
     Call: ``model(x, t, cond=None, *, rngs=None)`` with ``x`` ``(B, d)``, ``t``
     ``(B,)`` (or a scalar), ``cond`` None or int labels ``(B,)`` (``num_classes`` = null
     class), ``rngs`` None for eval mode, or a PRNG key / ``nnx.Rngs`` for train mode
-    (dropout and label dropout). Returns ``(B, d)`` in ``x``'s dtype.
+    (dropout; label dropout only with ``class_dropout > 0``). Returns ``(B, d)`` in ``x``'s dtype.
     """
 
     def __init__(self, config: MLPResNetConfig, *, rngs: nnx.Rngs):
         c = self.config = config
         if c.dim < 1 or c.width < 1 or c.num_blocks < 0:
             raise ValueError(f"invalid MLPResNet sizes in {c}")
+        if not 0.0 <= c.dropout < 1.0 or not 0.0 <= c.class_dropout <= 1.0:
+            raise ValueError("dropout must be in [0, 1) and class_dropout in [0, 1]")
         emb = c.emb_dim or c.width
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         self.time_embed = TimeEmbedding(emb, kind=c.time_embedding, scale=c.time_scale, fourier_std=c.fourier_std, **kw)

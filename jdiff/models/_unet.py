@@ -75,7 +75,10 @@ class UNetConfig:
       fourier_std: std of the Fourier frequencies.
       num_classes: 0 for unconditional; else labels ``0..num_classes-1`` plus the null
         class ``num_classes``.
-      class_dropout: in train mode, probability of replacing a label by the null class.
+      class_dropout: an opt-in extra, 0 by default: in train mode, the probability with
+        which the model itself replaces a label by the null class. Classifier-free-guidance
+        label dropout belongs to the objective (``jdiff.train.LossConfig.label_dropout``);
+        setting both drops a fraction ``1 - (1 - p)(1 - class_dropout)`` of labels.
       scale_shift: ADM's adaptive group norm ``GN(h)(1 + scale) + shift``; False adds the
         projected embedding before the norm (DDPM/DDPM++).
       resblock_updown: resample inside residual blocks (DDPM++/BigGAN) or with
@@ -355,8 +358,9 @@ class UNet(nnx.Module):
       cond: None (unconditional; for a class-conditional model the null class) or
         int labels ``(B,)`` in ``[0, num_classes]``, ``num_classes`` being the null class.
       rngs: None for eval mode (deterministic); a JAX PRNG key or an ``nnx.Rngs``
-        (its ``dropout`` stream, else ``default``) for train mode (dropout and label
-        dropout).
+        (its ``dropout`` stream, else ``default``) for train mode (dropout, and label
+        dropout when ``class_dropout > 0``). Labels outside ``[0, num_classes]`` raise
+        ``ValueError``, or fail the compiled program under ``jit``.
 
     Returns:
       ``(B, H, W, out_channels)`` in ``x``'s dtype. A fresh model returns exactly zeros

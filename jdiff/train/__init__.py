@@ -3,7 +3,10 @@
 - :mod:`~jdiff.train._objectives`: denoising score matching for every process and
   parameterization (eps, x0, v, score, flow matching), EDM preconditioning and
   weighting, min-SNR-gamma, time samplers, classifier-free-guidance label dropout,
-  and :func:`make_loss_fn`.
+  and :func:`make_loss_fn`. The seam for new objectives: :func:`noise_batch` draws
+  each sample's ``(t, eps, x_t)`` from its own key, :func:`prediction_fn` evaluates
+  the network at the process time, and a loss may take frozen parameters (a reference
+  model, a teacher) as ``loss_fn(params, batch, key, frozen=...)``.
 - :mod:`~jdiff.train._step`: :class:`TrainState`, :func:`make_optimizer` (clipping +
   AdamW + warmup/cosine), gradient accumulation, EMA, :func:`train_step`.
 - :mod:`~jdiff.train._parallel`: one 1-D ``data`` mesh over all devices of all hosts,
@@ -36,6 +39,7 @@ from jdiff.train._objectives import (
     TIME_SAMPLINGS,
     WEIGHTINGS,
     LossConfig,
+    Noised,
     drop_labels,
     edm_coefficients,
     edm_objective,
@@ -44,6 +48,8 @@ from jdiff.train._objectives import (
     loss_weight,
     make_loss_fn,
     min_snr_weight,
+    noise_batch,
+    prediction_fn,
     sample_times,
     x0_jacobian,
 )
@@ -117,6 +123,9 @@ __all__ = [
     "loss_weight",
     "make_loss_fn",
     "min_snr_weight",
+    "Noised",
+    "noise_batch",
+    "prediction_fn",
     "sample_times",
     "x0_jacobian",
     "DATA_AXIS",

@@ -125,6 +125,7 @@ def train_iter(
     schedule=None,
     handle_sigterm: bool = True,
     stop_flag: SigtermFlag | None = None,
+    frozen=None,
 ) -> Iterator:
     """Generator form of :func:`train`: yields ``(step, metrics, state)`` after each
     update (``metrics`` are device scalars) and returns a :class:`TrainResult`.
@@ -134,7 +135,7 @@ def train_iter(
 
     The keyword arguments are those of :func:`train`."""
     mesh = make_mesh() if mesh is None else mesh
-    state = replicate(init_train_state(params, optimizer, seed, ema=ema_decay is not None), mesh)
+    state = replicate(init_train_state(params, optimizer, seed, ema=ema_decay is not None, frozen=frozen), mesh)
     ckpt = None
     extra: dict = {}
     if checkpoint_dir is not None:
@@ -211,7 +212,8 @@ def train(
 
     Arguments:
       loss_fn: ``loss_fn(params, batch, keys) -> (loss, metrics)`` (see
-        :func:`~jdiff.train.make_loss_fn`).
+        :func:`~jdiff.train.make_loss_fn`), or with ``frozen`` given
+        ``loss_fn(params, batch, keys, frozen=frozen) -> (loss, metrics)``.
       params: initial parameters (ignored when a checkpoint is restored).
       data: this process's batches, one of: a callable ``step -> batch`` (resumes
         exactly by construction); an iterator with ``get_state() -> dict`` and
@@ -223,6 +225,14 @@ def train(
       callbacks: functions ``cb(step, metrics, state)``, called on every process after
         each step; returning ``True`` stops the run (after saving).
       log_every: print metrics every that many steps on process 0 (0: never).
+      frozen: optional pytree of parameters the loss reads but training never updates
+        (a DPO reference model, a distillation teacher). They are part of the
+        :class:`~jdiff.train.TrainState` (``state.frozen``): replicated over the mesh,
+        given no gradient and no optimizer state, and saved in every checkpoint, so a
+        resumed run uses the saved values (the ``frozen`` argument then only supplies
+        their structure, like ``params``). A checkpoint written with frozen parameters
+        does not restore into a run without them, nor the reverse
+        (:class:`~jdiff.train.CheckpointMismatchError`).
       seed, mesh, checkpoint_dir, save_every, keep, async_checkpointing, accum_steps,
         ema_decay, ema_warmup, schedule, handle_sigterm, stop_flag: see
         :func:`train_iter`, :class:`~jdiff.train.Checkpointer` and

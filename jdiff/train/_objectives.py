@@ -10,6 +10,12 @@ with ``target`` from :func:`jdiff.from_x0_eps` (``eps``, ``x0``, ``v = alpha eps
 x0``, ``score = -eps/sigma`` or the flow velocity ``alpha' x0 + sigma' eps``; with
 ``RectifiedFlow`` the last one is the flow-matching target ``eps - x0``).
 
+The draw of ``(t, eps, x_t)`` is public, :func:`noise_batch`, with
+:func:`prediction_fn` (the network at the process time): new objectives such as
+preference optimization or distillation are built on these two and
+:func:`jdiff.from_x0_eps`, and get the same per-sample randomness as the denoising
+losses.
+
 Weightings are written once, in x0 space, and carried to the network's own output
 space through the exact Jacobian of :func:`jdiff.to_x0_eps`: the x0 prediction is
 linear in the output, ``x0_hat = A(t) x + B(t) out``, so an x0-space weight ``w0(t)``
@@ -37,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +60,9 @@ __all__ = [
     "edm_objective",
     "flow_matching_objective",
     "make_loss_fn",
+    "Noised",
+    "noise_batch",
+    "prediction_fn",
     "sample_times",
     "loss_weight",
     "min_snr_weight",
@@ -151,7 +160,7 @@ class LossConfig:
         if self.precondition == "edm" and self.prediction != "x0":
             raise ValueError("precondition='edm' makes the model an x0 predictor: set prediction='x0'")
         needs_table = self.time_sampling == "discrete" or self.time_input == "timestep"
-        if needs_table and not hasattr(self.process, "num_train_steps"):
+        if needs_table and not self.process.discrete:
             what = "time_sampling='discrete'" if self.time_sampling == "discrete" else "time_input='timestep'"
             raise ValueError(f"{what} needs a discrete process (jdiff.vp_discrete), got {self.process!r}")
         if not 0.0 <= self.label_dropout <= 1.0:
@@ -238,7 +247,7 @@ def _times_from_uniform(u, process: Process, sampling: str, logit_mean, logit_st
     if sampling == "log_normal":
         rho = jnp.exp(p_mean + p_std * _std_normal(u))
         return jnp.clip(process.t_of_rho(rho).astype(u.dtype), lo, hi)
-    if not hasattr(process, "num_train_steps"):
+    if not process.discrete:
         raise ValueError(f"time sampling 'discrete' needs a discrete process (jdiff.vp_discrete), got {process!r}")
     N = int(process.num_train_steps)
     step = jnp.minimum(jnp.floor(u * N), N - 1)
@@ -352,7 +361,113 @@ def edm_precondition(apply: Callable, process: Process, sigma_data: float = 0.5)
     return apply_x0
 
 
-# --------------------------------------------------------------------- the loss
+# ---------------------------------------------------------------- the noising seam
+
+
+class Noised(NamedTuple):
+    """One noised batch (what :func:`noise_batch` returns).
+
+    Attributes:
+      t: ``(B,)`` process times, float (``x0``'s dtype, at least float32).
+      eps: the standard normal noise, ``x0``'s shape, float (at least float32).
+      x_t: ``alpha(t) x0 + sigma(t) eps``, ``x0``'s shape and dtype (what the network sees).
+    """
+
+    t: jax.Array
+    eps: jax.Array
+    x_t: jax.Array
+
+
+class _Draw(NamedTuple):
+    noised: Noised
+    words: jax.Array  # (B, _W_NOISE + d) uint32: the whole per-sample draw
+    keys: jax.Array  # the per-sample keys
+
+
+def _as_config(config) -> LossConfig:
+    if isinstance(config, LossConfig):
+        return config
+    if isinstance(config, Process):
+        return LossConfig(config)
+    raise TypeError(f"config must be a LossConfig or a jdiff Process, got {type(config).__name__}")
+
+
+def _draw(config: LossConfig, x0, key) -> _Draw:
+    x0 = jnp.asarray(x0)
+    if x0.ndim < 1:
+        raise ValueError(f"x0 needs a leading batch axis, got shape {x0.shape}")
+    process = config.process
+    n = x0.shape[0]
+    dt = _fdtype(x0)
+    keys = _keys_for(key, n)
+    d = math.prod(x0.shape[1:])
+    words = jax.vmap(lambda k: jax.random.bits(k, (_W_NOISE + d,), jnp.uint32))(keys)
+    t = _times_from_uniform(
+        _uniform(words[:, _W_TIME], dt),
+        process,
+        config.time_sampling,
+        config.logit_mean,
+        config.logit_std,
+        config.p_mean,
+        config.p_std,
+    )
+    eps = _std_normal(_uniform(words[:, _W_NOISE:], dt)).reshape(x0.shape)
+    x0f = x0.astype(dt)
+    a = broadcast_to_x(process.alpha(t), x0f)
+    s = broadcast_to_x(process.sigma(t), x0f)
+    xt = (a * x0f + s * eps).astype(x0.dtype)
+    return _Draw(Noised(t, eps, xt), words, keys)
+
+
+def noise_batch(config: LossConfig | Process, x0, key) -> Noised:
+    """Draw each sample's time and noise from its own key and noise the batch.
+
+    This is the seam every objective of :mod:`jdiff.train` is built on: the denoising
+    losses of :func:`make_loss_fn` call it (through the same per-sample draw), and a new
+    loss (preference optimization against a frozen reference, distillation from a frozen
+    teacher, ...) starts from it too, then evaluates the network with
+    :func:`prediction_fn` and a target from :func:`jdiff.from_x0_eps`.
+
+    Arguments:
+      config: a :class:`LossConfig` (its process and time sampling are used), or a
+        :class:`jdiff.Process` (uniform time sampling).
+      x0: clean data ``(B, ...)``.
+      key: one key (sample ``i`` uses ``fold_in(key, i)``) or ``B`` per-sample keys.
+
+    Returns:
+      :class:`Noised` ``(t, eps, x_t)`` with ``x_t = alpha(t) x0 + sigma(t) eps``.
+
+    Sample ``i``'s ``(t, eps)`` is a function of its own key and of the shape of one
+    sample only, never of the rest of the batch or of the values of ``x0``. Two
+    consequences that new losses rely on: the result for a batch is the rows of the
+    results for its samples drawn alone (so accumulation and sharding stay exact), and
+    calling it with the same key on two batches of the same shape (the preferred and the
+    rejected images of a preference pair) gives both the same ``t`` and ``eps``. With
+    the keys :func:`jdiff.train.train_step` passes to the loss, these are exactly the
+    ``(t, eps, x_t)`` the denoising loss of :func:`make_loss_fn` trains on. A loss that
+    needs more randomness should draw it from ``fold_in(key_i, c)`` of each sample's key
+    with its own constant ``c``.
+
+    Example: a Diffusion-DPO loss (Wallace et al., "Diffusion Model Alignment Using
+    Direct Preference Optimization", CVPR 2024) on pairs ``batch["win"]``,
+    ``batch["lose"]`` against a frozen reference, for ``train(..., frozen=ref_params)``::
+
+        cfg = LossConfig(jdiff.vp_cosine(), prediction="eps")
+        predict = prediction_fn(apply, cfg)
+
+        def dpo_loss(params, batch, keys, *, frozen, beta=1000.0):
+            def err(p, x0):  # per-sample squared error; same (t, eps) for both images
+                t, eps, x_t = noise_batch(cfg, x0, keys)
+                target = jdiff.from_x0_eps(cfg.prediction, x0, eps, t, cfg.process)
+                d = predict(p, x_t, t, batch.get("label")) - target
+                return jnp.mean(d.reshape(d.shape[0], -1) ** 2, axis=1)
+
+            w, l = batch["win"], batch["lose"]
+            margin = (err(params, w) - err(frozen, w)) - (err(params, l) - err(frozen, l))
+            loss = -jnp.mean(jax.nn.log_sigmoid(-beta * margin))
+            return loss, {"loss": loss}
+    """
+    return _draw(_as_config(config), x0, key).noised
 
 
 def _model_time(config: LossConfig, t):
@@ -360,6 +475,25 @@ def _model_time(config: LossConfig, t):
     if config.time_input == "timestep" and config.time_sampling == "discrete":
         return jnp.round(t_in)  # N t - 1 is an integer only up to rounding in float32
     return t_in
+
+
+def prediction_fn(apply: Callable, config: LossConfig) -> Callable:
+    """The network as the losses see it: ``predict(params, x_t, t, cond=None, key=None)``
+    takes the process time ``t`` of :func:`noise_batch` and returns the network's output
+    of kind ``config.prediction``, with ``config.time_input`` applied (or the EDM
+    preconditioning when ``config.precondition == "edm"``). Compare it with
+    ``jdiff.from_x0_eps(config.prediction, x0, eps, t, config.process)``."""
+    config = _as_config(config)
+    if config.precondition == "edm":
+        return edm_precondition(apply, config.process, config.sigma_data)
+
+    def predict(params, x_t, t, cond=None, key=None):
+        return apply(params, x_t, _model_time(config, t), cond, key)
+
+    return predict
+
+
+# --------------------------------------------------------------------- the loss
 
 
 def _model_key(data, keys):
@@ -387,10 +521,14 @@ def make_loss_fn(apply: Callable, config: LossConfig) -> Callable:
     and label dropout come from its own key (``fold_in(key, i)`` for a single key), so
     the loss of a batch is the mean of the losses of its samples computed alone; this is
     what makes gradient accumulation and data parallelism reproduce the full-batch step
-    exactly. All of a sample's randomness comes from one ``jax.random.bits`` draw of its
-    key: the time and the label-dropout coin from 24-bit uniforms, the noise through the
-    inverse normal CDF. The network's dropout key (one per call) comes from the first
-    sample's draw.
+    exactly. The time and noise are those of :func:`noise_batch` for the same key. All
+    of a sample's randomness comes from one ``jax.random.bits`` draw of its key: the time
+    and the label-dropout coin from 24-bit uniforms, the noise through the inverse normal
+    CDF. The network's dropout key (one per call) comes from the first sample's draw.
+
+    Label dropout for classifier-free guidance happens here and only here
+    (``config.label_dropout``); the jdiff models do not drop labels themselves unless
+    their ``class_dropout`` is set explicitly.
 
     ``loss`` is the batch mean of ``w(t) * mean_features((out - target)^2)``; metrics
     are batch means (``loss`` and the unweighted ``mse``).
@@ -398,7 +536,7 @@ def make_loss_fn(apply: Callable, config: LossConfig) -> Callable:
     if not isinstance(config, LossConfig):
         raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
     process = config.process
-    net = edm_precondition(apply, process, config.sigma_data) if config.precondition == "edm" else None
+    predict = prediction_fn(apply, config)
 
     def loss_fn(params, batch, key):
         if not isinstance(batch, dict) or config.data_key not in batch:
@@ -409,23 +547,7 @@ def make_loss_fn(apply: Callable, config: LossConfig) -> Callable:
         x0 = jnp.asarray(batch[config.data_key])
         n = x0.shape[0]
         dt = _fdtype(x0)
-        keys = _keys_for(key, n)
-        d = math.prod(x0.shape[1:])
-        words = jax.vmap(lambda k: jax.random.bits(k, (_W_NOISE + d,), jnp.uint32))(keys)
-        t = _times_from_uniform(
-            _uniform(words[:, _W_TIME], dt),
-            process,
-            config.time_sampling,
-            config.logit_mean,
-            config.logit_std,
-            config.p_mean,
-            config.p_std,
-        )
-        eps = _std_normal(_uniform(words[:, _W_NOISE:], dt)).reshape(x0.shape)
-        x0f = x0.astype(dt)
-        a = broadcast_to_x(process.alpha(t), x0f)
-        s = broadcast_to_x(process.sigma(t), x0f)
-        xt = (a * x0f + s * eps).astype(x0.dtype)
+        (t, eps, xt), words, keys = _draw(config, x0, key)
 
         cond = batch.get(config.label_key) if config.label_key else None
         if cond is not None and config.label_dropout > 0:
@@ -434,16 +556,13 @@ def make_loss_fn(apply: Callable, config: LossConfig) -> Callable:
             cond = jnp.where(drop, jnp.asarray(config.num_classes, jnp.asarray(cond).dtype), cond)
         model_key = _model_key(words[0, _W_KEY : _W_KEY + 2], keys) if config.model_rng else None
 
-        if net is not None:
-            out = net(params, xt, t, cond, model_key)
-        else:
-            out = apply(params, xt, _model_time(config, t), cond, model_key)
+        out = predict(params, xt, t, cond, model_key)
         if getattr(out, "shape", None) != x0.shape:
             raise ValueError(
                 f"the model returned shape {getattr(out, 'shape', type(out))} for input of shape "
                 f"{x0.shape}; a denoiser must return an array of the input's shape"
             )
-        target = from_x0_eps(config.prediction, x0f, eps, t, process)
+        target = from_x0_eps(config.prediction, x0.astype(dt), eps, t, process)
         err = jnp.mean(jnp.square(out.astype(dt) - target).reshape(n, -1), axis=1)
         w = loss_weight(
             config.weighting, process, config.prediction, t, gamma=config.min_snr_gamma, sigma_data=config.sigma_data

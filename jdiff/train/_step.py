@@ -9,6 +9,13 @@ loss is a mean over samples and every sample's randomness comes from its own key
 mean of the micro-batch gradients *is* the full-batch gradient, and one accumulated
 step equals one full-batch step (up to float summation order). The EMA of the
 parameters lives in the state.
+
+Frozen parameters (a DPO reference model, a distillation teacher) live in the state
+too, as ``state.frozen``: the step passes them to the loss as
+``loss_fn(params, batch, keys, frozen=frozen)``, replicates them over the mesh with the
+rest of the state and checkpoints them with it, and takes no gradient of them and never
+updates them. Without frozen parameters (``frozen=None``, the default) the loss is
+called ``loss_fn(params, batch, keys)`` as before.
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ class TrainState(NamedTuple):
       rng: raw ``uint32[2]`` key data of the run's base key; the key of step ``n`` is
         ``fold_in(rng, n)`` (:func:`state_key`), so it never needs to be split or saved
         twice.
+      frozen: parameters the loss reads but training never changes (a reference model,
+        a teacher), or ``None``. Passed to the loss as ``frozen=``; no gradient, no
+        optimizer state, no EMA; replicated and checkpointed like ``params``.
     """
 
     step: jax.Array
@@ -65,6 +75,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     ema_params: Any
     rng: jax.Array
+    frozen: Any = None
 
 
 def _raw_key(seed):
@@ -76,8 +87,12 @@ def _raw_key(seed):
     return jnp.asarray(seed, jnp.uint32)
 
 
-def init_train_state(params, optimizer: optax.GradientTransformation, seed, *, ema: bool = True) -> TrainState:
-    """A fresh :class:`TrainState` at step 0. ``seed`` is an int or a key (typed or raw)."""
+def init_train_state(
+    params, optimizer: optax.GradientTransformation, seed, *, ema: bool = True, frozen=None
+) -> TrainState:
+    """A fresh :class:`TrainState` at step 0. ``seed`` is an int or a key (typed or raw);
+    ``frozen`` is an optional pytree of parameters the loss reads and training never
+    updates (see :class:`TrainState`)."""
     params = jax.tree.map(jnp.asarray, params)
     ema_params = jax.tree.map(jnp.copy, params) if ema else None
     return TrainState(
@@ -86,6 +101,7 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed, *, e
         opt_state=optimizer.init(params),
         ema_params=ema_params,
         rng=_raw_key(seed),
+        frozen=None if frozen is None else jax.tree.map(jnp.asarray, frozen),
     )
 
 
@@ -267,7 +283,9 @@ def train_step(
       key: the step's key (``None``: :func:`state_key`). Sample ``i`` of the batch gets
         ``fold_in(key, i)`` whatever ``accum_steps`` is.
       loss_fn: ``loss_fn(params, batch, keys) -> (loss, metrics)`` accepting ``B``
-        per-sample keys (as built by :func:`make_loss_fn`).
+        per-sample keys (as built by :func:`make_loss_fn`); when ``state.frozen`` is not
+        None it is called ``loss_fn(params, batch, keys, frozen=state.frozen)``, and the
+        gradient is taken with respect to ``params`` only.
       optimizer: optax transformation.
       accum_steps: split the batch into this many micro-batches (rows ``j, j + k, j +
         2k, ...``) and average their gradients in a ``lax.scan``; equals the full-batch
@@ -287,7 +305,16 @@ def train_step(
     if k < 1 or B % k:
         raise ValueError(f"batch size {B} is not divisible by accum_steps={k}")
     keys = per_sample_keys(key, B)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    frozen = state.frozen
+    if frozen is None:
+        objective = loss_fn
+    else:
+
+        def objective(params, batch, keys):
+            return loss_fn(params, batch, keys, frozen=frozen)
+
+    # differentiated with respect to params only: frozen is a constant of the objective
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     if k == 1:
         (_, metrics), grads = grad_fn(state.params, batch, keys)
@@ -324,7 +351,7 @@ def train_step(
     metrics["grad_norm"] = optax.tree.norm(grads)
     if schedule is not None:
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-    return TrainState(step, params, opt_state, ema, state.rng), metrics
+    return TrainState(step, params, opt_state, ema, state.rng, frozen), metrics
 
 
 def make_train_step(
@@ -349,6 +376,10 @@ def make_train_step(
     batch). A state not yet replicated on ``mesh`` is replicated first. Raises
     ``ValueError`` if the batch (or each micro-batch) does not divide evenly over the
     data axis.
+
+    Frozen parameters travel in the state (``init_train_state(..., frozen=...)``):
+    replicated like the parameters, passed to ``loss_fn`` as ``frozen=``, returned
+    unchanged.
     """
     mesh = make_mesh() if mesh is None else mesh
     n_data = mesh.devices.size
