@@ -309,6 +309,8 @@ def run(args, resolved) -> int:
     # the run's learning-rate plan before training starts.
     target = _state_target(run_, cfg, mesh)
     restored = R.restorable_step(ckpt_dir, target)
+    if restored is None and args.resume:
+        raise CLIError(f"--resume: no checkpoint found in {ckpt_dir}")
     start = 0 if restored is None else restored
     if restored is not None and (restored >= t.steps or (stop_at is not None and stop_at <= restored)):
         if main_proc:
