@@ -128,6 +128,8 @@ def _one_line(err: BaseException, limit: int = 200) -> str:
         text = f"{type(err).__name__}: {err}"
     text = re.sub(r"\[source locations='[^']*'\]", "", text)
     text = " ".join(text.split())
+    # orbax appends a pointer to TensorStore's full report (a bound method's repr): not for users
+    text = re.sub(r"\.?\s*See full TensorStore details:.*$", "", text)
     if len(text) > limit:
         cut = text.rfind(" ", 0, limit)
         text = text[: cut if cut > limit // 2 else limit].rstrip(" ,;:") + " ..."
