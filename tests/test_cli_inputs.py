@@ -95,7 +95,7 @@ def test_preset_positional_and_flag_are_the_same(capsys):
     parser = cli.build_parser()
     a = train.resolve(parser.parse_args(["train", "digits", "--out", "/tmp/x-never-created"]))
     b = train.resolve(parser.parse_args(["train", "--preset", "digits", "--out", "/tmp/x-never-created"]))
-    assert P.config_to_dict(a[0]) == P.config_to_dict(b[0]) and not os.path.exists("/tmp/x-never-created")
+    assert P.config_to_dict(a.cfg) == P.config_to_dict(b.cfg) and not os.path.exists("/tmp/x-never-created")
 
 
 def test_config_keys_follow_the_library():

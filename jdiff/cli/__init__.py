@@ -93,10 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(os.environ.get("JDIFF_DEBUG"))
     try:
         args = build_parser().parse_args([str(a) for a in argv])
+        args.argv = ["jdiff", *(str(a) for a in argv)]  # recorded in a run's history
     except _UsageError as e:
         print(str(e), file=sys.stderr, flush=True)
         return 2
-    from jdiff.train._checkpoint import CheckpointCorruptError, CheckpointMismatchError
+    from jdiff.train._checkpoint import CheckpointCorruptError, CheckpointMismatchError, NoUsableCheckpointError
 
     try:
         resolved = args.check(args)  # every check before anything is created
@@ -106,7 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, ConfigError, CheckpointMismatchError, CheckpointCorruptError) as e:
         if debug:
             raise
-        msg = " ".join(str(e).split())  # one line
+        if getattr(e, "multiline", False) or isinstance(e, NoUsableCheckpointError):
+            # a first line, then one line per item (differing setting, rejected step)
+            msg = "\n".join(line.rstrip() for line in str(e).splitlines() if line.strip())
+        else:
+            msg = " ".join(str(e).split())  # one line
         print(f"jdiff {command}: error: {msg}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

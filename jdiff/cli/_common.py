@@ -14,7 +14,12 @@ __all__ = ["CLIError", "enable_compilation_cache", "Run", "build_run", "build_mo
 
 
 class CLIError(Exception):
-    """An error in the user's request: printed as one line, exit status 2."""
+    """An error in the user's request: printed as one line, exit status 2
+    (``multiline=True``: a first line, then one indented line per item)."""
+
+    def __init__(self, message: str, *, multiline: bool = False):
+        super().__init__(message)
+        self.multiline = multiline
 
 
 def enable_compilation_cache() -> str | None:

@@ -3,8 +3,11 @@ checkpoints, and which settings may change when a run is resumed.
 
 A run directory holds ``config.json`` (the resolved :class:`~jdiff.cli.RunConfig`),
 ``run.json`` (derived facts: data shape, classes, parameter count, devices),
-``metrics.jsonl`` (one JSON object per logged step), ``loss.png``, ``samples/`` and
-``checkpoints/`` (orbax, see :class:`jdiff.train.Checkpointer`).
+``history.jsonl`` (one line per event of each ``jdiff train`` invocation that trains,
+only ever appended to), ``metrics.jsonl`` (one JSON object per logged step),
+``loss.png``, ``samples/`` and ``checkpoints/`` (orbax, see
+:class:`jdiff.train.Checkpointer`). The record itself is the library's
+(:mod:`jdiff.train._run`): this module only turns its errors into command-line ones.
 """
 
 from __future__ import annotations
@@ -13,27 +16,21 @@ import json
 import os
 
 from jdiff.cli._common import CLIError, Run, build_run
-from jdiff.cli._config import ConfigError, RunConfig, config_diff, config_from_dict, config_to_dict
-from jdiff.plotting import read_metrics
+from jdiff.cli._config import DERIVED_KEYS, ConfigError, RunConfig, config_from_dict, config_to_dict
+from jdiff.train import _run as record
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = record.CONFIG_FILE
 RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
+HISTORY_FILE = record.HISTORY_FILE
+METRICS_FILE = record.METRICS_FILE
 LOSS_PLOT = "loss.png"
 CKPT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 
-# Keys that may change when a run is resumed (besides sample.*): they do not alter what
-# the next step computes, except that a new train.steps stretches the cosine schedule.
-RESUMABLE_KEYS = (
-    "name",
-    "train.steps",
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.keep",
-    "train.grid_every",
-    "train.async_checkpointing",
-)
+# Keys that may differ between a run's saved configuration and the one requested on
+# resume: the library's (step count, logging / checkpoint / grid intervals, checkpoints
+# kept, sample.*) and the fields filled from the data, which follow from data.*.
+RESUMABLE_KEYS = tuple(record.RESUMABLE_KEYS) + tuple(sorted(DERIVED_KEYS))
 
 
 def read_json(path: str, what: str):
@@ -46,22 +43,31 @@ def read_json(path: str, what: str):
         raise CLIError(f"cannot read {what} {path}: {e}") from e
 
 
-def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def load_config_file(run_dir: str) -> RunConfig:
+def read_config_dict(run_dir: str, *, replacement: dict | None = None) -> tuple[dict, bool]:
+    """``(configuration dict, replaced)`` of a run: its ``config.json``, or, when that
+    is missing or unreadable and the user gave the full configuration again
+    (``replacement``), that one (``replaced=True``). Raises :class:`CLIError` saying
+    what is wrong otherwise."""
     if not os.path.isdir(run_dir):
         raise CLIError(f"run directory not found: {run_dir}")
-    d = read_json(os.path.join(run_dir, CONFIG_FILE), f"run config (is {run_dir} a jdiff run directory?)")
+    try:
+        return record.read_config(run_dir), False
+    except record.RunRecordError as e:
+        if replacement is not None:
+            return dict(replacement), True
+        raise CLIError(str(e)) from None
+
+
+def config_of(d: dict, where: str) -> RunConfig:
     try:
         return config_from_dict(d)
     except ConfigError as e:
-        raise CLIError(f"{os.path.join(run_dir, CONFIG_FILE)}: {e}") from e
+        raise CLIError(f"{where}: {e}") from e
+
+
+def load_config_file(run_dir: str) -> RunConfig:
+    d, _ = read_config_dict(run_dir)
+    return config_of(d, os.path.join(run_dir, CONFIG_FILE))
 
 
 def checkpoint_steps(run_dir: str) -> list[int]:
@@ -71,45 +77,26 @@ def checkpoint_steps(run_dir: str) -> list[int]:
     return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n)))
 
 
-def check_resumable(saved: RunConfig, cfg: RunConfig, out: str) -> None:
-    """Raise unless ``cfg`` differs from the checkpoints' ``saved`` configuration only in
-    keys that may change on resume."""
-    diff = {k: v for k, v in config_diff(saved, cfg).items() if k not in RESUMABLE_KEYS and not k.startswith("sample.")}
-    if diff:
-        lines = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+def check_resumable(saved: dict, cfg: RunConfig, out: str) -> dict:
+    """Raise unless ``cfg`` differs from the run's ``saved`` configuration only in keys
+    that may change on resume (one line per forbidden difference); return the allowed
+    changes ``{key: (saved, requested)}`` (data-derived keys left out)."""
+    try:
+        changes = record.check_resume_config(saved, config_to_dict(cfg), allowed=RESUMABLE_KEYS)
+    except record.ResumeConfigError as e:
+        lines = "".join(f"\n  {k}: {old!r} -> {new!r}" for k, (old, new) in e.forbidden.items())
         raise CLIError(
-            f"{out} has checkpoints of a run with a different configuration ({lines}); "
-            "use another --out, or the run's settings (jdiff train --out DIR --resume)"
-        )
-
-
-def write_run_record(out: str, cfg: RunConfig, info: dict) -> None:
-    """``config.json`` and ``run.json`` of a (re)started run."""
-    os.makedirs(os.path.join(out, SAMPLES_DIR), exist_ok=True)
-    write_json(os.path.join(out, CONFIG_FILE), config_to_dict(cfg))
-    write_json(os.path.join(out, RUN_FILE), info)
+            f"{out} holds a run with a different configuration; resuming cannot change "
+            f"{len(e.forbidden)} of its settings (use another --out, or resume with the run's own settings: "
+            f"jdiff train --out {out} --resume):{lines}",
+            multiline=True,
+        ) from None
+    return {k: v for k, v in changes.items() if k not in DERIVED_KEYS}
 
 
 def append_metrics(out: str, row: dict) -> None:
     with open(os.path.join(out, METRICS_FILE), "a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def trim_metrics(out: str, step: int) -> float:
-    """Drop logged lines past ``step`` (a resumed run redoes those steps); return the
-    wall time of the last line kept (the run's time before this invocation)."""
-    path = os.path.join(out, METRICS_FILE)
-    rows = read_metrics(path)
-    if not rows:
-        return 0.0
-    keep = [r for r in rows if int(r.get("step", 0)) <= step]
-    if len(keep) != len(rows):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            for r in keep:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, path)
-    return float(keep[-1].get("wall_time", 0.0)) if keep else 0.0
 
 
 def load_run(run_dir: str) -> tuple[RunConfig, dict, Run]:
@@ -143,10 +130,20 @@ def train_state_target(run: Run):
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), shapes)
 
 
-def load_run_state(run_dir: str, step: int | None = None):
-    """``(config, run.json dict, Run, TrainState, step)`` from a run's newest (or the
-    given) checkpoint. Raises :class:`CLIError` if there is none and
-    :class:`jdiff.train.CheckpointMismatchError` if it belongs to another model."""
+def report_line(line: str) -> None:
+    """Print a checkpoint report (a corrupt step skipped) as one line on stderr."""
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
+def load_run_state(run_dir: str, step: int | None = None, *, report=report_line):
+    """``(config, run.json dict, Run, TrainState, step)`` from a run's newest usable (or
+    the given) checkpoint, opened read-only: nothing in the run changes, corrupt steps
+    are skipped and reported in one line each (``report``). Raises :class:`CLIError` if
+    there is no checkpoint, :class:`jdiff.train.NoUsableCheckpointError` if none is
+    usable and :class:`jdiff.train.CheckpointMismatchError` if it belongs to another
+    model."""
     from jdiff import train as T
 
     cfg, info, run = load_run(run_dir)
@@ -157,8 +154,23 @@ def load_run_state(run_dir: str, step: int | None = None):
     if step is not None and step not in steps:
         raise CLIError(f"no checkpoint of step {step} in {ckpt_dir}; available steps: {steps}")
     target = train_state_target(run)
-    with T.Checkpointer(ckpt_dir, async_save=False, keep=None) as ck:
+    with T.Checkpointer(ckpt_dir, read_only=True, report=report) as ck:
         restored = ck.restore(target, step=step)
     if restored is None:
-        raise CLIError(f"no usable checkpoint in {ckpt_dir}")
+        raise CLIError(f"no checkpoint found in {ckpt_dir}")
     return cfg, info, run, restored.state, restored.step
+
+
+def restorable_step(ckpt_dir: str, target) -> int | None:
+    """The step :func:`jdiff.train.train_iter` will restore from ``ckpt_dir`` into
+    ``target`` (abstract arrays with their shardings): the newest usable one, found
+    read-only (nothing is moved, nothing is reported: the loop's own restore reports
+    corrupt steps, once). ``None`` if there is no checkpoint at all. Raises
+    :class:`jdiff.train.NoUsableCheckpointError` (each step with the reason it was
+    rejected) if steps exist but none is usable, and
+    :class:`jdiff.train.CheckpointMismatchError` for another model."""
+    from jdiff import train as T
+
+    with T.Checkpointer(ckpt_dir, read_only=True, report=lambda line: None) as ck:
+        restored = ck.restore(target)
+    return None if restored is None else int(restored.step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -11,7 +12,8 @@ from typing import Any
 
 from jdiff.cli import _run as R
 from jdiff.cli._common import CLIError, build_run, check_solver_nfe, denoiser, denoiser_apply, make_solver, to_host
-from jdiff.cli._config import ConfigError, RunConfig, apply_overrides
+from jdiff.cli._config import ConfigError, RunConfig, apply_overrides, config_to_dict
+from jdiff.train import _run as record
 
 HELP = "train a model from a preset"
 
@@ -51,6 +53,12 @@ def add_parser(sub, formatter, preset_names: list[str]):
         "--steps still apply); fails if it has no checkpoint",
     )
     tr.add_argument(
+        "--replace-config",
+        action="store_true",
+        help="resume a run whose config.json is missing or unreadable with the configuration given here "
+        "(--preset NAME and every --set of the original run): you state that it is the run's full configuration",
+    )
+    tr.add_argument(
         "--stop-at", type=int, metavar="STEP", help="save a checkpoint and stop after this step (resume later)"
     )
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,7 +83,28 @@ def add_parser(sub, formatter, preset_names: list[str]):
 # ------------------------------------------------------------------------ config
 
 
-def resolve(args) -> tuple[RunConfig, str]:
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What ``jdiff train`` was asked to do, checked (see :func:`resolve`).
+
+    Attributes:
+      cfg: the configuration to train with.
+      out: the run directory.
+      saved: the run's recorded configuration (a dict) when ``out`` has checkpoints,
+        else ``None``.
+      replaced: ``config.json`` is missing or unreadable and ``cfg`` was given in its
+        place (``--replace-config``).
+      changes: the allowed settings changed on resume ``{key: (saved, requested)}``.
+    """
+
+    cfg: RunConfig
+    out: str
+    saved: dict | None = None
+    replaced: bool = False
+    changes: dict = dataclasses.field(default_factory=dict)
+
+
+def resolve(args) -> Request:
     """The configuration to train with and the run directory, every value checked;
     creates nothing and starts no JAX backend."""
     from jdiff import presets as P
@@ -92,34 +121,50 @@ def resolve(args) -> tuple[RunConfig, str]:
     overrides = list(args.set or [])
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
+    if args.replace_config and preset is None:
+        raise CLIError(
+            "--replace-config takes the run's full configuration from the command line: give --preset NAME "
+            "and every --set the run was trained with"
+        )
+    # The full configuration given on the command line (a preset and overrides), if any.
+    given = apply_overrides(P.get_preset(preset), overrides) if preset is not None else None
     out = args.out
     if out is not None:
         writable_path(out, "--out", directory=True)
-    saved = None
     if args.resume:
         if out is None:
             raise CLIError("--resume needs --out DIR (the run to continue)")
-        saved = R.load_config_file(out)
-        if preset is not None and preset != saved.name:
-            raise CLIError(f"{out} holds a run of preset {saved.name!r}, not {preset!r}")
+        if not os.path.isdir(out):
+            raise CLIError(f"run directory not found: {out}")
         if not R.checkpoint_steps(out):
             raise CLIError(f"--resume: no checkpoint found in {os.path.join(out, R.CKPT_DIR)}")
-        base = saved
-    else:
-        if preset is None:
-            raise CLIError(
-                f"give a preset: jdiff train NAME (one of: {', '.join(P.preset_names())}) or --resume --out DIR"
-            )
-        base = P.get_preset(preset)
-    cfg = apply_overrides(base, overrides)
+    elif given is None:
+        raise CLIError(f"give a preset: jdiff train NAME (one of: {', '.join(P.preset_names())}) or --resume --out DIR")
     if out is None:
-        out = os.path.join("runs", cfg.name)
+        out = os.path.join("runs", given.name)
         writable_path(out, "run directory", directory=True)
-    if saved is None and os.path.exists(os.path.join(out, R.CONFIG_FILE)):
-        saved = R.load_config_file(out)
-    if saved is not None and R.checkpoint_steps(out):
-        R.check_resumable(saved, cfg, out)
-    return cfg, out
+    if not R.checkpoint_steps(out):
+        if args.replace_config:
+            raise CLIError(f"--replace-config: {out} has no checkpoint, so there is no run to resume")
+        return Request(given, out)  # a new run (or one killed before its first checkpoint)
+    # Resuming (asked for, or implied by checkpoints in --out): the run's recorded
+    # configuration decides; a missing one only with the full configuration and --replace-config.
+    replacement = config_to_dict(given) if args.replace_config else None
+    try:
+        saved, replaced = R.read_config_dict(out, replacement=replacement)
+    except CLIError as e:
+        raise CLIError(
+            f"{e} (if you have it, resume with: jdiff train --out {out} --resume --preset NAME "
+            "[--set KEY=VALUE ...] --replace-config)"
+        ) from None
+    base = R.config_of(saved, os.path.join(out, R.CONFIG_FILE))
+    if preset is not None and preset != base.name and not replaced:
+        raise CLIError(f"{out} holds a run of preset {base.name!r}, not {preset!r}")
+    # --resume continues with the recorded configuration (and the overrides); a full configuration
+    # given again (a preset without --resume, or --replace-config) is compared with the record.
+    cfg = apply_overrides(base, overrides) if (args.resume and not args.replace_config) else given
+    changes = R.check_resumable(saved, cfg, out)
+    return Request(cfg, out, saved, replaced, changes)
 
 
 # ------------------------------------------------------------------------- signals
@@ -218,7 +263,8 @@ def _metrics_row(step: int, host: list, steps: int, seconds: float, batch_size: 
 
 def run(args, resolved) -> int:
     t_start = time.perf_counter()  # wall_time in metrics.jsonl counts from here (data, init, compile included)
-    cfg, out = resolved
+    req: Request = resolved
+    cfg, out = req.cfg, req.out
     _init_distributed(args)  # everything before this stays off the JAX backend
 
     import jax
@@ -256,34 +302,103 @@ def run(args, resolved) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from e
     loss_fn = T.make_loss_fn(run_.apply, cfg.objective)
-    tx, sched = cfg.optim.build(t.steps)
+    stop_at = args.stop_at
 
-    if main_proc:
-        R.write_run_record(
-            out,
-            cfg,
-            {
-                "preset": cfg.name,
-                "argv": list(sys.argv),
-                "data_shape": list(run_.data_shape),
-                "num_classes": run_.num_classes,
-                "num_examples": n,
-                "num_params": M.count_params(run_.params),
-                "process_count": jax.process_count(),
-                "device_count": jax.device_count(),
-                "devices": str(jax.devices()[0].device_kind),
-                "platform": jax.default_backend(),
-                "jax_version": jax.__version__,
-                "jdiff_version": jdiff.__version__,
-                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            },
+    # Which step the loop will restore (read-only: nothing is moved or reported here), so
+    # that a command with nothing to do changes nothing and the optimizer is built with
+    # the run's learning-rate plan before training starts.
+    target = _state_target(run_, cfg, mesh)
+    restored = R.restorable_step(ckpt_dir, target)
+    if restored is None and args.resume:
+        raise CLIError(f"--resume: no checkpoint found in {ckpt_dir}")
+    start = 0 if restored is None else restored
+    if restored is not None and (restored >= t.steps or (stop_at is not None and stop_at <= restored)):
+        if main_proc:
+            why = (
+                f"train.steps={t.steps} (raise it with --steps to continue)"
+                if restored >= t.steps
+                else f"--stop-at {stop_at}"
+            )
+            print(f"nothing to do: the run in {out} is at step {restored}, and {why}; nothing was changed", flush=True)
+        return 0
+
+    # The run's record: the learning-rate plan follows from the history (the totals in force
+    # at each start), extended by this invocation's entry; process 0 writes.
+    history = record.read_history(out) if os.path.isdir(out) else []
+    argv = list(getattr(args, "argv", None) or sys.argv)
+    before: list = []
+    if restored is not None and not any(e.get("event") == "started" for e in history):
+        # A run without a history (written before history.jsonl existed, or with it deleted):
+        # its schedule was planned for the total recorded in its configuration.
+        saved_total = int((req.saved or {}).get("train", {}).get("steps", t.steps))
+        before.append(
+            record.history_entry(
+                "started",
+                start_step=0,
+                total_steps=saved_total,
+                what=f"reconstructed at step {restored}: no history; the total recorded in config.json",
+            )
         )
+    in_force = record.schedule_plan(history + before)
+    old_total = (in_force[1][-1][1] if in_force[1] else in_force[0]) if in_force[0] is not None else None
+    what = f"trained from step {start} to {t.steps}" if restored is None else f"resumed at step {start}"
+    if restored is not None and old_total is not None and old_total != t.steps:
+        what += f"; train.steps {old_total} -> {t.steps}: schedule extended at {start} to {t.steps}"
+    if req.replaced:
+        what += "; config.json was missing or unreadable: replaced by the configuration given (--replace-config)"
+    changed = {k: v for k, v in req.changes.items() if k != "train.steps"}
+    if changed:
+        what += "; changed " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    entry = record.history_entry(
+        "started", argv=argv, start_step=start, total_steps=t.steps, stop_at=stop_at, what=what
+    )
+    base_total, extensions = record.schedule_plan(history + before + [entry])
+    tx, sched = _optimizer(cfg.optim, base_total or t.steps, extensions)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jdiff_train_plan")  # every process has read the history
+
+    wall_offset = 0.0
+    if main_proc:
+        os.makedirs(os.path.join(out, R.SAMPLES_DIR), exist_ok=True)
+        cfg_dict = config_to_dict(cfg)
+        if req.saved is None or req.replaced or cfg_dict != req.saved:
+            record.write_config(out, cfg_dict)
+        if not os.path.exists(os.path.join(out, R.RUN_FILE)):
+            record.write_json_atomic(
+                os.path.join(out, R.RUN_FILE),
+                {
+                    "preset": cfg.name,
+                    "data_shape": list(run_.data_shape),
+                    "num_classes": run_.num_classes,
+                    "num_examples": n,
+                    "num_params": M.count_params(run_.params),
+                    "process_count": jax.process_count(),
+                    "device_count": jax.device_count(),
+                    "devices": str(jax.devices()[0].device_kind),
+                    "platform": jax.default_backend(),
+                    "jax_version": jax.__version__,
+                    "jdiff_version": jdiff.__version__,
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                },
+            )
+        for e in before + [entry]:
+            record.append_history(out, e)
+        # Lines past the restored step are redone (a fresh start redoes everything).
+        wall_offset = record.trim_metrics(os.path.join(out, R.METRICS_FILE), start)
         print(
             f"jdiff train: preset {cfg.name}, {M.count_params(run_.params):,} parameters, data "
             f"{tuple(run_.x.shape)}{f', {run_.num_classes} classes' if run_.num_classes else ''}, "
             f"{jax.device_count()} device(s) on {jax.process_count()} process(es) -> {out}",
             flush=True,
         )
+        if extensions and restored is not None and extensions[-1][0] == start:
+            print(
+                f"train.steps {old_total} -> {t.steps}: the learning-rate schedule continues from step {start} "
+                f"(lr {float(sched(start)):.4g}) and reaches optim.final_lr at step {t.steps}",
+                flush=True,
+            )
 
     # Sample grids: process 0 alone, on its first local device, from host copies of the params.
     parts = denoiser_apply(run_)
@@ -324,7 +439,6 @@ def run(args, resolved) -> int:
                 f"training loss: {cfg.name}",
             )
 
-    stop_at = args.stop_at
     signals = _Signals(main_proc)
     gen = T.train_iter(
         loss_fn,
@@ -345,7 +459,6 @@ def run(args, resolved) -> int:
         stop_flag=signals.flag,
     )
     result = bar = None
-    wall_offset = 0.0
     last_loss = float("nan")
     pending: list = []
     interval_t0, interval_steps = t_start, 0
@@ -359,10 +472,14 @@ def run(args, resolved) -> int:
                     # First step: it includes compilation, so it is left out of steps/s.
                     # (The library's loop prints the restored step of a resumed run.)
                     start_step = step - 1
+                    if start_step != start:
+                        raise CLIError(
+                            f"the checkpoints in {ckpt_dir} changed while starting (expected to resume at "
+                            f"step {start}, the loop restored step {start_step}); run the command again"
+                        )
                     jax.block_until_ready(metrics)
                     interval_t0, interval_steps = time.perf_counter(), 0
                     if main_proc:
-                        wall_offset = R.trim_metrics(out, start_step)
                         bar = tqdm(
                             total=t.steps,
                             initial=start_step,
@@ -408,38 +525,87 @@ def run(args, resolved) -> int:
         finally:
             if bar is not None:
                 bar.close()
-    if result is None or start_step is None:
+    if result is None or start_step is None:  # the loop ran no step (checked above; kept for safety)
         if main_proc:
-            print(
-                f"nothing to do: the run in {out} has reached train.steps={t.steps} "
-                "(raise it with --steps to continue)",
-                flush=True,
-            )
+            print(f"nothing to do: the run in {out} has reached train.steps={t.steps}", flush=True)
         return 0
     if main_proc:
         wall = wall_offset + (time.perf_counter() - t_start)
-        if result.step >= t.steps and not result.stopped:
+        finished = result.step >= t.steps and not result.stopped
+        if finished:
             path = write_grid(result.step, result.state)
             plot_loss()
+            why = None
+        else:
+            if result.preempted:
+                why = "SIGTERM"
+            elif signals.interrupted:
+                why = "interrupted (SIGINT)"
+            elif stop_at is not None and result.step >= stop_at:
+                why = f"--stop-at {stop_at}"
+            else:
+                why = "stop requested"
+            plot_loss()
+        record.append_history(
+            out,
+            record.history_entry(
+                "finished" if finished else "stopped",
+                argv=argv,
+                start_step=start,
+                end_step=result.step,
+                total_steps=t.steps,
+                what=f"trained {start}->{result.step}" + ("" if finished else f" ({why})"),
+            ),
+        )
+        if finished:
             print(
                 f"done: step {result.step}/{t.steps}, loss {last_loss:.5g}, wall time {wall:.1f} s; "
                 f"samples {path}; checkpoints {ckpt_dir}",
                 flush=True,
             )
         else:
-            if result.preempted:
-                why = "SIGTERM"
-            elif signals.interrupted:
-                why = "interrupted (SIGINT)"
-            else:
-                why = "stop requested"
-            plot_loss()
             print(
                 f"stopped at step {result.step}/{t.steps} ({why}); checkpoint saved in {ckpt_dir}; "
                 f"continue with: jdiff train --out {out} --resume",
                 flush=True,
             )
     return 0
+
+
+def _state_target(run_, cfg: RunConfig, mesh):
+    """Shapes, dtypes and (replicated) shardings of the state the loop trains, as the
+    target of a restore."""
+    import jax
+
+    from jdiff import train as T
+
+    tx, _ = cfg.optim.build(cfg.train.steps)  # the state's structure does not depend on the schedule
+    shapes = jax.eval_shape(
+        lambda p: T.init_train_state(p, tx, cfg.train.seed, ema=cfg.ema.decay is not None), run_.params
+    )
+    sharding = T.replicated_sharding(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
+def _optimizer(o, total: int, extensions):
+    """``(optax transformation, schedule)`` of :meth:`OptimizerConfig.build` for a run
+    planned for ``total`` steps whose total was changed at the given steps
+    (``extensions``, see :func:`jdiff.train.lr_schedule`): without extensions exactly
+    ``o.build(total)``."""
+    from jdiff import train as T
+
+    if not extensions:
+        return o.build(total)
+    warmup = min(o.warmup_steps, max(total - 1, 0))  # as OptimizerConfig.schedule_fn
+    sched = T.lr_schedule(
+        o.lr,
+        warmup_steps=warmup,
+        total_steps=total if o.schedule == "cosine" else None,
+        final_lr=o.final_lr,
+        extensions=extensions,
+    )
+    tx = T.make_optimizer(sched, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm)
+    return tx, sched
 
 
 __all__ = ["add_parser", "resolve", "run", "ConfigError"]

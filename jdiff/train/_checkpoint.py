@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -92,11 +93,27 @@ class NoUsableCheckpointError(CheckpointCorruptError):
         )
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a line is emitted (not the
+    stream of import time, which a test harness or an application may have replaced)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 _logger = logging.getLogger("jdiff.train.checkpoint")
 if not _logger.handlers:
     # One plain line on stderr, whatever the root logger's format (JAX and absl may set
     # one up); an application can replace this handler or pass ``report``.
-    _handler = logging.StreamHandler()
+    _handler = _StderrHandler()
     _handler.setFormatter(logging.Formatter("%(message)s"))
     _logger.addHandler(_handler)
     _logger.propagate = False
@@ -111,6 +128,8 @@ def _one_line(err: BaseException, limit: int = 200) -> str:
         text = f"{type(err).__name__}: {err}"
     text = re.sub(r"\[source locations='[^']*'\]", "", text)
     text = " ".join(text.split())
+    # orbax appends a pointer to TensorStore's full report (a bound method's repr): not for users
+    text = re.sub(r"\.?\s*See full TensorStore details:.*$", "", text)
     if len(text) > limit:
         cut = text.rfind(" ", 0, limit)
         text = text[: cut if cut > limit // 2 else limit].rstrip(" ,;:") + " ..."
