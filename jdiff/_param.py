@@ -42,6 +42,7 @@ __all__ = [
     "convert",
     "broadcast_to_x",
     "same_function",
+    "check_cond_batch",
     "TreeValue",
 ]
 
@@ -202,6 +203,24 @@ def _cell(c):
 
 def _same_items(a, b) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def check_cond_batch(cond, batch: int, what: str = "x_T", shape=None):
+    """Raise ``ValueError`` unless every array leaf of ``cond`` with ``ndim >= 1`` has
+    leading axis ``batch`` (per-sample conditioning); the message names the leaf, its
+    shape and ``what`` (the argument whose batch it must match, of shape ``shape``)."""
+    if cond is None:
+        return
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cond):
+        sh = getattr(leaf, "shape", None)
+        if sh is None or len(sh) == 0 or sh[0] == batch:
+            continue
+        where = "cond" + jax.tree_util.keystr(path)
+        of = f" of shape {tuple(shape)}" if shape is not None else ""
+        raise ValueError(
+            f"{where} has shape {tuple(sh)}, but its leading axis must be the batch {batch} of {what}{of}: "
+            "every array in cond with ndim >= 1 is per sample"
+        )
 
 
 class _FnKey:

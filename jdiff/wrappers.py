@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jdiff._param import Prediction, TreeValue, broadcast_to_x
+from jdiff._param import Prediction, TreeValue, broadcast_to_x, check_cond_batch
 
 __all__ = ["static_threshold", "dynamic_threshold", "guidance"]
 
@@ -100,6 +100,8 @@ class _Guidance(TreeValue):
         if cond is None:
             raise ValueError("guidance needs a conditioning: pass cond= to sample()")
         B = x.shape[0]
+        # checked here, on the caller's batch, not on the doubled batch the model sees
+        check_cond_batch(cond, B, "x", x.shape)
 
         def both(c, n):
             c = jnp.asarray(c)
