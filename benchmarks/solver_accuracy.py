@@ -14,6 +14,12 @@ Samplers run in float32 as users run them. Stochastic samplers get ``fd`` only.
 
     python benchmarks/solver_accuracy.py            # all testbeds, solvers, NFEs
     python benchmarks/solver_accuracy.py --quick    # 2-D testbeds, 5 solvers, 3 NFEs
+
+Solvers are named as in ``jdiff.solvers.get`` (``jdiff.solvers.names()``), and the CSV
+keys them by ``solver.name``. The full run writes the tracked
+``benchmarks/results/solver_accuracy.csv``; ``--quick`` writes to the system's
+temporary directory (``solver_accuracy_quick.csv`` there) unless ``--out`` says
+otherwise, so a smoke run never rewrites a tracked result.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -33,28 +40,30 @@ from _common import machine, table, today, write_csv  # noqa: E402
 
 import jdiff  # noqa: E402
 from jdiff import solvers as S  # noqa: E402
-from jdiff.testbed import frechet_distance, gaussian_stats, random_mixture  # noqa: E402
+from jdiff.metrics import frechet_distance, gaussian_stats  # noqa: E402
+from jdiff.testbed import random_mixture  # noqa: E402
 
-SOLVERS = {
-    "euler(t)": lambda: S.euler(),
-    "heun(t)": lambda: S.heun(),
-    "ddim": lambda: S.ddim(),
-    "ipndm-4": lambda: S.ipndm(4),
-    "ipndm_v-4": lambda: S.ipndm(4, variable_step=True),
-    "deis-3(t)": lambda: S.deis(3),
-    "dpm_solver-2": lambda: S.dpm_solver(2),
-    "dpm_solver-3": lambda: S.dpm_solver(3),
-    "dpm_solver++(2S)": lambda: S.dpm_solver_pp(2, method="singlestep"),
-    "dpm_solver++(2M)": lambda: S.dpm_solver_pp(2),
-    "dpm_solver++(3M)": lambda: S.dpm_solver_pp(3),
-    "unipc-2(bh1)": lambda: S.unipc(2, variant="bh1"),
-    "unipc-2(bh2)": lambda: S.unipc(2),
-    "unipc-3(bh2)": lambda: S.unipc(3),
-    "ddpm": lambda: S.ddpm(),
-    "sde_dpm_solver++(2M)": lambda: S.sde_dpm_solver_pp(2),
-    "euler_maruyama": lambda: S.euler_maruyama(),
-}
-QUICK = ["euler(t)", "heun(t)", "dpm_solver-3", "dpm_solver++(2M)", "unipc-2(bh2)"]
+# registry names (jdiff.solvers.get); any other registry name works with --solvers
+SOLVERS = [
+    "euler",
+    "heun",
+    "ddim",
+    "ipndm4",
+    "ipndm4-v",
+    "deis3",
+    "dpm2",
+    "dpm3",
+    "dpm++2s",
+    "dpm++2m",
+    "dpm++3m",
+    "unipc2-bh1",
+    "unipc2",
+    "unipc3",
+    "ddpm",
+    "sde-dpm++2m",
+    "euler-maruyama",
+]
+QUICK = ["euler", "heun", "dpm3", "dpm++2m", "unipc2"]
 NFES = (4, 5, 6, 8, 10, 15, 20, 50)
 
 
@@ -76,14 +85,28 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2-D testbeds, 5 solvers, NFE 5/10/20")
     ap.add_argument("--samples", type=int, default=2000)
-    ap.add_argument("--solvers", nargs="*", default=None, help="subset of solver names")
-    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/solver_accuracy[_quick].csv)")
-    args = ap.parse_args()
-    names = args.solvers or (QUICK if args.quick else list(SOLVERS))
-    nfes = (5, 10, 20) if args.quick else NFES
-    out = args.out or os.path.join(
-        os.path.dirname(__file__), "results", "solver_accuracy_quick.csv" if args.quick else "solver_accuracy.csv"
+    ap.add_argument(
+        "--solvers", nargs="*", default=None, help="registry names (jdiff.solvers.names(); settings in parentheses)"
     )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="CSV path (default: benchmarks/results/solver_accuracy.csv for the full run, which is tracked; "
+        "with --quick, solver_accuracy_quick.csv in the temporary directory, never the tracked file)",
+    )
+    args = ap.parse_args()
+    try:
+        solvers = {s.name: s for s in (S.get(n) for n in (args.solvers or (QUICK if args.quick else SOLVERS)))}
+    except (ValueError, TypeError) as e:
+        ap.error(str(e))
+    names = list(solvers)
+    nfes = (5, 10, 20) if args.quick else NFES
+    if args.out:
+        out = args.out
+    elif args.quick:
+        out = os.path.join(tempfile.gettempdir(), "solver_accuracy_quick.csv")
+    else:
+        out = os.path.join(os.path.dirname(__file__), "results", "solver_accuracy.csv")
     rows = []
     t_start = time.time()
     for tb_name, (mix, proc, gkw) in testbeds(args.quick).items():
@@ -106,7 +129,7 @@ def main():
         )
         for name in names:
             for nfe in nfes:
-                solver = SOLVERS[name]()
+                solver = solvers[name]
                 try:
                     grid = jdiff.time_grid(proc, nfe=nfe, solver=solver, **gkw)
                     if grid.shape[0] - 1 < solver.min_steps:
@@ -150,7 +173,7 @@ def main():
             tab = []
             for name in names:
                 rs = {r["nfe_target"]: r for r in rows if r["testbed"] == tb_name and r["solver"] == name}
-                if metric == "l2" and SOLVERS[name]().stochastic:
+                if metric == "l2" and solvers[name].stochastic:
                     continue
                 cells = []
                 for n in nfes:

@@ -11,7 +11,11 @@ Also the compile time (trace + lower + XLA compile, caches cleared, best of 3) o
 ``sample`` at NFE 5 and NFE 100 (the scan keeps the program the same size, so they
 should be about equal).
 
-    python benchmarks/solver_overhead.py [--quick]
+    python benchmarks/solver_overhead.py [--quick] [--solvers NAME ...]
+
+Solvers are named as in ``jdiff.solvers.get``. The full run writes the tracked
+``benchmarks/results/solver_overhead.csv``; ``--quick`` writes to the system's temporary
+directory unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -31,20 +36,21 @@ from _common import machine, table, time_pair, timeit, today, write_csv  # noqa:
 import jdiff  # noqa: E402
 from jdiff import solvers as S  # noqa: E402
 
-SOLVERS = {
-    "ddim": lambda: S.ddim(),
-    "euler(t)": lambda: S.euler(),
-    "heun(t)": lambda: S.heun(),
-    "dpm_solver-3": lambda: S.dpm_solver(3),
-    "dpm_solver++(2M)": lambda: S.dpm_solver_pp(2),
-    "dpm_solver++(3M)": lambda: S.dpm_solver_pp(3),
-    "deis-3(t)": lambda: S.deis(3),
-    "unipc-2(bh2)": lambda: S.unipc(2),
-    "unipc-3(bh2)": lambda: S.unipc(3),
-    "ipndm-4": lambda: S.ipndm(4),
-    "sde_dpm_solver++(2M)": lambda: S.sde_dpm_solver_pp(2),
-    "sde_dpm_solver++(2M) [rbg key]": lambda: S.sde_dpm_solver_pp(2),
-}
+# registry names (jdiff.solvers.get); stochastic ones are also timed with rbg keys
+SOLVERS = ["ddim", "euler", "heun", "dpm3", "dpm++2m", "dpm++3m", "deis3", "unipc2", "unipc3", "ipndm4", "sde-dpm++2m"]
+QUICK = ["ddim", "dpm++2m", "unipc2", "dpm3"]
+RBG = " [rbg key]"
+
+
+def runs(names):
+    """(label, solver, rbg) for each name; stochastic solvers twice (threefry and rbg keys)."""
+    out = []
+    for n in names:
+        s = S.get(n)
+        out.append((s.name, s, False))
+        if s.stochastic:
+            out.append((s.name + RBG, s, True))
+    return out
 
 
 def mlp_denoiser(process, dim, hidden, depth, key):
@@ -87,8 +93,26 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer solvers and NFEs")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "solver_overhead.csv"))
+    ap.add_argument(
+        "--solvers", nargs="*", default=None, help="registry names (jdiff.solvers.names(); settings in parentheses)"
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="CSV path (default: benchmarks/results/solver_overhead.csv for the full run, which is tracked; "
+        "with --quick, solver_overhead_quick.csv in the temporary directory)",
+    )
     args = ap.parse_args()
+    try:
+        todo = runs(args.solvers or (QUICK if args.quick else SOLVERS))
+    except (ValueError, TypeError) as e:
+        ap.error(str(e))
+    if args.out is None:
+        args.out = (
+            os.path.join(tempfile.gettempdir(), "solver_overhead_quick.csv")
+            if args.quick
+            else os.path.join(os.path.dirname(__file__), "results", "solver_overhead.csv")
+        )
 
     proc = jdiff.vp_linear()
     key = jax.random.key(0)
@@ -104,15 +128,13 @@ def main():
             break
         hidden = int(hidden * 1.4)
     print(f"MLP denoiser: width {hidden}, {ms:.2f} ms per call at batch {args.batch} x {args.dim}")
-    names = list(SOLVERS) if not args.quick else ["ddim", "dpm_solver++(2M)", "unipc-2(bh2)", "dpm_solver-3"]
-    compile_names = [n for n in names if "rbg" not in n]
+    compile_runs = [r for r in todo if not r[2]]
     nfes = (5, 10, 20, 50, 100) if not args.quick else (10, 50)
     rows, table_rows = [], []
     for dname, den in [("trivial", trivial), ("mlp_1ms", mlp)]:
-        for name in names:
+        for name, solver, rbg in todo:
             for nfe in nfes:
-                solver = SOLVERS[name]()
-                k = jax.random.key(0, impl="rbg") if "rbg" in name else key
+                k = jax.random.key(0, impl="rbg") if rbg else key
                 grid = jdiff.time_grid(proc, nfe=nfe, solver=solver)
                 f = jax.jit(lambda x, g, s=solver, d=den, k=k: jdiff.sample(s, d, x, g, key=k, nfe=nfe))
                 _, info = jdiff.sample(solver, den, x, grid, key=k, nfe=nfe, return_info=True)
@@ -155,10 +177,9 @@ def main():
 
     print("\nCompile time of jit(sample) (trivial denoiser):")
     ctab = []
-    for name in compile_names:
+    for name, solver, _ in compile_runs:
         ct = {}
         for nfe in (5, 100):
-            solver = SOLVERS[name]()
             grid = jdiff.time_grid(proc, nfe=nfe, solver=solver)
             best = float("inf")
             for _ in range(3):  # trace + compile from scratch each time; keep the fastest

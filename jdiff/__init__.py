@@ -6,7 +6,7 @@ Processes (:mod:`jdiff._process`), parameterizations and the denoiser boundary
 (:mod:`jdiff.testbed`).
 """
 
-from jdiff import solvers, wrappers
+from jdiff import metrics, solvers, wrappers
 from jdiff._core import phi
 from jdiff._generate import SamplingConfig, generate
 from jdiff._grid import GRID_KINDS, default_grid_kind, time_grid
@@ -68,6 +68,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "metrics",
     "solvers",
     "generate",
     "SamplingConfig",

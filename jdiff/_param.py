@@ -18,11 +18,14 @@ with that pair (:class:`Prediction`). :func:`from_x0_eps` gives training targets
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdiff._process import Process
 
@@ -38,6 +41,9 @@ __all__ = [
     "from_x0_eps",
     "convert",
     "broadcast_to_x",
+    "same_function",
+    "check_cond_batch",
+    "TreeValue",
 ]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "flow")
@@ -153,8 +159,135 @@ def convert(out, x, t, process: Process, from_: str, to: str):
     return from_x0_eps(to, p.x0, p.eps, t, process, x=x)
 
 
-@dataclasses.dataclass(frozen=True)
-class Denoiser:
+def same_function(f, g) -> bool:
+    """Whether ``f`` and ``g`` compute the same thing for sure: the same object, or two
+    functions made by the same definition (equal ``__code__``, the same globals, the
+    same defaults and closure cell contents by identity), e.g. two lambdas written on
+    one line and evaluated twice; ``functools.partial`` objects of such functions with
+    the same arguments (by identity); else ``f == g`` for callables that define it."""
+    if f is g:
+        return True
+    if isinstance(f, types.FunctionType) and isinstance(g, types.FunctionType):
+        if f.__code__ != g.__code__ or f.__globals__ is not g.__globals__:
+            return False
+        if not _same_items(f.__defaults__ or (), g.__defaults__ or ()):
+            return False
+        kf, kg = f.__kwdefaults__ or {}, g.__kwdefaults__ or {}
+        if kf.keys() != kg.keys() or not _same_items([kf[k] for k in kf], [kg[k] for k in kf]):
+            return False
+        return _same_items([_cell(c) for c in f.__closure__ or ()], [_cell(c) for c in g.__closure__ or ()])
+    if isinstance(f, functools.partial) and isinstance(g, functools.partial):
+        return (
+            same_function(f.func, g.func)
+            and _same_items(f.args, g.args)
+            and f.keywords.keys() == g.keywords.keys()
+            and _same_items([f.keywords[k] for k in f.keywords], [g.keywords[k] for k in f.keywords])
+        )
+    if type(f) is not type(g):
+        return False
+    try:
+        return bool(f == g)
+    except Exception:  # noqa: BLE001 - an __eq__ that does not give a truth value
+        return False
+
+
+_EMPTY = object()
+
+
+def _cell(c):
+    try:
+        return c.cell_contents
+    except ValueError:  # an empty cell
+        return _EMPTY
+
+
+def _same_items(a, b) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def check_cond_batch(cond, batch: int, what: str = "x_T", shape=None):
+    """Raise ``ValueError`` unless every array leaf of ``cond`` with ``ndim >= 1`` has
+    leading axis ``batch`` (per-sample conditioning); the message names the leaf, its
+    shape and ``what`` (the argument whose batch it must match, of shape ``shape``)."""
+    if cond is None:
+        return
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cond):
+        sh = getattr(leaf, "shape", None)
+        if sh is None or len(sh) == 0 or sh[0] == batch:
+            continue
+        where = "cond" + jax.tree_util.keystr(path)
+        of = f" of shape {tuple(shape)}" if shape is not None else ""
+        raise ValueError(
+            f"{where} has shape {tuple(sh)}, but its leading axis must be the batch {batch} of {what}{of}: "
+            "every array in cond with ndim >= 1 is per sample"
+        )
+
+
+class _FnKey:
+    """A callable as static pytree metadata, equal by :func:`same_function`: two fresh
+    lambdas from one definition give the same compiled program."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __eq__(self, other):
+        return isinstance(other, _FnKey) and same_function(self.fn, other.fn)
+
+    def __hash__(self):
+        fn = self.fn.func if isinstance(self.fn, functools.partial) else self.fn
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            return hash(code)
+        try:
+            return hash(fn)
+        except TypeError:
+            return hash(type(fn))
+
+    def __repr__(self):
+        return repr(self.fn)
+
+
+def _static(v):
+    return _FnKey(v) if callable(v) else v
+
+
+def _unstatic(v):
+    return v.fn if isinstance(v, _FnKey) else v
+
+
+class TreeValue:
+    """Equality and hashing for a frozen dataclass that is a pytree: equal when the tree
+    structures are equal (static settings, functions by :func:`same_function`) and the
+    leaves are the same objects or equal concrete arrays; the hash covers only the
+    structure, so array leaves (a guidance scale, parameters) may be traced."""
+
+    def __eq__(self, other):
+        if type(self) is not type(other):
+            return NotImplemented
+        la, ta = jax.tree.flatten(self)
+        lb, tb = jax.tree.flatten(other)
+        return ta == tb and all(_same_leaf(a, b) for a, b in zip(la, lb))
+
+    def __hash__(self):
+        return hash(jax.tree.structure(self))
+
+
+def _same_leaf(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
+        return False
+    try:
+        a, b = np.asarray(a), np.asarray(b)
+    except Exception:  # noqa: BLE001
+        return False
+    return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b, equal_nan=True))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Denoiser(TreeValue):
     """A model seen from the samplers: ``denoiser(x, t, cond) -> Prediction(x0, eps)``.
 
     Attributes:
@@ -216,9 +349,27 @@ class Denoiser:
         return dataclasses.replace(self, **kw)
 
 
-jax.tree_util.register_dataclass(
-    Denoiser, data_fields=["params", "process"], meta_fields=["apply_fn", "prediction", "time_input"]
-)
+def _flatten_with_keys(d: Denoiser):
+    children = ((jax.tree_util.GetAttrKey("params"), d.params), (jax.tree_util.GetAttrKey("process"), d.process))
+    return children, (_static(d.apply_fn), d.prediction, _static(d.time_input))
+
+
+def _flatten(d: Denoiser):
+    return (d.params, d.process), (_static(d.apply_fn), d.prediction, _static(d.time_input))
+
+
+def _unflatten(aux, children) -> Denoiser:
+    d = object.__new__(Denoiser)
+    for name, v in zip(("apply_fn", "prediction", "time_input"), aux):
+        object.__setattr__(d, name, _unstatic(v))
+    object.__setattr__(d, "params", children[0])
+    object.__setattr__(d, "process", children[1])
+    return d
+
+
+# apply_fn and a callable time_input are static metadata compared by same_function, so
+# two denoisers built from fresh lambdas of one definition share a compiled program
+jax.tree_util.register_pytree_with_keys(Denoiser, _flatten_with_keys, _unflatten, _flatten)
 
 
 def denoiser(apply_fn: Callable, process: Process, prediction: str = "eps", *, params=None, time_input="t") -> Denoiser:

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff._checks import concrete, error_if
+
 __all__ = [
     "Process",
     "VPLinear",
@@ -198,20 +200,32 @@ class Process:
 
     # --------------------------------------------------------------- validation
     def check_times(self, t, *, allow_data: bool = True, what: str = "time"):
-        """Raise ``ValueError`` if a concrete array of times lies outside the valid range."""
-        try:
-            arr = np.asarray(t, dtype=np.float64)
-        except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-            return  # traced: cannot check values
+        """Check that times lie in ``[t_min, t_max]`` (or equal ``t_data`` when
+        ``allow_data``) and are finite; return ``t``.
+
+        A concrete ``t`` raises ``ValueError`` at once, listing the bad values. A traced
+        ``t`` comes back carrying a runtime check (:func:`jdiff._checks.error_if`): the
+        compiled program fails with a message containing the same words ("outside the
+        valid range"). Use the returned value downstream.
+        """
         lo, hi = self.t_min, self.t_max
         tol = 1e-6 * max(1.0, abs(hi))
-        bad = (arr < lo - tol) | (arr > hi + tol) | ~np.isfinite(arr)
+        extra = f" or exactly t_data={self.t_data}" if (allow_data and self.t_data is not None) else ""
+        arr = concrete(t)
+        if arr is not None:
+            arr = arr.astype(np.float64)
+            bad = (arr < lo - tol) | (arr > hi + tol) | ~np.isfinite(arr)
+            if allow_data and self.t_data is not None:
+                bad &= ~(arr == self.t_data)
+            if np.any(bad):
+                vals = arr[bad][:4]
+                raise ValueError(f"{what} {vals.tolist()} outside the valid range [{lo}, {hi}]{extra} of {self!r}")
+            return t
+        tt = jnp.asarray(t)
+        bad = (tt < lo - tol) | (tt > hi + tol) | ~jnp.isfinite(tt)
         if allow_data and self.t_data is not None:
-            bad &= ~(arr == self.t_data)
-        if np.any(bad):
-            vals = arr[bad][:4]
-            extra = f" or exactly t_data={self.t_data}" if (allow_data and self.t_data is not None) else ""
-            raise ValueError(f"{what} {vals.tolist()} outside the valid range [{lo}, {hi}]{extra} of {self!r}")
+            bad &= tt != self.t_data
+        return error_if(tt, jnp.any(bad), f"{what} outside the valid range [{lo}, {hi}]{extra} of {self!r}")
 
     def __repr__(self):
         fields = ", ".join(

@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff._checks import concrete
+from jdiff._checks import concrete, error_if
 from jdiff._grid import time_grid
-from jdiff._param import Prediction
+from jdiff._param import Prediction, check_cond_batch
 from jdiff.solvers._base import Solver, compute_dtype
 
-__all__ = ["sample", "SampleInfo", "validate_grid"]
+__all__ = ["sample", "SampleInfo", "validate_grid", "check_x_T"]
 
 
 class SampleInfo(NamedTuple):
@@ -55,27 +55,45 @@ jax.tree_util.register_dataclass(_CastInput, data_fields=["inner"], meta_fields=
 
 
 def validate_grid(process, grid):
-    """Raise ``ValueError`` unless ``grid`` is a valid decreasing time grid for
-    ``process`` (values are checked only when the grid is concrete)."""
+    """Check that ``grid`` is a valid decreasing time grid for ``process`` and return it.
+
+    Shapes are checked now. Values (finite, strictly decreasing, times in the process's
+    range; the last point may be ``t_data``) raise ``ValueError`` now when the grid is
+    concrete; when it is traced (inside the caller's ``jit``), the returned grid carries
+    runtime checks and the compiled program fails with a message containing the same
+    words ("non-finite", "strictly decreasing", "outside the valid range"). Use the
+    returned grid downstream.
+    """
     grid = jnp.asarray(grid)
     if grid.ndim != 1:
         raise ValueError(f"the time grid must be 1-D, got shape {grid.shape}")
     if grid.shape[0] < 2:
         raise ValueError(f"the time grid needs at least 2 points, got {grid.shape[0]}")
     g = concrete(grid)
-    if g is None:
-        return
-    g = g.astype(np.float64)
-    if not np.all(np.isfinite(g)):
-        raise ValueError(f"the time grid has non-finite values: {g.tolist()[:8]}")
-    d = np.diff(g)
-    if not np.all(d < 0):
-        k = int(np.argmax(d >= 0))
-        raise ValueError(
-            f"the time grid must be strictly decreasing (noise to data); t[{k}]={g[k]} <= t[{k + 1}]={g[k + 1]}"
-        )
-    process.check_times(g[:-1], allow_data=False, what="grid times")
-    process.check_times(g[-1:], allow_data=True, what="final grid time")
+    if g is not None:
+        g = g.astype(np.float64)
+        if not np.all(np.isfinite(g)):
+            raise ValueError(f"the time grid has non-finite values: {g.tolist()[:8]}")
+        d = np.diff(g)
+        if not np.all(d < 0):
+            k = int(np.argmax(d >= 0))
+            raise ValueError(
+                f"the time grid must be strictly decreasing (noise to data); t[{k}]={g[k]} <= t[{k + 1}]={g[k + 1]}"
+            )
+        process.check_times(g[:-1], allow_data=False, what="grid times")
+        process.check_times(g[-1:], allow_data=True, what="final grid time")
+        return grid
+    # traced: one fused reduction per check, once per sample() call (not per step)
+    grid = error_if(grid, ~jnp.all(jnp.isfinite(grid)), "the time grid has non-finite values")
+    grid = error_if(grid, jnp.any(jnp.diff(grid) >= 0), "the time grid must be strictly decreasing (noise to data)")
+    head = process.check_times(grid[:-1], allow_data=False, what="grid times")
+    tail = process.check_times(grid[-1:], allow_data=True, what="final grid time")
+    return jnp.concatenate([head, tail])
+
+
+def check_x_T(x_T):
+    """Return ``x_T`` after checking that it is finite (now, or at run time when traced)."""
+    return error_if(x_T, ~jnp.all(jnp.isfinite(x_T)), f"x_T of shape {x_T.shape} has non-finite values (NaN or inf)")
 
 
 def sample(
@@ -103,7 +121,10 @@ def sample(
       x_T: ``(B, ...)`` starting noise (see :func:`jdiff.prior_sample`). Its dtype is the
         dtype the network sees; the solver computes in at least float32.
       grid: ``(N + 1,)`` decreasing times from ``t_max`` (default: built from ``nfe``).
-      cond: any pytree passed unchanged to the denoiser.
+      cond: any pytree passed unchanged to the denoiser. Per-sample conditioning: every
+        array leaf with ``ndim >= 1`` must have the batch of ``x_T`` as its leading
+        axis (scalars and non-array leaves are passed as they are); a mismatch raises
+        ``ValueError`` naming the leaf and both shapes.
       key: PRNG key for stochastic solvers: one key (sample ``i`` then uses
         ``fold_in(key, i)``) or one key per sample. A sample's noise depends only on its
         own key, not on the batch.
@@ -124,6 +145,13 @@ def sample(
 
     Works under ``jit``, ``vmap`` (including a different grid per sample) and
     ``grad`` with respect to ``x_T``, ``cond`` and the denoiser's parameters.
+
+    Raises:
+      ValueError: before anything runs, for a grid that is not finite, not strictly
+        decreasing or outside the process's times, a non-finite ``x_T`` or a ``cond``
+        whose batch is not ``x_T``'s. Under the caller's ``jit`` the value checks become
+        runtime checks (``equinox.error_if``) with the same words in the message; they
+        run once per call, not per step.
     """
     if not isinstance(solver, Solver):
         raise TypeError(f"solver must be a jdiff Solver (e.g. jdiff.solvers.ddim()), got {type(solver).__name__}")
@@ -141,8 +169,9 @@ def sample(
         if nfe is None:
             raise ValueError("give a time grid or a target nfe")
         grid = time_grid(process, kind=grid_kind, nfe=nfe, solver=solver, final=final)
-    validate_grid(process, grid)
-    grid = jnp.asarray(grid)
+    grid = validate_grid(process, grid)
+    x_T = check_x_T(x_T)
+    check_cond_batch(cond, x_T.shape[0], "x_T", x_T.shape)
     N = grid.shape[0] - 1
     if N < solver.min_steps:
         raise ValueError(

@@ -25,6 +25,7 @@ import numpy as np
 
 from jdiff._param import PREDICTIONS, Denoiser, Prediction, from_x0_eps
 from jdiff._process import Process
+from jdiff.metrics import frechet_distance, gaussian_stats  # re-exported: the old home
 
 __all__ = ["GaussianMixture", "ExactDenoiser", "random_mixture", "frechet_distance", "gaussian_stats"]
 
@@ -262,27 +263,3 @@ def random_mixture(
     stds = np.asarray(jax.random.uniform(k2, (n_components, dim), minval=std_range[0], maxval=std_range[1]))
     w = np.asarray(jax.random.dirichlet(k3, np.ones(n_components)))
     return GaussianMixture(w, means, stds)
-
-
-def gaussian_stats(x):
-    """Mean and covariance (numpy float64) of samples ``x`` of shape ``(n, d)``."""
-    x = np.asarray(x, np.float64).reshape(np.shape(x)[0], -1)
-    return x.mean(0), np.cov(x, rowvar=False)
-
-
-def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """Frechet distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)``:
-    ``|mu1 - mu2|^2 + tr(cov1 + cov2 - 2 (cov1^{1/2} cov2 cov1^{1/2})^{1/2})``
-    (Dowson & Landau 1982; the FID of Heusel et al. 2017 on Inception features).
-    Symmetric square roots through eigendecompositions, in float64."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    c1, c2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
-
-    def sqrtm_psd(c):
-        w, v = np.linalg.eigh(0.5 * (c + c.T))
-        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-    r1 = sqrtm_psd(c1)
-    mid = sqrtm_psd(r1 @ c2 @ r1)
-    d = float(np.sum((mu1 - mu2) ** 2) + np.trace(c1) + np.trace(c2) - 2.0 * np.trace(mid))
-    return max(d, 0.0)

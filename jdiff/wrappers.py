@@ -11,6 +11,12 @@ returns one, acting on the ``(x0, eps)`` prediction at the boundary.
 
 After thresholding, eps is recomputed from x0 so that ``x = alpha x0 + sigma eps``
 still holds; guidance combines x0 and eps alike, which keeps it too.
+
+Wrappers are values: frozen dataclasses registered as pytrees whose static settings
+(thresholds, quantiles) are metadata and whose arrays (the wrapped denoiser's
+parameters, the guidance scale, the null conditioning) are leaves. Two wrappers built
+with equal settings around equal denoisers are equal and hash alike (the hash covers
+only the static part), and share one compiled sampler.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jdiff._param import Prediction, broadcast_to_x
+from jdiff._param import Prediction, TreeValue, broadcast_to_x, check_cond_batch
 
 __all__ = ["static_threshold", "dynamic_threshold", "guidance"]
 
@@ -32,8 +38,8 @@ def _eps_from_x0(process, x, t, x0):
     return (x - a * x0) / s
 
 
-@dataclasses.dataclass(frozen=True)
-class _Threshold:
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Threshold(TreeValue):
     inner: Any
     kind: str
     lo: float = -1.0
@@ -80,8 +86,8 @@ def dynamic_threshold(denoiser, quantile: float = 0.995, max_value: float = floa
     return _Threshold(denoiser, "dynamic", quantile=float(quantile), max_value=float(max_value))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Guidance:
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Guidance(TreeValue):
     inner: Any
     scale: Any
     null_cond: Any
@@ -94,6 +100,8 @@ class _Guidance:
         if cond is None:
             raise ValueError("guidance needs a conditioning: pass cond= to sample()")
         B = x.shape[0]
+        # checked here, on the caller's batch, not on the doubled batch the model sees
+        check_cond_batch(cond, B, "x", x.shape)
 
         def both(c, n):
             c = jnp.asarray(c)

@@ -138,10 +138,11 @@ def test_conditioning_pytree_reaches_the_denoiser(setup):
 
     def apply(x, t, cond):
         seen.append(jax.tree.structure(cond))
-        return mix.posterior(x, t[0], proc).x0 * cond["scale"] + cond["shift"][None]
+        return mix.posterior(x, t[0], proc).x0 * cond["scale"] + cond["shift"]
 
     den = jdiff.denoiser(apply, proc, "x0")
-    cond = {"scale": jnp.asarray(1.0), "shift": jnp.zeros(3)}
+    # a scalar leaf is shared; arrays with ndim >= 1 are per sample (leading axis = batch)
+    cond = {"scale": jnp.asarray(1.0), "shift": jnp.zeros_like(x_T)}
     out = jdiff.sample(S.ddim(), den, x_T, jdiff.time_grid(proc, 4, dtype=jnp.float64), cond=cond)
     ref = jdiff.sample(S.ddim(), mix.denoiser(proc), x_T, jdiff.time_grid(proc, 4, dtype=jnp.float64))
     np.testing.assert_allclose(out, ref, rtol=1e-12)

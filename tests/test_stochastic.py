@@ -8,7 +8,8 @@ from conftest import stochastic_zoo
 
 import jdiff
 from jdiff import solvers as S
-from jdiff.testbed import frechet_distance, gaussian_stats, random_mixture
+from jdiff.metrics import frechet_distance, gaussian_stats
+from jdiff.testbed import random_mixture
 
 ZOO = stochastic_zoo()
 

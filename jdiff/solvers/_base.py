@@ -1,8 +1,12 @@
 """The solver protocol: optax-style ``(init, step)`` pairs of pure functions.
 
-A solver is a :class:`Solver` NamedTuple. ``state = solver.init(x_T, grid, process,
-key=...)`` builds the scan carry (a :class:`State`) and ``state = solver.step(denoiser,
-state, cond)`` advances it by one grid interval, calling the denoiser one or more times.
+A solver is a *value*: a frozen, hashable dataclass (a subclass of :class:`Solver`)
+whose fields are its settings and whose ``init``/``step``/``nfe``/``num_steps`` are
+methods. Two solvers built with the same settings are equal and hash alike, so the
+compiled sampler (which takes the solver as a static argument) is reused however often
+the solver is rebuilt. ``state = solver.init(x_T, grid, process, key=...)`` builds the
+scan carry (a :class:`State`) and ``state = solver.step(denoiser, state, cond)``
+advances it by one grid interval, calling the denoiser one or more times.
 :func:`jdiff.sample` runs ``step`` under ``lax.scan``, so the compiled program does not
 grow with the number of steps and any grid of the same length reuses it.
 
@@ -15,7 +19,6 @@ grid stays data, so a new grid of the same length reuses the compiled program.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -66,11 +69,15 @@ class State(NamedTuple):
     aux: Any = None
 
 
-class Solver(NamedTuple):
-    """A sampler as pure functions (see module docstring).
+class Solver:
+    """Base class of the solvers: a sampler as pure methods on a settings value.
 
-    Attributes:
-      init: ``(x_T, grid, process, key=None, nfe=None) -> State``.
+    Subclasses are frozen dataclasses (``@dataclasses.dataclass(frozen=True)``) whose
+    fields are the solver's settings, all hashable (numbers, strings, tuples, frozen
+    dataclasses, module-level functions), so equal settings give equal, hashable solvers.
+
+    Methods:
+      init: ``(x_T, grid, process, *, key=None, nfe=None) -> State``.
       step: ``(denoiser, state, cond) -> State``.
       nfe: ``(num_steps, to_data=False, from_noise=False) -> int``: model calls for a
         grid of ``num_steps`` intervals; ``to_data`` says the grid ends where
@@ -78,20 +85,44 @@ class Solver(NamedTuple):
         such steps are first order.
       num_steps: ``(nfe, to_data=False, from_noise=False) -> int``: intervals to spend
         at most ``nfe`` calls.
+
+    Attributes (fields or properties of the subclass):
       order: the solver's order of convergence (deterministic solvers) or strong order.
       stochastic: whether ``init`` needs a PRNG key.
-      name: a short description.
+      name: the canonical name in :func:`jdiff.solvers.get`'s registry (settings the
+        short name does not carry follow in parentheses, e.g. ``"dpm++2m(solver_type=heun)"``),
+        so ``jdiff.solvers.get(solver.name) == solver``.
       min_steps: the fewest grid intervals the solver accepts.
     """
 
-    init: Callable
-    step: Callable
-    nfe: Callable
-    num_steps: Callable
-    order: int
-    stochastic: bool
-    name: str
-    min_steps: int = 1
+    stochastic = False
+    min_steps = 1
+
+    def init(self, x_T, grid, process, *, key=None, nfe=None) -> State:
+        raise NotImplementedError
+
+    def step(self, denoiser, state: State, cond=None) -> State:
+        raise NotImplementedError
+
+    def nfe(self, num_steps, to_data=False, from_noise=False) -> int:
+        """One model call per step (override for solvers that make more)."""
+        return num_steps
+
+    def num_steps(self, nfe, to_data=False, from_noise=False) -> int:
+        return nfe
+
+
+def settings_name(base: str, **settings) -> str:
+    """``base`` followed by ``(key=value, ...)`` for the given non-default settings, in a
+    form :func:`jdiff.solvers.get` parses back (strings unquoted, floats exact)."""
+    if not settings:
+        return base
+    return f"{base}({', '.join(f'{k}={v}' for k, v in settings.items())})"
+
+
+def check_key(solver, key):
+    if solver.stochastic and key is None:
+        raise ValueError(f"{solver.name} is stochastic: pass a PRNG key")
 
 
 def compute_dtype(x):

@@ -14,6 +14,8 @@ log-SNRs are the grid's, every coefficient is computed in ``init`` for all steps
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from jdiff._core import ei_coefficients
 from jdiff.solvers._base import (
     Solver,
+    check_key,
     empty_state,
     evaluate,
     geometry_at,
@@ -32,7 +35,7 @@ from jdiff.solvers._base import (
     step_noise,
 )
 
-__all__ = ["multistep"]
+__all__ = ["Multistep", "multistep"]
 
 
 class _Table(NamedTuple):
@@ -52,60 +55,73 @@ def _check_order(order, allowed, name):
         raise ValueError(f"{name} supports order in {tuple(allowed)}, got {order!r}")
 
 
-def multistep(
-    order: int,
-    *,
-    mode: str,
-    coef: str = "exact",
-    corrector: str | None = None,
-    lower_order_final: bool = True,
-    weights=None,
-    name: str = "multistep",
-    max_order: int = 3,
-) -> Solver:
-    """Build a multistep exponential-integrator solver.
+@dataclasses.dataclass(frozen=True)
+class Multistep(Solver):
+    """A multistep exponential-integrator solver (one model call per step).
 
-    Args:
+    Attributes:
       order: polynomial order of the predictor (1 to ``max_order``).
       mode: ``"data"`` (x0 prediction), ``"noise"`` (eps prediction) or ``"sde_data"``
         (SDE-DPM-Solver++; stochastic).
       coef: coefficient variant for the predictor (``"exact"``, ``"bh1"``, ``"bh2"``).
       corrector: None, or the coefficient variant of a UniC corrector.
       lower_order_final: lower the order on the last steps of grids shorter than 15.
-      weights: optional ``(process, geometry, lam_nodes, q) -> w`` replacing the
-        closed-form node weights (tAB-DEIS).
+      weights: None, or a hashable ``(process, geometry, lam_nodes, q) -> w`` replacing
+        the closed-form node weights (tAB-DEIS: a module-level function or a frozen
+        dataclass, so that equal settings stay equal).
+      name: the registry name (set by the family's factory).
+      max_order: the largest order the family supports.
+      min_steps: the fewest grid intervals accepted.
     """
-    _check_order(order, range(1, max_order + 1), name)
-    K = order  # history: the current output and order - 1 past ones
-    stochastic = mode == "sde_data"
-    use_corr = corrector is not None
 
-    def _coefs(process, g, lam_nodes, q, variant, custom=False):
+    order: int
+    mode: str
+    coef: str = "exact"
+    corrector: str | None = None
+    lower_order_final: bool = True
+    weights: Callable | None = None
+    name: str = "multistep"
+    max_order: int = 3
+    min_steps: int = 1
+
+    def __post_init__(self):
+        _check_order(self.order, range(1, self.max_order + 1), self.name)
+        if self.mode not in ("data", "noise", "sde_data"):
+            raise ValueError(f"unknown multistep mode {self.mode!r}")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.mode == "sde_data"
+
+    def _coefs(self, process, g, lam_nodes, q, variant, custom=False):
         if lam_nodes.shape[0] == 0:
-            return ei_coefficients(g, mode=mode, K=0)
+            return ei_coefficients(g, mode=self.mode, K=0)
         r = (lam_nodes - g.lam_s) / g.h_safe
         if custom:
-            return ei_coefficients(g, r, q, mode=mode, w=weights(process, g, lam_nodes, q))
-        return ei_coefficients(g, r, q, mode=mode, coef=variant)
+            return ei_coefficients(g, r, q, mode=self.mode, w=self.weights(process, g, lam_nodes, q))
+        return ei_coefficients(g, r, q, mode=self.mode, coef=variant)
 
-    def table(process, grid) -> _Table:
+    def table(self, process, grid) -> _Table:
+        order, K, corrector = self.order, self.order, self.corrector
+        use_corr = corrector is not None
         N = grid.shape[0] - 1
         gc = grid_curves(process, grid)
 
         def order_at(i):
-            return multistep_order(gc.lam, i, order, N, lower_order_final)
+            return multistep_order(gc.lam, i, order, N, self.lower_order_final)
 
         def one(i):
             g = geometry_at(gc.steps, i)
             p = order_at(i)
-            pred = _coefs(process, g, history_lambdas(gc.lam, i, K)[1:], p - 1, coef, custom=weights is not None)
+            nodes = history_lambdas(gc.lam, i, K)[1:]
+            pred = self._coefs(process, g, nodes, p - 1, self.coef, custom=self.weights is not None)
             noise = g.sigma_t * jnp.sqrt(-jnp.expm1(-2.0 * jnp.where(g.finite, g.h, jnp.inf)))
             if use_corr:
                 ip = jnp.maximum(i - 1, 0)
                 gp = geometry_at(gc.steps, ip)
                 old = history_lambdas(gc.lam, ip, K)[1:]
                 nodes = jnp.concatenate([jnp.reshape(gc.lam[i], (1,)), old])
-                corr = _coefs(process, gp, nodes, order_at(ip), corrector)
+                corr = self._coefs(process, gp, nodes, order_at(ip), corrector)
                 # entries [m_{i-1}, m_i (new), m_{i-2}, ..., m_{i-K}]
                 corr_old = jnp.concatenate([corr.cm[:1], corr.cm[2:]])
                 corr_new = corr.cm[1]
@@ -131,35 +147,51 @@ def multistep(
         cm = jnp.zeros_like(cm).at[idx[:, None], slots].set(cm)
         return _Table(pred.cx, cm, pred.cx0, noise, p)
 
-    def init(x_T, grid, process, *, key=None, nfe=None):
+    def init(self, x_T, grid, process, *, key=None, nfe=None):
         del nfe
-        if stochastic and key is None:
-            raise ValueError(f"{name} is stochastic: pass a PRNG key")
+        check_key(self, key)
         # UniC's oldest node m_{i-K} must survive the push: one more slot
-        state = empty_state(x_T, grid, hist_size=K + int(use_corr), key=key if stochastic else None)
-        return state._replace(aux=table(process, state.grid))
+        hist_size = self.order + int(self.corrector is not None)
+        state = empty_state(x_T, grid, hist_size=hist_size, key=key if self.stochastic else None)
+        return state._replace(aux=self.table(process, state.grid))
 
-    def step(denoiser, state, cond=None):
+    def step(self, denoiser, state, cond=None):
         x, i = state.x, state.i
         c = row(state.aux, i)
         pred = evaluate(denoiser, x, state.grid[i], cond)
-        m = pred.eps if mode == "noise" else pred.x0
+        m = pred.eps if self.mode == "noise" else pred.x0
         dt = x.dtype
         # write first, then read only the updated buffer: XLA then updates it in place
         hist = jax.lax.dynamic_update_index_in_dim(state.hist, m.astype(state.hist.dtype), i % state.hist.shape[0], 0)
         x_next = c.cx.astype(dt) * x + c.cx0.astype(dt) * pred.x0
         for k in range(hist.shape[0]):
             x_next = x_next + c.cm[k].astype(dt) * hist[k]
-        if stochastic:
+        if self.stochastic:
             x_next = x_next + c.noise.astype(x.dtype) * step_noise(state)
         return state._replace(x=x_next, i=i + 1, pred=pred, hist=hist, nfe=state.nfe + 1)
 
-    def nfe(num_steps, to_data=False, from_noise=False):
-        return num_steps
 
-    def num_steps(nfe, to_data=False, from_noise=False):
-        return nfe
-
-    return Solver(
-        init=init, step=step, nfe=nfe, num_steps=num_steps, order=order, stochastic=stochastic, name=name, min_steps=1
+def multistep(
+    order: int,
+    *,
+    mode: str,
+    coef: str = "exact",
+    corrector: str | None = None,
+    lower_order_final: bool = True,
+    weights=None,
+    name: str = "multistep",
+    max_order: int = 3,
+    min_steps: int = 1,
+) -> Multistep:
+    """Build a :class:`Multistep` solver (see its attributes)."""
+    return Multistep(
+        order=order,
+        mode=mode,
+        coef=coef,
+        corrector=corrector,
+        lower_order_final=lower_order_final,
+        weights=weights,
+        name=name,
+        max_order=max_order,
+        min_steps=min_steps,
     )

@@ -9,11 +9,15 @@ settings are keyword arguments of the solver's factory::
     get("ddim", eta=0.5)
 
 ``names()`` lists every canonical name. A factory's own name (``"dpm_solver_pp"``)
-is accepted too, with its settings as keywords.
+is accepted too, with its settings as keywords. Settings may also follow the name in
+parentheses, ``get("dpm++2m(solver_type=heun)")``; that is how ``solver.name`` spells
+settings the short name does not carry, so ``get(solver.name) == solver`` for every
+solver the factories build.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 
 from jdiff.solvers.ddim import ddim, ddpm
@@ -88,6 +92,7 @@ def get(name: str, **settings):
     to its factory. Settings may not contradict the name."""
     if not isinstance(name, str):
         raise TypeError(f"a solver name must be a string, got {type(name).__name__}")
+    name, settings = _split_settings(name, settings)
     key = name.strip().lower().replace("_pp", "++") if name not in FACTORIES else name
     if name in FACTORIES:
         factory, fixed = FACTORIES[name], {}
@@ -103,3 +108,24 @@ def get(name: str, **settings):
         return factory(**(fixed | settings))
     except TypeError as e:
         raise TypeError(f"solver {name!r}: {e}") from None
+
+
+def _split_settings(name: str, settings: dict):
+    """``"base(k=v, ...)"`` -> ``("base", settings | {k: v})``; values are Python
+    literals, or plain strings when they are not."""
+    m = re.fullmatch(r"\s*([^()]+?)\s*\((.*)\)\s*", name)
+    if m is None:
+        return name, settings
+    parsed = {}
+    for item in filter(None, (p.strip() for p in m[2].split(","))):
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip().isidentifier():
+            raise ValueError(f"solver {name!r}: settings in parentheses must read key=value, got {item!r}")
+        try:
+            parsed[k.strip()] = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):
+            parsed[k.strip()] = v.strip()
+    clash = {k for k in parsed if k in settings and settings[k] != parsed[k]}
+    if clash:
+        raise ValueError(f"solver {name!r} fixes {', '.join(sorted(clash))}; do not pass a different value")
+    return m[1], parsed | settings

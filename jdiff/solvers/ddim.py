@@ -10,14 +10,15 @@ DPM-Solver++(1).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jdiff.solvers._base import Solver, empty_state, evaluate, grid_curves, row, step_noise
+from jdiff.solvers._base import Solver, check_key, empty_state, evaluate, grid_curves, row, settings_name, step_noise
 
-__all__ = ["ddim", "ddpm"]
+__all__ = ["DDIM", "ddim", "ddpm"]
 
 
 class _Table(NamedTuple):
@@ -26,44 +27,52 @@ class _Table(NamedTuple):
     c: jax.Array  # noise scale
 
 
-def ddim(eta: float = 0.0) -> Solver:
+@dataclasses.dataclass(frozen=True)
+class DDIM(Solver):
     """DDIM with stochasticity ``eta`` in [0, 1] (``eta > 0`` needs a PRNG key)."""
-    if not 0.0 <= float(eta) <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta}")
-    stochastic = float(eta) > 0.0
-    name = "ddim" if not stochastic else f"ddim(eta={eta:g})"
 
-    def init(x_T, grid, process, *, key=None, nfe=None):
+    eta: float = 0.0
+
+    order = 1
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.eta) <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        object.__setattr__(self, "eta", float(self.eta))
+
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0.0
+
+    @property
+    def name(self) -> str:
+        return {0.0: "ddim", 1.0: "ddpm"}.get(self.eta) or settings_name("ddim", eta=self.eta)
+
+    def init(self, x_T, grid, process, *, key=None, nfe=None):
         del nfe
-        if stochastic and key is None:
-            raise ValueError(f"{name} is stochastic: pass a PRNG key")
-        state = empty_state(x_T, grid, key=key if stochastic else None)
+        check_key(self, key)
+        state = empty_state(x_T, grid, key=key if self.stochastic else None)
         g = grid_curves(process, state.grid).steps
         one_m = -jnp.expm1(-2.0 * jnp.where(g.finite, g.h, jnp.inf))  # 1 - e^{-2h}
-        c = eta * g.sigma_t * jnp.sqrt(one_m)
-        keep = g.sigma_t * jnp.sqrt(jnp.maximum(1.0 - eta**2 * one_m, 0.0))
+        c = self.eta * g.sigma_t * jnp.sqrt(one_m)
+        keep = g.sigma_t * jnp.sqrt(jnp.maximum(1.0 - self.eta**2 * one_m, 0.0))
         return state._replace(aux=_Table(g.alpha_t, keep, c))
 
-    def step(denoiser, state, cond=None):
+    def step(self, denoiser, state, cond=None):
         x = state.x
         c = row(state.aux, state.i)
         pred = evaluate(denoiser, x, state.grid[state.i], cond)
         x_next = c.a * pred.x0 + c.keep * pred.eps
-        if stochastic:
+        if self.stochastic:
             x_next = x_next + c.c * step_noise(state)
         return state._replace(x=x_next.astype(x.dtype), i=state.i + 1, pred=pred, nfe=state.nfe + 1)
 
-    return Solver(
-        init=init,
-        step=step,
-        nfe=lambda n, to_data=False, from_noise=False: n,
-        num_steps=lambda k, to_data=False, from_noise=False: k,
-        order=1,
-        stochastic=stochastic,
-        name=name,
-    )
+
+def ddim(eta: float = 0.0) -> DDIM:
+    """DDIM with stochasticity ``eta`` in [0, 1] (``eta > 0`` needs a PRNG key)."""
+    return DDIM(eta)
 
 
-def ddpm() -> Solver:
+def ddpm() -> DDIM:
     """DDPM ancestral sampling (Ho et al., NeurIPS 2020): DDIM with ``eta = 1``."""
-    return ddim(eta=1.0)
+    return DDIM(1.0)

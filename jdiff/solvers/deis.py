@@ -15,13 +15,15 @@ with ``rho = sigma / alpha``. DEIS fits the Lagrange polynomial through the curr
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff.solvers._base import Solver
-from jdiff.solvers._multistep import multistep
+from jdiff.solvers._base import settings_name
+from jdiff.solvers._multistep import Multistep, multistep
 
-__all__ = ["deis", "lagrange_quadrature_weights", "quadrature_weights_fn"]
+__all__ = ["deis", "lagrange_quadrature_weights", "quadrature_weights_fn", "QuadratureWeights"]
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(16)
 _GL_X = 0.5 * (_GL_X + 1.0)  # nodes on [0, 1]
@@ -56,35 +58,42 @@ def lagrange_quadrature_weights(tau_fn, g, lam_nodes, q, dtype=None):
     return jnp.where(active, jnp.stack(weights), 0.0)
 
 
-def quadrature_weights_fn(basis: str):
-    """The ``weights`` hook of :func:`jdiff.solvers._multistep.multistep` for a
-    Lagrange basis in ``"t"`` or ``"rho"``."""
+@dataclasses.dataclass(frozen=True)
+class QuadratureWeights:
+    """The ``weights`` setting of :class:`jdiff.solvers._multistep.Multistep` for a
+    Lagrange basis in ``"t"`` or ``"rho"``: a hashable value, so that two DEIS solvers
+    with the same basis are equal."""
 
-    def weights(process, g, lam_nodes, q):
-        if basis == "t":
-            tau_fn = process.t_of_lambda
-        else:
+    basis: str
 
-            def tau_fn(lam):
-                return jnp.exp(-lam)
-
+    def __call__(self, process, g, lam_nodes, q):
+        tau_fn = process.t_of_lambda if self.basis == "t" else _rho_of_lambda
         return lagrange_quadrature_weights(tau_fn, g, lam_nodes, jnp.where(g.finite, q, 0))
 
-    return weights
+
+def _rho_of_lambda(lam):
+    return jnp.exp(-lam)
 
 
-def deis(order: int = 3, *, basis: str = "t", lower_order_final: bool = True) -> Solver:
-    """DEIS of ``order`` 1-3 (one model call per step). See the module docstring."""
-    if basis == "log_rho":
-        return multistep(
-            order, mode="noise", coef="exact", lower_order_final=lower_order_final, name=f"deis-{order}(log_rho)"
-        )
+def quadrature_weights_fn(basis: str) -> QuadratureWeights:
+    """The ``weights`` hook of :func:`jdiff.solvers._multistep.multistep` for a
+    Lagrange basis in ``"t"`` or ``"rho"``."""
     if basis not in ("t", "rho"):
+        raise ValueError(f"unknown quadrature basis {basis!r}; expected 't' or 'rho'")
+    return QuadratureWeights(basis)
+
+
+def deis(order: int = 3, *, basis: str = "t", lower_order_final: bool = True) -> Multistep:
+    """DEIS of ``order`` 1-3 (one model call per step). See the module docstring."""
+    if basis not in ("t", "rho", "log_rho"):
         raise ValueError(f"unknown DEIS basis {basis!r}; expected 't', 'rho' or 'log_rho'")
+    base = f"deis{order}" + ("" if basis == "t" else f"-{basis}")
+    name = settings_name(base, **({} if lower_order_final else {"lower_order_final": False}))
     return multistep(
         order,
         mode="noise",
-        weights=quadrature_weights_fn(basis),
+        coef="exact",
+        weights=None if basis == "log_rho" else QuadratureWeights(basis),
         lower_order_final=lower_order_final,
-        name=f"deis-{order}({basis})",
+        name=name,
     )

@@ -17,6 +17,7 @@ form; ``"heun"`` uses the exact ``phi_2`` coefficient. Both reduce to the core i
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -32,11 +33,12 @@ from jdiff.solvers._base import (
     infinite_steps,
     order_schedule,
     row,
+    settings_name,
     traced_order_schedule,
 )
 from jdiff.solvers._multistep import multistep
 
-__all__ = ["dpm_solver", "dpm_solver_pp", "sde_dpm_solver_pp"]
+__all__ = ["Singlestep", "dpm_solver", "dpm_solver_pp", "sde_dpm_solver_pp"]
 
 _TYPES = {"midpoint": "bh2", "heun": "exact"}
 
@@ -54,14 +56,37 @@ class _SingleTable(NamedTuple):
     c: tuple  # per order k, the EICoef of its stages
 
 
-def _singlestep(order: int, mode: str, coef: str, lower_order_final: bool, name: str) -> Solver:
-    if order not in (1, 2, 3):
-        raise ValueError(f"{name} supports order 1, 2 or 3, got {order!r}")
+@dataclasses.dataclass(frozen=True)
+class Singlestep(Solver):
+    """Singlestep DPM-Solver(++) of ``order`` 1-3: ``order`` model calls per step (fewer
+    on steps lowered to spend an NFE target, and on infinite steps).
 
-    def table(process, grid, nfe):
+    Attributes:
+      order: 1, 2 or 3.
+      mode: ``"noise"`` (DPM-Solver) or ``"data"`` (DPM-Solver++).
+      coef: the order-2 difference coefficient (``"bh2"``: midpoint, ``"exact"``: heun).
+      lower_order_final: lower the final orders when no NFE target fixes them.
+      name: the registry name (set by the factory).
+    """
+
+    order: int
+    mode: str
+    coef: str = "bh2"
+    lower_order_final: bool = True
+    name: str = "singlestep"
+
+    def __post_init__(self):
+        if self.order not in (1, 2, 3):
+            raise ValueError(f"{self.name} supports order 1, 2 or 3, got {self.order!r}")
+
+    def table(self, process, grid, nfe):
+        mode, coef, order = self.mode, self.coef, self.order
         gc = grid_curves(process, grid)
         N = grid.shape[0] - 1
-        orders = traced_order_schedule(order, gc.steps.finite, nfe, lower_order_final=lower_order_final)
+        orders = traced_order_schedule(order, gc.steps.finite, nfe, lower_order_final=self.lower_order_final)
+
+        def one_node(gg, r, variant):
+            return ei_coefficients(gg, jnp.full((1,), r, grid.dtype), 1, mode=mode, coef=variant)
 
         def one(i):
             s = grid[i]
@@ -71,13 +96,6 @@ def _singlestep(order: int, mode: str, coef: str, lower_order_final: bool, name:
                 t_r = process.t_of_lambda(g.lam_s + r * g.h_safe).astype(grid.dtype)
                 return t_r, geometry(process, s, t_r, grid.dtype)
 
-            one_node = lambda gg, r, variant: ei_coefficients(
-                gg,
-                jnp.full((1,), r, grid.dtype),
-                1,
-                mode=mode,  # noqa
-                coef=variant,
-            )
             stages = [(ei_coefficients(g, mode=mode, K=0),)]
             t_mid, ga = sub(0.5)
             stages.append((ei_coefficients(ga, mode=mode, K=0), one_node(g, 0.5, coef)))
@@ -90,20 +108,22 @@ def _singlestep(order: int, mode: str, coef: str, lower_order_final: bool, name:
 
         return jax.vmap(one)(jnp.arange(N))
 
-    def init(x_T, grid, process, *, key=None, nfe=None):
+    def init(self, x_T, grid, process, *, key=None, nfe=None):
         del key
         state = empty_state(x_T, grid)
         n = state.grid.shape[0] - 1
         # validate the target on a concrete grid (raises a clear error); the schedule
         # itself is computed from the (possibly traced) grid in the table
-        order_schedule(order, n, nfe, lower_order_final=lower_order_final, forced=infinite_steps(process, grid))
-        return state._replace(aux=table(process, state.grid, nfe))
+        order_schedule(
+            self.order, n, nfe, lower_order_final=self.lower_order_final, forced=infinite_steps(process, grid)
+        )
+        return state._replace(aux=self.table(process, state.grid, nfe))
 
-    def step(denoiser, state, cond=None):
+    def step(self, denoiser, state, cond=None):
         x = state.x
         tab = row(state.aux, state.i)
         pred = evaluate(denoiser, x, state.grid[state.i], cond)
-        pick = (lambda p: p.eps) if mode == "noise" else (lambda p: p.x0)
+        pick = (lambda p: p.eps) if self.mode == "noise" else (lambda p: p.x0)
         m = pick(pred)
 
         def o1():
@@ -124,32 +144,25 @@ def _singlestep(order: int, mode: str, coef: str, lower_order_final: bool, name:
             m2 = pick(evaluate(denoiser, u2, tab.times[1], cond))
             return ei_apply(cc, x, [m, m2], pred.x0), jnp.int32(2)
 
-        if order == 1:
+        if self.order == 1:
             x_next, extra = o1()
         else:
-            x_next, extra = jax.lax.switch(tab.order - 1, [o1, o2, o3][:order])
+            x_next, extra = jax.lax.switch(tab.order - 1, [o1, o2, o3][: self.order])
         return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1 + extra)
 
-    def _forced(num_steps, to_data, from_noise):
-        return ([0] if from_noise else []) + ([num_steps - 1] if to_data else [])
+    def nfe(self, num_steps, to_data=False, from_noise=False):
+        forced = ([0] if from_noise else []) + ([num_steps - 1] if to_data else [])
+        return sum(order_schedule(self.order, num_steps, None, lower_order_final=self.lower_order_final, forced=forced))
 
-    def nfe(num_steps, to_data=False, from_noise=False):
-        return sum(
-            order_schedule(
-                order,
-                num_steps,
-                None,
-                lower_order_final=lower_order_final,
-                forced=_forced(num_steps, to_data, from_noise),
-            )
-        )
-
-    def num_steps(nfe, to_data=False, from_noise=False):
+    def num_steps(self, nfe, to_data=False, from_noise=False):
         f = int(to_data) + int(from_noise)
-        return f + max(1, -(-(nfe - f) // order)) if nfe > f else max(nfe, 1)
+        return f + max(1, -(-(nfe - f) // self.order)) if nfe > f else max(nfe, 1)
 
-    return Solver(
-        init=init, step=step, nfe=nfe, num_steps=num_steps, order=order, stochastic=False, name=name, min_steps=1
+
+def _extra(solver_type, lower_order_final):
+    """The settings a registry name does not carry, when not at their defaults."""
+    return ({} if solver_type == "midpoint" else {"solver_type": solver_type}) | (
+        {} if lower_order_final else {"lower_order_final": False}
     )
 
 
@@ -167,12 +180,12 @@ def dpm_solver(
         singlestep, only when no target NFE fixes the orders.
     """
     coef = _solver_type(solver_type)
+    extra = _extra(solver_type, lower_order_final)
     if method == "singlestep":
-        return _singlestep(order, "noise", coef, lower_order_final, f"dpm_solver-{order}")
+        return Singlestep(order, "noise", coef, lower_order_final, settings_name(f"dpm{order}", **extra))
     if method == "multistep":
-        return multistep(
-            order, mode="noise", coef=coef, lower_order_final=lower_order_final, name=f"dpm_solver-{order}M"
-        )
+        name = settings_name(f"dpm{order}m", **extra)
+        return multistep(order, mode="noise", coef=coef, lower_order_final=lower_order_final, name=name)
     raise ValueError(f"unknown method {method!r}; expected 'singlestep' or 'multistep'")
 
 
@@ -182,12 +195,12 @@ def dpm_solver_pp(
     """DPM-Solver++ with data prediction: ``(2M)``/``(3M)`` for ``method="multistep"``
     (the default, as in diffusers) and ``(2S)``/3S for ``"singlestep"``."""
     coef = _solver_type(solver_type)
+    extra = _extra(solver_type, lower_order_final)
     if method == "multistep":
-        return multistep(
-            order, mode="data", coef=coef, lower_order_final=lower_order_final, name=f"dpm_solver++({order}M)"
-        )
+        name = settings_name(f"dpm++{order}m", **extra)
+        return multistep(order, mode="data", coef=coef, lower_order_final=lower_order_final, name=name)
     if method == "singlestep":
-        return _singlestep(order, "data", coef, lower_order_final, f"dpm_solver++({order}S)")
+        return Singlestep(order, "data", coef, lower_order_final, settings_name(f"dpm++{order}s", **extra))
     raise ValueError(f"unknown method {method!r}; expected 'singlestep' or 'multistep'")
 
 
@@ -199,6 +212,6 @@ def sde_dpm_solver_pp(order: int = 2, *, solver_type: str = "midpoint", lower_or
         mode="sde_data",
         coef=_solver_type(solver_type),
         lower_order_final=lower_order_final,
-        name=f"sde_dpm_solver++({order}M)",
+        name=settings_name(f"sde-dpm++{order}" + ("m" if order == 2 else ""), **_extra(solver_type, lower_order_final)),
         max_order=2,
     )

@@ -18,15 +18,16 @@ with infinite log-SNR increment (see :mod:`jdiff._core`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jdiff._core import EICoef, ei_apply, ei_coefficients
-from jdiff.solvers._base import Solver, empty_state, evaluate, grid_curves, row, step_noise
+from jdiff.solvers._base import Solver, check_key, empty_state, evaluate, grid_curves, row, step_noise
 
-__all__ = ["euler", "heun", "euler_maruyama"]
+__all__ = ["Euler", "Heun", "EulerMaruyama", "euler", "heun", "euler_maruyama"]
 
 
 class _TTable(NamedTuple):
@@ -62,61 +63,62 @@ def _t_table(process, grid):
     )
 
 
-def _counts(two_calls, rho=False):
-    """(nfe, num_steps) of Euler (one call per step) or Heun (two, one on a step into
-    sigma = 0 and, in rho, out of alpha = 0)."""
-    if not two_calls:
-        return (lambda n, to_data=False, from_noise=False: n), (lambda k, to_data=False, from_noise=False: k)
-
-    def single(to_data, from_noise):
-        return int(to_data) + int(from_noise and rho)
-
-    def nfe(n, to_data=False, from_noise=False):
-        return 2 * n - min(n, single(to_data, from_noise))
-
-    def num_steps(k, to_data=False, from_noise=False):
-        return max(1, (k + single(to_data, from_noise)) // 2)
-
-    return nfe, num_steps
-
-
-def euler(time: str = "t") -> Solver:
+@dataclasses.dataclass(frozen=True)
+class Euler(Solver):
     """Euler's method on the probability-flow ODE (first order, one call per step)."""
-    _check_time(time)
 
-    def init(x_T, grid, process, *, key=None, nfe=None):
+    time: str = "t"
+
+    order = 1
+
+    def __post_init__(self):
+        _check_time(self.time)
+
+    @property
+    def name(self) -> str:
+        return "euler" if self.time == "t" else f"euler-{self.time}"
+
+    def init(self, x_T, grid, process, *, key=None, nfe=None):
         state = empty_state(x_T, grid)
         return state._replace(aux=_t_table(process, state.grid))
 
-    def step(denoiser, state, cond=None):
+    def step(self, denoiser, state, cond=None):
         x = state.x
         c = row(state.aux, state.i)
         pred = evaluate(denoiser, x, state.grid[state.i], cond)
-        if time == "t":
+        if self.time == "t":
             x_next = x + c.dt * (c.da_s * pred.x0 + c.ds_s * pred.eps)
         else:
             x_next = ei_apply(c.first, x, [pred.eps], pred.x0)
         return state._replace(x=x_next.astype(x.dtype), i=state.i + 1, pred=pred, nfe=state.nfe + 1)
 
-    nfe, num_steps = _counts(False)
-    return Solver(init=init, step=step, nfe=nfe, num_steps=num_steps, order=1, stochastic=False, name=f"euler({time})")
 
-
-def heun(time: str = "t") -> Solver:
+@dataclasses.dataclass(frozen=True)
+class Heun(Solver):
     """Heun's second-order method (EDM's deterministic sampler): two calls per step, one
-    on a step into ``sigma = 0``."""
-    _check_time(time)
+    on a step into ``sigma = 0`` (and, in rho, out of ``alpha = 0``)."""
 
-    def init(x_T, grid, process, *, key=None, nfe=None):
+    time: str = "t"
+
+    order = 2
+
+    def __post_init__(self):
+        _check_time(self.time)
+
+    @property
+    def name(self) -> str:
+        return "heun" if self.time == "t" else f"heun-{self.time}"
+
+    def init(self, x_T, grid, process, *, key=None, nfe=None):
         state = empty_state(x_T, grid)
         return state._replace(aux=_t_table(process, state.grid))
 
-    def step(denoiser, state, cond=None):
+    def step(self, denoiser, state, cond=None):
         x = state.x
         c = row(state.aux, state.i)
         t = state.grid[state.i + 1]
         pred = evaluate(denoiser, x, state.grid[state.i], cond)
-        if time == "t":
+        if self.time == "t":
             d_s = c.da_s * pred.x0 + c.ds_s * pred.eps
             x_e = x + c.dt * d_s
 
@@ -145,8 +147,25 @@ def heun(time: str = "t") -> Solver:
         x_next, extra = jax.lax.cond(do_correct, correct, final)
         return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1 + extra)
 
-    nfe, num_steps = _counts(True, rho=time == "rho")
-    return Solver(init=init, step=step, nfe=nfe, num_steps=num_steps, order=2, stochastic=False, name=f"heun({time})")
+    def _single(self, to_data, from_noise):
+        return int(to_data) + int(from_noise and self.time == "rho")
+
+    def nfe(self, num_steps, to_data=False, from_noise=False):
+        return 2 * num_steps - min(num_steps, self._single(to_data, from_noise))
+
+    def num_steps(self, nfe, to_data=False, from_noise=False):
+        return max(1, (nfe + self._single(to_data, from_noise)) // 2)
+
+
+def euler(time: str = "t") -> Euler:
+    """Euler's method on the probability-flow ODE (first order, one call per step)."""
+    return Euler(time)
+
+
+def heun(time: str = "t") -> Heun:
+    """Heun's second-order method (EDM's deterministic sampler): two calls per step, one
+    on a step into ``sigma = 0``."""
+    return Heun(time)
 
 
 class _EMTable(NamedTuple):
@@ -159,7 +178,8 @@ class _EMTable(NamedTuple):
     limit_noise: jax.Array
 
 
-def euler_maruyama() -> Solver:
+@dataclasses.dataclass(frozen=True)
+class EulerMaruyama(Solver):
     """Euler-Maruyama on the reverse-time SDE ``dx = [f x - g^2 score] dt + g dW``
     (Anderson 1982; Song et al., ICLR 2021), with ``f = d log alpha/dt``,
     ``g^2 = -2 sigma^2 d lambda/dt`` and ``score = -eps / sigma``. Strong order 1/2.
@@ -169,9 +189,12 @@ def euler_maruyama() -> Solver:
     processes are finite and the last step into the data adds no noise.
     """
 
-    def init(x_T, grid, process, *, key=None, nfe=None):
-        if key is None:
-            raise ValueError("euler_maruyama is stochastic: pass a PRNG key")
+    order = 1
+    stochastic = True
+    name = "euler-maruyama"
+
+    def init(self, x_T, grid, process, *, key=None, nfe=None):
+        check_key(self, key)
         state = empty_state(x_T, grid, key=key)
         grid = state.grid
         g = grid_curves(process, grid).steps
@@ -190,7 +213,7 @@ def euler_maruyama() -> Solver:
         )
         return state._replace(aux=tab)
 
-    def step(denoiser, state, cond=None):
+    def step(self, denoiser, state, cond=None):
         x = state.x
         c = row(state.aux, state.i)
         pred = evaluate(denoiser, x, state.grid[state.i], cond)
@@ -200,12 +223,7 @@ def euler_maruyama() -> Solver:
         x_next = jnp.where(c.finite, x_em, x_lim).astype(x.dtype)
         return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1)
 
-    return Solver(
-        init=init,
-        step=step,
-        nfe=lambda n, to_data=False, from_noise=False: n,
-        num_steps=lambda k, to_data=False, from_noise=False: k,
-        order=1,
-        stochastic=True,
-        name="euler_maruyama",
-    )
+
+def euler_maruyama() -> EulerMaruyama:
+    """Euler-Maruyama on the reverse-time SDE (see :class:`EulerMaruyama`)."""
+    return EulerMaruyama()

@@ -14,6 +14,8 @@ which keep order k on any grid.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -26,9 +28,10 @@ from jdiff.solvers._base import (
     grid_curves,
     multistep_order,
     row,
+    settings_name,
 )
 
-__all__ = ["ipndm"]
+__all__ = ["IPNDM", "ipndm"]
 
 _AB = {
     1: (1.0,),
@@ -38,34 +41,35 @@ _AB = {
 }
 
 
-def ipndm(order: int = 4, *, variable_step: bool = False, lower_order_final: bool = False) -> Solver:
-    """iPNDM of ``order`` 1-4 (one model call per step); see the module docstring."""
-    if order not in _AB:
-        raise ValueError(f"ipndm supports order 1 to 4, got {order!r}")
-    if variable_step:
-        from jdiff.solvers._multistep import multistep
-        from jdiff.solvers.deis import quadrature_weights_fn
+@dataclasses.dataclass(frozen=True)
+class IPNDM(Solver):
+    """iPNDM of ``order`` 1-4 with the fixed-step Adams-Bashforth coefficients."""
 
-        s = multistep(
-            order,
-            mode="noise",
-            weights=quadrature_weights_fn("rho"),
-            lower_order_final=lower_order_final,
-            name=f"ipndm_v-{order}",
-            max_order=4,
-        )
-        return s._replace(min_steps=order)
-    K = order
-    ab = jnp.asarray([list(_AB[k]) + [0.0] * (K - k) for k in range(1, K + 1)])  # (K, K)
+    order: int = 4
+    lower_order_final: bool = False
 
-    def init(x_T, grid, process, *, key=None, nfe=None):
+    def __post_init__(self):
+        if self.order not in _AB:
+            raise ValueError(f"ipndm supports order 1 to 4, got {self.order!r}")
+
+    @property
+    def name(self) -> str:
+        return settings_name(f"ipndm{self.order}", **({"lower_order_final": True} if self.lower_order_final else {}))
+
+    @property
+    def min_steps(self) -> int:
+        return self.order
+
+    def init(self, x_T, grid, process, *, key=None, nfe=None):
+        K = self.order
+        ab = jnp.asarray([list(_AB[k]) + [0.0] * (K - k) for k in range(1, K + 1)])  # (K, K)
         state = empty_state(x_T, grid, hist_size=K)
         grid = state.grid
         N = grid.shape[0] - 1
         gc = grid_curves(process, grid)
 
         def one(i):
-            p = multistep_order(gc.lam, i, order, N, lower_order_final)
+            p = multistep_order(gc.lam, i, self.order, N, self.lower_order_final)
             first = ei_coefficients(geometry_at(gc.steps, i), mode="noise", K=0)
             # ring buffer: eps_{i-j} lives in slot (i - j) % K
             by_slot = jnp.zeros(K, grid.dtype).at[(i - jnp.arange(K)) % K].set(ab.astype(grid.dtype)[p - 1])
@@ -73,7 +77,8 @@ def ipndm(order: int = 4, *, variable_step: bool = False, lower_order_final: boo
 
         return state._replace(aux=jax.vmap(one)(jnp.arange(N)))
 
-    def step(denoiser, state, cond=None):
+    def step(self, denoiser, state, cond=None):
+        K = self.order
         x = state.x
         coeffs, first = row(state.aux, state.i)
         pred = evaluate(denoiser, x, state.grid[state.i], cond)
@@ -83,13 +88,22 @@ def ipndm(order: int = 4, *, variable_step: bool = False, lower_order_final: boo
         x_next = ei_apply(first, x, [eps_ab], pred.x0)
         return state._replace(x=x_next, i=state.i + 1, pred=pred, hist=hist, nfe=state.nfe + 1)
 
-    return Solver(
-        init=init,
-        step=step,
-        nfe=lambda n, to_data=False, from_noise=False: n,
-        num_steps=lambda k, to_data=False, from_noise=False: k,
-        order=order,
-        stochastic=False,
-        name=f"ipndm-{order}",
+
+def ipndm(order: int = 4, *, variable_step: bool = False, lower_order_final: bool = False) -> Solver:
+    """iPNDM of ``order`` 1-4 (one model call per step); see the module docstring."""
+    if order not in _AB:
+        raise ValueError(f"ipndm supports order 1 to 4, got {order!r}")
+    if not variable_step:
+        return IPNDM(order, lower_order_final)
+    from jdiff.solvers._multistep import multistep
+    from jdiff.solvers.deis import QuadratureWeights
+
+    return multistep(
+        order,
+        mode="noise",
+        weights=QuadratureWeights("rho"),
+        lower_order_final=lower_order_final,
+        name=settings_name(f"ipndm{order}-v", **({"lower_order_final": True} if lower_order_final else {})),
+        max_order=4,
         min_steps=order,
     )

@@ -11,8 +11,8 @@ h``) or ``"bh2"`` (``B = e^h - 1``), which matter when a system has a single nod
 
 from __future__ import annotations
 
-from jdiff.solvers._base import Solver
-from jdiff.solvers._multistep import multistep
+from jdiff.solvers._base import settings_name
+from jdiff.solvers._multistep import Multistep, multistep
 
 __all__ = ["unipc"]
 
@@ -24,7 +24,7 @@ def unipc(
     corrector: bool = True,
     prediction: str = "data",
     lower_order_final: bool = True,
-) -> Solver:
+) -> Multistep:
     """UniPC of ``order`` 1-3 (with UniC, the corrected result has order ``order + 1``).
 
     Args:
@@ -38,12 +38,15 @@ def unipc(
         raise ValueError(f"unknown UniPC variant {variant!r}; expected 'bh1' or 'bh2'")
     if prediction not in ("data", "noise"):
         raise ValueError(f"prediction must be 'data' or 'noise', got {prediction!r}")
-    name = f"unipc-{order}({variant}{'' if corrector else ', no corrector'})"
+    base = f"unip{'c' if corrector else ''}{order}" + ("-bh1" if variant == "bh1" else "")
+    extra = ({"prediction": prediction} if prediction != "data" else {}) | (
+        {} if lower_order_final else {"lower_order_final": False}
+    )
     return multistep(
         order,
         mode=prediction,
         coef=variant,
         corrector=variant if corrector else None,
         lower_order_final=lower_order_final,
-        name=name,
+        name=settings_name(base, **extra),
     )
