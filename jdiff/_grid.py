@@ -81,6 +81,8 @@ def _time_grid(
             raise ValueError("give num_steps, or nfe together with solver")
         t_first = float(process.t_max if t_start is None else t_start)
         from_noise = float(process.alpha(jnp.asarray(t_first, jnp.float32))) == 0.0
+        if int(nfe) != nfe or nfe < 1:
+            raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
         num_steps = solver.num_steps(int(nfe), to_data, from_noise)
     num_steps = int(num_steps)
     if num_steps < 1:

@@ -68,20 +68,121 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("argv,msg", BAD, ids=[" ".join(a[1:])[:60] for a, _ in BAD])
-def test_malformed_input_is_one_line_and_writes_nothing(argv, msg, tmp_path, fake_run, capsys):
+def _api_cases():
+    """name -> (call, message) for malformed library inputs; built lazily (JAX imports)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jdiff
+    from jdiff import models as M
+    from jdiff import solvers as S
+    from jdiff import train as Tr
+    from jdiff import wrappers as W
+
+    proc = jdiff.vp_linear()
+    den = jdiff.denoiser(lambda x, t, c: 0.1 * x, proc, "eps")
+    x = jnp.ones((4, 2))
+    nan_x = x.at[1, 0].set(jnp.nan)
+    inf_x = x.at[3, 1].set(jnp.inf)
+    grid = jdiff.time_grid(proc, 4)
+    mlp = M.MLPResNet(M.MLPResNetConfig(dim=2, width=8, num_blocks=1, num_classes=10), rngs=nnx.Rngs(0))
+    t = jnp.full((4,), 0.5)
+    return {
+        "x_T with NaN": (lambda: jdiff.sample(S.ddim(), den, nan_x, nfe=4), "non-finite values"),
+        "x_T with inf": (lambda: jdiff.sample(S.get("dpm++2m"), den, inf_x, nfe=4), "non-finite values"),
+        "increasing grid": (lambda: jdiff.sample(S.ddim(), den, x, grid[::-1]), "strictly decreasing"),
+        "grid past t_max": (lambda: jdiff.sample(S.ddim(), den, x, grid.at[0].set(2.0)), "outside the valid range"),
+        "grid with NaN": (lambda: jdiff.sample(S.ddim(), den, x, grid.at[2].set(jnp.nan)), "non-finite"),
+        "cond batch": (lambda: jdiff.sample(S.ddim(), den, x, nfe=4, cond=jnp.zeros((3, 5))), "batch 4 of x_T"),
+        "guided cond batch": (
+            lambda: jdiff.sample(S.ddim(), W.guidance(den, 2.0, 0), x, nfe=4, cond=jnp.zeros((3,), jnp.int32)),
+            r"cond has shape \(3,\).*batch 4 of x_T",
+        ),
+        "label 11": (lambda: mlp(x, t, jnp.array([0, 1, 11, 2])), r"class labels must lie in \[0, 9\]"),
+        "label -1": (lambda: mlp(x, t, jnp.array([-1, 1, 2, 3])), r"class labels must lie in \[0, 9\]"),
+        "unknown solver": (lambda: S.get("dpm++9m"), "unknown solver 'dpm\\+\\+9m'"),
+        "solver setting clash": (lambda: S.get("dpm++2m", order=3), "fixes order"),
+        "ddim eta": (lambda: S.ddim(eta=1.5), r"eta must be in \[0, 1\]"),
+        "unipc variant": (lambda: S.unipc(2, variant="bh3"), "unknown UniPC variant"),
+        "nfe 0": (lambda: jdiff.sample(S.ddim(), den, x, nfe=0), "nfe must be a positive integer"),
+        "integer x_T": (lambda: jdiff.sample(S.ddim(), den, jnp.ones((4, 2), jnp.int32), nfe=4), "floating point"),
+        "stochastic without key": (lambda: jdiff.sample(S.ddpm(), den, x, nfe=4), "pass key="),
+        "neither grid nor nfe": (lambda: jdiff.sample(S.ddim(), den, x), "give a time grid or a target nfe"),
+        "grid kind": (lambda: jdiff.time_grid(proc, 4, kind="cosine"), "unknown grid kind"),
+        "prediction": (lambda: jdiff.denoiser(lambda x, t, c: x, proc, "noise"), "unknown parameterization"),
+        "label dropout": (lambda: Tr.LossConfig(process=proc, label_dropout=1.5), "label_dropout must be"),
+        "lr inf": (lambda: Tr.OptimizerConfig(lr=float("inf")), "lr must be a finite positive number"),
+        "ema decay": (lambda: Tr.EMAConfig(decay=1.5), r"decay must be in \[0, 1\)"),
+        "train steps": (lambda: Tr.TrainConfig(steps=0), "steps must be an integer >= 1"),
+        "generate num": (lambda: jdiff.generate(S.ddim(), den, 0, (2,), nfe=4), "num must be >= 1"),
+        "generate batch": (lambda: jdiff.generate(S.ddim(), den, 4, (2,), nfe=4, batch_size=-1), "batch_size must be"),
+        "threshold range": (lambda: W.static_threshold(den, 1.0, -1.0), "need lo < hi"),
+    }
+
+
+API = [
+    "x_T with NaN",
+    "x_T with inf",
+    "increasing grid",
+    "grid past t_max",
+    "grid with NaN",
+    "cond batch",
+    "guided cond batch",
+    "label 11",
+    "label -1",
+    "unknown solver",
+    "solver setting clash",
+    "ddim eta",
+    "unipc variant",
+    "nfe 0",
+    "integer x_T",
+    "stochastic without key",
+    "neither grid nor nfe",
+    "grid kind",
+    "prediction",
+    "label dropout",
+    "lr inf",
+    "ema decay",
+    "train steps",
+    "generate num",
+    "generate batch",
+    "threshold range",
+]
+CASES = [("cli", argv, msg) for argv, msg in BAD] + [("api", name, None) for name in API]
+
+
+@pytest.fixture(scope="module")
+def api_cases():
+    return _api_cases()
+
+
+@pytest.mark.parametrize(
+    "kind,what,msg", CASES, ids=[(" ".join(w[1:])[:60] if k == "cli" else f"api: {w}") for k, w, _ in CASES]
+)
+def test_malformed_input_is_one_line_and_writes_nothing(kind, what, msg, tmp_path, fake_run, capsys, request):
+    """At least 25 malformed command lines and as many malformed library calls: each is
+    answered by a one-line error (the CLI: exit status 2 and one stderr line; the
+    library: an exception with a one-line message), and nothing is written."""
     import re
 
     (tmp_path / "afile").write_text("not a directory")
-    argv = [a.format(tmp=tmp_path, run=fake_run) for a in argv]
     before_tmp, before_run, cwd_before = _snapshot(tmp_path), _snapshot(fake_run), _snapshot(os.getcwd())
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("jdiff"), err
-    assert re.search(msg, lines[0]), lines[0]
+    if kind == "cli":
+        argv = [a.format(tmp=tmp_path, run=fake_run) for a in what]
+        code = cli.main(argv)
+        out, err = capsys.readouterr()
+        assert code == 2, (out, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert lines[0].startswith("jdiff"), err
+        assert re.search(msg, lines[0]), lines[0]
+    else:
+        call, msg = request.getfixturevalue("api_cases")[what]
+        with pytest.raises((ValueError, TypeError)) as info:
+            call()
+        text = str(info.value)
+        assert "\n" not in text.strip(), text
+        assert re.search(msg, text), text
     assert _snapshot(tmp_path) == before_tmp and _snapshot(fake_run) == before_run
     assert _snapshot(os.getcwd()) == cwd_before  # no runs/<preset> either
 
@@ -121,7 +222,8 @@ def test_config_keys_follow_the_library():
     d = json.loads(json.dumps(P.config_to_dict(cfg)))
     assert d["objective"]["process"]["name"] == "vp_discrete" and d["model"]["unet"]["dtype"] == "bfloat16"
     assert P.config_to_dict(P.config_from_dict(d)) == d
-    assert cfg.sample.make_solver() == cfg.sample.make_solver() or cfg.sample.make_solver().name
+    assert cfg.sample.make_solver() == cfg.sample.make_solver()  # solvers are values
+    assert cfg.sample.make_solver().name == "dpm++2m"
     # The models keep their own class dropout (the loss drops labels).
     assert cfg.model.unet.class_dropout == 0.0
 
