@@ -24,31 +24,11 @@ def image_format(path: str) -> str:
 
 
 def save_image(img, path) -> None:
-    """Write a Pillow image in the format of ``path``'s extension, atomically (PNG
-    through :func:`jdiff.data.save_png`)."""
-    import tempfile
-
+    """Write a Pillow image in the format of ``path``'s extension (PNG or JPEG),
+    atomically (:func:`jdiff.data.save_png`)."""
     from jdiff.data import save_png
 
-    fmt = image_format(path)
-    if fmt == "PNG":
-        save_png(img, path)
-        return
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".jpg", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.convert("RGB" if img.mode not in ("L", "RGB") else img.mode).save(f, format="JPEG", quality=95)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_png(img, path, format=image_format(path))
 
 
 def _font(size: int = 12):

@@ -156,18 +156,24 @@ def make_image_grid(images, nrow: int | None = None, *, padding: int = 2, pad_va
     return grid
 
 
-def save_png(img: Image.Image, path) -> None:
-    """Write a Pillow image as PNG atomically: to a temporary file in the same folder
-    (created if missing), given the usual permissions (``0666`` less the umask; a
-    temporary file starts at ``0600``), then renamed into place, so a reader never sees
-    a half-written file. The file is PNG whatever ``path``'s extension."""
+def save_png(img: Image.Image, path, *, format: str = "PNG") -> None:
+    """Write a Pillow image atomically: to a temporary file in the same folder (created
+    if missing), given the usual permissions (``0666`` less the umask; a temporary file
+    starts at ``0600``), then renamed into place, so a reader never sees a half-written
+    file. The file is PNG whatever ``path``'s extension, unless ``format="JPEG"``
+    (quality 95; other modes converted to RGB)."""
+    if format not in ("PNG", "JPEG"):
+        raise ValueError(f"format must be 'PNG' or 'JPEG', got {format!r}")
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
+    fd, tmp = tempfile.mkstemp(suffix="." + format.lower(), dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
+            if format == "PNG":
+                img.save(f, format="PNG")
+            else:
+                img.convert(img.mode if img.mode in ("L", "RGB") else "RGB").save(f, format="JPEG", quality=95)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
