@@ -3,10 +3,10 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import EPS32
 
 import jdiff
 from jdiff import solvers as S
-from conftest import EPS32
 
 
 def test_spacings():

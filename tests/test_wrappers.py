@@ -64,9 +64,7 @@ def test_guidance_combines_conditional_and_unconditional():
         # eps combined the same way from eps = (x - alpha x0) / sigma (x0 up to |null|, sigma
         # ~ 0.8, so eps terms up to ~|null| / sigma) and mapped back: ~8 roundings of terms up
         # to (1 + w) * |null| / sigma times sigma; 2x margin
-        np.testing.assert_allclose(
-            PROC.alpha(0.4) * p.x0 + PROC.sigma(0.4) * p.eps, x, rtol=0, atol=16 * EPS32 * scale
-        )
+        np.testing.assert_allclose(PROC.alpha(0.4) * p.x0 + PROC.sigma(0.4) * p.eps, x, rtol=0, atol=16 * EPS32 * scale)
     assert set(calls) == {6}  # one batched call of 2B
     with pytest.raises(ValueError, match="needs a conditioning"):
         guidance(den, 2.0, null)(x, 0.4)
