@@ -16,8 +16,8 @@ def test_spacings():
     assert g[0] == pytest.approx(1.0, rel=EPS32) and g[-1] == pytest.approx(1e-3, rel=EPS32)
     lam = np.asarray(p.lambda_(jnp.asarray(g)))
     # lambda -> t -> lambda round trip in float32: ~32 ulps of |lambda| for the ~10 ops each
-    # way and the rounding of t (|d lambda / d log t| <= 10 here), per node; relative to
-    # the spacing (~1.5) about 3e-5, while another spacing kind is off by O(1)
+    # way and the rounding of t (|d lambda / d log t| <= 10 here), per node: ~5e-5 absolute
+    # against spacings of ~0.96 (|lambda| <= 5), while another spacing kind is off by O(1)
     dl = np.diff(lam)
     np.testing.assert_allclose(dl, dl[0], rtol=0, atol=64 * EPS32 * (1 + np.abs(lam).max()))
     # uniform and quadratic grids: float64 values rounded once to float32 (<= EPS32 / 2 of
