@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
 
 from jdiff import solvers as S
+
+# Unit roundoff scales for tolerances: every float32 tolerance in the suite is a multiple of
+# EPS32 justified by the computation (steps, reduction length, magnitude of the values), so
+# that it holds on any x86 CPU whatever XLA's vectorization does, not just the one it was
+# written on.
+EPS32 = float(np.finfo(np.float32).eps)  # 1.19e-7
+EPS64 = float(np.finfo(np.float64).eps)  # 2.22e-16
+NSIGMA = 5  # statistical checks: 5 standard errors (two-sided p ~ 6e-7 per checked quantity)
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +24,8 @@ def x64():
         yield
 
 
-# Solvers that are proven identical to another one by tests/test_solvers.py (to 1e-6 or
-# 1e-10) and so need no separate convergence run.
+# Solvers that are proven identical to another one by tests/test_solvers.py (to float64
+# rounding) and so need no separate convergence run.
 EQUIVALENT = {
     "euler(rho)",
     "dpm_solver-1",
@@ -78,3 +87,26 @@ def stochastic_zoo():
         "sde_dpm_solver++(2M)": S.sde_dpm_solver_pp(2),
         "euler_maruyama": S.euler_maruyama(),
     }
+
+
+def assert_moments_match(x, mean, cov, nsigma=NSIGMA, bias=0.0):
+    """Sample mean and covariance of ``x`` (``(n, d)``) equal ``mean`` and ``cov`` within
+    ``nsigma`` standard errors computed from the sample itself (plus an absolute ``bias``
+    allowance for a method's known systematic error).
+
+    Standard error of the mean of coordinate i: ``std_i / sqrt(n)``; of the covariance
+    entry (i, j): ``std((x_i - m_i)(x_j - m_j)) / sqrt(n)`` (the delta method for a mean
+    of products; the n - 1 normalization is below the noise).
+    """
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    n = x.shape[0]
+    m = x.mean(0)
+    xc = x - m
+    prod = xc[:, :, None] * xc[:, None, :]
+    c = prod.sum(0) / (n - 1)
+    se_m = x.std(0) / np.sqrt(n)
+    se_c = prod.std(0) / np.sqrt(n)
+    zm = np.abs(m - np.asarray(mean)) / (nsigma * se_m + bias)
+    zc = np.abs(c - np.asarray(cov)) / (nsigma * se_c + bias)
+    assert np.all(zm <= 1), f"mean {m} vs {mean}: |diff| / ({nsigma} se + {bias}) = {zm}"
+    assert np.all(zc <= 1), f"cov {c} vs {cov}: |diff| / ({nsigma} se + {bias}) = {zc}"

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import EPS32, NSIGMA
 from PIL import Image
 
 from jdiff import data
@@ -47,11 +48,15 @@ def test_digits_upsampled(resolution):
     assert x.min() >= -1.0 and x.max() <= 1.0
     assert x.min() == -1.0 and x.max() == 1.0
     np.testing.assert_array_equal(y, y8)
-    # bilinear upsampling by an integer factor preserves every image's mean
-    np.testing.assert_allclose(x.mean(axis=(1, 2, 3)), x8.mean(axis=(1, 2, 3)), atol=1e-5)
-    # and is the same as jax.image.resize's "linear" method
+    # bilinear upsampling by an integer factor preserves every image's mean: float32 pixels
+    # (a few roundings each, values <= 1) summed pairwise over P pixels, log2(P) roundings
+    P = resolution * resolution
+    tol = 4 * (4 + np.log2(P)) * EPS32  # ~7e-6 at 32 x 32
+    np.testing.assert_allclose(x.mean(axis=(1, 2, 3)), x8.mean(axis=(1, 2, 3)), rtol=0, atol=tol)
+    # and is the same as jax.image.resize's "linear" method, which contracts each axis with
+    # an 8 x resolution weight matrix: two reductions of length 8 over values <= 1
     ref = jax.image.resize(jnp.asarray(x8[:16]), (16, resolution, resolution, 1), "linear")
-    np.testing.assert_allclose(x[:16], np.asarray(ref), atol=1e-5)
+    np.testing.assert_allclose(x[:16], np.asarray(ref), rtol=0, atol=4 * (2 * 8) * EPS32)
     # a 2x2 block average of the upsampled image is close to the original (smoothness)
     f = resolution // 8
     down = x.reshape(1797, 8, f, 8, f, 1).mean(axis=(2, 4))
@@ -83,17 +88,20 @@ def test_toy_deterministic_and_scaled(name):
         np.testing.assert_array_equal(la, lb)
     # a prefix of a larger set is the smaller set
     np.testing.assert_array_equal(data.toy(name, 100, seed=3)[0], a[:100])
-    # roughly unit scale
+    # roughly unit scale (bounds on the scale itself, > 30 standard errors for n = 4000)
     assert np.all(np.abs(a.mean(0)) < 0.5)
     assert np.all((a.std(0) > 0.5) & (a.std(0) < 1.5))
 
 
 def test_toy_regression_and_names():
-    # pins the generator: a numpy change that alters the stream would show up here
+    # pins the generator: a numpy change that alters the stream would show up here. Computed
+    # in float64 (numpy's SIMD sin/cos may differ by an ulp between CPUs) and rounded to
+    # float32: 1 float32 ulp, plus the 7 printed digits; 4 ulps of the largest value (1.29)
     np.testing.assert_allclose(
         data.toy("moons", 3, 0)[0],
         [[-0.2217719, -0.7234702], [1.2870408, -1.031734], [-0.7103867, 0.3154609]],
-        atol=1e-6,
+        rtol=0,
+        atol=4 * EPS32 * 1.29,
     )
     np.testing.assert_array_equal(data.toy("two_moons", 50, 1)[0], data.toy("moons", 50, 1)[0])
     np.testing.assert_array_equal(data.toy("Eight-Gaussians", 50, 1)[0], data.toy("8gaussians", 50, 1)[0])
@@ -108,17 +116,26 @@ def test_toy_regression_and_names():
 
 
 def test_toy_8gaussians_modes():
-    x, k = data.toy("8gaussians", 16000, seed=0)
+    n = 16000
+    x, k = data.toy("8gaussians", n, seed=0)
     assert set(np.unique(k).tolist()) == set(range(8))
-    r = math.sqrt(2.0)
+    r, sd = math.sqrt(2.0), math.sqrt(2.0) / 8
     for j in range(8):
         pts = x[k == j]
-        assert abs(len(pts) - 2000) < 200  # equal weights
+        m = len(pts)
+        # equal weights: a binomial count, standard error sqrt(n p (1 - p))
+        assert abs(m - n / 8) < NSIGMA * math.sqrt(n / 8 * 7 / 8)
         center = r * np.array([np.cos(j * np.pi / 4), np.sin(j * np.pi / 4)])
-        np.testing.assert_allclose(pts.mean(0), center, atol=0.02)
-        np.testing.assert_allclose(pts.std(0), [r / 8, r / 8], rtol=0.08)
-    # the 8 modes all sit on the circle of radius sqrt(2)
-    assert abs(np.linalg.norm(x, axis=1).mean() - r) < 0.02
+        # means and stds of m normal points: standard errors sd / sqrt(m) and sd / sqrt(2 m)
+        np.testing.assert_allclose(pts.mean(0), center, rtol=0, atol=NSIGMA * sd / math.sqrt(m))
+        np.testing.assert_allclose(pts.std(0), [sd, sd], rtol=NSIGMA / math.sqrt(2 * m))
+    # the 8 modes all sit on the circle of radius sqrt(2): the distance from the origin of a
+    # point N(c, sd^2 I) with |c| = r is Rice distributed (mean r + sd^2 / (2 r) + ...)
+    from scipy.stats import rice
+
+    dist = rice(r / sd, scale=sd)
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    assert abs(norms.mean() - dist.mean()) < NSIGMA * dist.std() / math.sqrt(n)
 
 
 def test_toy_checkerboard_black_squares():
@@ -127,12 +144,12 @@ def test_toy_checkerboard_black_squares():
     assert np.all((x >= -2) & (x <= 2))
     ix, iy = np.floor(x[:, 0]).astype(int), np.floor(x[:, 1]).astype(int)
     black = (ix + iy) % 2 == 0
-    # float32 rounding may put a point exactly on an edge of its square
-    on_edge = np.any(np.abs(x - np.round(x)) < 1e-6, axis=1)
+    # float32 rounding (half an ulp of |x| <= 2) may put a point exactly on an edge of its square
+    on_edge = np.any(np.abs(x - np.round(x)) <= 2 * EPS32 * 2.0, axis=1)
     assert np.all(black | on_edge)
-    # uniform over the 8 black squares
+    # uniform over the 8 black squares: binomial counts, standard error sqrt(n p (1 - p))
     counts = np.unique(np.stack([ix, iy], 1)[black], axis=0, return_counts=True)[1]
-    assert len(counts) == 8 and np.all(np.abs(counts - 1000) < 150)
+    assert len(counts) == 8 and np.all(np.abs(counts - 1000) < NSIGMA * math.sqrt(8000 / 8 * 7 / 8))
 
 
 def test_toy_moons_on_arcs():
@@ -143,22 +160,33 @@ def test_toy_moons_on_arcs():
     # (1, 1/2); both in units before the shift (1/2, 1/4) and scale sqrt(2)
     raw = x / s + np.array([0.5, 0.25])
     up, low = raw[c == 0], raw[c == 1] - np.array([1.0, 0.5])
-    np.testing.assert_allclose(np.linalg.norm(up, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(low, axis=1), 1.0, atol=1e-5)
-    assert np.all(up[:, 1] >= -1e-6) and np.all(low[:, 1] <= 1e-6)
-    # with the default noise the points stay close to their arcs
+    # x is a float64 point rounded to float32 (half an ulp of |x| <= 2 sqrt 2) and mapped
+    # back in float64: ~2 EPS32 absolute in raw units; 8x margin
+    tol = 8 * EPS32 * np.abs(x).max() / s
+    np.testing.assert_allclose(np.linalg.norm(up, axis=1), 1.0, rtol=0, atol=tol)
+    np.testing.assert_allclose(np.linalg.norm(low, axis=1), 1.0, rtol=0, atol=tol)
+    assert np.all(up[:, 1] >= -tol) and np.all(low[:, 1] <= tol)
+    # with the default noise (0.1 in output units, 0.1 / sqrt 2 in raw units) the distance of
+    # a point to its arc's center is 1 plus radial noise: its std within 5 standard errors
+    # (plus the sd^3 / 2 of the tangential noise's curvature term)
     xn, cn = data.toy("moons", 4000, seed=2)
-    rawn = xn / s + np.array([0.5, 0.25])
+    rawn = xn.astype(np.float64) / s + np.array([0.5, 0.25])
     dist = np.where(cn == 0, np.linalg.norm(rawn, axis=1), np.linalg.norm(rawn - [1.0, 0.5], axis=1))
-    assert np.abs(dist - 1).mean() < 0.1
+    sd = 0.1 / s
+    assert abs(np.std(dist - 1) - sd) < NSIGMA * sd / np.sqrt(2 * dist.size) + sd**3 / 2
 
 
 def test_toy_swissroll_on_spiral():
     x, labels = data.toy("swissroll", 2000, seed=0, noise=0.0)
     assert labels is None
     t = np.linalg.norm(x.astype(np.float64), axis=1) * 7.0  # radius = angle
-    assert t.min() > 1.5 * np.pi - 1e-3 and t.max() < 4.5 * np.pi + 1e-3
-    np.testing.assert_allclose(x, (t[:, None] * np.stack([np.cos(t), np.sin(t)], 1)) / 7.0, atol=1e-5)
+    # x rounded to float32: t off by ~EPS32 t; 4x margin
+    t_max = 4.5 * np.pi
+    assert t.min() > 1.5 * np.pi * (1 - 4 * EPS32) and t.max() < t_max * (1 + 4 * EPS32)
+    # the formula at that t: x's own rounding (EPS32 |x|) plus t's error times
+    # |d/dt t e^{it} / 7| = sqrt(1 + t^2) / 7; 4x margin, ~1.5e-5
+    tol = 4 * EPS32 * (t_max * (1 + t_max) / 7 + np.abs(x).max())
+    np.testing.assert_allclose(x, (t[:, None] * np.stack([np.cos(t), np.sin(t)], 1)) / 7.0, rtol=0, atol=tol)
 
 
 # -------------------------------------------------------------------------------- npz

@@ -63,6 +63,9 @@ def test_grad_wrt_x_T_params_and_cond_matches_finite_differences(setup, solver):
     gx2, gp2, gc2 = jax.jit(jax.grad(lambda *a: loss(*a, remat=True), argnums=(0, 1, 2)))(x_T, den.params, cond)
     np.testing.assert_allclose(gx2, gx, rtol=1e-12)
     np.testing.assert_allclose(gp2["w"], gp["w"], rtol=1e-12)
+    # float64 central differences with step 1e-6: rounding EPS64 |loss| / eps ~ 3e-9 (|loss|
+    # <= 12) and truncation eps^2 |f^(3)| / 6 ~ 1e-12, so rel=1e-6 of O(1) gradients leaves
+    # 100x, while a missing term in the reverse pass is O(1) relative
     eps = 1e-6
     d = jnp.zeros_like(x_T).at[1, 2].set(eps)
     fd = (loss(x_T + d, den.params, cond) - loss(x_T - d, den.params, cond)) / (2 * eps)
@@ -81,7 +84,7 @@ def test_grad_through_stochastic_sampler(setup):
     key = jax.random.key(3)
     f = jax.jit(lambda x: jnp.sum(jdiff.sample(S.sde_dpm_solver_pp(2), den, x, grid, key=key) ** 2))
     g = jax.grad(f)(x_T)
-    eps = 1e-6
+    eps = 1e-6  # float64 central difference: error ~ EPS64 |f| / eps + eps^2, far below rel=1e-6
     d = jnp.zeros_like(x_T).at[0, 0].set(eps)
     assert float(g[0, 0]) == pytest.approx(float((f(x_T + d) - f(x_T - d)) / (2 * eps)), rel=1e-6)
 

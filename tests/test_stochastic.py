@@ -4,11 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import stochastic_zoo
+from conftest import EPS32, assert_moments_match, stochastic_zoo
 
 import jdiff
 from jdiff import solvers as S
-from jdiff.metrics import frechet_distance, gaussian_stats
 from jdiff.testbed import random_mixture
 
 ZOO = stochastic_zoo()
@@ -29,13 +28,20 @@ def test_sample_does_not_depend_on_its_batch(mix, name):
     x_T = jdiff.prior_sample(proc, key, (64, 2))
     f = jax.jit(lambda x, k: jdiff.sample(solver, den, x, grid, key=k))
     batch = f(x_T, key)
+    # XLA may vectorize a batch of 64 differently from a batch of 1 (the mixture's softmax
+    # and sums, FMA contraction), so a row is not bitwise its lone twin: allow float32
+    # rounding of 8 steps of ~32 roundings each (one denoiser call plus the update) at the
+    # scale of the samples, about 1e-4. A noise stream that depended on the batch would move
+    # a sample by the size of the injected noise, O(0.1).
+    tol = 32 * (grid.shape[0] - 1) * EPS32 * max(1.0, float(jnp.max(jnp.abs(batch))))
     for i in (0, 5, 63):
         k_i = jdiff.per_sample_keys(key, 1, offset=i)
         x_i = jdiff.prior_sample(proc, k_i, (1, 2))
-        np.testing.assert_array_equal(x_i[0], x_T[i])  # the starting noise is bitwise the same
+        # the starting noise is bitwise the same: integer key derivation and random bits,
+        # then elementwise float ops (no reduction or matmul), identical per element
+        np.testing.assert_array_equal(x_i[0], x_T[i])
         alone = f(x_i, k_i)
-        # XLA may vectorize a batch of 64 differently from a batch of 1: allow float32 rounding
-        np.testing.assert_allclose(alone[0], batch[i], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(alone[0], batch[i], rtol=0, atol=tol)
     # a different key gives a different sample
     other = f(x_T, jax.random.key(12))
     assert float(jnp.max(jnp.abs(other - batch))) > 1e-3
@@ -51,12 +57,9 @@ def test_stochastic_solvers_sample_the_data_distribution(mix, name):
     x_T = jdiff.prior_sample(proc, key, (n, 2))
     steps = 400 if name == "euler_maruyama" else 100
     x = jax.jit(lambda x, k: jdiff.sample(solver, den, x, jdiff.time_grid(proc, steps), key=k))(x_T, jax.random.key(6))
-    m, c = gaussian_stats(x)
-    fd = frechet_distance(m, c, mix.mean(), mix.cov())
-    # finite-sample Frechet distance of true data samples of the same size, for scale
-    m0, c0 = gaussian_stats(mix.sample(jax.random.key(7), n))
-    fd0 = frechet_distance(m0, c0, mix.mean(), mix.cov())
-    assert fd < max(5 * fd0, 0.01), (fd, fd0)
+    # n independent samples (per-sample keys): mean and covariance within 5 standard errors
+    # of the data's (se ~ 0.01 for n = 4000), which sees a noise scale off by ~5%
+    assert_moments_match(x, mix.mean(), mix.cov())
 
 
 def test_stochastic_solver_needs_a_key(mix):
@@ -72,6 +75,7 @@ def test_per_sample_keys_argument(mix):
     key = jax.random.key(1)
     x_T = jnp.zeros((3, 2))
     keys = jdiff.per_sample_keys(key, 3)
+    # bitwise: the same program on the same batch shape, given the same keys two ways
     np.testing.assert_array_equal(
         jdiff.sample(S.ddpm(), den, x_T, grid, key=keys), jdiff.sample(S.ddpm(), den, x_T, grid, key=key)
     )
