@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
 
 from jdiff import solvers as S
+
+# The CLI turns on JAX's persistent compilation cache; in-process CLI tests would turn it
+# on for the whole test process (and write every later program to disk). Tests that
+# exercise the cache set their own JDIFF_CACHE_DIR.
+os.environ.setdefault("JDIFF_CACHE_DIR", "off")
 
 # Unit roundoff scales for tolerances: every float32 tolerance in the suite is a multiple of
 # EPS32 justified by the computation (steps, reduction length, magnitude of the values), so
