@@ -506,7 +506,15 @@ def test_digits_loss_curve_is_unchanged(tmp_path, capsys):
     the losses are bit-identical)."""
     out = tmp_path / "digits"
     argv = ["train", "digits", "--out", out, "--steps", 30, "--stop-at", 10, "--no-progress"]
-    for s in ["train.batch_size=32", "train.log_every=1", "train.grid_every=0", "train.checkpoint_every=1000"]:
+    # (sampling settings do not touch training: the final sample grid is kept cheap)
+    for s in [
+        "train.batch_size=32",
+        "train.log_every=1",
+        "train.grid_every=0",
+        "train.checkpoint_every=1000",
+        "sample.nfe=2",
+        "sample.num=10",
+    ]:
         argv += ["--set", s]
     code, o, e = run_cli(argv, capsys)
     assert code == 0, e
