@@ -1,0 +1,137 @@
+"""One compiled sampler for every grid length up to a bound (NFE sweeps).
+
+:func:`jdiff.sample` runs ``lax.scan`` over the grid's ``N`` steps, so ``N`` is part of
+the compiled program and a sweep over NFE compiles once per NFE. Every solver computes
+its per-step coefficients in ``init`` (cheap: no network) and its ``step`` reads only row
+``i`` of those tables and the grid points ``i`` and ``i + 1``. So the tables of a short
+grid can be padded to ``max_steps`` rows and the steps run in a ``lax.while_loop`` whose
+trip count is data: one compiled program per (solver, denoiser structure, shapes) serves
+every grid with at most ``max_steps`` intervals, and only the small ``init`` program is
+compiled per length. This is what the NFE-versus-quality sweep uses.
+
+The loop is not reverse-mode differentiable (``while_loop``); use :func:`jdiff.sample`
+for gradients.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jdiff._grid import time_grid
+from jdiff._param import check_cond_batch
+from jdiff._sample import _CastInput, check_x_T, validate_grid
+from jdiff.solvers._base import Solver, compute_dtype
+
+__all__ = ["sample_padded"]
+
+
+def _pad_rows(a, rows: int):
+    a = jnp.asarray(a)
+    if a.ndim == 0 or a.shape[0] >= rows:
+        return a
+    pad = jnp.broadcast_to(a[-1:], (rows - a.shape[0], *a.shape[1:]))
+    return jnp.concatenate([a, pad], axis=0)
+
+
+def _init_impl(solver, process, x, grid, key, *, nfe, max_steps):
+    state = solver.init(x, grid, process, key=key, nfe=nfe)
+    # the per-step tables have leading axis N; pad them (and the grid) to max_steps
+    aux = jax.tree.map(lambda a: _pad_rows(a, max_steps), state.aux)
+    return state._replace(aux=aux, grid=_pad_rows(state.grid, max_steps + 1))
+
+
+_init = jax.jit(_init_impl, static_argnames=("solver", "nfe", "max_steps"))
+
+
+def _loop_impl(solver, den, state, n, cond):
+    def cond_fn(st):
+        return st.i < n
+
+    def body(st):
+        return solver.step(den, st, cond)
+
+    return jax.lax.while_loop(cond_fn, body, state)
+
+
+_loop = jax.jit(_loop_impl, static_argnames=("solver",))
+
+
+def sample_padded(
+    solver: Solver,
+    denoiser,
+    x_T,
+    grid=None,
+    *,
+    max_steps: int,
+    cond=None,
+    key=None,
+    nfe: int | None = None,
+    grid_kind: str = "default",
+    final: str = "t_min",
+    return_nfe: bool = False,
+):
+    """:func:`jdiff.sample` with one compiled program for every grid of at most
+    ``max_steps`` intervals.
+
+    The solver's coefficient tables are computed for the actual grid (a small program
+    without the network, compiled per grid length) and padded to ``max_steps`` rows; the
+    steps then run in a ``lax.while_loop`` whose trip count is the grid's length, so a
+    sweep over NFE compiles the network's sampling loop once per solver. The result
+    equals :func:`jdiff.sample`'s up to floating-point reassociation (tested).
+
+    Args:
+      solver, denoiser, x_T, grid, cond, key, nfe, grid_kind, final: as for
+        :func:`jdiff.sample`.
+      max_steps: the largest number of grid intervals this program serves (a static
+        bound: equal bounds share the compiled loop).
+      return_nfe: also return the number of model calls made.
+
+    Returns:
+      The samples (dtype of ``x_T``), or ``(samples, nfe)``.
+
+    Raises:
+      ValueError: for the same bad input as :func:`jdiff.sample`, and for a grid with
+        more than ``max_steps`` intervals.
+
+    Not reverse-mode differentiable (the loop is a ``while_loop``): use
+    :func:`jdiff.sample` with a gradient strategy for gradients.
+    """
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a jdiff Solver (e.g. jdiff.solvers.ddim()), got {type(solver).__name__}")
+    process = getattr(denoiser, "process", None)
+    if process is None or not callable(denoiser):
+        raise TypeError("denoiser must be a jdiff Denoiser (see jdiff.denoiser)")
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+    x_T = jnp.asarray(x_T)
+    if not jnp.issubdtype(x_T.dtype, jnp.floating):
+        raise TypeError(f"x_T must be floating point, got {x_T.dtype}")
+    if x_T.ndim < 1:
+        raise ValueError("x_T must have a leading batch axis, e.g. shape (B, d)")
+    if grid is None:
+        if nfe is None:
+            raise ValueError("give a time grid or a target nfe")
+        grid = time_grid(process, kind=grid_kind, nfe=nfe, solver=solver, final=final)
+    grid = validate_grid(process, grid)
+    x_T = check_x_T(x_T)
+    check_cond_batch(cond, x_T.shape[0], "x_T", x_T.shape)
+    N = grid.shape[0] - 1
+    if N > max_steps:
+        raise ValueError(f"the grid has {N} intervals, more than max_steps={max_steps}")
+    if N < solver.min_steps:
+        raise ValueError(
+            f"{solver.name} needs at least {solver.min_steps} steps to reach its order {solver.order}; "
+            f"the grid has {N}: use more steps or a lower order"
+        )
+    if solver.stochastic and key is None:
+        raise ValueError(f"{solver.name} is stochastic: pass key=jax.random.key(seed)")
+    key = key if solver.stochastic else None
+
+    in_dtype = x_T.dtype
+    dt = compute_dtype(x_T)
+    den = denoiser if in_dtype == dt else _CastInput(denoiser, in_dtype)
+    state = _init(solver, process, x_T.astype(dt), grid, key, nfe=nfe, max_steps=max_steps)
+    state = _loop(solver, den, state, jnp.int32(N), cond)
+    x = state.x.astype(in_dtype)
+    return (x, state.nfe) if return_nfe else x
