@@ -48,8 +48,9 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 # own float32 error against its float64 run at up to 2.2e-5 of the RMS over 2048 sampled
 # elements per layer, and the port differs from it by at most 1.5e-5 on this machine.
 # 1e-4 (~840 EPS32) leaves a factor 4 for other CPUs' vector widths and stays three orders
-# of magnitude below the errors of a wrong rule (a padding-counting average pool shifts
-# Mixed_5b by ~1 RMS; see the module docstring of jdiff.features.inception).
+# of magnitude below the errors of a wrong rule (measured once by swapping in a
+# padding-counting average pool: sampled Mixed_5b elements moved by ~1 RMS, the features by
+# 5e-2 relative).
 LAYER_RTOL = 840 * EPS32  # ~1e-4
 # The features average 64 positions of Mixed_7c: measured 4e-7 relative (norm) against
 # both references; the issue's requirement is 1e-4.
