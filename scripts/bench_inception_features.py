@@ -4,8 +4,9 @@
 
 Pseudo-random weights (the speed does not depend on the values); uint8 NHWC inputs of
 ``size x size`` resized to 299x299 inside the network, as in FID evaluation. Prints the
-compile time, the steady-state images (= feature vectors) per second, the machine and the
-load average while it ran (the number is only meaningful on an otherwise idle machine).
+compile time, the steady-state images (= feature vectors) per second, the CPU time per
+image, the machine and the load average while it ran (images per second are only
+meaningful on an otherwise idle machine; CPU time per image much less depends on load).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ def main():
     inception_features(model, x[: args.batch], batch_size=args.batch)
     compile_s = time.perf_counter() - t0
     load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     f = inception_features(model, x, batch_size=args.batch)
-    dt = time.perf_counter() - t0
+    dt, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     assert f.shape == (len(x), 2048) and np.all(np.isfinite(f))
     cpu = platform.processor() or platform.machine()
     try:
@@ -45,7 +46,9 @@ def main():
         pass
     print(
         f"InceptionV3 features: {len(x) / dt:.2f} images/s (batch {args.batch}, {args.size}x{args.size} uint8 -> 299, "
-        f"{len(x)} images in {dt:.1f} s; first batch incl. compile {compile_s:.1f} s)\n"
+        f"{len(x)} images in {dt:.1f} s; first batch incl. compile {compile_s:.1f} s); "
+        f"{cpu_s / len(x):.2f} CPU-seconds per image (all threads; on a shared machine, "
+        f"{os.cpu_count()} / that is the idle-machine rate if the threads scale)\n"
         f"machine: {cpu}, {os.cpu_count()} cores, JAX {jax.__version__} on {jax.default_backend()} "
         f"({jax.device_count()} device), load average {load0:.1f} -> {os.getloadavg()[0]:.1f}"
     )
