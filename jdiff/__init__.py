@@ -54,7 +54,7 @@ def prior_sample(process, key, shape, dtype=None):
 
 __version__ = "0.1.0"
 
-_LAZY = ("models", "train", "data", "testbed")
+_LAZY = ("models", "train", "data", "testbed", "features")
 
 
 def __getattr__(name):
