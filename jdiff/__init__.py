@@ -10,6 +10,7 @@ from jdiff import metrics, solvers, wrappers
 from jdiff._core import phi
 from jdiff._generate import SamplingConfig, generate
 from jdiff._grid import GRID_KINDS, default_grid_kind, time_grid
+from jdiff._padded import sample_padded
 from jdiff._param import (
     PREDICTIONS,
     TIME_INPUTS,
@@ -69,6 +70,7 @@ def __getattr__(name):
 
 __all__ = [
     "metrics",
+    "sample_padded",
     "solvers",
     "generate",
     "SamplingConfig",

@@ -37,6 +37,8 @@ class SamplingConfig:
         settings come as keywords (``order``).
       order: the solver's order for factory names (0: the solver's default).
       nfe: model evaluations per sample.
+      grid: the time grid (default: built from ``nfe`` and ``grid_kind``); ``nfe`` is
+        still the solver's budget on it (singlestep solvers choose their orders from it).
       grid_kind: time-grid spacing (:data:`jdiff.GRID_KINDS`).
       num: number of samples.
       guidance: classifier-free guidance scale (1: the conditional model alone).
@@ -92,13 +94,31 @@ def _default_mesh() -> Mesh:
     return Mesh(np.array(devs, dtype=object), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _sample_batch(solver, denoiser, x_T, cond, key_data, nfe, grid_kind):
+def _sample_batch(solver, denoiser, x_T, cond, key_data, grid, nfe, grid_kind):
     keys = jax.random.wrap_key_data(key_data) if solver.stochastic else None
-    x, info = sample(solver, denoiser, x_T, cond=cond, key=keys, nfe=nfe, grid_kind=grid_kind, return_info=True)
+    x, info = sample(solver, denoiser, x_T, grid, cond=cond, key=keys, nfe=nfe, grid_kind=grid_kind, return_info=True)
     return x, info.nfe
 
 
 _sample_jit = jax.jit(_sample_batch, static_argnames=("solver", "nfe", "grid_kind"))
+
+
+def _sample_batch_padded(solver, denoiser, x_T, cond, key_data, grid, nfe, grid_kind, max_steps):
+    from jdiff._padded import sample_padded
+
+    keys = jax.random.wrap_key_data(key_data) if solver.stochastic else None
+    return sample_padded(
+        solver,
+        denoiser,
+        x_T,
+        grid,
+        cond=cond,
+        key=keys,
+        nfe=nfe,
+        grid_kind=grid_kind,
+        max_steps=max_steps,
+        return_nfe=True,
+    )
 
 
 def _to_global(a, sharding):
@@ -123,6 +143,7 @@ def generate(
     shape,
     *,
     nfe: int,
+    grid=None,
     seed: int = 0,
     key=None,
     cond=None,
@@ -130,6 +151,7 @@ def generate(
     mesh: Mesh | None = None,
     grid_kind: str = "default",
     return_nfe: bool = False,
+    max_steps: int | None = None,
 ):
     """``num`` samples of ``denoiser`` with ``solver``, as a host numpy array of shape
     ``(num, *shape)`` in sample order (on every process).
@@ -139,6 +161,8 @@ def generate(
         wrapper of one, such as :func:`jdiff.wrappers.guidance`).
       num: number of samples; shape: the shape of one sample.
       nfe: model evaluations per sample.
+      grid: the time grid (default: built from ``nfe`` and ``grid_kind``); ``nfe`` is
+        still the solver's budget on it (singlestep solvers choose their orders from it).
       seed, key: the randomness (``key`` wins when given): sample ``i`` uses the prior
         noise of ``per_sample_keys(fold_in(key, 0), num)[i]`` and the solver noise of
         ``per_sample_keys(fold_in(key, 1), num)[i]``.
@@ -150,6 +174,9 @@ def generate(
         of every process).
       grid_kind: the time grid (see :func:`jdiff.time_grid`).
       return_nfe: also return the number of model evaluations spent per sample.
+      max_steps: sample through :func:`jdiff.sample_padded` with this bound, so that one
+        compiled sampling loop serves every ``nfe`` whose grid has at most ``max_steps``
+        intervals (for NFE sweeps; not differentiable).
     """
     num = int(num)
     if num < 1:
@@ -176,14 +203,19 @@ def generate(
     bs = num if batch_size == 0 else min(batch_size, num)
     bs = -(-bs // n_dev) * n_dev
     den = jax.tree.map(lambda a: _to_global(a, rep_sh), denoiser)
+    if grid is not None:
+        grid = _to_global(np.asarray(grid, np.float32), rep_sh)
     out, spent = [], 0
     for start in range(0, num, bs):
         idx = np.arange(start, start + bs) % num  # the last chunk is padded: one compiled program
         x_T = np.asarray(denoiser.process.prior_sample(noise_keys[idx], (bs, *shape), jnp.float32))
         c = None if cond is None else jax.tree.map(lambda a: _to_global(a[idx], data_sh), cond)
-        x, n = _sample_jit(
-            solver, den, _to_global(x_T, data_sh), c, _to_global(solver_keys[idx], data_sh), nfe, grid_kind
-        )
+        keys = _to_global(solver_keys[idx], data_sh)
+        args = (solver, den, _to_global(x_T, data_sh), c, keys, grid, nfe, grid_kind)
+        if max_steps is None:
+            x, n = _sample_jit(*args)
+        else:
+            x, n = _sample_batch_padded(*args, max_steps)
         out.append(_to_host(x)[: min(bs, num - start)])
         spent = int(_to_host(n))
     x = np.concatenate(out, axis=0)

@@ -37,6 +37,10 @@ def default_grid_kind(process: Process) -> str:
     return process.default_grid
 
 
+# one compiled program per grid length instead of one per elementwise op
+_t_of_lambda = jax.jit(lambda process, lam: process.t_of_lambda(lam))
+
+
 def time_grid(process: Process, num_steps: int | None = None, **kw):
     """Build a time grid of ``num_steps`` intervals (``num_steps + 1`` points).
 
@@ -120,7 +124,7 @@ def _time_grid(
             else:
                 r0, r1 = np.exp(-lam0) ** (1.0 / rho), np.exp(-lam1) ** (1.0 / rho)
                 lams = -rho * np.log(r0 + (r1 - r0) * u)
-            ts = np.asarray(process.t_of_lambda(jnp.asarray(lams, jnp.float32)), np.float64)
+            ts = np.asarray(_t_of_lambda(process, jnp.asarray(lams, jnp.float32)), np.float64)
             ts[0], ts[-1] = t0, t1
     if to_data and not straight:
         ts = np.concatenate([ts, [process.t_data]])

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jdiff._grid import time_grid
 from jdiff._param import check_cond_batch
 from jdiff._sample import _CastInput, check_x_T, validate_grid
-from jdiff.solvers._base import Solver, compute_dtype
+from jdiff.solvers._base import Solver, compute_dtype, empty_state
 
 __all__ = ["sample_padded"]
 
@@ -34,14 +34,30 @@ def _pad_rows(a, rows: int):
     return jnp.concatenate([a, pad], axis=0)
 
 
-def _init_impl(solver, process, x, grid, key, *, nfe, max_steps):
-    state = solver.init(x, grid, process, key=key, nfe=nfe)
+def _tables_impl(solver, process, grid, *, nfe, max_steps, dtype):
+    # The coefficient tables depend on the grid and the process only: compute them for a
+    # one-element dummy state, so the program is shared by every sample shape (and by
+    # sweeps of different models on the same process).
+    key = jax.random.key(0) if solver.stochastic else None
+    state = solver.init(jnp.zeros((1, 1), dtype), grid, process, key=key, nfe=nfe)
     # the per-step tables have leading axis N; pad them (and the grid) to max_steps
     aux = jax.tree.map(lambda a: _pad_rows(a, max_steps), state.aux)
-    return state._replace(aux=aux, grid=_pad_rows(state.grid, max_steps + 1))
+    return aux, _pad_rows(state.grid, max_steps + 1), state.hist
 
 
-_init = jax.jit(_init_impl, static_argnames=("solver", "nfe", "max_steps"))
+# tiny programs: XLA's optimization passes would cost more than they save
+_tables = jax.jit(
+    _tables_impl,
+    static_argnames=("solver", "nfe", "max_steps", "dtype"),
+    compiler_options={"xla_backend_optimization_level": 0},
+)
+
+
+def _init(solver, process, x, grid, key, *, nfe, max_steps):
+    aux, padded, hist = _tables(solver, process, grid, nfe=nfe, max_steps=max_steps, dtype=x.dtype)
+    # every solver's init is empty_state(x, grid, hist_size, key) plus its tables
+    state = empty_state(x, padded, hist_size=hist.shape[0], key=key if solver.stochastic else None)
+    return state._replace(aux=aux)
 
 
 def _loop_impl(solver, den, state, n, cond):

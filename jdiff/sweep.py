@@ -1,0 +1,301 @@
+"""Sample quality against the number of network evaluations: the NFE sweep.
+
+:func:`nfe_sweep` generates samples from one denoiser with every (solver, NFE) pair of a
+list, from the same seeds, and scores each cell with a metric function (a Frechet
+distance in a feature space, a classifier's accuracy, the exact distance on a testbed).
+Each solver's sampling loop is compiled once for all its NFEs
+(:func:`jdiff.sample_padded`). Finished cells are appended to ``cells.jsonl`` in the
+output folder as they complete, so a killed sweep run again with the same settings skips
+them; the folder also receives ``results.csv``, ``results.md`` and ``fd_vs_nfe.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+__all__ = ["nfe_sweep", "plan_cells", "write_results", "plot_results", "read_cells"]
+
+CELLS = "cells.jsonl"
+SETTINGS = "sweep.json"
+
+
+def plan_cells(solver_names: Sequence[str], nfes: Sequence[int], process, *, grid_kind: str = "default"):
+    """Resolve solver names and check every cell before anything runs.
+
+    Returns ``(solvers, cells, skipped)``: the solver values by name, the runnable
+    ``(name, nfe, grid)`` cells (the grid of ``solver.num_steps(nfe)`` intervals), and
+    ``(name, nfe, reason)`` for cells a solver cannot run (too few evaluations for its
+    order). Raises ``ValueError`` for an unknown solver
+    name or an NFE that is not a positive int.
+    """
+    from jdiff import solvers as S
+    from jdiff._grid import time_grid
+
+    if not solver_names:
+        raise ValueError("give at least one solver")
+    if not nfes:
+        raise ValueError("give at least one NFE")
+    for n in nfes:
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"every NFE must be a positive int, got {n!r}")
+    solvers, unknown = {}, []
+    for name in solver_names:
+        try:
+            solvers[name] = S.get(name)
+        except (KeyError, ValueError):
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"unknown solver(s) {unknown}; known: {', '.join(S.names())}")
+    cells, skipped, grids = [], [], {}
+    for name, solver in solvers.items():
+        for nfe in nfes:
+            try:
+                steps = int(solver.num_steps(int(nfe)))
+                if steps < solver.min_steps:
+                    raise ValueError(f"needs at least {solver.min_steps} steps")
+                if steps not in grids:  # one grid per length, shared by the solvers
+                    grids[steps] = np.asarray(time_grid(process, steps, kind=grid_kind))
+            except ValueError as e:
+                skipped.append((name, int(nfe), str(e).split(";")[0]))
+                continue
+            cells.append((name, int(nfe), grids[steps]))
+    return solvers, cells, skipped
+
+
+def read_cells(out_dir: str) -> list[dict]:
+    """The finished cells recorded in ``out_dir`` (a torn last line is ignored)."""
+    path = os.path.join(out_dir, CELLS)
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a kill: that cell is recomputed
+    return rows
+
+
+def _append_cell(out_dir: str, row: dict) -> None:
+    with open(os.path.join(out_dir, CELLS), "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_settings(out_dir: str, settings: dict) -> None:
+    path = os.path.join(out_dir, SETTINGS)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if diff:
+            lines = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"{out_dir} holds a sweep with other settings ({lines}); its finished cells would not be "
+                "comparable: choose another output folder or delete it"
+            )
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(tmp, path)
+
+
+def nfe_sweep(
+    denoiser,
+    shape,
+    *,
+    solvers: Sequence[str],
+    nfes: Sequence[int],
+    num: int,
+    metrics: Callable[[np.ndarray], dict],
+    cond=None,
+    seed: int = 0,
+    batch_size: int = 0,
+    grid_kind: str = "default",
+    out_dir: str | None = None,
+    settings: dict | None = None,
+    progress: bool = True,
+    label: str = "",
+) -> list[dict]:
+    """Score ``num`` samples of ``denoiser`` for every (solver, NFE) cell.
+
+    Args:
+      denoiser: a :class:`jdiff.Denoiser` (or a wrapper such as guidance).
+      shape: the shape of one sample.
+      solvers: registry names (:func:`jdiff.solvers.names`).
+      nfes: numbers of network evaluations.
+      num: samples per cell; sample ``i`` has the same starting noise in every cell.
+      metrics: ``samples (num, *shape) -> {name: float}``, e.g. a Frechet distance.
+      cond: per-sample conditioning with leading axis ``num`` (e.g. labels).
+      seed: the noise seed shared by all cells.
+      batch_size: samples per device program (0: all at once).
+      out_dir: folder for ``cells.jsonl`` (resumable), ``results.csv``, ``results.md``,
+        ``fd_vs_nfe.png``; None keeps nothing on disk.
+      settings: what identifies the sweep besides solvers and NFEs (model, metric,
+        guidance...): a rerun into the same folder with other settings is refused.
+      progress: a progress bar on stderr.
+      label: prefix of the progress bar.
+
+    Returns:
+      One dict per cell: ``solver``, ``nfe`` (requested), ``nfe_used``, ``seconds``, the
+      metric values; cells a solver cannot run carry ``skipped`` instead.
+
+    Raises:
+      ValueError: before any sampling, for an unknown solver, a bad NFE, ``num < 1``, or
+        an output folder holding a sweep with other settings.
+    """
+    from tqdm.auto import tqdm
+
+    from jdiff._generate import generate
+
+    if not isinstance(num, (int, np.integer)) or num < 1:
+        raise ValueError(f"num must be a positive int, got {num!r}")
+    solver_values, cells, skipped = plan_cells(solvers, nfes, denoiser.process, grid_kind=grid_kind)
+    done: dict[tuple[str, int], dict] = {}
+    if out_dir is not None:
+        ident = dict(settings or {}, num=int(num), seed=int(seed), grid_kind=grid_kind, shape=list(shape))
+        _check_settings(out_dir, ident)
+        for row in read_cells(out_dir):
+            done[(row["solver"], int(row["nfe"]))] = row
+    rows = [dict(solver=n, nfe=f, skipped=why) for n, f, why in skipped]
+    todo = [c for c in cells if (c[0], c[1]) not in done]
+    rows += [done[(c[0], c[1])] for c in cells if (c[0], c[1]) in done]
+    if done and progress:
+        print(f"{label}resuming: {len(cells) - len(todo)} of {len(cells)} cells already done", file=sys.stderr)
+    bar = tqdm(total=len(todo), desc=label or "sweep", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    by_solver: dict[str, list] = {}
+    for c in todo:
+        by_solver.setdefault(c[0], []).append(c)
+    for name, group in by_solver.items():
+        solver = solver_values[name]
+        # one compiled loop for the solver's longest grid serves all its NFEs
+        max_steps = max(len(grid) - 1 for _, _, grid in group)
+        for _, nfe, grid in group:
+            bar.set_postfix_str(f"{name} nfe {nfe}")
+            t0 = time.perf_counter()
+            x, used = generate(
+                solver,
+                denoiser,
+                num,
+                shape,
+                nfe=nfe,
+                grid=grid,
+                seed=seed,
+                cond=cond,
+                batch_size=batch_size,
+                grid_kind=grid_kind,
+                return_nfe=True,
+                max_steps=max_steps,
+            )
+            seconds = time.perf_counter() - t0
+            finite = bool(np.all(np.isfinite(x)))
+            values = metrics(x) if finite else {}
+            row = dict(solver=name, nfe=nfe, nfe_used=int(used), seconds=round(seconds, 3), finite=finite)
+            row.update({k: float(v) for k, v in values.items()})
+            rows.append(row)
+            if out_dir is not None:
+                _append_cell(out_dir, row)
+            bar.update(1)
+    bar.close()
+    order = {n: i for i, n in enumerate(solvers)}
+    rows.sort(key=lambda r: (order[r["solver"]], r["nfe"]))
+    if out_dir is not None:
+        write_results(rows, out_dir)
+    return rows
+
+
+def _columns(rows) -> list[str]:
+    cols = ["solver", "nfe", "nfe_used"]
+    extra = []
+    for r in rows:
+        for k in r:
+            if k not in cols and k not in extra and k not in ("seconds", "finite", "skipped"):
+                extra.append(k)
+    return cols + extra + ["seconds", "skipped"]
+
+
+def write_results(rows: list[dict], out_dir: str, *, metric: str | None = None, title: str = "") -> None:
+    """``results.csv``, ``results.md`` (one row per solver, one column per NFE, of
+    ``metric``) and ``fd_vs_nfe.png`` in ``out_dir``."""
+    import csv
+
+    os.makedirs(out_dir, exist_ok=True)
+    cols = _columns(rows)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in cols})
+    metric = metric or next((c for c in cols if c not in ("solver", "nfe", "nfe_used", "seconds", "skipped")), None)
+    if metric is None:
+        return
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown_table(rows, metric, title=title))
+    plot_results(rows, os.path.join(out_dir, "fd_vs_nfe.png"), metric=metric, title=title)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.4g}"
+
+
+def markdown_table(rows: list[dict], metric: str, *, title: str = "") -> str:
+    """``metric`` as a Markdown table: one row per solver, one column per NFE."""
+    nfes = sorted({r["nfe"] for r in rows})
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    cell = {(r["solver"], r["nfe"]): r for r in rows}
+    out = [f"### {title or metric}\n", f"{metric} by solver (rows) and NFE (columns); '-': the solver cannot run\n"]
+    out.append("| solver | " + " | ".join(str(n) for n in nfes) + " |")
+    out.append("|---|" + "---:|" * len(nfes))
+    for s in solvers:
+        vals = []
+        for n in nfes:
+            r = cell.get((s, n))
+            vals.append("-" if r is None or "skipped" in r else _fmt(r.get(metric)))
+        out.append(f"| {s} | " + " | ".join(vals) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_results(rows: list[dict], path: str, *, metric: str, title: str = "") -> None:
+    """``metric`` against NFE, one line per solver, log axes (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    cmap = plt.get_cmap("tab20")
+    styles = ["-", "--", ":", "-."]
+    for i, s in enumerate(solvers):
+        pts = sorted(
+            (r["nfe_used"], r[metric])
+            for r in rows
+            if r["solver"] == s and "skipped" not in r and metric in r and r[metric] > 0
+        )
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, styles[(i // 20) % 4], marker="o", ms=3, color=cmap(i % 20), label=s, lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE (network evaluations per sample)")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} against NFE")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
