@@ -70,7 +70,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from jdiff import presets as P
     from jdiff import solvers
-    from jdiff.cli import plot, presets, sample, train
+    from jdiff.cli import bench, plot, presets, sample, train
 
     parser = _Parser(
         prog="jdiff",
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_parser(sub, _Formatter, solvers.names())
     presets.add_parser(sub, _Formatter)
     plot.add_parser(sub, _Formatter)
+    bench.add_parser(sub, _Formatter, solvers.names())
     return parser
 
 
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         resolved = args.check(args)  # every check before anything is created
-        if args.command in ("train", "sample"):
+        if args.command in ("train", "sample", "bench"):
             enable_compilation_cache()
         return int(args.fn(args, resolved) or 0)
     except (CLIError, ConfigError, CheckpointMismatchError, CheckpointCorruptError) as e:
