@@ -127,6 +127,7 @@ def nfe_sweep(
     settings: dict | None = None,
     progress: bool = True,
     label: str = "",
+    share_identical: bool = True,
 ) -> list[dict]:
     """Score ``num`` samples of ``denoiser`` for every (solver, NFE) cell.
 
@@ -146,6 +147,10 @@ def nfe_sweep(
         guidance...): a rerun into the same folder with other settings is refused.
       progress: a progress bar on stderr.
       label: prefix of the progress bar.
+      share_identical: a solver that computes exactly the same steps as another one in the
+        list (``jdiff.solvers._registry.IDENTICAL``: e.g. every first-order exponential
+        integrator is DDIM; proven by the tests) is not run again: its rows repeat the
+        target's numbers with ``same_as`` naming the target.
 
     Returns:
       One dict per cell: ``solver``, ``nfe`` (requested), ``nfe_used``, ``seconds``, the
@@ -161,7 +166,12 @@ def nfe_sweep(
 
     if not isinstance(num, (int, np.integer)) or num < 1:
         raise ValueError(f"num must be a positive int, got {num!r}")
+    from jdiff.solvers._registry import IDENTICAL
+
     solver_values, cells, skipped = plan_cells(solvers, nfes, denoiser.process, grid_kind=grid_kind)
+    alias = {n: IDENTICAL[n] for n in solvers if share_identical and IDENTICAL.get(n) in solver_values}
+    copies = [c for c in cells if c[0] in alias]
+    cells = [c for c in cells if c[0] not in alias]
     done: dict[tuple[str, int], dict] = {}
     if out_dir is not None:
         ident = dict(settings or {}, num=int(num), seed=int(seed), grid_kind=grid_kind, shape=list(shape))
@@ -208,6 +218,11 @@ def nfe_sweep(
                 _append_cell(out_dir, row)
             bar.update(1)
     bar.close()
+    found = {(r["solver"], r["nfe"]): r for r in rows}
+    for name, nfe, _ in copies:
+        src = found.get((alias[name], nfe))
+        if src is not None:
+            rows.append(dict(src, solver=name, same_as=alias[name]))
     order = {n: i for i, n in enumerate(solvers)}
     rows.sort(key=lambda r: (order[r["solver"]], r["nfe"]))
     if out_dir is not None:
@@ -220,9 +235,9 @@ def _columns(rows) -> list[str]:
     extra = []
     for r in rows:
         for k in r:
-            if k not in cols and k not in extra and k not in ("seconds", "finite", "skipped"):
+            if k not in cols and k not in extra and k not in ("seconds", "finite", "skipped", "same_as"):
                 extra.append(k)
-    return cols + extra + ["seconds", "skipped"]
+    return cols + extra + ["seconds", "same_as", "skipped"]
 
 
 def write_results(rows: list[dict], out_dir: str, *, metric: str | None = None, title: str = "") -> None:
@@ -264,7 +279,8 @@ def markdown_table(rows: list[dict], metric: str, *, title: str = "") -> str:
         for n in nfes:
             r = cell.get((s, n))
             vals.append("-" if r is None or "skipped" in r else _fmt(r.get(metric)))
-        out.append(f"| {s} | " + " | ".join(vals) + " |")
+        same = next((r.get("same_as") for r in rows if r["solver"] == s and r.get("same_as")), None)
+        out.append(f"| {s}{f' (= {same})' if same else ''} | " + " | ".join(vals) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -280,6 +296,8 @@ def plot_results(rows: list[dict], path: str, *, metric: str, title: str = "") -
     cmap = plt.get_cmap("tab20")
     styles = ["-", "--", ":", "-."]
     for i, s in enumerate(solvers):
+        if any(r.get("same_as") for r in rows if r["solver"] == s):
+            continue  # identical to a plotted solver
         pts = sorted(
             (r["nfe_used"], r[metric])
             for r in rows

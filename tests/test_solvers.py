@@ -286,3 +286,26 @@ def test_dpm_solver_singlestep_matches_the_papers_algorithms(one_batch, order):
             x = a(t_t) / a(t_s) * x - s(t_t) * jnp.expm1(h) * e_s - s(t_t) / r2 * (jnp.expm1(h) / h - 1.0) * d2
     got = jdiff.sample(S.dpm_solver(order, lower_order_final=False), den, x_T, grid)
     np.testing.assert_allclose(got, x, rtol=1e-10, atol=1e-12)
+
+
+def test_registry_identities_are_the_proven_ones():
+    # the sweeps report these aliases with their target's numbers: each pair must be one
+    # that the tests above prove identical
+    from jdiff.solvers._registry import IDENTICAL
+
+    first_order = {
+        S.dpm_solver(1),
+        S.dpm_solver_pp(1),
+        S.deis(1),
+        S.deis(1, basis="log_rho"),
+        S.unipc(1, corrector=False),
+        S.euler("rho"),
+        S.ipndm(1),
+    }
+    proven = {(s, S.ddim()) for s in first_order} | {
+        (S.unipc(2, corrector=False, variant="bh2"), S.dpm_solver_pp(2)),
+        (S.unipc(3, corrector=False, variant="bh2"), S.dpm_solver_pp(3)),
+        (S.sde_dpm_solver_pp(1), S.ddpm()),
+    }
+    for alias, target in IDENTICAL.items():
+        assert (S.get(alias), S.get(target)) in proven, (alias, target)

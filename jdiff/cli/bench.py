@@ -58,7 +58,9 @@ def add_parser(sub, formatter, solver_names: list[str]):
         help="reference images: .npy/.npz array (n, H, W, C) in [-1, 1], statistics computed here "
         "(default for --run: the run's own training data)",
     )
-    b.add_argument("--inception", metavar="WEIGHTS", help="InceptionV3 weights (.pth or .npz): FID instead of FD-digits")
+    b.add_argument(
+        "--inception", metavar="WEIGHTS", help="InceptionV3 weights (.pth or .npz): FID instead of FD-digits"
+    )
     b.add_argument("--no-testbed", action="store_true", help="skip the Gaussian-mixture testbed sweep")
     b.add_argument("--testbed-only", action="store_true", help="run only the testbed sweep")
     b.add_argument("--out", default="bench_results", metavar="DIR", help="results folder")

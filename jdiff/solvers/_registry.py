@@ -27,7 +27,7 @@ from jdiff.solvers.euler import euler, euler_maruyama, heun
 from jdiff.solvers.ipndm import ipndm
 from jdiff.solvers.unipc import unipc
 
-__all__ = ["get", "names", "FACTORIES"]
+__all__ = ["get", "names", "FACTORIES", "IDENTICAL"]
 
 FACTORIES = {
     f.__name__: f
@@ -80,6 +80,25 @@ _NAMES = (
     + [f"unip{k}" for k in (1, 2, 3)]
     + [f"ipndm{k}{v}" for k in (1, 2, 3, 4) for v in ("", "-v")]
 )
+
+
+# Registry names whose solver computes exactly the same steps as another one on the same
+# grid (and, for the stochastic pair, the same noise): first-order exponential integrators
+# are all DDIM, UniP-k without corrector (B(h) = e^h - 1) is DPM-Solver++(kM), first-order
+# SDE-DPM-Solver++ is DDPM. tests/test_solvers.py proves each identity to float64 rounding;
+# sweeps compute the target once and report the alias with the same numbers.
+IDENTICAL = {
+    "dpm1": "ddim",
+    "dpm++1m": "ddim",
+    "deis1": "ddim",
+    "deis1-log_rho": "ddim",
+    "unip1": "ddim",
+    "euler-rho": "ddim",
+    "ipndm1": "ddim",
+    "unip2": "dpm++2m",
+    "unip3": "dpm++3m",
+    "sde-dpm++1": "ddpm",
+}
 
 
 def names() -> list[str]:
