@@ -35,7 +35,7 @@ def add_parser(sub, formatter, solver_names: list[str]):
         "for the shipped digits model, or FID with InceptionV3 weights for a trained run; plus the exact Frechet "
         "distance on a Gaussian-mixture testbed. Writes results.csv, results.md and fd_vs_nfe.png per sweep "
         "under --out; rerunning an interrupted sweep continues where it stopped.",
-        epilog="examples:\n  jdiff bench                                  # the main job: shipped digits model + testbed\n"
+        epilog="examples:\n  jdiff bench        # the main job: shipped digits model + testbed\n"
         "  jdiff bench --solvers dpm++2m,unipc3,ddim --nfe 5,10,20 --num 500\n"
         "  jdiff bench --run runs/digits --ref heldout_stats.npz --out runs/digits/bench\n"
         "  jdiff bench --run runs/cifar --inception pt_inception-2015-12-05-6726825d.pth --ref cifar10_stats.npz "
