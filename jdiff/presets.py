@@ -6,6 +6,9 @@ dataclasses (:class:`jdiff.data.DataConfig`, :class:`jdiff.models.UNetConfig`, .
 :class:`jdiff.SamplingConfig`). :func:`get_preset` returns one by name;
 ``--set key=value`` overrides go through :func:`jdiff.cli.apply_overrides`, which this
 module re-exports with the rest of the configuration helpers.
+
+Trained models of presets ship with the package: :func:`pretrained` (``"digits"``)
+returns one as ``(denoiser, config)`` without training (see :mod:`jdiff._pretrained`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable
 
 import jdiff
 from jdiff._generate import SamplingConfig
+from jdiff._pretrained import PRETRAINED, export_pretrained, pretrained, pretrained_dir
 from jdiff.cli._config import (
     PROCESSES,
     ConfigError,
@@ -50,6 +54,10 @@ __all__ = [
     "config_diff",
     "describe_keys",
     "validate_config",
+    "PRETRAINED",
+    "pretrained",
+    "pretrained_dir",
+    "export_pretrained",
 ]
 
 
