@@ -7,6 +7,10 @@
   NHWC uint8 or ``[0, 1]`` images;
 - :class:`FeatureExtractor`: the interface the evaluation code uses, ``extractor(images)
   -> (n, dim)`` with ``.dim`` and ``.name``;
+- :class:`DigitsClassifier` / :func:`digits_classifier` / :func:`fd_digits`: the small
+  classifier of the 8x8 digits shipped with jdiff, whose 64-d features give FD-digits (a
+  Frechet distance like FID's, in other features: not FID) and whose class
+  probabilities serve as a reward model;
 - :func:`load_torch_state_dict`, :func:`save_npz`, :func:`load_npz_state_dict`: safe
   readers of PyTorch weights files (:class:`UnsafePickleError` for anything but tensors).
 """
@@ -18,6 +22,7 @@ from jdiff.features._torch_load import (
     load_torch_state_dict,
     save_npz,
 )
+from jdiff.features.digits import DigitsClassifier, digits_classifier, digits_split, digits_stats, fd_digits
 from jdiff.features.inception import (
     FID_WEIGHTS_FILE,
     INCEPTION_DIM,
@@ -36,6 +41,11 @@ from jdiff.features.inception import (
 )
 
 __all__ = [
+    "DigitsClassifier",
+    "digits_classifier",
+    "digits_split",
+    "digits_stats",
+    "fd_digits",
     "FeatureExtractor",
     "InceptionV3",
     "InceptionExtractor",
