@@ -9,6 +9,7 @@ Processes (:mod:`jdiff._process`), parameterizations and the denoiser boundary
 from jdiff import metrics, solvers, wrappers
 from jdiff._core import phi
 from jdiff._generate import SamplingConfig, generate
+from jdiff._gradient import Adjoint, Backprop, GradientStrategy, Remat, Truncated
 from jdiff._grid import GRID_KINDS, default_grid_kind, time_grid
 from jdiff._padded import sample_padded
 from jdiff._param import (
@@ -109,5 +110,10 @@ __all__ = [
     "prior_sample",
     "SampleInfo",
     "sample",
+    "GradientStrategy",
+    "Backprop",
+    "Remat",
+    "Adjoint",
+    "Truncated",
     "validate_grid",
 ]

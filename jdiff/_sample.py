@@ -10,11 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiff._checks import concrete, error_if
+from jdiff._gradient import Adjoint, Backprop, GradientStrategy, Remat, Truncated, check_gradient
 from jdiff._grid import time_grid
 from jdiff._param import Prediction, check_cond_batch
 from jdiff.solvers._base import Solver, compute_dtype
 
 __all__ = ["sample", "SampleInfo", "validate_grid", "check_x_T"]
+
+_BACKPROP = Backprop()  # the default gradient strategy (an immutable value)
 
 
 class SampleInfo(NamedTuple):
@@ -110,7 +113,7 @@ def sample(
     denoise_to_zero: bool = False,
     return_info: bool = False,
     trajectory: bool = False,
-    remat: bool = False,
+    gradient: GradientStrategy = _BACKPROP,
 ):
     """Sample by running ``solver`` from ``x_T`` over ``grid``.
 
@@ -137,24 +140,40 @@ def sample(
         prediction (k-diffusion's ``denoise_to_zero``).
       return_info: also return a :class:`SampleInfo` (NFE spent, grid, trajectory).
       trajectory: record states and model outputs at every step (needs return_info).
-      remat: rematerialize each step in the backward pass (``jax.checkpoint``):
-        gradient memory O(N |x|) instead of O(N activations).
+      gradient: how the reverse pass goes through sampling (see :mod:`jdiff._gradient`;
+        diffrax's ``adjoint=`` in spirit): :class:`~jdiff.Backprop` (the default: plain
+        autodiff through the scan, memory O(N activations)), :class:`~jdiff.Remat`
+        (each step under ``jax.checkpoint``: the same gradient, memory O(N |x|)),
+        :class:`~jdiff.Truncated` ``(k, remat=False)`` (only the last ``k`` steps carry
+        gradient, DRaFT-K / AlignProp) or :class:`~jdiff.Adjoint` (the adjoint ODE solved
+        backward, memory independent of N; deterministic solvers only). The forward
+        result is the same in every strategy.
 
     Returns:
       The samples (dtype of ``x_T``), or ``(samples, SampleInfo)``.
 
     Works under ``jit``, ``vmap`` (including a different grid per sample) and
-    ``grad`` with respect to ``x_T``, ``cond`` and the denoiser's parameters.
+    ``grad`` with respect to ``x_T``, ``cond``, the denoiser's parameters and (with
+    Backprop, Remat and Truncated) the grid times. Grid points at infinite log-SNR (a
+    final time ``t_data`` where sigma = 0, a start where alpha = 0) are ends of the time
+    domain, not free parameters: their gradient is 0 (see
+    :func:`jdiff.solvers._base.constant_infinite_ends`); every other time gets its exact
+    derivative.
 
     Raises:
       ValueError: before anything runs, for a grid that is not finite, not strictly
         decreasing or outside the process's times, a non-finite ``x_T`` or a ``cond``
-        whose batch is not ``x_T``'s. Under the caller's ``jit`` the value checks become
-        runtime checks (``equinox.error_if``) with the same words in the message; they
-        run once per call, not per step.
+        whose batch is not ``x_T``'s; ``Truncated(k)`` with ``k`` not in ``1..N`` (N grid
+        intervals); :class:`~jdiff.Adjoint` with a stochastic solver or another pair it
+        does not support. Under the caller's ``jit`` the value checks become runtime
+        checks (``equinox.error_if``) with the same words in the message; they run once
+        per call, not per step.
+      TypeError: a ``gradient`` that is not a gradient strategy.
+      NotImplementedError: :class:`~jdiff.Adjoint` where its module is not installed.
     """
     if not isinstance(solver, Solver):
         raise TypeError(f"solver must be a jdiff Solver (e.g. jdiff.solvers.ddim()), got {type(solver).__name__}")
+    check_gradient(gradient, None)
     process = getattr(denoiser, "process", None)
     if process is None or not callable(denoiser):
         raise TypeError("denoiser must be a jdiff Denoiser (see jdiff.denoiser)")
@@ -180,6 +199,14 @@ def sample(
         )
     if solver.stochastic and key is None:
         raise ValueError(f"{solver.name} is stochastic: pass key=jax.random.key(seed)")
+    check_gradient(gradient, N)
+    if isinstance(gradient, Adjoint):
+        if solver.stochastic:
+            raise ValueError(
+                f"Adjoint() integrates the probability-flow ODE backward; {solver.name} is stochastic: "
+                "use Backprop(), Remat() or Truncated(k), or a deterministic solver"
+            )
+        _adjoint_module().check_adjoint(gradient, solver, trajectory=trajectory, denoise_to_zero=denoise_to_zero)
 
     key = key if solver.stochastic else None
     # One cached compilation per (solver, denoiser structure, shapes, flags); inside a
@@ -196,7 +223,7 @@ def sample(
         nfe=nfe,
         denoise_to_zero=denoise_to_zero,
         trajectory=trajectory,
-        remat=remat,
+        gradient=gradient,
     )
     return (x, info) if return_info else x
 
@@ -210,22 +237,60 @@ def _jittable(tree) -> bool:
     return all(ok(leaf) for leaf in jax.tree.leaves(tree))
 
 
-def _run_impl(solver, denoiser, x_T, grid, cond, key, *, nfe, denoise_to_zero, trajectory, remat):
+def _adjoint_module():
+    """``jdiff._adjoint``, imported on first use of :class:`~jdiff.Adjoint`."""
+    try:
+        from jdiff import _adjoint
+    except ModuleNotFoundError as e:
+        if e.name != "jdiff._adjoint":
+            raise
+        raise NotImplementedError("Adjoint is not available yet") from None
+    return _adjoint
+
+
+def _stop(tree):
+    """``stop_gradient`` on the array leaves of ``tree`` (other leaves pass unchanged)."""
+    return jax.tree.map(lambda a: jax.lax.stop_gradient(a) if isinstance(a, jax.Array) else a, tree)
+
+
+def _run_impl(solver, denoiser, x_T, grid, cond, key, *, nfe, denoise_to_zero, trajectory, gradient):
     """The body of :func:`sample` after validation."""
     in_dtype = x_T.dtype
     dt = compute_dtype(x_T)
     den = denoiser if in_dtype == dt else _CastInput(denoiser, in_dtype)
-    state = solver.init(x_T.astype(dt), grid, denoiser.process, key=key, nfe=nfe)
     N = grid.shape[0] - 1
+    if isinstance(gradient, Adjoint):
+        grid = grid.astype(dt)
+        x = _adjoint_module().adjoint_sample(gradient, solver, den, x_T.astype(dt), grid, cond)
+        count = _forward_nfe(solver, denoiser.process, grid, nfe)
+        if denoise_to_zero:
+            x = den(x, grid[-1], cond).x0.astype(dt)
+            count = count + 1
+        return x.astype(in_dtype), SampleInfo(nfe=count, grid=grid)
 
-    def body(st, _):
-        new = solver.step(den, st, cond)
-        out = (new.x, new.pred.x0, new.pred.eps) if trajectory else None
-        return new, out
+    state = solver.init(x_T.astype(dt), grid, denoiser.process, key=key, nfe=nfe)
 
-    if remat:
-        body = jax.checkpoint(body)
-    state, traj = jax.lax.scan(body, state, None, length=N)
+    def steps(state, n, den, cond, remat):
+        def body(st, _):
+            new = solver.step(den, st, cond)
+            out = (new.x, new.pred.x0, new.pred.eps) if trajectory else None
+            return new, out
+
+        if remat:
+            body = jax.checkpoint(body)
+        return jax.lax.scan(body, state, None, length=n)
+
+    if isinstance(gradient, Truncated) and gradient.k < N:
+        # DRaFT-K: the first N - k steps see constants only (so no reverse pass is built
+        # for them), and the state they hand on is a constant too; the coefficient tables
+        # and the grid keep their dependence on the grid times for the last k steps
+        first, traj1 = steps(_stop(state), N - gradient.k, _stop(den), _stop(cond), False)
+        first = _stop(first)._replace(aux=state.aux, grid=state.grid)
+        state, traj2 = steps(first, gradient.k, den, cond, gradient.remat)
+        traj = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), traj1, traj2)
+    else:
+        remat = isinstance(gradient, Remat) or (isinstance(gradient, Truncated) and gradient.remat)
+        state, traj = steps(state, N, den, cond, remat)
     x = state.x
     count = state.nfe
     if denoise_to_zero:
@@ -238,4 +303,19 @@ def _run_impl(solver, denoiser, x_T, grid, cond, key, *, nfe, denoise_to_zero, t
     return x.astype(in_dtype), info
 
 
-_run = jax.jit(_run_impl, static_argnames=("solver", "nfe", "denoise_to_zero", "trajectory", "remat"))
+def _forward_nfe(solver, process, grid, nfe):
+    """Model calls of a forward pass of ``solver`` over ``grid`` (possibly traced), from
+    ``solver.nfe`` and whether the grid starts at alpha = 0 or ends at sigma = 0; for a
+    singlestep solver with an NFE target, the target (its schedule spends it exactly)."""
+    from jdiff.solvers.dpm_solver import Singlestep
+
+    N = grid.shape[0] - 1
+    if isinstance(solver, Singlestep) and nfe is not None:
+        return jnp.asarray(nfe, jnp.int32)
+    lam = process.lambda_(jnp.stack([grid[0], grid[-1]]))
+    from_noise, to_data = lam[0] == -jnp.inf, lam[1] == jnp.inf
+    table = jnp.asarray([[solver.nfe(N, a, b) for b in (False, True)] for a in (False, True)], jnp.int32)
+    return table[to_data.astype(jnp.int32), from_noise.astype(jnp.int32)]
+
+
+_run = jax.jit(_run_impl, static_argnames=("solver", "nfe", "denoise_to_zero", "trajectory", "gradient"))

@@ -11,6 +11,7 @@ from jdiff import solvers as S
 from jdiff.testbed import random_mixture
 
 pytestmark = pytest.mark.usefixtures("x64")
+BACKPROP = jdiff.Backprop()
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +55,14 @@ def test_grad_wrt_x_T_params_and_cond_matches_finite_differences(setup, solver):
     grid = jdiff.time_grid(proc, 6, dtype=jnp.float64)
     cond = jnp.asarray(0.02)
 
-    def loss(x, params, c, remat=False):
+    def loss(x, params, c, gradient=BACKPROP):
         d = den.replace(params=params)
-        return jnp.sum(jnp.sin(jdiff.sample(solver, d, x, grid, cond=c, remat=remat)))
+        return jnp.sum(jnp.sin(jdiff.sample(solver, d, x, grid, cond=c, gradient=gradient)))
 
     gx, gp, gc = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x_T, den.params, cond)
-    loss = jax.jit(loss, static_argnames="remat")
-    gx2, gp2, gc2 = jax.jit(jax.grad(lambda *a: loss(*a, remat=True), argnums=(0, 1, 2)))(x_T, den.params, cond)
+    loss = jax.jit(loss, static_argnames="gradient")
+    remat = jdiff.Remat()
+    gx2, gp2, gc2 = jax.jit(jax.grad(lambda *a: loss(*a, gradient=remat), argnums=(0, 1, 2)))(x_T, den.params, cond)
     np.testing.assert_allclose(gx2, gx, rtol=1e-12)
     np.testing.assert_allclose(gp2["w"], gp["w"], rtol=1e-12)
     # float64 central differences with step 1e-6: rounding EPS64 |loss| / eps ~ 3e-9 (|loss|

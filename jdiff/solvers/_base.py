@@ -40,6 +40,7 @@ __all__ = [
     "order_schedule",
     "grid_curves",
     "row",
+    "constant_infinite_ends",
 ]
 
 
@@ -136,8 +137,27 @@ def check_grid_shape(grid):
     return grid
 
 
-def empty_state(x_T, grid, *, hist_size: int = 0, key=None, aux=None) -> State:
-    """A fresh :class:`State` for ``x_T`` on ``grid`` (helper for ``init``)."""
+def constant_infinite_ends(process, grid):
+    """``grid`` with its points at infinite log-SNR made constants for autodiff.
+
+    A grid point where ``sigma = 0`` (``t_data``, the data) or ``alpha = 0`` (a start at
+    zero terminal SNR) is an end of the time domain, not a free parameter: ``t_data`` is
+    an isolated valid final time (times between it and ``t_min`` are invalid) and
+    ``alpha = 0`` only holds at ``t_max``. The curves can also have infinite slope there
+    (VP's ``sigma ~ sqrt(t)`` at ``t = 0``, ``log alpha`` at ``alpha = 0``), which would
+    turn the gradient into ``0 * inf = NaN``. So those entries get gradient 0, selected
+    with ``jnp.where`` after the derivative (a select does not propagate NaN), and every
+    other grid time keeps its exact derivative. The values are unchanged.
+    """
+    fixed = jax.lax.stop_gradient(grid)
+    return jnp.where(jnp.isfinite(process.lambda_(fixed)), grid, fixed)
+
+
+def empty_state(x_T, grid, *, hist_size: int = 0, key=None, aux=None, process=None) -> State:
+    """A fresh :class:`State` for ``x_T`` on ``grid`` (helper for ``init``). With
+    ``process``, the grid's ends at infinite log-SNR are constants for autodiff
+    (:func:`constant_infinite_ends`), so that the coefficient tables ``init`` builds
+    from ``state.grid`` have finite derivatives with respect to every grid time."""
     x = jnp.asarray(x_T)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x_T must be floating point, got {x.dtype}")
@@ -146,6 +166,8 @@ def empty_state(x_T, grid, *, hist_size: int = 0, key=None, aux=None) -> State:
     dt = compute_dtype(x)
     x = x.astype(dt)
     grid = check_grid_shape(grid).astype(dt)
+    if process is not None:
+        grid = constant_infinite_ends(process, grid)
     zeros = jnp.zeros_like(x)
     if key is not None:
         from jdiff._random import _batch_keys

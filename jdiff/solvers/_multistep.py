@@ -96,7 +96,10 @@ class Multistep(Solver):
     def _coefs(self, process, g, lam_nodes, q, variant, custom=False):
         if lam_nodes.shape[0] == 0:
             return ei_coefficients(g, mode=self.mode, K=0)
-        r = (lam_nodes - g.lam_s) / g.h_safe
+        # a node before the grid start has lambda = -inf (inactive): keep its r out of
+        # the derivative, or d r / d h = -r / h would give 0 * inf = NaN
+        ok = jnp.isfinite(lam_nodes)
+        r = jnp.where(ok, (jnp.where(ok, lam_nodes, g.lam_s) - g.lam_s) / g.h_safe, -jnp.inf)
         if custom:
             return ei_coefficients(g, r, q, mode=self.mode, w=self.weights(process, g, lam_nodes, q))
         return ei_coefficients(g, r, q, mode=self.mode, coef=variant)
@@ -152,7 +155,7 @@ class Multistep(Solver):
         check_key(self, key)
         # UniC's oldest node m_{i-K} must survive the push: one more slot
         hist_size = self.order + int(self.corrector is not None)
-        state = empty_state(x_T, grid, hist_size=hist_size, key=key if self.stochastic else None)
+        state = empty_state(x_T, grid, hist_size=hist_size, key=key if self.stochastic else None, process=process)
         return state._replace(aux=self.table(process, state.grid))
 
     def step(self, denoiser, state, cond=None):

@@ -51,7 +51,7 @@ class DDIM(Solver):
     def init(self, x_T, grid, process, *, key=None, nfe=None):
         del nfe
         check_key(self, key)
-        state = empty_state(x_T, grid, key=key if self.stochastic else None)
+        state = empty_state(x_T, grid, key=key if self.stochastic else None, process=process)
         g = grid_curves(process, state.grid).steps
         one_m = -jnp.expm1(-2.0 * jnp.where(g.finite, g.h, jnp.inf))  # 1 - e^{-2h}
         c = self.eta * g.sigma_t * jnp.sqrt(one_m)

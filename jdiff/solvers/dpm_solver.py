@@ -110,7 +110,7 @@ class Singlestep(Solver):
 
     def init(self, x_T, grid, process, *, key=None, nfe=None):
         del key
-        state = empty_state(x_T, grid)
+        state = empty_state(x_T, grid, process=process)
         n = state.grid.shape[0] - 1
         # validate the target on a concrete grid (raises a clear error); the schedule
         # itself is computed from the (possibly traced) grid in the table

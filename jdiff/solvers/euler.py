@@ -79,7 +79,7 @@ class Euler(Solver):
         return "euler" if self.time == "t" else f"euler-{self.time}"
 
     def init(self, x_T, grid, process, *, key=None, nfe=None):
-        state = empty_state(x_T, grid)
+        state = empty_state(x_T, grid, process=process)
         return state._replace(aux=_t_table(process, state.grid))
 
     def step(self, denoiser, state, cond=None):
@@ -110,7 +110,7 @@ class Heun(Solver):
         return "heun" if self.time == "t" else f"heun-{self.time}"
 
     def init(self, x_T, grid, process, *, key=None, nfe=None):
-        state = empty_state(x_T, grid)
+        state = empty_state(x_T, grid, process=process)
         return state._replace(aux=_t_table(process, state.grid))
 
     def step(self, denoiser, state, cond=None):
@@ -195,7 +195,7 @@ class EulerMaruyama(Solver):
 
     def init(self, x_T, grid, process, *, key=None, nfe=None):
         check_key(self, key)
-        state = empty_state(x_T, grid, key=key)
+        state = empty_state(x_T, grid, key=key, process=process)
         grid = state.grid
         g = grid_curves(process, grid).steps
         s = jnp.where(g.finite, grid[:-1], process.t_min)  # keep the unused branch finite

@@ -63,7 +63,7 @@ class IPNDM(Solver):
     def init(self, x_T, grid, process, *, key=None, nfe=None):
         K = self.order
         ab = jnp.asarray([list(_AB[k]) + [0.0] * (K - k) for k in range(1, K + 1)])  # (K, K)
-        state = empty_state(x_T, grid, hist_size=K)
+        state = empty_state(x_T, grid, hist_size=K, process=process)
         grid = state.grid
         N = grid.shape[0] - 1
         gc = grid_curves(process, grid)
