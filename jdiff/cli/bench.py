@@ -54,9 +54,9 @@ def add_parser(sub, formatter, solver_names: list[str]):
     b.add_argument("--ref", metavar="FILE", help="reference statistics .npz with keys mu, sigma (pytorch-fid format)")
     b.add_argument(
         "--ref-data",
-        metavar="FILE",
-        help="reference images: .npy/.npz array (n, H, W, C) in [-1, 1], statistics computed here "
-        "(default for --run: the run's own training data)",
+        metavar="PATH",
+        help="reference images: a folder of image files, or an .npy/.npz array (n, H, W, C) in [-1, 1]; "
+        "statistics computed here (default for --run: the run's own training data)",
     )
     b.add_argument(
         "--inception", metavar="WEIGHTS", help="InceptionV3 weights (.pth or .npz): FID instead of FD-digits"
@@ -113,8 +113,8 @@ def resolve(args):
             ref = load_stats(args.ref)
         except (ValueError, OSError) as e:
             raise CLIError(f"--ref {args.ref}: {e}") from None
-    if args.ref_data and not os.path.isfile(args.ref_data):
-        raise CLIError(f"--ref-data: file not found: {args.ref_data}")
+    if args.ref_data and not os.path.exists(args.ref_data):
+        raise CLIError(f"--ref-data: not found: {args.ref_data}")
     if args.inception and not os.path.isfile(args.inception):
         raise CLIError(f"--inception: file not found: {args.inception}")
     dim = 2048 if args.inception else 64
@@ -246,8 +246,16 @@ def _digits(names, nfes, args) -> None:
     print(f"digits sweep: {len(rows)} cells in {time.perf_counter() - t0:.0f} s -> {out}/results.md")
 
 
-def _load_images(path: str):
+def _load_images(path: str, shape):
     import numpy as np
+
+    if os.path.isdir(path):
+        from jdiff.data import load_image_folder
+
+        try:
+            return load_image_folder(path, int(shape[0]), int(shape[-1]))[0]
+        except (ValueError, OSError) as e:
+            raise CLIError(f"--ref-data {path}: {e}") from None
 
     try:
         data = np.load(path, allow_pickle=False)
@@ -288,7 +296,7 @@ def _trained_run(names, nfes, args, ref) -> None:
         name, metrics_of = "fd_digits", lambda r: _digits_metrics(clf, r, labels)
         stats_of = clf.stats
     if ref is None:
-        x_ref = _load_images(args.ref_data) if args.ref_data else cfg.data.load()[0]
+        x_ref = _load_images(args.ref_data, run_.data_shape) if args.ref_data else cfg.data.load()[0]
         if tuple(x_ref.shape[1:]) != tuple(run_.data_shape):
             raise CLIError(f"reference images have shape {x_ref.shape[1:]}, the model makes {run_.data_shape}")
         ref = stats_of(x_ref)
