@@ -282,6 +282,16 @@ def test_digits_images_end_to_end(tmp_path, capsys):
         assert im.mode == "L" and im.size == (10 * 48 + 11 * 6, 2 * 48 + 3 * 6)
         a = np.asarray(im)
     assert a.std() > 0  # not a blank image
+    # the NFE sweep of this run: FD-digits against its own training data, resumable
+    bench = tmp_path / "bench"
+    argv = ["bench", "--run", out, "--solvers", "ddim,dpm1", "--nfe", "2,3", "--num", 70, "--out", bench]
+    code, o, e = run_cli(argv + ["--no-progress"], capsys)
+    assert code == 0, e
+    import csv
+
+    rows = list(csv.DictReader(open(bench / "results.csv")))
+    assert [(r["solver"], r["nfe"]) for r in rows] == [("ddim", "2"), ("ddim", "3"), ("dpm1", "2"), ("dpm1", "3")]
+    assert all(float(r["fd_digits"]) > 0 and 0 <= float(r["accuracy"]) <= 1 for r in rows)
 
 
 def test_presets_build():
