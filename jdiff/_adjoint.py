@@ -55,7 +55,6 @@ last step.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -64,45 +63,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiff._core import ei_weights, phi
+from jdiff._gradient import Adjoint
 from jdiff.solvers._base import evaluate
 
 __all__ = ["Adjoint", "check_adjoint", "adjoint_sample"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Adjoint:
-    """Gradient by the adjoint of the sampler, in memory independent of the number of steps.
-
-    The backward pass reconstructs the trajectory backward in time and takes the
-    transposed solver step at each reconstructed state (see :mod:`jdiff._adjoint`).
-
-    Attributes:
-      order: order of the backward reconstruction (DPM-Solver++ multistep), 1, 2 or 3;
-        ``None`` uses the solver's order (plus one with a UniC corrector), at most 3.
-    """
-
-    order: int | None = None
-
-    def __post_init__(self):
-        if self.order is not None and (isinstance(self.order, bool) or self.order not in (1, 2, 3)):
-            raise ValueError(f"Adjoint(order=...) must be 1, 2, 3 or None, got {self.order!r}")
-
-    def resolve_order(self, solver) -> int:
-        """The reconstruction order used with ``solver``."""
-        if self.order is not None:
-            return self.order
-        o = int(getattr(solver, "order", 1))
-        if getattr(solver, "corrector", None) is not None:
-            o += 1
-        return max(1, min(o, 3))
-
-
 def _supported(solver) -> bool:
+    from jdiff.solvers._multistep import Multistep
     from jdiff.solvers.ddim import DDIM
     from jdiff.solvers.dpm_solver import Singlestep
     from jdiff.solvers.euler import Euler, Heun
     from jdiff.solvers.ipndm import IPNDM
-    from jdiff.solvers._multistep import Multistep
 
     if isinstance(solver, DDIM):
         return solver.eta == 0.0

@@ -51,9 +51,33 @@ class Remat(GradientStrategy):
 
 @dataclasses.dataclass(frozen=True)
 class Adjoint(GradientStrategy):
-    """The continuous adjoint of the probability-flow ODE, solved backward in time with
-    the sampler's exponential integrator, inside ``jax.custom_vjp``: memory independent
-    of the number of steps. See jdiff/_adjoint.py."""
+    """Gradient by the adjoint of the sampler, in memory independent of the number of steps.
+
+    The backward pass reconstructs the trajectory backward in time and takes the
+    transposed solver step at each reconstructed state (see :mod:`jdiff._adjoint`: AdjointDPM, Pan et al.,
+    ICLR 2024; AdjointDEIS, Blasingame & Liu, NeurIPS 2024). Deterministic solvers only;
+    the grid times get the gradient of the exact flow map (ends only; see
+    :func:`jdiff._adjoint.adjoint_sample`).
+
+    Attributes:
+      order: order of the backward reconstruction (DPM-Solver++ multistep), 1, 2 or 3;
+        ``None`` uses the solver's order (plus one with a UniC corrector), at most 3.
+    """
+
+    order: int | None = None
+
+    def __post_init__(self):
+        if self.order is not None and (isinstance(self.order, bool) or self.order not in (1, 2, 3)):
+            raise ValueError(f"Adjoint(order=...) must be 1, 2, 3 or None, got {self.order!r}")
+
+    def resolve_order(self, solver) -> int:
+        """The reconstruction order used with ``solver``."""
+        if self.order is not None:
+            return self.order
+        o = int(getattr(solver, "order", 1))
+        if getattr(solver, "corrector", None) is not None:
+            o += 1
+        return max(1, min(o, 3))
 
 
 @dataclasses.dataclass(frozen=True)

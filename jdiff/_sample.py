@@ -261,7 +261,7 @@ def _run_impl(solver, denoiser, x_T, grid, cond, key, *, nfe, denoise_to_zero, t
     N = grid.shape[0] - 1
     if isinstance(gradient, Adjoint):
         grid = grid.astype(dt)
-        x = _adjoint_module().adjoint_sample(gradient, solver, den, x_T.astype(dt), grid, cond)
+        x = _adjoint_module().adjoint_sample(gradient, solver, den, x_T.astype(dt), grid, cond, nfe=nfe)
         count = _forward_nfe(solver, denoiser.process, grid, nfe)
         if denoise_to_zero:
             x = den(x, grid[-1], cond).x0.astype(dt)
