@@ -53,15 +53,24 @@ class Remat(GradientStrategy):
 class Adjoint(GradientStrategy):
     """Gradient by the adjoint of the sampler, in memory independent of the number of steps.
 
-    The backward pass reconstructs the trajectory backward in time and takes the
-    transposed solver step at each reconstructed state (see :mod:`jdiff._adjoint`: AdjointDPM, Pan et al.,
-    ICLR 2024; AdjointDEIS, Blasingame & Liu, NeurIPS 2024). Deterministic solvers only;
-    the grid times get the gradient of the exact flow map (ends only; see
-    :func:`jdiff._adjoint.adjoint_sample`).
+    The forward pass keeps only the last two states; the backward pass reconstructs the
+    trajectory backward in time and transposes the solver's step at each reconstructed
+    state (see :mod:`jdiff._adjoint` for the equations and AdjointDPM, Pan et al.,
+    ICLR 2024; AdjointDEIS, Blasingame & Liu, NeurIPS 2024). Gradients with respect to
+    ``x_T``, the conditioning and the parameters approach backprop's as the steps
+    shrink, at the solver's order; the grid gets the exact flow map's end-time
+    gradients (see :func:`adjoint_sample`).
+
+    Supports the deterministic solvers: DDIM (``eta = 0``), Euler and Heun, DPM-Solver
+    and DPM-Solver++ (singlestep and multistep), DEIS, UniPC and iPNDM. Stochastic
+    solvers and ``trajectory=True`` raise ``ValueError`` (:func:`check_adjoint`).
 
     Attributes:
       order: order of the backward reconstruction (DPM-Solver++ multistep), 1, 2 or 3;
         ``None`` uses the solver's order (plus one with a UniC corrector), at most 3.
+
+    Raises:
+      ValueError: ``order`` not None, 1, 2 or 3.
     """
 
     order: int | None = None
