@@ -169,7 +169,6 @@ def sample(
         checks (``equinox.error_if``) with the same words in the message; they run once
         per call, not per step.
       TypeError: a ``gradient`` that is not a gradient strategy.
-      NotImplementedError: :class:`~jdiff.Adjoint` where its module is not installed.
     """
     if not isinstance(solver, Solver):
         raise TypeError(f"solver must be a jdiff Solver (e.g. jdiff.solvers.ddim()), got {type(solver).__name__}")
@@ -239,12 +238,8 @@ def _jittable(tree) -> bool:
 
 def _adjoint_module():
     """``jdiff._adjoint``, imported on first use of :class:`~jdiff.Adjoint`."""
-    try:
-        from jdiff import _adjoint
-    except ModuleNotFoundError as e:
-        if e.name != "jdiff._adjoint":
-            raise
-        raise NotImplementedError("Adjoint is not available yet") from None
+    from jdiff import _adjoint
+
     return _adjoint
 
 
