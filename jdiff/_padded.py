@@ -18,9 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jdiff._grid import time_grid
-from jdiff._param import check_cond_batch
-from jdiff._sample import _CastInput, check_x_T, validate_grid
+from jdiff._sample import _CastInput, check_inputs
 from jdiff.solvers._base import Solver, compute_dtype, empty_state
 
 __all__ = ["sample_padded"]
@@ -113,35 +111,12 @@ def sample_padded(
     Not reverse-mode differentiable (the loop is a ``while_loop``): use
     :func:`jdiff.sample` with a gradient strategy for gradients.
     """
-    if not isinstance(solver, Solver):
-        raise TypeError(f"solver must be a jdiff Solver (e.g. jdiff.solvers.ddim()), got {type(solver).__name__}")
-    process = getattr(denoiser, "process", None)
-    if process is None or not callable(denoiser):
-        raise TypeError("denoiser must be a jdiff Denoiser (see jdiff.denoiser)")
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
-    x_T = jnp.asarray(x_T)
-    if not jnp.issubdtype(x_T.dtype, jnp.floating):
-        raise TypeError(f"x_T must be floating point, got {x_T.dtype}")
-    if x_T.ndim < 1:
-        raise ValueError("x_T must have a leading batch axis, e.g. shape (B, d)")
-    if grid is None:
-        if nfe is None:
-            raise ValueError("give a time grid or a target nfe")
-        grid = time_grid(process, kind=grid_kind, nfe=nfe, solver=solver, final=final)
-    grid = validate_grid(process, grid)
-    x_T = check_x_T(x_T)
-    check_cond_batch(cond, x_T.shape[0], "x_T", x_T.shape)
-    N = grid.shape[0] - 1
+    x_T, grid, N = check_inputs(solver, denoiser, x_T, grid, cond, key, nfe=nfe, grid_kind=grid_kind, final=final)
     if N > max_steps:
         raise ValueError(f"the grid has {N} intervals, more than max_steps={max_steps}")
-    if N < solver.min_steps:
-        raise ValueError(
-            f"{solver.name} needs at least {solver.min_steps} steps to reach its order {solver.order}; "
-            f"the grid has {N}: use more steps or a lower order"
-        )
-    if solver.stochastic and key is None:
-        raise ValueError(f"{solver.name} is stochastic: pass key=jax.random.key(seed)")
+    process = denoiser.process
     key = key if solver.stochastic else None
 
     in_dtype = x_T.dtype

@@ -99,6 +99,38 @@ def check_x_T(x_T):
     return error_if(x_T, ~jnp.all(jnp.isfinite(x_T)), f"x_T of shape {x_T.shape} has non-finite values (NaN or inf)")
 
 
+def check_inputs(solver, denoiser, x_T, grid, cond, key, *, nfe, grid_kind, final):
+    """The checks every sampling entry point makes before anything runs; returns
+    ``(x_T, grid, N)`` with the grid built from ``nfe`` when not given and both carrying
+    their runtime value checks when traced (see :func:`validate_grid`)."""
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a jdiff Solver (e.g. jdiff.solvers.ddim()), got {type(solver).__name__}")
+    process = getattr(denoiser, "process", None)
+    if process is None or not callable(denoiser):
+        raise TypeError("denoiser must be a jdiff Denoiser (see jdiff.denoiser)")
+    x_T = jnp.asarray(x_T)
+    if not jnp.issubdtype(x_T.dtype, jnp.floating):
+        raise TypeError(f"x_T must be floating point, got {x_T.dtype}")
+    if x_T.ndim < 1:
+        raise ValueError("x_T must have a leading batch axis, e.g. shape (B, d)")
+    if grid is None:
+        if nfe is None:
+            raise ValueError("give a time grid or a target nfe")
+        grid = time_grid(process, kind=grid_kind, nfe=nfe, solver=solver, final=final)
+    grid = validate_grid(process, grid)
+    x_T = check_x_T(x_T)
+    check_cond_batch(cond, x_T.shape[0], "x_T", x_T.shape)
+    N = grid.shape[0] - 1
+    if N < solver.min_steps:
+        raise ValueError(
+            f"{solver.name} needs at least {solver.min_steps} steps to reach its order {solver.order}; "
+            f"the grid has {N}: use more steps or a lower order"
+        )
+    if solver.stochastic and key is None:
+        raise ValueError(f"{solver.name} is stochastic: pass key=jax.random.key(seed)")
+    return x_T, grid, N
+
+
 def sample(
     solver: Solver,
     denoiser,
@@ -170,34 +202,10 @@ def sample(
         per call, not per step.
       TypeError: a ``gradient`` that is not a gradient strategy.
     """
-    if not isinstance(solver, Solver):
-        raise TypeError(f"solver must be a jdiff Solver (e.g. jdiff.solvers.ddim()), got {type(solver).__name__}")
     check_gradient(gradient, None)
-    process = getattr(denoiser, "process", None)
-    if process is None or not callable(denoiser):
-        raise TypeError("denoiser must be a jdiff Denoiser (see jdiff.denoiser)")
-    x_T = jnp.asarray(x_T)
-    if not jnp.issubdtype(x_T.dtype, jnp.floating):
-        raise TypeError(f"x_T must be floating point, got {x_T.dtype}")
-    if x_T.ndim < 1:
-        raise ValueError("x_T must have a leading batch axis, e.g. shape (B, d)")
     if trajectory and not return_info:
         raise ValueError("trajectory=True needs return_info=True")
-    if grid is None:
-        if nfe is None:
-            raise ValueError("give a time grid or a target nfe")
-        grid = time_grid(process, kind=grid_kind, nfe=nfe, solver=solver, final=final)
-    grid = validate_grid(process, grid)
-    x_T = check_x_T(x_T)
-    check_cond_batch(cond, x_T.shape[0], "x_T", x_T.shape)
-    N = grid.shape[0] - 1
-    if N < solver.min_steps:
-        raise ValueError(
-            f"{solver.name} needs at least {solver.min_steps} steps to reach its order {solver.order}; "
-            f"the grid has {N}: use more steps or a lower order"
-        )
-    if solver.stochastic and key is None:
-        raise ValueError(f"{solver.name} is stochastic: pass key=jax.random.key(seed)")
+    x_T, grid, N = check_inputs(solver, denoiser, x_T, grid, cond, key, nfe=nfe, grid_kind=grid_kind, final=final)
     check_gradient(gradient, N)
     if isinstance(gradient, Adjoint):
         if solver.stochastic:
