@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+from jdiff._xla import prefer_fast_cpu_compile
+
 WORKER_PATH = os.path.abspath(__file__)
 REPO_ROOT = os.path.dirname(os.path.dirname(WORKER_PATH))
 
@@ -29,6 +31,7 @@ def subprocess_env(**extra):
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + rest)
     env.pop("XLA_FLAGS", None)
+    prefer_fast_cpu_compile(env)
     env.update(extra)
     return env
 

@@ -10,6 +10,10 @@ import os
 # up to floating-point reassociation, which every tolerance here already allows for.
 # Subprocesses inherit the setting. JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs fully optimized.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# XLA's older CPU loop emitters compile these programs about twice as fast (jdiff/_xla.py).
+from jdiff._xla import prefer_fast_cpu_compile  # noqa: E402
+
+prefer_fast_cpu_compile()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

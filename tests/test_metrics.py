@@ -13,6 +13,7 @@ import scipy.linalg
 import scipy.spatial
 from conftest import EPS64, NSIGMA
 
+from jdiff._xla import prefer_fast_cpu_compile
 from jdiff.metrics import (
     StreamingStats,
     check_fid_sample_count,
@@ -276,6 +277,7 @@ def test_streaming_stats_read_sharded_arrays_shard_by_shard():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    prefer_fast_cpu_compile(env)
     env["JAX_PLATFORMS"] = "cpu"
     r = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]

@@ -27,6 +27,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from jdiff._xla import prefer_fast_cpu_compile
 from jdiff.cli._common import CLIError, Run, build_run, enable_compilation_cache
 from jdiff.cli._config import ConfigError, RunConfig
 from jdiff.cli._run import load_run, load_run_state
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jdiff`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    prefer_fast_cpu_compile()  # before JAX's backend starts
     command = argv[0] if argv and not argv[0].startswith("-") else "jdiff"
     debug = bool(os.environ.get("JDIFF_DEBUG"))
     try:
