@@ -262,29 +262,31 @@ def order_schedule(order: int, num_steps: int, nfe: int | None, *, lower_order_f
                 f"use between {lo} and {hi}"
             )
     finite = np.array([k not in forced for k in range(num_steps)], bool)
-    with jax.ensure_compile_time_eval():
-        orders = traced_order_schedule(order, jnp.asarray(finite), nfe, lower_order_final=lower_order_final)
-    return [int(o) for o in np.asarray(orders)]
+    # the same arithmetic in NumPy: no small eager programs compiled per grid length
+    orders = traced_order_schedule(order, finite, nfe, lower_order_final=lower_order_final)
+    return [int(o) for o in orders]
 
 
 def traced_order_schedule(order: int, finite, nfe: int | None, *, lower_order_final: bool = False):
     """The singlestep order schedule from (possibly traced) per-step flags ``finite``
     (steps with infinite log-SNR increment are first order): with ``nfe``, the free
     steps start at ``order`` and the last ones are lowered until the orders add up to
-    ``nfe`` (clamped to what the grid allows; :func:`order_schedule` validates)."""
+    ``nfe`` (clamped to what the grid allows; :func:`order_schedule` validates).
+    A NumPy ``finite`` gives a NumPy result."""
+    xp = np if isinstance(finite, np.ndarray) else jnp
     n = finite.shape[0]
-    free = finite.astype(jnp.int32)
+    free = finite.astype(xp.int32)
     if nfe is not None:
-        hi = order * jnp.sum(free) + (n - jnp.sum(free))
-        extra = jnp.maximum(hi - nfe, 0)
+        hi = order * xp.sum(free) + (n - xp.sum(free))
+        extra = xp.maximum(hi - nfe, 0)
         # capacity (order - 1 each) of the free steps after step j
-        after = (jnp.cumsum(free[::-1])[::-1] - free) * (order - 1)
-        cut = jnp.clip(extra - after, 0, order - 1)
-        return jnp.where(finite, order - cut, 1).astype(jnp.int32)
-    orders = jnp.full((n,), order, jnp.int32)
+        after = (xp.cumsum(free[::-1])[::-1] - free) * (order - 1)
+        cut = xp.clip(extra - after, 0, order - 1)
+        return xp.where(finite, order - cut, 1).astype(xp.int32)
+    orders = xp.full((n,), order, xp.int32)
     if lower_order_final and n < 15:
-        orders = jnp.minimum(orders, n - jnp.arange(n))
-    return jnp.where(finite, orders, 1).astype(jnp.int32)
+        orders = xp.minimum(orders, n - xp.arange(n))
+    return xp.where(finite, orders, 1).astype(xp.int32)
 
 
 def infinite_steps(process, grid) -> tuple:
