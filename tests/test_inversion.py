@@ -105,7 +105,7 @@ def test_editing_changes_the_result(exact_runs, name):
 def test_runtime_checks_under_jit(setup, exact_runs):
     """Under the caller's jit a NaN in the data and a gamma out of range are caught at
     run time (the compiled round trip of exact_runs, run again)."""
-    _, x0, _, _, _ = setup
+    x0 = setup[2]
     _, _, fns = exact_runs
     with pytest.raises(Exception, match="non-finite"):
         jax.block_until_ready(fns["bdia"](x0.at[0, 0].set(jnp.nan), 1.0))
