@@ -445,7 +445,8 @@ def edict_invert(
     Args:
       denoiser, x0, grid, cond, grid_kind: as in :func:`invert`.
       nfe: model calls when no grid is given (even: 2 per step).
-      p: mixing weight in (0, 1] (the paper uses 0.93).
+      p: mixing weight in (0, 1] (the paper uses 0.93); a number, or a traced scalar
+        checked at run time (one compiled program serves every value).
       leapfrog: alternate which sequence is updated first.
 
     Returns:
@@ -523,7 +524,7 @@ def bdia_invert(denoiser, x0, grid=None, *, nfe=None, cond=None, gamma: float = 
     Args:
       denoiser, x0, grid, cond, grid_kind: as in :func:`invert`.
       nfe: model calls when no grid is given (one per step, at least 2).
-      gamma: in (0, 1] (the paper's default for images is about 0.96).
+      gamma: in (0, 1] (the paper's default for images is about 0.96); may be traced.
 
     Returns:
       :class:`BDIAInversion` holding ``x_T`` and ``x_1``; :func:`regenerate` takes
@@ -601,7 +602,7 @@ def ddpm_invert(denoiser, x0, grid=None, *, key, nfe=None, cond=None, eta: float
       key: PRNG key of the noised copies (one key, sample ``i`` then uses
         ``fold_in(key, i)``, or one per sample).
       nfe: model calls when no grid is given (one per step).
-      eta: DDIM's stochasticity of the sampler in (0, 1].
+      eta: DDIM's stochasticity of the sampler in (0, 1]; may be traced.
 
     Returns:
       :class:`DDPMInversion`.
