@@ -23,7 +23,10 @@ both of its ends must have finite log-SNR.
   outputs at ``s`` and before, so
   ``x_t <- (x_s - c_0 m(x_t, t) - sum_j c_j m_j) / c_x``. For DDIM (order 1) that
   equation is exactly the forward DDIM step, so the refined inversion converges to an
-  exact inverse of DDIM sampling as ``k`` grows.
+  exact inverse of DDIM sampling as ``k`` grows. A multistep solver's forward step also
+  uses outputs at noisier states that the inversion has not reached, so for it the
+  refined step is an implicit (Adams-Moulton-type) step of the same order, not the
+  sampler's inverse: it converges, but need not shrink the round trip.
 - :func:`edict_invert`: EDICT (Wallace, Gokul & Naik, "EDICT: Exact Diffusion Inversion
   via Coupled Transformations", CVPR 2023): two coupled DDIM sequences mixed with
   weight ``p``; every step is an affine coupling layer, inverted in closed form. Two
@@ -44,7 +47,9 @@ costs ``N`` (ODE solvers, DDPM), ``2 N`` (EDICT) and ``N - 1`` (BDIA, which star
 two stored states).
 
 Everything runs under ``jit`` (the compiled programs are cached per settings, like
-:func:`jdiff.sample`); input checks raise ``ValueError`` before anything runs.
+:func:`jdiff.sample`; ``p``, ``gamma``, ``eta`` and the number of refinement iterations are
+traced, so changing them does not recompile); input checks raise ``ValueError`` before
+anything runs.
 """
 
 from __future__ import annotations
