@@ -614,7 +614,7 @@ def bits_per_dim(
     Args:
       denoiser, x: as :func:`log_likelihood`.
       key: PRNG key for the dequantization noise and the Hutchinson probes (split in
-        two); required for either.
+        two; one key, or one key per sample); required for either.
       dequantization: a :class:`Dequantization` or None.
       **kwargs: passed to :func:`log_likelihood` (``divergence``, ``num_probes``, ...).
 
@@ -635,7 +635,15 @@ def bits_per_dim(
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be floating point, got dtype {x.dtype}")
-    k_deq, k_probe = jax.random.split(key) if key is not None else (None, None)
+    k_deq = k_probe = None
+    if key is not None:
+        from jdiff._random import is_key_batch
+
+        if is_key_batch(key):  # one key per sample: split each
+            pair = jax.vmap(jax.random.split)(key)
+            k_deq, k_probe = pair[:, 0], pair[:, 1]
+        else:
+            k_deq, k_probe = jax.random.split(key)
     if dequantization is not None:
         y = dequantization(k_deq, x)
         offset = dequantization.bits_offset
