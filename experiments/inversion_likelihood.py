@@ -11,9 +11,12 @@ Sections (``--section``):
   batch, ``||x0' - x0|| / ||x0||``, and the wall time of inversion + regeneration,
   compilation included).
 
-More sections (likelihood, Ito density, SuperDiff) plug into ``SECTIONS``.
+- ``likelihood``, ``ito``, ``superdiff`` (in ``_likelihood_sections.py``, see there): bits
+  per dimension of the digits model with exact and Hutchinson divergence; the PF-ODE and
+  Ito log-densities against the exact one on a Gaussian-mixture testbed; SuperDiff OR and
+  AND of two class prompts, judged by the digits classifier.
 
-    python experiments/inversion_likelihood.py --section inversion [--samples 64] [--nfe 10 20 50 100]
+    python experiments/inversion_likelihood.py [--section inversion|likelihood|ito|superdiff|all]
 """
 
 from __future__ import annotations
@@ -105,19 +108,34 @@ def _write_csv(rows, path):
         w.writerows(rows)
 
 
-SECTIONS = {"inversion": run_inversion}
+def _sections():
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _likelihood_sections as L
+
+    return L, {
+        "inversion": run_inversion,
+        "likelihood": L.run_likelihood,
+        "ito": L.run_ito,
+        "superdiff": L.run_superdiff,
+    }
 
 
 def main(argv=None):
+    L, SECTIONS = _sections()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--section", choices=sorted(SECTIONS), default="inversion")
+    ap.add_argument("--section", choices=[*SECTIONS, "all"], default="all")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
     ap.add_argument("--methods", nargs="*", default=None, help="inversion methods to run (default: all)")
     ap.add_argument("--out", default=RESULTS)
+    L.add_arguments(ap)
     args = ap.parse_args(argv)
-    SECTIONS[args.section](args)
+    for name, fn in SECTIONS.items():
+        if args.section in (name, "all"):
+            fn(args)
 
 
 if __name__ == "__main__":
