@@ -190,6 +190,12 @@ def test_denoise_to_zero_adds_one_call_and_returns_x0(one_batch):
 def test_traced_schedule_equals_static_schedule():
     from jdiff.solvers._base import traced_order_schedule
 
+    # order_schedule (NumPy, validated) against the jitted schedule with traced flags and a
+    # traced NFE target, as solvers compute it inside a jit
+    traced = jax.jit(traced_order_schedule, static_argnames=("order", "lower_order_final"))
+    free_traced = jax.jit(
+        lambda order, finite: traced_order_schedule(order, finite, None, lower_order_final=True), static_argnums=0
+    )
     for order in (2, 3):
         for n in range(1, 7):
             for forced in [(), (0,), (n - 1,), (0, n - 1)]:
@@ -197,7 +203,10 @@ def test_traced_schedule_equals_static_schedule():
                 free = int(jnp.sum(finite))
                 for nfe in [None] + list(range(n, order * free + (n - free) + 1)):
                     want = S.order_schedule(order, n, nfe, lower_order_final=True, forced=forced)
-                    got = traced_order_schedule(order, finite, nfe, lower_order_final=True)
+                    if nfe is None:
+                        got = free_traced(order, finite)
+                    else:
+                        got = traced(order=order, finite=finite, nfe=jnp.int32(nfe), lower_order_final=True)
                     assert [int(v) for v in got] == want, (order, n, forced, nfe)
 
 
