@@ -162,8 +162,10 @@ def test_manual_init_step_loop_equals_sample(setup):
     den = mix.denoiser(proc)
     grid = jdiff.time_grid(proc, 6, dtype=jnp.float64)
     solver = S.unipc(2)
-    state = solver.init(x_T, grid, proc)
+    # each call jitted on its own (eager op-by-op dispatch would compile every small op)
+    state = jax.jit(solver.init)(x_T, grid, proc)
+    step = jax.jit(lambda st: solver.step(den, st, None))
     for _ in range(6):
-        state = solver.step(den, state, None)
+        state = step(state)
     np.testing.assert_allclose(state.x, jdiff.sample(solver, den, x_T, grid), rtol=1e-13)
     assert int(state.nfe) == 6 and int(state.i) == 6
