@@ -412,38 +412,31 @@ def _likelihood_impl(
         # the path by the solver (its states at the grid nodes), d log p/dlambda at the nodes
         ts = grid.astype(dt)[::-1]  # increasing: data to noise
         rhs = _augmented(_field(denoiser, cond, "lambda"), probes, exact)
-        x_T, divs = _solve_solver(method, denoiser, cond, rhs, x, ts, process)
-        lam = process.lambda_(ts)
+        zT, divs = _solve_solver(method, denoiser, cond, rhs, x, ts, process)
         # log p_0(x_0) - log p_T(x_T) = Int_{lam_0}^{lam_T} div(dx/dlam) dlam
         #   = D (log alpha_T - log alpha_0) - Int_{lam_0}^{lam_T} sigma div(eps_hat) dlam
-        acc = -jnp.einsum("n,nkb->kb", _node_weights(lam), divs)
+        acc = -jnp.einsum("n,nkb->kb", _node_weights(process.lambda_(ts)), divs)
         acc = acc + D * (process.log_alpha(ts[-1]) - process.log_alpha(ts[0]))
         steps = jnp.asarray(ts.shape[0] - 1, jnp.int32)
-        prior = prior_log_prob(x_T) if prior_log_prob is not None else gaussian_prior_log_prob(process, x_T)
-        prior = jnp.asarray(prior, dt).reshape(B)
-        per_probe = (prior[:, None] + acc.T).astype(dt)
-        logp = jnp.mean(per_probe, axis=1)
-        return LikelihoodResult(logp, prior, logp - prior, per_probe, x_T, steps)
-
-    field = _field(denoiser, cond, time)
-    rhs = _augmented(field, probes, exact)
-
-    if grid is None:
-        ts = jnp.asarray([t_start, t_end], dt)
     else:
-        ts = grid.astype(dt)[::-1]  # increasing: data to noise
-    if time == "rho":
-        ss = process.rho(ts)
-        ss = jnp.where(ts == (process.t_data if process.t_data is not None else -1.0), 0.0, ss)
-        z0 = x / process.alpha(ts[0])
-    else:
-        ss = ts
-        z0 = x
-    state = (z0, jnp.zeros((K, B), dt))
-    if grid is None:
-        (zT, acc), steps = _solve_adaptive(rhs, state, ss[0], ss[-1], method, rtol, atol, max_steps)
-    else:
-        (zT, acc), steps = _solve_fixed(rhs, state, ss, method)
+        field = _field(denoiser, cond, time)
+        rhs = _augmented(field, probes, exact)
+        if grid is None:
+            ts = jnp.asarray([t_start, t_end], dt)
+        else:
+            ts = grid.astype(dt)[::-1]  # increasing: data to noise
+        if time == "rho":
+            ss = process.rho(ts)
+            ss = jnp.where(ts == (process.t_data if process.t_data is not None else -1.0), 0.0, ss)
+            z0 = x / process.alpha(ts[0])
+        else:
+            ss = ts
+            z0 = x
+        state = (z0, jnp.zeros((K, B), dt))
+        if grid is None:
+            (zT, acc), steps = _solve_adaptive(rhs, state, ss[0], ss[-1], method, rtol, atol, max_steps)
+        else:
+            (zT, acc), steps = _solve_fixed(rhs, state, ss, method)
     if time == "rho":
         # x = alpha y: log p_x(x) = log p_y(y) - D log alpha at both ends
         a0, aT = process.alpha(ts[0]), process.alpha(ts[-1])
