@@ -17,7 +17,9 @@ dimension; for small dimensions) or Hutchinson's estimate ``v^T (dv/dx) v`` with
 ``v`` drawn once per sample and kept fixed along the path (FFJORD), Rademacher or
 Gaussian; every probe is integrated as its own unbiased estimate. The ODE is solved by
 diffrax with adaptive steps (Tsit5, Dopri5 or Dopri8 with a PID controller) or on a
-fixed jdiff time grid (Euler, Heun or classic RK4). ``time="rho"`` integrates the EDM
+fixed jdiff time grid (Euler, Heun or classic RK4, or any deterministic jdiff solver run
+from data to noise as in :func:`jdiff.inversion.invert`, with the divergence integrated
+over the grid's nodes in log-SNR). ``time="rho"`` integrates the EDM
 form ``y = x / alpha`` against ``rho = sigma / alpha`` (``dy/drho = eps_hat``), which
 stays smooth at the data, so the integral may start exactly at ``t_data``.
 
@@ -44,6 +46,7 @@ import numpy as np
 
 from jdiff._checks import concrete, error_if
 from jdiff._param import check_cond_batch
+from jdiff.solvers._base import Solver
 
 __all__ = [
     "DIVERGENCES",
@@ -74,7 +77,8 @@ class LikelihoodResult(NamedTuple):
       log_prob: ``(B,)`` the estimate of ``log p(x)`` in nats (the mean over probes).
       prior_log_prob: ``(B,)`` ``log p_T(x_T)`` of the prior at the end of the path.
       delta: ``(B,)`` the change of ``log p`` along the path (``log_prob - prior_log_prob``;
-        the divergence integral plus, for ``time="rho"``, the ``-D log alpha`` terms).
+        the divergence integral plus, for ``time="rho"`` or a jdiff solver, the
+        ``D log alpha`` terms).
       per_probe: ``(B, K)`` one ``log p(x)`` estimate per Hutchinson probe (``K = 1``
         for the exact divergence); independent given ``x``, so their spread gives the
         probe part of the error.
@@ -243,7 +247,12 @@ def _field(denoiser, cond, time):
         a = process.alpha(t)
         return denoiser(a * y, t, cond).eps.astype(y.dtype)
 
-    return f_t if time == "t" else f_rho
+    def f_lam(t, x):
+        # sigma * eps_hat: dx/dlambda = (dlog alpha/dlambda) x - sigma eps_hat, whose
+        # linear part has the constant divergence D dlog alpha/dlambda (integrated exactly)
+        return (process.sigma(t) * denoiser(x, t, cond).eps).astype(x.dtype)
+
+    return {"t": f_t, "rho": f_rho, "lambda": f_lam}[time]
 
 
 def _augmented(field, probes, exact):
@@ -315,6 +324,49 @@ def _solve_fixed(rhs, state, ss, method):
     return y, jnp.asarray(ss.shape[0] - 1, jnp.int32)
 
 
+def _node_weights(s):
+    """Quadrature weights ``w`` (``(N + 1,)``) with ``sum_n w_n h(s_n) ~ Int_{s_0}^{s_N} h ds``
+    on monotone nodes ``s`` (either direction, any spacing).
+
+    Each interval ``[s_n, s_{n+1}]`` integrates the cubic through the four nodes
+    ``n - 1 .. n + 2`` (the stencil shifted inward at the ends; fewer nodes when the grid
+    has fewer than 3 intervals), exactly by 2-point Gauss-Legendre. Composite error
+    ``O(h^4)`` for a smooth integrand (``O(h^2)`` / ``O(h^3)`` on grids of 1 / 2 intervals).
+    """
+    N = s.shape[0] - 1
+    p = min(4, N + 1)
+    n = jnp.arange(N)
+    j0 = jnp.clip(n - (p // 2 - 1), 0, N + 1 - p)
+    idx = j0[:, None] + jnp.arange(p)  # (N, p) stencil of each interval
+    h = s[1:] - s[:-1]
+    v = (s[idx] - s[:-1, None]) / h[:, None]  # stencil in units of the interval: 0 and 1 are its ends
+    g = jnp.asarray([0.5 - 0.5 / math.sqrt(3.0), 0.5 + 0.5 / math.sqrt(3.0)], s.dtype)
+    w = jnp.zeros((N, p), s.dtype)
+    for k in range(p):
+        basis = jnp.ones((N, 2), s.dtype)
+        for m in range(p):
+            if m != k:
+                basis = basis * (g[None] - v[:, m, None]) / (v[:, k, None] - v[:, m, None])
+        w = w.at[:, k].set(0.5 * jnp.sum(basis, axis=1))
+    return jnp.zeros(N + 1, s.dtype).at[idx].add(w * h[:, None])
+
+
+def _solve_solver(solver, denoiser, cond, rhs, x, ts, process):
+    """Run ``solver`` on the increasing times ``ts`` (data to noise, as
+    :func:`jdiff.inversion.invert`), evaluating ``rhs``'s divergence at every node state.
+    Returns ``(x_T, divs)`` with ``divs`` of shape ``(N + 1, K, B)``."""
+    state = solver.init(x, ts, process)
+    aux = jnp.zeros((1,) + x.shape[:1], x.dtype)
+
+    def body(st, _):
+        _, div = rhs(st.grid[st.i], (st.x, aux))
+        return solver.step(denoiser, st, cond), div
+
+    state, divs = jax.lax.scan(body, state, None, length=ts.shape[0] - 1)
+    _, div_T = rhs(state.grid[-1], (state.x, aux))
+    return state.x, jnp.concatenate([divs, div_T[None]], axis=0)
+
+
 def _draw_probes(key, shape, num_probes, probe, dtype):
     """``(K, B, ...)`` probes; sample ``i``'s come from ``fold_in(key, i)`` (or ``key[i]``)."""
     from jdiff._random import _batch_keys
@@ -356,25 +408,35 @@ def _likelihood_impl(
     exact = divergence == "exact"
     probes = None if exact else _draw_probes(key, x.shape, num_probes, probe, dt)
     K = 1 if exact else num_probes
-    field = _field(denoiser, cond, time)
-    rhs = _augmented(field, probes, exact)
-
-    if grid is None:
-        ts = jnp.asarray([t_start, t_end], dt)
-    else:
+    if isinstance(method, Solver):
+        # the path by the solver (its states at the grid nodes), d log p/dlambda at the nodes
         ts = grid.astype(dt)[::-1]  # increasing: data to noise
-    if time == "rho":
-        ss = process.rho(ts)
-        ss = jnp.where(ts == (process.t_data if process.t_data is not None else -1.0), 0.0, ss)
-        z0 = x / process.alpha(ts[0])
+        rhs = _augmented(_field(denoiser, cond, "lambda"), probes, exact)
+        zT, divs = _solve_solver(method, denoiser, cond, rhs, x, ts, process)
+        # log p_0(x_0) - log p_T(x_T) = Int_{lam_0}^{lam_T} div(dx/dlam) dlam
+        #   = D (log alpha_T - log alpha_0) - Int_{lam_0}^{lam_T} sigma div(eps_hat) dlam
+        acc = -jnp.einsum("n,nkb->kb", _node_weights(process.lambda_(ts)), divs)
+        acc = acc + D * (process.log_alpha(ts[-1]) - process.log_alpha(ts[0]))
+        steps = jnp.asarray(ts.shape[0] - 1, jnp.int32)
     else:
-        ss = ts
-        z0 = x
-    state = (z0, jnp.zeros((K, B), dt))
-    if grid is None:
-        (zT, acc), steps = _solve_adaptive(rhs, state, ss[0], ss[-1], method, rtol, atol, max_steps)
-    else:
-        (zT, acc), steps = _solve_fixed(rhs, state, ss, method)
+        field = _field(denoiser, cond, time)
+        rhs = _augmented(field, probes, exact)
+        if grid is None:
+            ts = jnp.asarray([t_start, t_end], dt)
+        else:
+            ts = grid.astype(dt)[::-1]  # increasing: data to noise
+        if time == "rho":
+            ss = process.rho(ts)
+            ss = jnp.where(ts == (process.t_data if process.t_data is not None else -1.0), 0.0, ss)
+            z0 = x / process.alpha(ts[0])
+        else:
+            ss = ts
+            z0 = x
+        state = (z0, jnp.zeros((K, B), dt))
+        if grid is None:
+            (zT, acc), steps = _solve_adaptive(rhs, state, ss[0], ss[-1], method, rtol, atol, max_steps)
+        else:
+            (zT, acc), steps = _solve_fixed(rhs, state, ss, method)
     if time == "rho":
         # x = alpha y: log p_x(x) = log p_y(y) - D log alpha at both ends
         a0, aT = process.alpha(ts[0]), process.alpha(ts[-1])
@@ -412,6 +474,25 @@ def _positive(name, v):
     if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not (v > 0) or v == math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
     return float(v)
+
+
+def _check_solver_grid(solver, process, grid, x):
+    """The grid of a jdiff solver: enough steps and finite log-SNR at both ends (a
+    ``ValueError`` now for a concrete grid, at run time under ``jit``)."""
+    N = grid.shape[0] - 1
+    if N < max(1, solver.min_steps):
+        raise ValueError(f"method={solver.name} needs at least {solver.min_steps} grid steps, the grid has {N}")
+    msg = (
+        f"method={solver.name} needs finite log-SNR at both grid ends (end the grid at t_min, not at t_data "
+        "where sigma = 0, and start where alpha > 0): use jdiff.time_grid(..., final='t_min')"
+    )
+    ends = jnp.stack([grid[0], grid[-1]]).astype(jnp.result_type(x.dtype, jnp.float32))
+    g = concrete(ends)
+    if g is not None:
+        if not np.all(np.isfinite(np.asarray(process.lambda_(jnp.asarray(g))))):
+            raise ValueError(msg)
+        return grid
+    return error_if(grid, ~jnp.all(jnp.isfinite(process.lambda_(ends))), msg)
 
 
 def _check_common(denoiser, x, cond):
@@ -478,7 +559,30 @@ def log_likelihood(
         integrated separately (``per_probe``); ``log_prob`` is their mean.
       method: ``"tsit5"``, ``"dopri5"``, ``"dopri8"`` (diffrax, adaptive steps with
         ``rtol``/``atol``; ignored with a grid) or, with ``grid``/``num_steps``, a fixed
-        grid method ``"euler"``, ``"heun"`` or ``"rk4"``.
+        grid method ``"euler"``, ``"heun"`` or ``"rk4"``, or a jdiff solver value for
+        which :func:`jdiff.inversion.invertible` holds (``jdiff.solvers.ddim()``,
+        ``dpm_solver_pp(2)``, ``unipc(3)``, ``deis(...)``, ``ipndm(...)``).
+
+        With a jdiff solver, the state runs from data to noise on the reversed grid with
+        the solver's own steps (exponential integrators in log-SNR ``lambda``, as
+        :func:`jdiff.inversion.invert`; Lu et al., "DPM-Solver++", 2022; Zhao et al.,
+        "UniPC", NeurIPS 2023), and the log-density along that path follows from
+        ``dx/dlambda = (dlog alpha/dlambda) x - sigma eps_hat``:
+
+            log p(x_0) = log p_T(x_T) + D (log alpha_T - log alpha_0)
+                         + Int_{lambda_T}^{lambda_0} sigma div(eps_hat)(x_lambda) dlambda,
+
+        the ``alpha`` term exact, the integral by a composite 4-point rule over the
+        grid's nodes in ``lambda`` (each interval integrates the cubic through its four
+        nearest nodes: error ``O(h^4)``), with ``sigma div(eps_hat)`` evaluated at the
+        solver's node states by the ``divergence`` chosen here. The total error is
+        therefore the solver's, ``O(h^p)`` for an order-``p`` solver. ``time`` must be
+        ``"t"`` and both grid ends need finite log-SNR (start at ``t_min``, not
+        ``t_data``). Cost over ``N`` grid steps: ``solver.nfe(N)`` model calls (``N``
+        for these solvers) for the path plus ``N + 1`` divergence evaluations, each
+        ``D`` JVPs (exact) or ``num_probes`` JVPs (Hutchinson); a fixed Runge-Kutta
+        method spends ``N``/``2N``/``4N`` (Euler/Heun/RK4) such evaluations, so for a
+        given ``N`` the solver is about as costly as Euler and has its own order.
       rtol, atol: tolerances of the adaptive step-size controller (PID).
       max_steps: the adaptive solver's step budget.
       grid: a decreasing jdiff time grid (``jdiff.time_grid``), traversed from its end
@@ -500,7 +604,9 @@ def log_likelihood(
 
     Raises:
       TypeError: a denoiser without a process, non-float ``x``.
-      ValueError: an unknown ``divergence``/``probe``/``method``/``time``;
+      ValueError: an unknown ``divergence``/``probe``/``method``/``time``; a jdiff
+        solver that is stochastic or cannot run backward, without a grid, with
+        ``time="rho"``, from ``t_data`` or on a grid with an end at infinite log-SNR;
         ``num_probes`` < 1; Hutchinson without a key; bad tolerances; times outside the
         process's range or not ``t_start < t_end``; ``time="t"`` from ``t_data``;
         ``time="rho"`` to ``alpha = 0``; a grid that is not a valid decreasing grid;
@@ -521,9 +627,31 @@ def log_likelihood(
     if time not in TIMES:
         raise ValueError(f"unknown time {time!r}; expected one of {TIMES}")
     fixed = grid is not None or num_steps is not None
-    if fixed and method not in FIXED_METHODS:
-        raise ValueError(f"with a grid the method must be one of {FIXED_METHODS} (fixed steps), got {method!r}")
-    if not fixed and method not in ADAPTIVE_METHODS:
+    solver = method if isinstance(method, Solver) else None
+    if solver is not None:
+        from jdiff.inversion import invertible
+
+        if not invertible(solver):
+            raise ValueError(
+                f"method={solver.name} cannot integrate the PF-ODE from data to noise: a jdiff solver here "
+                "must be deterministic and run backward (jdiff.inversion.invertible): ddim() (eta=0), "
+                "dpm_solver_pp(2), unipc(3), deis, ipndm, ..."
+            )
+        if not fixed:
+            raise ValueError(f"method={solver.name} (a jdiff solver) runs on a grid: pass grid= or num_steps=")
+        if time != "t":
+            raise ValueError(
+                f"time={time!r} applies to {FIXED_METHODS + ADAPTIVE_METHODS}; method={solver.name} steps in "
+                "log-SNR by itself: leave time='t'"
+            )
+    elif fixed and method not in FIXED_METHODS:
+        if callable(method) and not isinstance(method, str):
+            raise ValueError(f"method={method!r} is not a jdiff solver value: call it, e.g. dpm_solver_pp(2)")
+        raise ValueError(
+            f"with a grid the method must be one of {FIXED_METHODS} (fixed steps) or a deterministic jdiff "
+            f"solver (e.g. jdiff.solvers.dpm_solver_pp(2)), got {method!r}"
+        )
+    if not fixed and solver is None and method not in ADAPTIVE_METHODS:
         raise ValueError(
             f"unknown adaptive method {method!r}; expected one of {ADAPTIVE_METHODS}, "
             f"or pass grid= or num_steps= for {FIXED_METHODS}"
@@ -540,6 +668,11 @@ def log_likelihood(
     process.check_times(np.asarray([t_end]), allow_data=False, what="t_end")
     if not t_start < t_end:
         raise ValueError(f"need t_start < t_end (data to prior), got t_start={t_start}, t_end={t_end}")
+    if solver is not None and at_data:
+        raise ValueError(
+            f"method={solver.name} needs finite log-SNR at both ends: it cannot start at t_data={t_start} "
+            "(sigma = 0); start at t_min, or use time='rho' with a Runge-Kutta method"
+        )
     if time == "t" and at_data:
         raise ValueError(
             f"time='t' cannot start at t_data={t_start}: sigma'(t) may be infinite there; "
@@ -568,8 +701,16 @@ def log_likelihood(
 
             grid = validate_grid(process, grid)
             g = concrete(grid)
-            if g is not None and time == "t" and process.t_data is not None and float(g[-1]) == process.t_data:
+            if (
+                g is not None
+                and solver is None
+                and time == "t"
+                and process.t_data is not None
+                and float(g[-1]) == process.t_data
+            ):
                 raise ValueError("time='t' cannot integrate from t_data (sigma' may be infinite): use time='rho'")
+        if solver is not None:
+            grid = _check_solver_grid(solver, process, grid, x)
         t_start = t_end = None  # the grid says
 
     from jdiff._sample import _jittable
