@@ -98,11 +98,26 @@ CASES = {
 }
 
 
+RAM_FRACTION = 0.5  # never run a gradient whose temporary buffers need more than this share of RAM
+
+
+def _ram_bytes() -> float:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--time-budget", type=float, default=30.0, help="skip timing a cell above this many seconds")
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=30.0,
+        help="skip timing a cell above this many seconds (cells needing more than half the RAM are never run)",
+    )
     args = ap.parse_args(argv)
     cases = list(CASES)
     nfes = (10, 100) if args.quick else NFES
@@ -135,7 +150,7 @@ def main(argv=None):
                     t0 = time.perf_counter()
                     jax.block_until_ready(compiled(x, den))
                     fwd_time = (time.perf_counter() - t0) / nfe  # per step, first strategy's estimate
-                if fwd_time * nfe * 2 <= args.time_budget:
+                if fwd_time * nfe * 2 <= args.time_budget and temp * MiB <= RAM_FRACTION * _ram_bytes():
                     jax.block_until_ready(compiled(x, den))
                     ts = []
                     for _ in range(3):
