@@ -6,8 +6,14 @@ its per-step coefficients in ``init`` (cheap: no network) and its ``step`` reads
 ``i`` of those tables and the grid points ``i`` and ``i + 1``. So the tables of a short
 grid can be padded to ``max_steps`` rows and the steps run in a ``lax.while_loop`` whose
 trip count is data: one compiled program per (solver, denoiser structure, shapes) serves
-every grid with at most ``max_steps`` intervals, and only the small ``init`` program is
-compiled per length. This is what the NFE-versus-quality sweep uses.
+every grid with at most ``max_steps`` intervals. The tables themselves are compiled once
+too: ``init`` runs on the grid padded to ``max_steps + 1`` points (repeats of its last
+point) with the true length as traced data (:func:`jdiff.solvers._base.padded_length`),
+and the solvers' table code reads the length from
+:func:`~jdiff.solvers._base.steps_of` (``lower_order_final``, singlestep NFE schedules,
+whose target is traced too), so rows ``i < N`` are those of the unpadded grid. A solver
+without ``padded_tables`` gets its tables compiled per length instead. This is what the
+NFE-versus-quality sweep uses.
 
 The loop is not reverse-mode differentiable (``while_loop``); use :func:`jdiff.sample`
 for gradients.
@@ -17,9 +23,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdiff._sample import _CastInput, check_inputs
-from jdiff.solvers._base import Solver, compute_dtype, empty_state
+from jdiff.solvers._base import Solver, compute_dtype, empty_state, padded_length
 
 __all__ = ["sample_padded"]
 
@@ -32,27 +39,63 @@ def _pad_rows(a, rows: int):
     return jnp.concatenate([a, pad], axis=0)
 
 
-def _tables_impl(solver, process, grid, *, nfe, max_steps, dtype):
+def _pad_grid(grid, points: int):
+    """``grid`` followed by repeats of its last point, ``points`` in all."""
+    n = grid.shape[0]
+    if not isinstance(grid, jax.core.Tracer) and getattr(grid, "is_fully_addressable", True):
+        # on the host (also at full length, so that every length passes the same kind of
+        # argument to the jitted tables): no small program compiled per length
+        g = np.asarray(grid)
+        return np.concatenate([g, np.repeat(g[-1:], points - n)])
+    return jnp.concatenate([grid, jnp.broadcast_to(grid[-1:], (points - n,))])
+
+
+def _tables_impl(solver, process, grid, num_steps, nfe, *, with_nfe, dtype):
     # The coefficient tables depend on the grid and the process only: compute them for a
     # one-element dummy state, so the program is shared by every sample shape (and by
-    # sweeps of different models on the same process).
+    # sweeps of different models on the same process). ``grid`` is padded to the bound
+    # and ``num_steps`` (its true length) and ``nfe`` are traced: one program per bound.
     key = jax.random.key(0) if solver.stochastic else None
-    state = solver.init(jnp.zeros((1, 1), dtype), grid, process, key=key, nfe=nfe)
-    # the per-step tables have leading axis N; pad them (and the grid) to max_steps
-    aux = jax.tree.map(lambda a: _pad_rows(a, max_steps), state.aux)
-    return aux, _pad_rows(state.grid, max_steps + 1), state.hist
+    with padded_length(num_steps):
+        state = solver.init(jnp.zeros((1, 1), dtype), grid, process, key=key, nfe=nfe if with_nfe else None)
+    return state.aux, state.grid, state.hist
 
 
 # tiny programs: XLA's optimization passes would cost more than they save
 _tables = jax.jit(
     _tables_impl,
+    static_argnames=("solver", "with_nfe", "dtype"),
+    compiler_options={"xla_backend_optimization_level": 0},
+)
+
+
+def _tables_per_length_impl(solver, process, grid, *, nfe, max_steps, dtype):
+    # solvers whose init needs the unpadded grid (no padded_tables): the tables of the
+    # actual grid, padded to max_steps rows afterwards (one program per length)
+    key = jax.random.key(0) if solver.stochastic else None
+    state = solver.init(jnp.zeros((1, 1), dtype), grid, process, key=key, nfe=nfe)
+    aux = jax.tree.map(lambda a: _pad_rows(a, max_steps), state.aux)
+    return aux, _pad_rows(state.grid, max_steps + 1), state.hist
+
+
+_tables_per_length = jax.jit(
+    _tables_per_length_impl,
     static_argnames=("solver", "nfe", "max_steps", "dtype"),
     compiler_options={"xla_backend_optimization_level": 0},
 )
 
 
 def _init(solver, process, x, grid, key, *, nfe, max_steps):
-    aux, padded, hist = _tables(solver, process, grid, nfe=nfe, max_steps=max_steps, dtype=x.dtype)
+    if solver.padded_tables:
+        solver._check_nfe(process, grid, nfe)  # on the concrete grid, before tracing
+        num_steps = np.int32(grid.shape[0] - 1)
+        nfe_arg = np.int32(0 if nfe is None else nfe)
+        padded = _pad_grid(grid, max_steps + 1)
+        aux, padded, hist = _tables(
+            solver, process, padded, num_steps, nfe_arg, with_nfe=nfe is not None, dtype=x.dtype
+        )
+    else:
+        aux, padded, hist = _tables_per_length(solver, process, grid, nfe=nfe, max_steps=max_steps, dtype=x.dtype)
     # every solver's init is empty_state(x, grid, hist_size, key) plus its tables
     state = empty_state(x, padded, hist_size=hist.shape[0], key=key if solver.stochastic else None)
     return state._replace(aux=aux)
@@ -88,10 +131,11 @@ def sample_padded(
     """:func:`jdiff.sample` with one compiled program for every grid of at most
     ``max_steps`` intervals.
 
-    The solver's coefficient tables are computed for the actual grid (a small program
-    without the network, compiled per grid length) and padded to ``max_steps`` rows; the
-    steps then run in a ``lax.while_loop`` whose trip count is the grid's length, so a
-    sweep over NFE compiles the network's sampling loop once per solver. The result
+    The solver's coefficient tables (a small program without the network) are computed
+    on the grid padded to ``max_steps + 1`` points with its length and the ``nfe``
+    target as data, and the steps then run in a ``lax.while_loop`` whose trip count is
+    the grid's length, so a sweep over NFE compiles both programs once per solver
+    (solvers without ``padded_tables`` compile their tables per length). The result
     equals :func:`jdiff.sample`'s up to floating-point reassociation (tested).
 
     Args:

@@ -19,6 +19,8 @@ grid stays data, so a new grid of the same length reuses the compiled program.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, NamedTuple
 
 import jax
@@ -41,6 +43,8 @@ __all__ = [
     "grid_curves",
     "row",
     "constant_infinite_ends",
+    "steps_of",
+    "padded_length",
 ]
 
 
@@ -94,10 +98,18 @@ class Solver:
         short name does not carry follow in parentheses, e.g. ``"dpm++2m(solver_type=heun)"``),
         so ``jdiff.solvers.get(solver.name) == solver``.
       min_steps: the fewest grid intervals the solver accepts.
+      padded_tables: whether ``init`` supports padded grids: under
+        :func:`padded_length`, ``init`` receives the grid padded with repeats of its
+        last point and the true (traced) number of intervals, and builds tables whose
+        rows ``i < N`` are those of the unpadded grid (it reads the length with
+        :func:`steps_of`, never ``grid.shape[0] - 1``, and row ``i`` depends only on
+        grid points ``0..i + 1``). :func:`jdiff.sample_padded` then compiles the tables
+        once for every grid length; solvers without it get one tables program per length.
     """
 
     stochastic = False
     min_steps = 1
+    padded_tables = False
 
     def init(self, x_T, grid, process, *, key=None, nfe=None) -> State:
         raise NotImplementedError
@@ -111,6 +123,36 @@ class Solver:
 
     def num_steps(self, nfe, to_data=False, from_noise=False) -> int:
         return nfe
+
+    def _check_nfe(self, process, grid, nfe) -> None:
+        """Raise ``ValueError`` now when ``nfe`` cannot be spent on ``grid`` (a solver
+        whose ``init`` uses the target; called with the concrete, unpadded grid before
+        :func:`jdiff.sample_padded` traces ``init`` with a traced target)."""
+
+
+# The true number of grid intervals while jdiff.sample_padded traces a solver's init on a
+# padded grid (see Solver.padded_tables); unset otherwise.
+_PADDED_LENGTH = contextvars.ContextVar("jdiff_padded_length", default=None)
+
+
+@contextlib.contextmanager
+def padded_length(num_steps):
+    """While active, :func:`steps_of` returns ``num_steps`` (an int32 scalar, usually
+    traced): the grid ``init`` receives is padded past its ``num_steps`` intervals."""
+    token = _PADDED_LENGTH.set(num_steps)
+    try:
+        yield
+    finally:
+        _PADDED_LENGTH.reset(token)
+
+
+def steps_of(grid):
+    """The number of intervals of ``grid``: ``grid.shape[0] - 1`` (a Python int), or the
+    true length set by :func:`padded_length` (an int32 array) while the grid is padded.
+    Table code uses it for everything that depends on the length (``lower_order_final``,
+    NFE schedules) and ``grid.shape[0] - 1`` only for array shapes."""
+    n = _PADDED_LENGTH.get()
+    return grid.shape[0] - 1 if n is None else n
 
 
 def settings_name(base: str, **settings) -> str:
@@ -226,13 +268,17 @@ def valid_history(hist_lam):
     return jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
 
 
-def multistep_order(lam, i, order: int, num_steps: int, lower_order_final: bool):
+def multistep_order(lam, i, order: int, num_steps, lower_order_final: bool):
     """Effective order of multistep step ``i``: ``order`` limited by the usable history
     (past outputs at finite log-SNR ``lam``; warm-up) and, with ``lower_order_final`` on
-    grids shorter than 15 steps, by the steps left (as in diffusers). int32 scalar."""
+    grids shorter than 15 steps, by the steps left (as in diffusers). ``num_steps`` may
+    be traced (:func:`steps_of`). int32 scalar."""
     p = jnp.clip(jnp.minimum(order, valid_history(history_lambdas(lam, i, order))), 1, order)
-    if lower_order_final and num_steps < 15:
-        p = jnp.minimum(p, num_steps - i)
+    if lower_order_final and isinstance(num_steps, (int, np.integer)):
+        if num_steps < 15:
+            p = jnp.minimum(p, num_steps - i)
+    elif lower_order_final:
+        p = jnp.where(num_steps < 15, jnp.minimum(p, num_steps - i), p)
     return p.astype(jnp.int32)
 
 
@@ -267,14 +313,19 @@ def order_schedule(order: int, num_steps: int, nfe: int | None, *, lower_order_f
     return [int(o) for o in orders]
 
 
-def traced_order_schedule(order: int, finite, nfe: int | None, *, lower_order_final: bool = False):
+def traced_order_schedule(order: int, finite, nfe, *, lower_order_final: bool = False, num_steps=None):
     """The singlestep order schedule from (possibly traced) per-step flags ``finite``
-    (steps with infinite log-SNR increment are first order): with ``nfe``, the free
-    steps start at ``order`` and the last ones are lowered until the orders add up to
-    ``nfe`` (clamped to what the grid allows; :func:`order_schedule` validates).
+    (steps with infinite log-SNR increment are first order): with ``nfe`` (an int or a
+    traced int32), the free steps start at ``order`` and the last ones are lowered until
+    the orders add up to ``nfe`` (clamped to what the grid allows; :func:`order_schedule`
+    validates). ``num_steps`` (possibly traced, default ``finite.shape[0]``) is the true
+    number of steps when ``finite`` is padded: rows past it are ignored (order 1).
     A NumPy ``finite`` gives a NumPy result."""
     xp = np if isinstance(finite, np.ndarray) else jnp
     n = finite.shape[0]
+    if num_steps is not None and not (isinstance(num_steps, (int, np.integer)) and num_steps == n):
+        finite = finite & (xp.arange(n) < num_steps)
+        n = num_steps
     free = finite.astype(xp.int32)
     if nfe is not None:
         hi = order * xp.sum(free) + (n - xp.sum(free))
@@ -283,9 +334,13 @@ def traced_order_schedule(order: int, finite, nfe: int | None, *, lower_order_fi
         after = (xp.cumsum(free[::-1])[::-1] - free) * (order - 1)
         cut = xp.clip(extra - after, 0, order - 1)
         return xp.where(finite, order - cut, 1).astype(xp.int32)
-    orders = xp.full((n,), order, xp.int32)
-    if lower_order_final and n < 15:
-        orders = xp.minimum(orders, n - xp.arange(n))
+    rows = finite.shape[0]
+    orders = xp.full((rows,), order, xp.int32)
+    if lower_order_final and isinstance(n, (int, np.integer)):
+        if n < 15:
+            orders = xp.minimum(orders, n - xp.arange(rows))
+    elif lower_order_final:
+        orders = xp.where(n < 15, xp.minimum(orders, n - xp.arange(rows)), orders)
     return xp.where(finite, orders, 1).astype(xp.int32)
 
 

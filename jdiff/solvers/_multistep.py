@@ -33,6 +33,7 @@ from jdiff.solvers._base import (
     multistep_order,
     row,
     step_noise,
+    steps_of,
 )
 
 __all__ = ["Multistep", "multistep"]
@@ -84,6 +85,8 @@ class Multistep(Solver):
     max_order: int = 3
     min_steps: int = 1
 
+    padded_tables = True  # row i reads grid points 0..i+1 and steps_of(grid) only
+
     def __post_init__(self):
         _check_order(self.order, range(1, self.max_order + 1), self.name)
         if self.mode not in ("data", "noise", "sde_data"):
@@ -107,11 +110,12 @@ class Multistep(Solver):
     def table(self, process, grid) -> _Table:
         order, K, corrector = self.order, self.order, self.corrector
         use_corr = corrector is not None
-        N = grid.shape[0] - 1
+        N = grid.shape[0] - 1  # rows (the grid may be padded past its true length)
+        num_steps = steps_of(grid)
         gc = grid_curves(process, grid)
 
         def order_at(i):
-            return multistep_order(gc.lam, i, order, N, self.lower_order_final)
+            return multistep_order(gc.lam, i, order, num_steps, self.lower_order_final)
 
         def one(i):
             g = geometry_at(gc.steps, i)

@@ -34,6 +34,7 @@ class DDIM(Solver):
     eta: float = 0.0
 
     order = 1
+    padded_tables = True  # every row reads its own step s -> t only
 
     def __post_init__(self):
         if not 0.0 <= float(self.eta) <= 1.0:

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdiff._core import ei_apply, ei_coefficients, geometry
 from jdiff.solvers._base import (
@@ -34,6 +35,7 @@ from jdiff.solvers._base import (
     order_schedule,
     row,
     settings_name,
+    steps_of,
     traced_order_schedule,
 )
 from jdiff.solvers._multistep import multistep
@@ -75,6 +77,10 @@ class Singlestep(Solver):
     lower_order_final: bool = True
     name: str = "singlestep"
 
+    # row i reads grid points i, i + 1 and the schedule, which reads steps_of(grid) and
+    # the (possibly traced) nfe target
+    padded_tables = True
+
     def __post_init__(self):
         if self.order not in (1, 2, 3):
             raise ValueError(f"{self.name} supports order 1, 2 or 3, got {self.order!r}")
@@ -82,8 +88,10 @@ class Singlestep(Solver):
     def table(self, process, grid, nfe):
         mode, coef, order = self.mode, self.coef, self.order
         gc = grid_curves(process, grid)
-        N = grid.shape[0] - 1
-        orders = traced_order_schedule(order, gc.steps.finite, nfe, lower_order_final=self.lower_order_final)
+        N = grid.shape[0] - 1  # rows (the grid may be padded past its true length)
+        orders = traced_order_schedule(
+            order, gc.steps.finite, nfe, lower_order_final=self.lower_order_final, num_steps=steps_of(grid)
+        )
 
         def one_node(gg, r, variant):
             return ei_coefficients(gg, jnp.full((1,), r, grid.dtype), 1, mode=mode, coef=variant)
@@ -111,13 +119,17 @@ class Singlestep(Solver):
     def init(self, x_T, grid, process, *, key=None, nfe=None):
         del key
         state = empty_state(x_T, grid, process=process)
-        n = state.grid.shape[0] - 1
+        if isinstance(steps_of(state.grid), int):  # padded: sample_padded has checked
+            self._check_nfe(process, grid, nfe)
+        return state._replace(aux=self.table(process, state.grid, nfe))
+
+    def _check_nfe(self, process, grid, nfe):
         # validate the target on a concrete grid (raises a clear error); the schedule
         # itself is computed from the (possibly traced) grid in the table
+        n = np.shape(grid)[0] - 1
         order_schedule(
             self.order, n, nfe, lower_order_final=self.lower_order_final, forced=infinite_steps(process, grid)
         )
-        return state._replace(aux=self.table(process, state.grid, nfe))
 
     def step(self, denoiser, state, cond=None):
         x = state.x

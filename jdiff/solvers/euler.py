@@ -70,6 +70,7 @@ class Euler(Solver):
     time: str = "t"
 
     order = 1
+    padded_tables = True  # every row reads its own step s -> t only
 
     def __post_init__(self):
         _check_time(self.time)
@@ -101,6 +102,7 @@ class Heun(Solver):
     time: str = "t"
 
     order = 2
+    padded_tables = True  # every row reads its own step s -> t only
 
     def __post_init__(self):
         _check_time(self.time)
@@ -192,6 +194,7 @@ class EulerMaruyama(Solver):
     order = 1
     stochastic = True
     name = "euler-maruyama"
+    padded_tables = True  # every row reads its own step s -> t only
 
     def init(self, x_T, grid, process, *, key=None, nfe=None):
         check_key(self, key)

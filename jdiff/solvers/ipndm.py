@@ -29,6 +29,7 @@ from jdiff.solvers._base import (
     multistep_order,
     row,
     settings_name,
+    steps_of,
 )
 
 __all__ = ["IPNDM", "ipndm"]
@@ -48,6 +49,8 @@ class IPNDM(Solver):
     order: int = 4
     lower_order_final: bool = False
 
+    padded_tables = True  # row i reads grid points 0..i+1 and steps_of(grid) only
+
     def __post_init__(self):
         if self.order not in _AB:
             raise ValueError(f"ipndm supports order 1 to 4, got {self.order!r}")
@@ -65,11 +68,12 @@ class IPNDM(Solver):
         ab = jnp.asarray([list(_AB[k]) + [0.0] * (K - k) for k in range(1, K + 1)])  # (K, K)
         state = empty_state(x_T, grid, hist_size=K, process=process)
         grid = state.grid
-        N = grid.shape[0] - 1
+        N = grid.shape[0] - 1  # rows (the grid may be padded past its true length)
+        num_steps = steps_of(grid)
         gc = grid_curves(process, grid)
 
         def one(i):
-            p = multistep_order(gc.lam, i, self.order, N, self.lower_order_final)
+            p = multistep_order(gc.lam, i, self.order, num_steps, self.lower_order_final)
             first = ei_coefficients(geometry_at(gc.steps, i), mode="noise", K=0)
             # ring buffer: eps_{i-j} lives in slot (i - j) % K
             by_slot = jnp.zeros(K, grid.dtype).at[(i - jnp.arange(K)) % K].set(ab.astype(grid.dtype)[p - 1])
