@@ -27,7 +27,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jdiff._xla import prefer_fast_cpu_compile
+from jdiff._xla import prefer_cpu_devices, prefer_fast_cpu_compile
 from jdiff.cli._common import CLIError, Run, build_run, enable_compilation_cache
 from jdiff.cli._config import ConfigError, RunConfig
 from jdiff.cli._run import load_run, load_run_state
@@ -97,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args([str(a) for a in argv])
         args.argv = ["jdiff", *(str(a) for a in argv)]  # recorded in a run's history
+        if args.command == "bench":
+            prefer_cpu_devices()  # one CPU device per core: generation shards over them
     except _UsageError as e:
         print(str(e), file=sys.stderr, flush=True)
         return 2
