@@ -11,9 +11,10 @@ is one reduction per call, outside any solver step.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["concrete", "is_concrete", "error_if"]
+__all__ = ["concrete", "is_concrete", "error_if", "batch_array"]
 
 
 def concrete(a):
@@ -47,3 +48,17 @@ def error_if(x, bad, msg: str, exc: type[Exception] = ValueError):
     import equinox as eqx
 
     return eqx.error_if(x, bad, msg)
+
+
+def batch_array(x, name: str = "x_T", *, min_ndim: int = 1, prefix: str = ""):
+    """``x`` as a floating-point JAX array with a leading batch axis (at least ``min_ndim``
+    axes); raises ``TypeError``/``ValueError`` naming ``name`` otherwise. ``prefix`` (e.g.
+    ``"invert: "``) starts the message."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{prefix}{name} must be floating point, got {x.dtype}")
+    if x.ndim < min_ndim:
+        eg = "(B, d)" if min_ndim <= 2 else "(B, ...)"
+        what = "a leading batch axis" if min_ndim == 1 else "a leading batch axis and features"
+        raise ValueError(f"{prefix}{name} must have {what}, e.g. shape {eg}; got shape {x.shape}")
+    return x

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff._checks import concrete, error_if
+from jdiff._checks import batch_array, concrete, error_if
 from jdiff._gradient import Adjoint, Backprop, GradientStrategy, Remat, Truncated, check_gradient
 from jdiff._grid import time_grid
 from jdiff._param import Prediction, check_cond_batch
@@ -108,11 +108,7 @@ def check_inputs(solver, denoiser, x_T, grid, cond, key, *, nfe, grid_kind, fina
     process = getattr(denoiser, "process", None)
     if process is None or not callable(denoiser):
         raise TypeError("denoiser must be a jdiff Denoiser (see jdiff.denoiser)")
-    x_T = jnp.asarray(x_T)
-    if not jnp.issubdtype(x_T.dtype, jnp.floating):
-        raise TypeError(f"x_T must be floating point, got {x_T.dtype}")
-    if x_T.ndim < 1:
-        raise ValueError("x_T must have a leading batch axis, e.g. shape (B, d)")
+    x_T = batch_array(x_T, "x_T")
     if grid is None:
         if nfe is None:
             raise ValueError("give a time grid or a target nfe")

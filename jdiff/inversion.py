@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff._checks import error_if
+from jdiff._checks import batch_array, error_if
 from jdiff._core import ei_coefficients, geometry_from
 from jdiff._grid import time_grid
 from jdiff._param import broadcast_to_x, check_cond_batch
@@ -179,11 +179,7 @@ def _check_unit(name, value):
 def _setup(denoiser, x0, grid, cond, *, nfe, grid_kind, calls, min_steps, what):
     """Shared checks; returns ``(process, x0, grid)`` (with runtime checks if traced)."""
     process = _check_denoiser(denoiser)
-    x0 = jnp.asarray(x0)
-    if not jnp.issubdtype(x0.dtype, jnp.floating):
-        raise TypeError(f"{what}: the data must be floating point, got {x0.dtype}")
-    if x0.ndim < 1:
-        raise ValueError(f"{what}: the data must have a leading batch axis, e.g. shape (B, d); got {x0.shape}")
+    x0 = batch_array(x0, "the data", prefix=f"{what}: ")
     if grid is None:
         if nfe is None:
             raise ValueError(f"{what}: give a time grid or a target nfe")

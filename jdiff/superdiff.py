@@ -212,7 +212,7 @@ def sample_superdiff(
         of the wrong shape; and whatever :func:`jdiff.sample` rejects (bad grid,
         non-finite ``x_T``).
     """
-    from jdiff._checks import concrete
+    from jdiff._checks import batch_array, concrete
     from jdiff._grid import time_grid
     from jdiff._sample import _jittable, check_x_T, validate_grid
     from jdiff.solvers import ddpm
@@ -236,11 +236,7 @@ def sample_superdiff(
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     solver = ddpm() if solver is None else solver
     _check_solver(solver)
-    x_T = jnp.asarray(x_T)
-    if not jnp.issubdtype(x_T.dtype, jnp.floating):
-        raise TypeError(f"x_T must be floating point, got {x_T.dtype}")
-    if x_T.ndim < 2:
-        raise ValueError(f"x_T must have a leading batch axis and features, e.g. (B, d); got {x_T.shape}")
+    x_T = batch_array(x_T, "x_T", min_ndim=2)
     if conds is None:
         conds = (None,) * M
     if not isinstance(conds, (list, tuple)) or len(conds) != M:
