@@ -113,9 +113,16 @@ class Schedule(TreeValue):
 
     def __call__(self, t):
         ts, vs = jnp.asarray(self.times), jnp.asarray(self.values)
-        flip = ts[0] > ts[-1]  # a decreasing (sampling) grid: interp needs increasing points
+        flip = ts[0] > ts[-1]  # a decreasing (sampling) grid: searchsorted needs increasing points
         ts, vs = jnp.where(flip, ts[::-1], ts), jnp.where(flip, vs[::-1], vs)
-        return jnp.interp(jnp.asarray(t, ts.dtype), ts, vs)
+        t = jnp.clip(jnp.asarray(t, ts.dtype), ts[0], ts[-1])
+        if ts.shape[0] == 1:
+            return jnp.broadcast_to(vs[0], t.shape)
+        # v_i + frac (v_{i+1} - v_i) with t_i <= t: exactly v_i at a grid point and
+        # exactly v when the neighbours are equal (a schedule of ones is neutral)
+        i = jnp.clip(jnp.searchsorted(ts, t, side="right") - 1, 0, ts.shape[0] - 2)
+        frac = (t - ts[i]) / (ts[i + 1] - ts[i])
+        return vs[i] + frac * (vs[i + 1] - vs[i])
 
 
 jax.tree_util.register_dataclass(Schedule, data_fields=["times", "values"], meta_fields=[])
@@ -285,6 +292,7 @@ class _Guidance(TreeValue):
     interval: Any = None
     interval_on: str = "rho"
     apg: Any = None
+    batched: bool = True
 
     @property
     def process(self):
@@ -313,6 +321,8 @@ class _Guidance(TreeValue):
         """Network calls (passes over the caller's batch) of one evaluation at ``t``."""
         if self.interval is None:
             return self._guided_calls(t)
+        if self.interval[0] == self.interval[1]:
+            return network_calls(self.inner, t)
         return jnp.where(jnp.any(self._inside(t)), self._guided_calls(t), network_calls(self.inner, t))
 
     def _inside(self, t):
@@ -334,12 +344,14 @@ class _Guidance(TreeValue):
         B = x.shape[0]
         check_cond_batch(cond, B, "x", x.shape)  # the caller's batch, not the doubled one
 
-        def both(c, n):
+        def null(c, n):
             c = jnp.asarray(c)
-            n = jnp.broadcast_to(jnp.asarray(n, c.dtype), c.shape)
-            return jnp.concatenate([c, n], axis=0)
+            return jnp.broadcast_to(jnp.asarray(n, c.dtype), c.shape)
 
-        c2 = jax.tree.map(both, cond, self.other)
+        if not self.batched:  # two calls of B: the conditional one is the plain call
+            return self.inner(x, t, cond), self.inner(x, t, jax.tree.map(null, cond, self.other))
+
+        c2 = jax.tree.map(lambda c, n: jnp.concatenate([jnp.asarray(c), null(c, n)], axis=0), cond, self.other)
         t = jnp.asarray(t)
         t2 = t if t.ndim == 0 else jnp.concatenate([t, t])
         p = self.inner(jnp.concatenate([x, x], axis=0), t2, c2)
@@ -402,6 +414,8 @@ class _Guidance(TreeValue):
         """The guided prediction, the unguided one and the next memory (see :class:`Guided`)."""
         if self.interval is None:
             return self._guided(x, t, cond, memory)
+        if self.interval[0] == self.interval[1]:  # empty: the conditional call alone
+            return Guided(*(2 * (self.inner(x, t, cond),)), memory)
         inside = self._inside(t)
 
         def plain():
@@ -422,7 +436,7 @@ class _Guidance(TreeValue):
 jax.tree_util.register_dataclass(
     _Guidance,
     data_fields=["inner", "scale", "other"],
-    meta_fields=["kind", "scale_fn", "rescale", "rescale_on", "interval", "interval_on", "apg"],
+    meta_fields=["kind", "scale_fn", "rescale", "rescale_on", "interval", "interval_on", "apg", "batched"],
 )
 
 
@@ -447,12 +461,14 @@ def guidance(
     interval=None,
     interval_on: str = "rho",
     apg: APG | None = None,
+    batched: bool = True,
 ):
     """Classifier-free guidance (Ho & Salimans, 2021) and its variants.
 
     ``p = p_u + w (p_c - p_u)``, computed as ``p_c + (w - 1)(p_c - p_u)`` so that
-    ``w = 1`` is the conditional model exactly; the conditional and unconditional
-    passes run as one batch of ``2B`` (2 network calls).
+    ``w = 1`` is the conditional prediction exactly; the conditional and unconditional
+    passes run as one batch of ``2B`` (2 network calls), or as two calls of ``B`` with
+    ``batched=False``.
 
     Args:
       denoiser: a conditional :class:`~jdiff.Denoiser` (or a wrapper of one).
@@ -473,6 +489,10 @@ def guidance(
         sigma, the paper's), ``"sigma"`` or ``"t"``.
       apg: :class:`APG` settings for adaptive projected guidance (Sadat et al., 2025)
         instead of the plain difference.
+      batched: one call of ``2B`` (faster on accelerators) or two calls of ``B``. A
+        network's rounding may depend on the batch it sees (XLA vectorizes a batch of
+        ``2B`` differently), so only ``batched=False`` makes ``w = 1`` equal the plain
+        denoiser bit for bit; batched, it equals the conditional half of the ``2B`` call.
 
     Returns:
       A denoiser wrapper (a pytree value) with ``calls(t)`` and ``guide``.
@@ -496,7 +516,14 @@ def guidance(
         _check_interval(interval, interval_on),
         interval_on,
         _check_apg(apg),
+        _check_flag(batched, "batched"),
     )
+
+
+def _check_flag(v, what):
+    if not isinstance(v, bool):
+        raise TypeError(f"{what} must be True or False, got {v!r}")
+    return v
 
 
 def autoguidance(
