@@ -182,14 +182,16 @@ def _split_scale(scale, what="scale"):
 
 
 def _scale_at(scale, fn, t, x, what="scale"):
-    """The scale at time ``t`` (scalar or ``(B,)``), as a scalar or broadcast against ``x``."""
+    """The scale at time ``t`` (scalar or ``(B,)``) in the predictions' dtype (at least
+    float32), as a scalar or broadcast against ``x``; checked before any network call."""
+    dt = jnp.result_type(x.dtype, jnp.float32)
     if fn is not None:
-        w = jnp.asarray(fn.fn(t), x.dtype)
+        w = jnp.asarray(fn.fn(t), dt)
         w = error_if(w, ~jnp.all(jnp.isfinite(w)), f"the guidance {what} callable returned a non-finite value")
     elif isinstance(scale, Schedule):
-        w = scale(t).astype(x.dtype)
+        w = scale(t).astype(dt)
     else:
-        w = jnp.asarray(scale, x.dtype)
+        w = jnp.asarray(scale, dt)
     if w.ndim == 0:
         return w
     if w.shape != (x.shape[0],):
@@ -396,8 +398,9 @@ class _Guidance(TreeValue):
         return Prediction(p.x0.astype(g.x0.dtype), p.eps.astype(g.eps.dtype))
 
     def _guided(self, x, t, cond, memory, inside=None):
+        w = _scale_at(self.scale, self.scale_fn, t, x)
         pc, pu = self._pair(x, t, cond)
-        w = _scale_at(self.scale, self.scale_fn, t, pc.x0)
+        w = w.astype(pc.x0.dtype)
         if inside is not None and jnp.ndim(inside) > 0:  # per-sample times: scale 1 outside
             w = jnp.where(broadcast_to_x(inside, pc.x0), w, jnp.ones((), pc.x0.dtype))
         g, new_memory = self._combine(x, t, pc, pu, w, memory)
@@ -412,6 +415,8 @@ class _Guidance(TreeValue):
 
     def guide(self, x, t, cond=None, memory=None) -> Guided:
         """The guided prediction, the unguided one and the next memory (see :class:`Guided`)."""
+        if self.kind == "cfg" and cond is None:
+            raise ValueError("guidance needs a conditioning: pass cond= to sample()")
         if self.interval is None:
             return self._guided(x, t, cond, memory)
         if self.interval[0] == self.interval[1]:  # empty: the conditional call alone
@@ -425,8 +430,6 @@ class _Guidance(TreeValue):
         def guided():
             return self._guided(x, t, cond, memory, inside)
 
-        if self.kind == "cfg" and cond is None:
-            raise ValueError("guidance needs a conditioning: pass cond= to sample()")
         return jax.lax.cond(jnp.any(inside), guided, plain)
 
     def __call__(self, x, t, cond=None) -> Prediction:
@@ -602,33 +605,45 @@ class _ClassifierGuidance(TreeValue):
         """Per-sample ``grad_x log p(y | x_t)`` (the gradient of the sum over the batch
         of the selected log-probabilities; a classifier that treats samples
         independently makes each row the gradient of its own term)."""
-        B = x.shape[0]
-        t = jnp.asarray(t)
-        tb = jnp.broadcast_to(t, (B,)) if t.ndim == 0 else t
-        y = jnp.asarray(labels)
-        if y.shape != (B,) or not jnp.issubdtype(y.dtype, jnp.integer):
-            raise ValueError(f"classifier guidance needs integer labels of shape ({B},), got {y.dtype} {y.shape}")
+        y = self._labels(x, t, labels)
+        tb = self._times(x, t)
         fn = self.classifier.fn
 
         def total(xx):
             logits = fn(xx, tb) if self.params is None else fn(self.params, xx, tb)
-            if getattr(logits, "ndim", None) != 2 or logits.shape[0] != B:
-                raise ValueError(f"the classifier must return logits of shape ({B}, C), got {jnp.shape(logits)}")
             lp = jax.nn.log_softmax(logits.astype(jnp.result_type(logits.dtype, jnp.float32)), axis=-1)
-            yy = error_if(
-                y, jnp.any((y < 0) | (y >= logits.shape[1])), f"class labels must be in [0, {logits.shape[1]})"
-            )
-            return jnp.sum(jnp.take_along_axis(lp, yy[:, None], axis=1))
+            return jnp.sum(jnp.take_along_axis(lp, y[:, None], axis=1))
 
         return jax.grad(total)(x)
 
+    @staticmethod
+    def _times(x, t):
+        t = jnp.asarray(t)
+        return jnp.broadcast_to(t, (x.shape[0],)) if t.ndim == 0 else t
+
+    def _labels(self, x, t, labels):
+        """The labels, checked (shape, dtype, range against the classifier's output
+        shape, found without running it) before anything is computed."""
+        B = x.shape[0]
+        y = jnp.asarray(labels)
+        if y.shape != (B,) or not jnp.issubdtype(y.dtype, jnp.integer):
+            raise ValueError(f"classifier guidance needs integer labels of shape ({B},), got {y.dtype} {y.shape}")
+        fn, tb = self.classifier.fn, self._times(x, t)
+        out = jax.eval_shape(lambda xx: fn(xx, tb) if self.params is None else fn(self.params, xx, tb), x)
+        if len(getattr(out, "shape", ())) != 2 or out.shape[0] != B:
+            raise ValueError(f"the classifier must return logits of shape ({B}, C), got {getattr(out, 'shape', out)}")
+        C = out.shape[1]
+        return error_if(y, jnp.any((y < 0) | (y >= C)), f"class labels must be in [0, {C})")
+
     def guide(self, x, t, cond=None, memory=None) -> Guided:
-        p = self.inner(x, t, cond)
         labels = cond if self.labels is None else self.labels
         if labels is None:
             raise ValueError("classifier guidance needs class labels: pass labels= or cond= to sample()")
+        w = _scale_at(self.scale, self.scale_fn, t, x)
+        self._labels(x, t, labels)  # checked before the denoiser runs
+        p = self.inner(x, t, cond)
+        w = w.astype(p.x0.dtype)
         g = self.log_prob_grad(x.astype(p.x0.dtype), t, labels).astype(p.x0.dtype)
-        w = _scale_at(self.scale, self.scale_fn, t, p.x0)
         tt = jnp.asarray(t, p.x0.dtype)
         a = broadcast_to_x(self.process.alpha(tt), p.x0)
         s = broadcast_to_x(self.process.sigma(tt), p.x0)
