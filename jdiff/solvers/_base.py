@@ -62,7 +62,8 @@ class State(NamedTuple):
         (output ``i`` in slot ``i % K``; ``K`` may be 0). Each step writes its slot
         first and then reads only the updated buffer, which XLA updates in place.
       key: per-sample PRNG keys for stochastic solvers, else None.
-      nfe: model calls made so far (int32 scalar).
+      nfe: network calls made so far (int32 scalar): each evaluation adds
+        :func:`network_calls` (1 for a plain denoiser, 2 for classifier-free guidance).
       aux: the per-step coefficient tables (a pytree of arrays with leading axis N).
     """
 
