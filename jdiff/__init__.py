@@ -6,7 +6,7 @@ Processes (:mod:`jdiff._process`), parameterizations and the denoiser boundary
 (:mod:`jdiff.testbed`).
 """
 
-from jdiff import metrics, solvers, wrappers
+from jdiff import guidance, metrics, solvers, wrappers
 from jdiff._core import phi
 from jdiff._generate import SamplingConfig, generate
 from jdiff._gradient import Adjoint, Backprop, GradientStrategy, Remat, Truncated
@@ -76,6 +76,7 @@ __all__ = [
     "generate",
     "SamplingConfig",
     "wrappers",
+    "guidance",
     "phi",
     "GRID_KINDS",
     "default_grid_kind",

@@ -173,7 +173,8 @@ def generate(
       mesh: a 1-D device mesh; the batch is split over its axis (default: every device
         of every process).
       grid_kind: the time grid (see :func:`jdiff.time_grid`).
-      return_nfe: also return the number of model evaluations spent per sample.
+      return_nfe: also return the network calls spent per sample
+        (:attr:`jdiff.SampleInfo.nfe`: 2 per evaluation with classifier-free guidance).
       max_steps: sample through :func:`jdiff.sample_padded` with this bound, so that one
         compiled sampling loop serves every ``nfe`` whose grid has at most ``max_steps``
         intervals (for NFE sweeps; not differentiable).

@@ -13,7 +13,7 @@ from jdiff._checks import batch_array, concrete, error_if
 from jdiff._gradient import Adjoint, Backprop, GradientStrategy, Remat, Truncated, check_gradient
 from jdiff._grid import time_grid
 from jdiff._param import Prediction, check_cond_batch
-from jdiff.solvers._base import Solver, compute_dtype
+from jdiff.solvers._base import Solver, compute_dtype, network_calls
 
 __all__ = ["sample", "SampleInfo", "validate_grid", "check_x_T"]
 
@@ -24,7 +24,10 @@ class SampleInfo(NamedTuple):
     """What :func:`sample` returns besides the samples when ``return_info=True``.
 
     Attributes:
-      nfe: model calls made (int32 scalar; counts calls actually taken).
+      nfe: network calls made (int32 scalar; counts calls actually taken): every
+        evaluation of the denoiser counts its :func:`~jdiff.solvers._base.network_calls`,
+        1 for a plain denoiser, 2 for classifier-free guidance or autoguidance, 1 outside
+        a guidance interval (see :mod:`jdiff.guidance`).
       grid: the time grid used.
       xs: ``(N + 1, *x.shape)`` states ``x_{t_0} .. x_{t_N}`` (with ``trajectory=True``).
       x0s: ``(N, *x.shape)`` the x0 prediction made at the start of each step.
@@ -52,6 +55,17 @@ class _CastInput:
     def __call__(self, x, t, cond=None):
         p = self.inner(x.astype(self.dtype), t, cond)
         return Prediction(p.x0.astype(x.dtype), p.eps.astype(x.dtype))
+
+    def calls(self, t):
+        return network_calls(self.inner, t)
+
+    def guide(self, x, t, cond=None, memory=None):
+        guide = getattr(self.inner, "guide", None)
+        if guide is None:
+            raise TypeError(f"this solver option needs a jdiff.guidance wrapper, got {type(self.inner).__name__}")
+        g = guide(x.astype(self.dtype), t, cond, memory)
+        cast = lambda p: Prediction(p.x0.astype(x.dtype), p.eps.astype(x.dtype))  # noqa: E731
+        return g._replace(pred=cast(g.pred), base=cast(g.base))
 
 
 jax.tree_util.register_dataclass(_CastInput, data_fields=["inner"], meta_fields=["dtype"])
@@ -159,9 +173,10 @@ def sample(
       key: PRNG key for stochastic solvers: one key (sample ``i`` then uses
         ``fold_in(key, i)``) or one key per sample. A sample's noise depends only on its
         own key, not on the batch.
-      nfe: target number of model calls. Without ``grid``, a grid of kind
+      nfe: target number of denoiser evaluations. Without ``grid``, a grid of kind
         ``grid_kind`` is built with ``solver.num_steps(nfe)`` steps; singlestep solvers
-        then pick their per-step orders to spend exactly ``nfe``.
+        then pick their per-step orders to spend exactly ``nfe``. (A guidance wrapper
+        may make several network calls per evaluation; ``SampleInfo.nfe`` counts those.)
       final: with ``nfe`` and no grid: ``"t_min"`` or ``"data"`` (see
         :func:`jdiff.time_grid`).
       denoise_to_zero: after the last step, one more model call returns its x0
@@ -210,6 +225,16 @@ def sample(
                 "use Backprop(), Remat() or Truncated(k), or a deterministic solver"
             )
         _adjoint_module().check_adjoint(gradient, solver, trajectory=trajectory, denoise_to_zero=denoise_to_zero)
+        if getattr(solver, "cfgpp", False) or getattr(solver, "guidance_memory", False):
+            raise ValueError(
+                f"Adjoint() reconstructs the denoiser's probability-flow ODE backward; {solver.name} steps "
+                "along another path (CFG++ / guidance memory): use Backprop() or Remat()"
+            )
+        if getattr(denoiser, "calls", None) is not None and getattr(denoiser, "fixed_calls", None) is None:
+            raise ValueError(
+                "Adjoint() cannot count the network calls of a denoiser whose calls vary with t "
+                "(a guidance interval): use Backprop() or Remat()"
+            )
 
     key = key if solver.stochastic else None
     # One cached compilation per (solver, denoiser structure, shapes, flags); inside a
@@ -261,10 +286,10 @@ def _run_impl(solver, denoiser, x_T, grid, cond, key, *, nfe, denoise_to_zero, t
     if isinstance(gradient, Adjoint):
         grid = grid.astype(dt)
         x = _adjoint_module().adjoint_sample(gradient, solver, den, x_T.astype(dt), grid, cond, nfe=nfe)
-        count = _forward_nfe(solver, denoiser.process, grid, nfe)
+        count = _forward_nfe(solver, denoiser.process, grid, nfe) * network_calls(denoiser, grid[0])
         if denoise_to_zero:
             x = den(x, grid[-1], cond).x0.astype(dt)
-            count = count + 1
+            count = count + network_calls(den, grid[-1])
         return x.astype(in_dtype), SampleInfo(nfe=count, grid=grid)
 
     state = solver.init(x_T.astype(dt), grid, denoiser.process, key=key, nfe=nfe)
@@ -294,7 +319,7 @@ def _run_impl(solver, denoiser, x_T, grid, cond, key, *, nfe, denoise_to_zero, t
     count = state.nfe
     if denoise_to_zero:
         x = den(x, grid[-1], cond).x0.astype(dt)
-        count = count + 1
+        count = count + network_calls(den, grid[-1])
     info = SampleInfo(nfe=count, grid=state.grid)
     if trajectory:
         xs = jnp.concatenate([x_T.astype(dt)[None], traj[0]], axis=0)

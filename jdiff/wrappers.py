@@ -7,7 +7,10 @@ returns one, acting on the ``(x0, eps)`` prediction at the boundary.
   ``x0 <- clip(x0, -s, s) / s`` (Saharia et al., "Photorealistic Text-to-Image
   Diffusion Models with Deep Language Understanding" (Imagen), NeurIPS 2022, Sec. 2.3).
 - :func:`guidance`: classifier-free guidance ``p_u + w (p_c - p_u)`` (Ho & Salimans,
-  "Classifier-Free Diffusion Guidance", 2021), with both passes in one batched call.
+  "Classifier-Free Diffusion Guidance", 2021), with both passes in one batched call, and
+  its variants (CFG rescale, guidance interval, APG), :func:`autoguidance`,
+  :func:`classifier_guidance` and time-varying scales (:func:`schedule`): defined in
+  :mod:`jdiff.guidance` and re-exported here.
 
 After thresholding, eps is recomputed from x0 so that ``x = alpha x0 + sigma eps``
 still holds; guidance combines x0 and eps alike, which keeps it too.
@@ -27,9 +30,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jdiff._param import Prediction, TreeValue, broadcast_to_x, check_cond_batch
+from jdiff._param import Prediction, TreeValue, broadcast_to_x
+from jdiff.guidance import APG, autoguidance, classifier_guidance, guidance, schedule
+from jdiff.solvers._base import network_calls
 
-__all__ = ["static_threshold", "dynamic_threshold", "guidance"]
+__all__ = [
+    "static_threshold",
+    "dynamic_threshold",
+    "guidance",
+    "autoguidance",
+    "classifier_guidance",
+    "schedule",
+    "APG",
+]
 
 
 def _eps_from_x0(process, x, t, x0):
@@ -50,6 +63,13 @@ class _Threshold(TreeValue):
     @property
     def process(self):
         return self.inner.process
+
+    @property
+    def fixed_calls(self):
+        return getattr(self.inner, "fixed_calls", 1)
+
+    def calls(self, t):
+        return network_calls(self.inner, t)
 
     def __call__(self, x, t, cond=None) -> Prediction:
         p = self.inner(x, t, cond)
@@ -84,47 +104,3 @@ def dynamic_threshold(denoiser, quantile: float = 0.995, max_value: float = floa
     if not max_value >= 1.0:
         raise ValueError(f"max_value must be >= 1, got {max_value}")
     return _Threshold(denoiser, "dynamic", quantile=float(quantile), max_value=float(max_value))
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Guidance(TreeValue):
-    inner: Any
-    scale: Any
-    null_cond: Any
-
-    @property
-    def process(self):
-        return self.inner.process
-
-    def __call__(self, x, t, cond=None) -> Prediction:
-        if cond is None:
-            raise ValueError("guidance needs a conditioning: pass cond= to sample()")
-        B = x.shape[0]
-        # checked here, on the caller's batch, not on the doubled batch the model sees
-        check_cond_batch(cond, B, "x", x.shape)
-
-        def both(c, n):
-            c = jnp.asarray(c)
-            n = jnp.broadcast_to(jnp.asarray(n, c.dtype), c.shape)
-            return jnp.concatenate([c, n], axis=0)
-
-        c2 = jax.tree.map(both, cond, self.null_cond)
-        t = jnp.asarray(t)
-        t2 = t if t.ndim == 0 else jnp.concatenate([t, t])
-        p = self.inner(jnp.concatenate([x, x], axis=0), t2, c2)
-        w = jnp.asarray(self.scale, x.dtype)
-        w = broadcast_to_x(w, x) if w.ndim else w
-        x0 = p.x0[B:] + w * (p.x0[:B] - p.x0[B:])
-        eps = p.eps[B:] + w * (p.eps[:B] - p.eps[B:])
-        return Prediction(x0, eps)
-
-
-jax.tree_util.register_dataclass(_Guidance, data_fields=["inner", "scale", "null_cond"], meta_fields=[])
-
-
-def guidance(denoiser, scale, null_cond):
-    """Classifier-free guidance with weight ``scale`` (1 = conditional model alone, 0 =
-    unconditional; a scalar or one per sample). ``null_cond`` is the unconditional
-    conditioning (e.g. the null class label), broadcast to the shape of ``cond``; the
-    conditional and unconditional passes run as one batch of ``2B``."""
-    return _Guidance(denoiser, scale, null_cond)

@@ -36,6 +36,8 @@ __all__ = [
     "State",
     "Solver",
     "evaluate",
+    "network_calls",
+    "guided_evaluate",
     "valid_history",
     "multistep_order",
     "step_noise",
@@ -60,7 +62,8 @@ class State(NamedTuple):
         (output ``i`` in slot ``i % K``; ``K`` may be 0). Each step writes its slot
         first and then reads only the updated buffer, which XLA updates in place.
       key: per-sample PRNG keys for stochastic solvers, else None.
-      nfe: model calls made so far (int32 scalar).
+      nfe: network calls made so far (int32 scalar): each evaluation adds
+        :func:`network_calls` (1 for a plain denoiser, 2 for classifier-free guidance).
       aux: the per-step coefficient tables (a pytree of arrays with leading axis N).
     """
 
@@ -231,6 +234,49 @@ def evaluate(denoiser, x, t, cond) -> Prediction:
     """Call the denoiser at ``(x, t)`` and return ``(x0, eps)`` in ``x``'s dtype."""
     p = denoiser(x, t, cond)
     return Prediction(p.x0.astype(x.dtype), p.eps.astype(x.dtype))
+
+
+def network_calls(denoiser, t):
+    """Network calls (forward passes over the caller's batch) that one evaluation of
+    ``denoiser`` at time ``t`` makes, as an int32 scalar: ``denoiser.calls(t)`` when the
+    denoiser defines it (guidance wrappers: 2 for classifier-free guidance, 1 outside a
+    guidance interval, see :mod:`jdiff.guidance`), else 1. Solvers add it to
+    ``State.nfe`` for every evaluation, so :class:`jdiff.SampleInfo` reports the true
+    count; ``t`` may be traced."""
+    f = getattr(denoiser, "calls", None)
+    if f is None:
+        return jnp.int32(1)
+    return jnp.asarray(f(t), jnp.int32)
+
+
+def guided_evaluate(solver, denoiser, state: State, t, cond):
+    """The evaluation of DDIM's and Euler's guidance options (``cfgpp``,
+    ``guidance_memory``): ``(pred, eps_renoise, hist)``.
+
+    Without the options: the plain prediction, its own eps and the unchanged history.
+    With them the denoiser must be a guidance wrapper of :mod:`jdiff.guidance` (it has
+    ``guide(x, t, cond, memory) -> Guided(pred, base, memory)``): ``cfgpp`` renoises
+    with the unguided ``base.eps`` (CFG++, Chung et al., 2024), and
+    ``guidance_memory`` passes the wrapper's memory (APG's momentum average, Sadat et
+    al., 2024) in ``state.hist[0]`` from step to step.
+    """
+    x = state.x
+    if not (solver.cfgpp or solver.guidance_memory):
+        p = evaluate(denoiser, x, t, cond)
+        return p, p.eps, state.hist
+    guide = getattr(denoiser, "guide", None)
+    if guide is None:
+        raise TypeError(
+            f"{solver.name} needs a guidance wrapper from jdiff.guidance (guidance, autoguidance, "
+            f"classifier_guidance) as its denoiser, got {type(denoiser).__name__}"
+        )
+    g = guide(x, t, cond, state.hist[0] if solver.guidance_memory else None)
+    pred = Prediction(g.pred.x0.astype(x.dtype), g.pred.eps.astype(x.dtype))
+    eps = g.base.eps.astype(x.dtype) if solver.cfgpp else pred.eps
+    hist = state.hist
+    if solver.guidance_memory and g.memory is not None:
+        hist = g.memory[None].astype(hist.dtype)
+    return pred, eps, hist
 
 
 class GridCurves(NamedTuple):

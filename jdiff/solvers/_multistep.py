@@ -31,6 +31,7 @@ from jdiff.solvers._base import (
     grid_curves,
     history_lambdas,
     multistep_order,
+    network_calls,
     row,
     step_noise,
     steps_of,
@@ -175,7 +176,9 @@ class Multistep(Solver):
             x_next = x_next + c.cm[k].astype(dt) * hist[k]
         if self.stochastic:
             x_next = x_next + c.noise.astype(x.dtype) * step_noise(state)
-        return state._replace(x=x_next, i=i + 1, pred=pred, hist=hist, nfe=state.nfe + 1)
+        return state._replace(
+            x=x_next, i=i + 1, pred=pred, hist=hist, nfe=state.nfe + network_calls(denoiser, state.grid[i])
+        )
 
 
 def multistep(

@@ -6,6 +6,14 @@
 variance of ``q(x_t | x_s, x0)``, so ``eta = 1`` is DDPM's ancestral sampler (Ho et al.
 2020) and ``eta = 0`` the deterministic DDIM, which is also DPM-Solver-1 and
 DPM-Solver++(1).
+
+Guidance options (the denoiser must then be a wrapper of :mod:`jdiff.guidance`):
+``cfgpp=True`` is CFG++ (Chung et al., "CFG++: Manifold-constrained Classifier Free
+Guidance for Diffusion Models", 2024, Algorithm 1): the guided x0 is renoised with the
+*unguided* noise prediction, ``x_t = alpha_t x0_guided + sqrt(sigma_t^2 - c^2) eps_uncond
++ c z``; its scale is the paper's lambda, typically in [0, 1], and at scale 0 it is DDIM
+on the unconditional model. ``guidance_memory=True`` carries the wrapper's state from
+step to step in ``State.hist`` (APG's momentum, Sadat et al., 2024).
 """
 
 from __future__ import annotations
@@ -16,7 +24,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jdiff.solvers._base import Solver, check_key, empty_state, evaluate, grid_curves, row, settings_name, step_noise
+from jdiff.solvers._base import (
+    Solver,
+    check_key,
+    empty_state,
+    grid_curves,
+    guided_evaluate,
+    network_calls,
+    row,
+    settings_name,
+    step_noise,
+)
 
 __all__ = ["DDIM", "ddim", "ddpm"]
 
@@ -29,9 +47,12 @@ class _Table(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class DDIM(Solver):
-    """DDIM with stochasticity ``eta`` in [0, 1] (``eta > 0`` needs a PRNG key)."""
+    """DDIM with stochasticity ``eta`` in [0, 1] (``eta > 0`` needs a PRNG key); the
+    guidance options ``cfgpp`` and ``guidance_memory`` are described in the module."""
 
     eta: float = 0.0
+    cfgpp: bool = False
+    guidance_memory: bool = False
 
     order = 1
     padded_tables = True  # every row reads its own step s -> t only
@@ -40,6 +61,9 @@ class DDIM(Solver):
         if not 0.0 <= float(self.eta) <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         object.__setattr__(self, "eta", float(self.eta))
+        for k in ("cfgpp", "guidance_memory"):
+            if not isinstance(getattr(self, k), bool):
+                raise TypeError(f"{k} must be True or False, got {getattr(self, k)!r}")
 
     @property
     def stochastic(self) -> bool:
@@ -47,12 +71,15 @@ class DDIM(Solver):
 
     @property
     def name(self) -> str:
-        return {0.0: "ddim", 1.0: "ddpm"}.get(self.eta) or settings_name("ddim", eta=self.eta)
+        flags = {k: True for k in ("cfgpp", "guidance_memory") if getattr(self, k)}
+        base = {0.0: "ddim", 1.0: "ddpm"}.get(self.eta)
+        return settings_name(base, **flags) if base else settings_name("ddim", eta=self.eta, **flags)
 
     def init(self, x_T, grid, process, *, key=None, nfe=None):
         del nfe
         check_key(self, key)
-        state = empty_state(x_T, grid, key=key if self.stochastic else None, process=process)
+        hist = int(self.guidance_memory)  # the guidance wrapper's memory, when carried
+        state = empty_state(x_T, grid, hist_size=hist, key=key if self.stochastic else None, process=process)
         g = grid_curves(process, state.grid).steps
         one_m = -jnp.expm1(-2.0 * jnp.where(g.finite, g.h, jnp.inf))  # 1 - e^{-2h}
         c = self.eta * g.sigma_t * jnp.sqrt(one_m)
@@ -62,18 +89,30 @@ class DDIM(Solver):
     def step(self, denoiser, state, cond=None):
         x = state.x
         c = row(state.aux, state.i)
-        pred = evaluate(denoiser, x, state.grid[state.i], cond)
-        x_next = c.a * pred.x0 + c.keep * pred.eps
+        t = state.grid[state.i]
+        pred, eps, hist = guided_evaluate(self, denoiser, state, t, cond)
+        x_next = c.a * pred.x0 + c.keep * eps
         if self.stochastic:
             x_next = x_next + c.c * step_noise(state)
-        return state._replace(x=x_next.astype(x.dtype), i=state.i + 1, pred=pred, nfe=state.nfe + 1)
+        nfe = state.nfe + network_calls(denoiser, t)
+        return state._replace(x=x_next.astype(x.dtype), i=state.i + 1, pred=pred, hist=hist, nfe=nfe)
 
 
-def ddim(eta: float = 0.0) -> DDIM:
-    """DDIM with stochasticity ``eta`` in [0, 1] (``eta > 0`` needs a PRNG key)."""
-    return DDIM(eta)
+def ddim(eta: float = 0.0, *, cfgpp: bool = False, guidance_memory: bool = False) -> DDIM:
+    """DDIM with stochasticity ``eta`` in [0, 1] (``eta > 0`` needs a PRNG key).
+
+    Args:
+      eta: 0 is deterministic DDIM, 1 is DDPM.
+      cfgpp: CFG++ (Chung et al., 2024): renoise with the guidance wrapper's unguided
+        noise prediction (see the module docstring).
+      guidance_memory: carry the guidance wrapper's state across steps (APG momentum).
+
+    Raises:
+      ValueError: ``eta`` outside [0, 1]. TypeError: a flag that is not a bool.
+    """
+    return DDIM(eta, cfgpp, guidance_memory)
 
 
-def ddpm() -> DDIM:
+def ddpm(*, cfgpp: bool = False, guidance_memory: bool = False) -> DDIM:
     """DDPM ancestral sampling (Ho et al., NeurIPS 2020): DDIM with ``eta = 1``."""
-    return DDIM(1.0)
+    return DDIM(1.0, cfgpp, guidance_memory)

@@ -32,6 +32,7 @@ from jdiff.solvers._base import (
     geometry_at,
     grid_curves,
     infinite_steps,
+    network_calls,
     order_schedule,
     row,
     settings_name,
@@ -146,7 +147,7 @@ class Singlestep(Solver):
             ca, cb = tab.c[1]
             u1 = ei_apply(ca, x, [m], pred.x0)
             m1 = pick(evaluate(denoiser, u1, tab.t_mid, cond))
-            return ei_apply(cb, x, [m, m1], pred.x0), jnp.int32(1)
+            return ei_apply(cb, x, [m, m1], pred.x0), network_calls(denoiser, tab.t_mid)
 
         def o3():
             ca, cb, cc = tab.c[2]
@@ -154,13 +155,16 @@ class Singlestep(Solver):
             m1 = pick(evaluate(denoiser, u1, tab.times[0], cond))
             u2 = ei_apply(cb, x, [m, m1], pred.x0)
             m2 = pick(evaluate(denoiser, u2, tab.times[1], cond))
-            return ei_apply(cc, x, [m, m2], pred.x0), jnp.int32(2)
+            extra = network_calls(denoiser, tab.times[0]) + network_calls(denoiser, tab.times[1])
+            return ei_apply(cc, x, [m, m2], pred.x0), extra
 
         if self.order == 1:
             x_next, extra = o1()
         else:
             x_next, extra = jax.lax.switch(tab.order - 1, [o1, o2, o3][: self.order])
-        return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1 + extra)
+        return state._replace(
+            x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + network_calls(denoiser, state.grid[state.i]) + extra
+        )
 
     def nfe(self, num_steps, to_data=False, from_noise=False):
         forced = ([0] if from_noise else []) + ([num_steps - 1] if to_data else [])

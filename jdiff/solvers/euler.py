@@ -14,6 +14,13 @@ In ``t`` the velocity is finite wherever the model is evaluated (``sigma > 0``),
 ``alpha = 0`` (zero terminal SNR), so Euler and Heun need no special case there; the
 ``rho`` forms divide by ``alpha`` and take the shared exact first-order limit on steps
 with infinite log-SNR increment (see :mod:`jdiff._core`).
+
+Euler takes the guidance options of :class:`~jdiff.solvers.ddim.DDIM`: with
+``cfgpp=True`` (CFG++, Chung et al., 2024) the step starts from the renoised point
+``alpha_s x0_guided + sigma_s eps_uncond`` and moves along ``alpha' x0_guided + sigma'
+eps_uncond``, i.e. it lands on ``(alpha_s + dt alpha'_s) x0_guided + (sigma_s + dt
+sigma'_s) eps_uncond`` (in ``rho`` on ``alpha_t x0_guided + sigma_t eps_uncond``, the
+paper's Euler/EDM form); ``guidance_memory=True`` carries APG's momentum.
 """
 
 from __future__ import annotations
@@ -25,7 +32,18 @@ import jax
 import jax.numpy as jnp
 
 from jdiff._core import EICoef, ei_apply, ei_coefficients
-from jdiff.solvers._base import Solver, check_key, empty_state, evaluate, grid_curves, row, step_noise
+from jdiff.solvers._base import (
+    Solver,
+    check_key,
+    empty_state,
+    evaluate,
+    grid_curves,
+    guided_evaluate,
+    network_calls,
+    row,
+    settings_name,
+    step_noise,
+)
 
 __all__ = ["Euler", "Heun", "EulerMaruyama", "euler", "heun", "euler_maruyama"]
 
@@ -39,6 +57,8 @@ class _TTable(NamedTuple):
     finite: jax.Array  # finite log-SNR increment (rho forms)
     correct: jax.Array  # sigma_t > 0: Heun may evaluate the model at t
     first: EICoef  # the first-order exponential step (the rho forms, via noise mode)
+    a_s: jax.Array  # alpha(s), sigma(s): CFG++ renoising
+    s_s: jax.Array
 
 
 def _check_time(time):
@@ -60,38 +80,51 @@ def _t_table(process, grid):
         g.finite,
         g.log_sigma_t > -jnp.inf,
         first,
+        jnp.exp(g.log_alpha_s),
+        jnp.exp(g.log_sigma_s),
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class Euler(Solver):
-    """Euler's method on the probability-flow ODE (first order, one call per step)."""
+    """Euler's method on the probability-flow ODE (first order, one call per step);
+    ``cfgpp`` and ``guidance_memory`` as in :class:`~jdiff.solvers.ddim.DDIM`."""
 
     time: str = "t"
+    cfgpp: bool = False
+    guidance_memory: bool = False
 
     order = 1
     padded_tables = True  # every row reads its own step s -> t only
 
     def __post_init__(self):
         _check_time(self.time)
+        for k in ("cfgpp", "guidance_memory"):
+            if not isinstance(getattr(self, k), bool):
+                raise TypeError(f"{k} must be True or False, got {getattr(self, k)!r}")
 
     @property
     def name(self) -> str:
-        return "euler" if self.time == "t" else f"euler-{self.time}"
+        flags = {k: True for k in ("cfgpp", "guidance_memory") if getattr(self, k)}
+        return settings_name("euler" if self.time == "t" else f"euler-{self.time}", **flags)
 
     def init(self, x_T, grid, process, *, key=None, nfe=None):
-        state = empty_state(x_T, grid, process=process)
+        state = empty_state(x_T, grid, hist_size=int(self.guidance_memory), process=process)
         return state._replace(aux=_t_table(process, state.grid))
 
     def step(self, denoiser, state, cond=None):
         x = state.x
         c = row(state.aux, state.i)
-        pred = evaluate(denoiser, x, state.grid[state.i], cond)
+        t = state.grid[state.i]
+        pred, eps, hist = guided_evaluate(self, denoiser, state, t, cond)
+        if self.cfgpp:  # CFG++: move from the point renoised with the unguided eps
+            x = (c.a_s * pred.x0 + c.s_s * eps).astype(x.dtype)
         if self.time == "t":
-            x_next = x + c.dt * (c.da_s * pred.x0 + c.ds_s * pred.eps)
+            x_next = x + c.dt * (c.da_s * pred.x0 + c.ds_s * eps)
         else:
-            x_next = ei_apply(c.first, x, [pred.eps], pred.x0)
-        return state._replace(x=x_next.astype(x.dtype), i=state.i + 1, pred=pred, nfe=state.nfe + 1)
+            x_next = ei_apply(c.first, x, [eps], pred.x0)
+        nfe = state.nfe + network_calls(denoiser, t)
+        return state._replace(x=x_next.astype(x.dtype), i=state.i + 1, pred=pred, hist=hist, nfe=nfe)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +160,7 @@ class Heun(Solver):
             def correct():
                 p2 = evaluate(denoiser, x_e, t, cond)
                 d_t = c.da_t * p2.x0 + c.ds_t * p2.eps
-                return (x + 0.5 * c.dt * (d_s + d_t)).astype(x.dtype), jnp.int32(1)
+                return (x + 0.5 * c.dt * (d_s + d_t)).astype(x.dtype), network_calls(denoiser, t)
 
             def final():
                 return x_e.astype(x.dtype), jnp.int32(0)
@@ -138,7 +171,7 @@ class Heun(Solver):
 
             def correct():
                 p2 = evaluate(denoiser, x_e, t, cond)
-                return ei_apply(c.first, x, [0.5 * (pred.eps + p2.eps)], pred.x0), jnp.int32(1)
+                return ei_apply(c.first, x, [0.5 * (pred.eps + p2.eps)], pred.x0), network_calls(denoiser, t)
 
             def final():
                 return x_e, jnp.int32(0)
@@ -147,7 +180,8 @@ class Heun(Solver):
 
         # no correction into sigma = 0 (nor, in rho, out of alpha = 0): one model call there
         x_next, extra = jax.lax.cond(do_correct, correct, final)
-        return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1 + extra)
+        nfe = state.nfe + network_calls(denoiser, state.grid[state.i]) + extra
+        return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=nfe)
 
     def _single(self, to_data, from_noise):
         return int(to_data) + int(from_noise and self.time == "rho")
@@ -159,9 +193,18 @@ class Heun(Solver):
         return max(1, (nfe + self._single(to_data, from_noise)) // 2)
 
 
-def euler(time: str = "t") -> Euler:
-    """Euler's method on the probability-flow ODE (first order, one call per step)."""
-    return Euler(time)
+def euler(time: str = "t", *, cfgpp: bool = False, guidance_memory: bool = False) -> Euler:
+    """Euler's method on the probability-flow ODE (first order, one call per step).
+
+    Args:
+      time: ``"t"`` (the process's time) or ``"rho"`` (EDM's variables; then DDIM).
+      cfgpp: CFG++ (Chung et al., 2024; see the module docstring).
+      guidance_memory: carry the guidance wrapper's state across steps (APG momentum).
+
+    Raises:
+      ValueError: an unknown ``time``. TypeError: a flag that is not a bool.
+    """
+    return Euler(time, cfgpp, guidance_memory)
 
 
 def heun(time: str = "t") -> Heun:
@@ -224,7 +267,8 @@ class EulerMaruyama(Solver):
         x_em = x + c.dt * (c.f * x + c.g2_over_sigma * pred.eps) + c.noise * z
         x_lim = ei_apply(c.limit, x, [pred.x0]) + c.limit_noise * z
         x_next = jnp.where(c.finite, x_em, x_lim).astype(x.dtype)
-        return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=state.nfe + 1)
+        nfe = state.nfe + network_calls(denoiser, state.grid[state.i])
+        return state._replace(x=x_next, i=state.i + 1, pred=pred, nfe=nfe)
 
 
 def euler_maruyama() -> EulerMaruyama:

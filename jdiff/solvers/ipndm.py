@@ -27,6 +27,7 @@ from jdiff.solvers._base import (
     geometry_at,
     grid_curves,
     multistep_order,
+    network_calls,
     row,
     settings_name,
     steps_of,
@@ -90,7 +91,9 @@ class IPNDM(Solver):
         hist = jax.lax.dynamic_update_index_in_dim(state.hist, pred.eps, state.i % K, 0)
         eps_ab = sum(coeffs[k].astype(x.dtype) * hist[k] for k in range(K))
         x_next = ei_apply(first, x, [eps_ab], pred.x0)
-        return state._replace(x=x_next, i=state.i + 1, pred=pred, hist=hist, nfe=state.nfe + 1)
+        return state._replace(
+            x=x_next, i=state.i + 1, pred=pred, hist=hist, nfe=state.nfe + network_calls(denoiser, state.grid[state.i])
+        )
 
 
 def ipndm(order: int = 4, *, variable_step: bool = False, lower_order_final: bool = False) -> Solver:
