@@ -21,15 +21,12 @@ phase-retrieval-like magnitude with ``abs``).
 Posterior samplers, each ``f(denoiser, operator, y, sigma_y, key, *, nfe, ...)``
 returning ``(B, *x_shape)`` restorations (the denoiser carries its process):
 
-============  ===================================  ==============  ====================
-sampler       paper                                NFE             denoiser VJP
-============  ===================================  ==============  ====================
-:func:`dps`   Chung et al., ICLR 2023              1 per step      yes
-:func:`pigdm` Song et al., ICLR 2023               1 per step      yes
-:func:`ddrm`  Kawar et al., NeurIPS 2022           1 per step      no (SVD, no grads)
-:func:`red_diff` Mardani et al., ICLR 2024         1 per step      no (operator grad)
-:func:`dds`   Chung et al., ICLR 2024              1 per step      no (CG on ``A``)
-============  ===================================  ==============  ====================
+- :func:`dps` (Chung et al., ICLR 2023): 1 call per step, with a VJP through the denoiser;
+- :func:`pigdm` (Song et al., ICLR 2023): 1 call per step, with a VJP; needs the SVD;
+- :func:`ddrm` (Kawar et al., NeurIPS 2022): 1 call per step, no gradients; needs the SVD;
+- :func:`red_diff` (Mardani et al., ICLR 2024): 1 call per step, no denoiser VJP (only
+  ``A`` is differentiated);
+- :func:`dds` (Chung et al., ICLR 2024): 1 call per step, no gradients; CG on ``A^T A``.
 
 All run one ``lax.scan`` over a time grid (built from ``nfe`` like :func:`jdiff.sample`,
 ending at the data where the process reaches it), are jit-friendly, take explicit keys
@@ -631,19 +628,6 @@ def _finish(x, grid, N, return_info):
     return (x, SampleInfo(nfe=jnp.asarray(N, jnp.int32), grid=grid)) if return_info else x
 
 
-_DOC_COMMON = """
-    Args:
-      denoiser: a :class:`~jdiff.Denoiser` (its ``process`` defines the noise levels).
-      operator: a :class:`Operator` acting on samples of shape ``operator.x_shape``.
-      y: ``(B, *operator.y_shape)`` measurements; ``sigma_y``: their noise std (>= 0).
-      key: PRNG key (one, or one per sample).
-      nfe: model calls (= steps); or ``grid``: an explicit decreasing time grid.
-      cond: passed to the denoiser (e.g. the null class of a class-conditional model).
-      x_T: optional starting noise ``(B, *x_shape)``.
-      return_info: also return a :class:`~jdiff.SampleInfo` (``nfe``, ``grid``).
-"""
-
-
 # ---------------------------------------------------------------------------- DPS
 def dps(
     denoiser,
@@ -661,8 +645,7 @@ def dps(
     x_T=None,
     return_info: bool = False,
 ):
-    (
-        """Diffusion posterior sampling (Chung, Kim, Mccann, Klasky & Ye, "Diffusion Posterior
+    """Diffusion posterior sampling (Chung, Kim, Mccann, Klasky & Ye, "Diffusion Posterior
     Sampling for General Noisy Inverse Problems", ICLR 2023, Algorithm 1).
 
     Each step takes the ancestral (DDIM ``eta``; 1 = DDPM) step from the Tweedie estimate
@@ -673,9 +656,17 @@ def dps(
 
     NFE: one denoiser call per step, **with a VJP** through the denoiser (about 2-3 times a
     forward call). Usual NFE: 1000 (paper).
-    """
-        + _DOC_COMMON
-        + """      scale: the step ``zeta'`` (finite, >= 0); eta: DDIM noise in [0, 1].
+
+    Args:
+      denoiser: a :class:`~jdiff.Denoiser` (its ``process`` defines the noise levels).
+      operator: a :class:`Operator` acting on samples of shape ``operator.x_shape``.
+      y: ``(B, *operator.y_shape)`` measurements; ``sigma_y``: their noise std (>= 0).
+      key: PRNG key (one, or one per sample).
+      nfe: model calls (= steps); or ``grid``: an explicit decreasing time grid.
+      cond: passed to the denoiser (e.g. the null class of a class-conditional model).
+      x_T: optional starting noise ``(B, *x_shape)``.
+      return_info: also return a :class:`~jdiff.SampleInfo` (``nfe``, ``grid``).
+      scale: the step ``zeta'`` (finite, >= 0); eta: DDIM noise in [0, 1].
 
     Returns:
       ``(B, *x_shape)`` restorations (and the info).
@@ -685,7 +676,6 @@ def dps(
         ``scale``/``eta`` not finite or out of range, no key, a bad grid.
       TypeError: not an :class:`Operator` or not a denoiser.
     """
-    )
     scale = _check_number("dps: scale", scale, lo=0)
     eta = _check_number("dps: eta", eta, lo=0, hi=1)
     y, grid, keys, shape, x_T = _prepare("dps", denoiser, operator, y, sigma_y, key, x_T, grid, nfe, grid_kind)
@@ -736,8 +726,7 @@ def pigdm(
     x_T=None,
     return_info: bool = False,
 ):
-    (
-        """Pseudoinverse-guided diffusion (Song, Vahdat, Mardani & Kautz, "Pseudoinverse-Guided
+    """Pseudoinverse-guided diffusion (Song, Vahdat, Mardani & Kautz, "Pseudoinverse-Guided
     Diffusion Models for Inverse Problems", ICLR 2023, Eq. 7 and Algorithm 1).
 
     With ``p(x0 | x_t) ~ N(x0_hat, r_t^2 I)``, ``r_t^2 = sigma^2 / (alpha^2 + sigma^2)``,
@@ -747,9 +736,17 @@ def pigdm(
     With ``sigma_y = 0`` the inner inverse is ``A^+``, as in the paper's noiseless case.
 
     NFE: one denoiser call per step **with a VJP**. Usual NFE: 100 (paper).
-    """
-        + _DOC_COMMON
-        + """      scale: guidance weight (finite, >= 0); eta: DDIM noise in [0, 1].
+
+    Args:
+      denoiser: a :class:`~jdiff.Denoiser` (its ``process`` defines the noise levels).
+      operator: a :class:`Operator` acting on samples of shape ``operator.x_shape``.
+      y: ``(B, *operator.y_shape)`` measurements; ``sigma_y``: their noise std (>= 0).
+      key: PRNG key (one, or one per sample).
+      nfe: model calls (= steps); or ``grid``: an explicit decreasing time grid.
+      cond: passed to the denoiser (e.g. the null class of a class-conditional model).
+      x_T: optional starting noise ``(B, *x_shape)``.
+      return_info: also return a :class:`~jdiff.SampleInfo` (``nfe``, ``grid``).
+      scale: guidance weight (finite, >= 0); eta: DDIM noise in [0, 1].
 
     Returns:
       ``(B, *x_shape)`` restorations (and the info).
@@ -757,7 +754,6 @@ def pigdm(
     Raises:
       ValueError: as :func:`dps`. TypeError: an operator without an SVD.
     """
-    )
     scale = _check_number("pigdm: scale", scale, lo=0)
     eta = _check_number("pigdm: eta", eta, lo=0, hi=1)
     y, grid, keys, shape, x_T = _prepare(
@@ -809,8 +805,7 @@ def ddrm(
     x_T=None,
     return_info: bool = False,
 ):
-    (
-        """Denoising diffusion restoration models (Kawar, Elad, Ermon & Song, "Denoising
+    """Denoising diffusion restoration models (Kawar, Elad, Ermon & Song, "Denoising
     Diffusion Restoration Models", NeurIPS 2022, Eq. 7-8).
 
     In the spectral coordinates ``xbar = V^T x / alpha`` (noise level ``rho = sigma /
@@ -823,9 +818,17 @@ def ddrm(
     grid ending at the data, ``A x = y`` exactly (to rounding).
 
     NFE: one denoiser call per step, **no gradients** (needs the SVD). Usual NFE: 20 (paper).
-    """
-        + _DOC_COMMON
-        + """      eta, eta_b: the paper's ``eta`` and ``eta_b`` in [0, 1].
+
+    Args:
+      denoiser: a :class:`~jdiff.Denoiser` (its ``process`` defines the noise levels).
+      operator: a :class:`Operator` acting on samples of shape ``operator.x_shape``.
+      y: ``(B, *operator.y_shape)`` measurements; ``sigma_y``: their noise std (>= 0).
+      key: PRNG key (one, or one per sample).
+      nfe: model calls (= steps); or ``grid``: an explicit decreasing time grid.
+      cond: passed to the denoiser (e.g. the null class of a class-conditional model).
+      x_T: optional starting noise ``(B, *x_shape)``.
+      return_info: also return a :class:`~jdiff.SampleInfo` (``nfe``, ``grid``).
+      eta, eta_b: the paper's ``eta`` and ``eta_b`` in [0, 1].
 
     Returns:
       ``(B, *x_shape)`` restorations (and the info).
@@ -834,7 +837,6 @@ def ddrm(
       ValueError: as :func:`dps`, and a grid starting where ``alpha = 0`` (infinite
         ``rho``: start it below ``t_max``). TypeError: an operator without an SVD.
     """
-    )
     eta = _check_number("ddrm: eta", eta, lo=0, hi=1)
     eta_b = _check_number("ddrm: eta_b", eta_b, lo=0, hi=1)
     y, grid, keys, shape, x_T = _prepare(
@@ -903,8 +905,7 @@ def red_diff(
     mu_init=None,
     return_info: bool = False,
 ):
-    (
-        """Regularization by denoising diffusion (Mardani, Song, Kautz & Vahdat, "A Variational
+    """Regularization by denoising diffusion (Mardani, Song, Kautz & Vahdat, "A Variational
     Perspective on Solving Inverse Problems with Diffusion Models", ICLR 2024, Eq. 13 and
     Algorithm 1).
 
@@ -920,12 +921,17 @@ def red_diff(
     NFE: one denoiser call per step, **no VJP through the denoiser** (the regularizer's
     gradient is the stopped ``eps_hat - eps``; only ``A`` is differentiated). Usual NFE:
     1000 (paper).
-    """
-        + _DOC_COMMON.replace(
-            "      x_T: optional starting noise ``(B, *x_shape)``.\n",
-            "      mu_init: optional ``(B, *x_shape)`` starting point of ``mu``.\n",
-        )
-        + """      lam: regularization weight (finite, >= 0); lr, b1, b2: Adam's settings.
+
+    Args:
+      denoiser: a :class:`~jdiff.Denoiser` (its ``process`` defines the noise levels).
+      operator: a :class:`Operator` acting on samples of shape ``operator.x_shape``.
+      y: ``(B, *operator.y_shape)`` measurements; ``sigma_y``: their noise std (>= 0).
+      key: PRNG key (one, or one per sample).
+      nfe: model calls (= steps); or ``grid``: an explicit decreasing time grid.
+      cond: passed to the denoiser (e.g. the null class of a class-conditional model).
+      mu_init: optional ``(B, *x_shape)`` starting point of ``mu``.
+      return_info: also return a :class:`~jdiff.SampleInfo` (``nfe``, ``grid``).
+      lam: regularization weight (finite, >= 0); lr, b1, b2: Adam's settings.
 
     Returns:
       ``(B, *x_shape)`` the final ``mu`` (and the info; its grid's first N points are the
@@ -934,7 +940,6 @@ def red_diff(
     Raises:
       ValueError: as :func:`dps`, and ``lr`` not positive or ``b1``/``b2`` outside [0, 1).
     """
-    )
     lam = _check_number("red_diff: lam", lam, lo=0)
     lr = _check_number("red_diff: lr", lr, lo=0, lo_open=True)
     b1 = _check_number("red_diff: b1", b1, lo=0, hi=1)
@@ -1014,8 +1019,7 @@ def dds(
     x_T=None,
     return_info: bool = False,
 ):
-    (
-        """Decomposed diffusion sampler (Chung, Lee & Ye, "Decomposed Diffusion Sampler for
+    """Decomposed diffusion sampler (Chung, Lee & Ye, "Decomposed Diffusion Sampler for
     Accelerating Large-Scale Inverse Problems", ICLR 2024, Algorithm 1).
 
     At each step the Tweedie estimate ``x0_hat`` is refined by ``cg_steps`` conjugate-gradient
@@ -1026,9 +1030,17 @@ def dds(
 
     NFE: one denoiser call per step, **no gradients** (``A`` and ``A^T`` only). Usual NFE:
     50 (paper: 50-100).
-    """
-        + _DOC_COMMON
-        + """      cg_steps: CG iterations per step (int >= 0); gamma: proximal weight (>= 0); eta: DDIM
+
+    Args:
+      denoiser: a :class:`~jdiff.Denoiser` (its ``process`` defines the noise levels).
+      operator: a :class:`Operator` acting on samples of shape ``operator.x_shape``.
+      y: ``(B, *operator.y_shape)`` measurements; ``sigma_y``: their noise std (>= 0).
+      key: PRNG key (one, or one per sample).
+      nfe: model calls (= steps); or ``grid``: an explicit decreasing time grid.
+      cond: passed to the denoiser (e.g. the null class of a class-conditional model).
+      x_T: optional starting noise ``(B, *x_shape)``.
+      return_info: also return a :class:`~jdiff.SampleInfo` (``nfe``, ``grid``).
+      cg_steps: CG iterations per step (int >= 0); gamma: proximal weight (>= 0); eta: DDIM
         noise in [0, 1].
 
     Returns:
@@ -1037,7 +1049,6 @@ def dds(
     Raises:
       ValueError: as :func:`dps`. TypeError: a nonlinear operator.
     """
-    )
     if isinstance(cg_steps, bool) or not isinstance(cg_steps, (int, np.integer)) or cg_steps < 0:
         raise ValueError(f"dds: cg_steps must be an int >= 0, got {cg_steps!r}")
     gamma = _check_number("dds: gamma", gamma, lo=0)

@@ -57,13 +57,14 @@ def test_operator_identities(x64, name):
     kx, ky = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (3,) + op.x_shape, jnp.float64)
     y = jax.random.normal(ky, (3,) + op.y_shape, jnp.float64)
-    M = _dense(op, jnp.float64)
     z = jax.random.normal(kx, (3, op.n), jnp.float64)
 
     @jax.jit  # one program per operator rather than one per eager op
     def quantities(op, x, y, z):
         s = op.singular_values()
+        eye = jnp.eye(op.n, dtype=x.dtype).reshape((op.n,) + op.x_shape)
         return dict(
+            M=op.A(eye).reshape(op.n, -1).T,
             Ax=op.A(x),
             ATy=op.AT(y),
             s=s,
@@ -76,6 +77,7 @@ def test_operator_identities(x64, name):
         )
 
     q = quantities(op, x, y, z)
+    M = np.asarray(q["M"])  # the operator's matrix (m, n): column j = A e_j
     # every identity below is a handful of float64 matvecs of length <= 32 on O(1) values
     tol = 1e3 * EPS64
     # adjoint: <A x, y> = <x, A^T y>, and A^T is the transposed matrix
@@ -121,7 +123,9 @@ def test_mixture_posterior_is_exact(x64):
     sy = 0.5
     w, means, covs = I.mixture_posterior(mix, op, y, sy)
     n = 100_000
-    x = np.asarray(mix.sample(jax.random.key(3), n, jnp.float64))
+    rng = np.random.default_rng(3)  # NumPy: no program to compile for one draw
+    comp = rng.choice(len(mix.weights), n, p=mix.weights)
+    x = mix.means[comp] + mix.stds[comp] * rng.standard_normal((n, mix.dim))
     logl = -0.5 * np.sum((x @ _dense(op, jnp.float64).T - y) ** 2, 1) / sy**2
     iw = np.exp(logl - logl.max())
     iw /= iw.sum()
