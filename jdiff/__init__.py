@@ -56,7 +56,7 @@ def prior_sample(process, key, shape, dtype=None):
 
 __version__ = "0.1.0"
 
-_LAZY = ("models", "train", "data", "testbed", "features", "inversion", "likelihood", "superdiff")
+_LAZY = ("models", "train", "data", "testbed", "features", "inversion", "inverse", "likelihood", "superdiff")
 
 
 def __getattr__(name):
