@@ -74,6 +74,7 @@ _NAMES = (
     + [f"dpm{k}m" for k in (2, 3)]
     + [f"dpm++{k}s" for k in (2, 3)]
     + [f"dpm++{k}m" for k in (1, 2, 3)]
+    + ["dpm++3m(variant=diffusers)"]
     + ["sde-dpm++1", "sde-dpm++2m"]
     + [f"deis{k}{b}" for k in (1, 2, 3) for b in ("", "-rho", "-log_rho")]
     + [f"unipc{k}{v}" for k in (1, 2, 3) for v in ("", "-bh1")]
