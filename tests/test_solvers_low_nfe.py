@@ -110,3 +110,119 @@ def test_3m_local_error_slopes(x64):
         # ratio 2^p for local order p; measured 17.6, 17.0 (exact) and 9.2, 8.7 (diffusers):
         # the next term still adds ~10% at h = 0.2. The bands do not overlap.
         assert np.all((2**local * 0.8 <= ratios) & (ratios <= 2**local * 1.25)), (variant, ratios)
+
+
+# ----------------------------------------------------------------------- DPM-Solver-v3
+
+
+def test_dpm_solver_v3_degenerate_statistics_are_dpm_solver_pp(problem):
+    # l = 1, s = b = 0 makes f = -x0 and g = f: the predictor is DPM-Solver++ with exact
+    # Taylor coefficients and the corrector UniC with the same (Zheng et al. 2023, Sec. 3).
+    # One order-3 run covers the order-1 and order-2 warm-up and final rows; the grid ends
+    # at the data (an infinite last step).
+    from jdiff.solvers._multistep import multistep
+
+    mix, proc, x_T = problem
+    den = mix.denoiser(proc)
+    grid = jdiff.time_grid(proc, 8, final="data", dtype=jnp.float64)
+    lam = np.asarray(proc.lambda_(grid[:-1]))
+    st = S.ModelStatistics.degenerate(np.linspace(lam[0], lam[-1], 5), (3,), proc.name)
+    # float64, 8 steps, the same update from two formulas (phi functions and a 3x3 solve vs
+    # 16-point Gauss-Legendre integrals of e^lambda, exact to rounding at these steps): ~1e-14
+    pairs = [
+        (S.dpm_solver_v3(st, 3, corrector=False), S.dpm_solver_pp(3, solver_type="heun")),
+        (S.dpm_solver_v3(st, 3), multistep(3, mode="data", coef="exact", corrector="exact")),
+    ]
+    for v3, ref in pairs:
+        np.testing.assert_allclose(
+            jdiff.sample(v3, den, x_T, grid), jdiff.sample(ref, den, x_T, grid), rtol=0, atol=1e-12, err_msg=v3.name
+        )
+
+
+def test_dpm_solver_v3_derivative_estimates(x64):
+    # Taylor system: exact derivatives at the base node for a quadratic; pseudo-order: k!
+    # times the divided difference of the k + 1 nearest nodes (for a quadratic, the first
+    # divided difference is g' at the midpoint of the two nodes, the second is g'' / 2).
+    from jdiff.solvers.dpm_solver_v3 import _derivative_weights
+
+    lam = jnp.asarray([0.0, -0.3, -0.7])
+    g = 1.0 - 2.0 * lam + 1.5 * lam**2  # g'(0) = -2, g'' = 3
+    taylor = _derivative_weights(lam, 2, False) @ g
+    pseudo = _derivative_weights(lam, 2, True) @ g
+    np.testing.assert_allclose(taylor, [-2.0, 3.0], rtol=1e-12)
+    np.testing.assert_allclose(pseudo, [-2.0 + 3.0 * (-0.15), 3.0], rtol=1e-12)
+    # one active node: both are the first divided difference; higher rows are off
+    np.testing.assert_allclose(_derivative_weights(lam, 1, True), _derivative_weights(lam, 1, False), rtol=1e-12)
+    assert float(jnp.abs(_derivative_weights(lam, 1, False)[1]).max()) == 0.0
+
+
+@pytest.fixture(scope="module")
+def gaussian(x64):
+    # one Gaussian with per-dimension scales: E[x0 | x_t] is linear in x_t and the ODE
+    # solution is closed form, x_t = alpha mu + sqrt(alpha^2 s^2 + sigma^2) z
+    sd = np.array([[0.05, 0.3, 1.0, 2.0]])
+    mu = np.array([[0.5, -1.0, 0.2, 1.0]])
+    mix = jdiff.testbed.GaussianMixture(np.ones(1), mu, sd)
+    proc = jdiff.vp_linear()
+    den = mix.denoiser(proc)
+    data = mix.sample(jax.random.key(0), 64, jnp.float64)
+    st = S.model_statistics(den, data, key=jax.random.key(1), num_lambdas=33, model="gauss4")
+    return mix, proc, den, st
+
+
+def test_model_statistics_closed_form_and_v3_accuracy(gaussian):
+    mix, proc, den, st = gaussian
+    sd, mu = mix.stds, mix.means
+    # l = E[diag(sigma d eps / dx)] = sigma^2 / (alpha^2 s^2 + sigma^2) for a Gaussian; the
+    # Jacobian is diagonal, so the Rademacher estimate v * (J v) is exact: only rounding
+    # (~1e-14 from the JVP through the posterior) remains
+    a2 = 1.0 / (1.0 + np.exp(-2.0 * st.lam[:, None]))
+    np.testing.assert_allclose(st.l, (1 - a2) / (a2 * sd**2 + 1 - a2), rtol=0, atol=1e-10)
+    # and f = (sigma eps - l x) / alpha = -l mu does not vary over samples: s = 0, b = f'
+    assert np.max(np.abs(st.s)) < 1e-5
+    # so v3 integrates this model almost exactly: at 5 steps its error is set by the
+    # interpolation of l between the 33 statistics points, far below DPM-Solver++(3M)'s
+    z = jax.random.normal(jax.random.key(2), (8, 4), jnp.float64)
+    grid = jdiff.time_grid(proc, 5, kind="logsnr", dtype=jnp.float64)
+    exact = [
+        proc.alpha(t) * mu + jnp.sqrt(proc.alpha(t) ** 2 * sd**2 + proc.sigma(t) ** 2) * z for t in (grid[0], grid[-1])
+    ]
+    err = {}
+    for name, solver in [("v3", S.dpm_solver_v3(st)), ("dpm++3m", S.dpm_solver_pp(3))]:
+        err[name] = float(jnp.sqrt(jnp.mean((jdiff.sample(solver, den, exact[0], grid) - exact[1]) ** 2)))
+    print(err)  # measured: v3 0.0061, dpm++3m 0.21
+    assert err["v3"] < 0.1 * err["dpm++3m"], err
+
+
+def test_statistics_save_load_and_refusals(gaussian, tmp_path):
+    mix, proc, den, st = gaussian
+    path = tmp_path / "ems.npz"
+    st.save(path)
+    back = S.load_statistics(path, process=proc, shape=(4,), model="gauss4")
+    for k in ("lam", "l", "s", "b"):
+        np.testing.assert_array_equal(getattr(back, k), getattr(st, k))
+    assert back.process == "vp_linear" and back.model == "gauss4"
+    with pytest.raises(ValueError, match="process 'vp_linear', not 'edm'"):
+        S.load_statistics(path, process=jdiff.edm())
+    with pytest.raises(ValueError, match=r"shape \(4,\), not \(3,\)"):
+        S.load_statistics(path, shape=(3,))
+    with pytest.raises(ValueError, match="model 'gauss4', not 'other'"):
+        S.load_statistics(path, model="other")
+    np.savez(tmp_path / "x.npz", a=np.ones(2))
+    with pytest.raises(ValueError, match="not a DPM-Solver-v3 statistics file"):
+        S.load_statistics(tmp_path / "x.npz")
+    # at sampling time: another process, another sample shape, a grid outside the range
+    v3 = S.dpm_solver_v3(back)
+    cos = jdiff.vp_cosine()
+    x = jnp.zeros((2, 4))
+    with pytest.raises(ValueError, match="process 'vp_linear', not 'vp_cosine'"):
+        jdiff.sample(v3, mix.denoiser(cos), x, jdiff.time_grid(cos, 4))
+    with pytest.raises(ValueError, match=r"shape \(4,\), x_T has \(3,\)"):
+        jdiff.sample(v3, den, jnp.zeros((2, 3)), jdiff.time_grid(proc, 4))
+    narrow = S.ModelStatistics(st.lam[4:-4], st.l[4:-4], st.s[4:-4], st.b[4:-4], st.process)
+    with pytest.raises(ValueError, match="leaves the statistics' range"):
+        jdiff.sample(S.dpm_solver_v3(narrow), den, x, jdiff.time_grid(proc, 4))
+    with pytest.raises(TypeError, match="ModelStatistics"):
+        S.dpm_solver_v3(st.l)
+    with pytest.raises(ValueError, match="order 1, 2 or 3"):
+        S.dpm_solver_v3(st, 4)

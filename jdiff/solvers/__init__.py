@@ -5,6 +5,7 @@ from jdiff.solvers._registry import get, names
 from jdiff.solvers.ddim import ddim, ddpm
 from jdiff.solvers.deis import deis
 from jdiff.solvers.dpm_solver import dpm_solver, dpm_solver_pp, sde_dpm_solver_pp
+from jdiff.solvers.dpm_solver_v3 import ModelStatistics, dpm_solver_v3, load_statistics, model_statistics
 from jdiff.solvers.euler import euler, euler_maruyama, heun
 from jdiff.solvers.ipndm import ipndm
 from jdiff.solvers.unipc import unipc
@@ -21,6 +22,10 @@ __all__ = [
     "dpm_solver",
     "dpm_solver_pp",
     "sde_dpm_solver_pp",
+    "dpm_solver_v3",
+    "ModelStatistics",
+    "model_statistics",
+    "load_statistics",
     "euler",
     "euler_maruyama",
     "heun",
