@@ -145,15 +145,16 @@ def test_dpm_solver_v3_derivative_estimates(x64):
     # divided difference is g' at the midpoint of the two nodes, the second is g'' / 2).
     from jdiff.solvers.dpm_solver_v3 import _derivative_weights
 
+    weights = jax.jit(_derivative_weights, static_argnums=2)  # one small program per flag
     lam = jnp.asarray([0.0, -0.3, -0.7])
     g = 1.0 - 2.0 * lam + 1.5 * lam**2  # g'(0) = -2, g'' = 3
-    taylor = _derivative_weights(lam, 2, False) @ g
-    pseudo = _derivative_weights(lam, 2, True) @ g
+    taylor = weights(lam, 2, False) @ g
+    pseudo = weights(lam, 2, True) @ g
     np.testing.assert_allclose(taylor, [-2.0, 3.0], rtol=1e-12)
     np.testing.assert_allclose(pseudo, [-2.0 + 3.0 * (-0.15), 3.0], rtol=1e-12)
     # one active node: both are the first divided difference; higher rows are off
-    np.testing.assert_allclose(_derivative_weights(lam, 1, True), _derivative_weights(lam, 1, False), rtol=1e-12)
-    assert float(jnp.abs(_derivative_weights(lam, 1, False)[1]).max()) == 0.0
+    np.testing.assert_allclose(weights(lam, 1, True), weights(lam, 1, False), rtol=1e-12)
+    assert float(jnp.abs(weights(lam, 1, False)[1]).max()) == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +223,9 @@ def test_statistics_save_load_and_refusals(gaussian, tmp_path):
     narrow = S.ModelStatistics(st.lam[4:-4], st.l[4:-4], st.s[4:-4], st.b[4:-4], st.process)
     with pytest.raises(ValueError, match="leaves the statistics' range"):
         jdiff.sample(S.dpm_solver_v3(narrow), den, x, jdiff.time_grid(proc, 4))
+    # a value: the registry name plus the same statistics object gives an equal solver
+    v3 = S.dpm_solver_v3(back, 2, pseudo=True, corrector=False)
+    assert v3.name == "dpm-v3-2(pseudo=True, corrector=False)" and S.get(v3.name, stats=back) == v3
     with pytest.raises(TypeError, match="ModelStatistics"):
         S.dpm_solver_v3(st.l)
     with pytest.raises(ValueError, match="order 1, 2 or 3"):
