@@ -87,7 +87,9 @@ def _supported(solver) -> bool:
         return solver.eta == 0.0
     if isinstance(solver, Multistep):
         return solver.mode in ("data", "noise")
-    return isinstance(solver, (Euler, Heun, Singlestep, IPNDM))
+    if isinstance(solver, IPNDM):
+        return not solver.afs  # the analytic first step is not a step of the ODE
+    return isinstance(solver, (Euler, Heun, Singlestep))
 
 
 _SUPPORTED = (

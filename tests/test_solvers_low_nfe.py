@@ -230,3 +230,65 @@ def test_statistics_save_load_and_refusals(gaussian, tmp_path):
         S.dpm_solver_v3(st.l)
     with pytest.raises(ValueError, match="order 1, 2 or 3"):
         S.dpm_solver_v3(st, 4)
+
+
+# ------------------------------------------------------- AFS, time shift, compensation
+
+
+class _AnalyticAt:
+    """The denoiser with AFS's analytic estimate at time ``t0``: eps = x / sqrt(alpha^2 +
+    sigma^2), x0 = (x - sigma eps) / alpha."""
+
+    def __init__(self, inner, t0):
+        self.inner, self.t0, self.process = inner, t0, inner.process
+
+    def __call__(self, x, t, cond=None):
+        p = self.inner(x, t, cond)
+        a, s = self.process.alpha(t), self.process.sigma(t)
+        eps = x / jnp.sqrt(a * a + s * s)
+        first = t == self.t0
+        return jdiff.Prediction(jnp.where(first, (x - s * eps) / a, p.x0), jnp.where(first, eps, p.eps))
+
+
+def test_ipndm_analytic_first_step(problem):
+    mix, proc, x_T = problem
+    den = mix.denoiser(proc)
+    grid = jdiff.time_grid(proc, 6, dtype=jnp.float64)
+    afs = S.ipndm(4, afs=True)
+    x, info = jdiff.sample(afs, den, x_T, grid, return_info=True)
+    assert int(info.nfe) == 5 == afs.nfe(6) and afs.num_steps(5) == 6  # one call saved
+    # the same as plain iPNDM whose first model output is the analytic estimate; float64,
+    # the same arithmetic in the same order: agreement to rounding
+    want = jdiff.sample(S.ipndm(4), _AnalyticAt(den, grid[0]), x_T, grid)
+    np.testing.assert_allclose(x, want, rtol=0, atol=1e-13)
+    assert float(jnp.max(jnp.abs(jdiff.sample(S.ipndm(4), den, x_T, grid) - x))) > 1e-6  # and not a no-op
+    assert S.get(afs.name) == afs and afs.name == "ipndm4(afs=True)"
+    rf = jdiff.rectified_flow()
+    with pytest.raises(ValueError, match="alpha > 0"):
+        jdiff.sample(afs, mix.denoiser(rf), x_T, jdiff.time_grid(rf, 6, kind="uniform"))
+    with pytest.raises(ValueError, match="variable_step"):
+        S.ipndm(3, variable_step=True, afs=True)
+
+
+def test_time_shift_matches_the_variance(problem):
+    from jdiff import wrappers as W
+
+    mix, proc, _ = problem
+    den = mix.denoiser(proc)
+    t = 0.5
+    # samples whose variance over entries is exactly the marginal variance alpha^2 v + sigma^2
+    # at t + 0.1 (a candidate of the window): that is the time the network sees
+    v = 0.7
+    r = jnp.asarray([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0]]) * np.sqrt(1.5)  # mean 0, variance 1 per row
+    tau = t + 0.1
+    x = r * jnp.sqrt(proc.alpha(tau) ** 2 * v + proc.sigma(tau) ** 2)
+    ts = W.time_shift(den, v, window=0.2, candidates=21)  # candidates every 0.02
+    np.testing.assert_allclose(ts.shifted_time(x, t), [tau, tau], rtol=1e-12)
+    out, inner = ts(x, t), den(x, jnp.full((2,), tau))
+    np.testing.assert_allclose(out.eps, inner.eps, rtol=1e-12)
+    np.testing.assert_allclose(out.x0, (x - proc.sigma(t) * inner.eps) / proc.alpha(t), rtol=1e-12)
+    # neutral settings: no window, or a time below the cutoff
+    for neutral, tt in [(W.time_shift(den, v, window=0.0), t), (W.time_shift(den, v, window=0.2, cutoff=0.6), t)]:
+        np.testing.assert_allclose(neutral(x, tt).eps, den(x, tt).eps, rtol=1e-12)
+    with pytest.raises(ValueError, match="data_var"):
+        W.time_shift(den, 0.0, window=0.1)
