@@ -2,6 +2,7 @@
 
 from jdiff.solvers._base import Solver, State, order_schedule
 from jdiff.solvers._registry import get, names
+from jdiff.solvers.dc_solver import dc_solver, fit_dc_ratios
 from jdiff.solvers.ddim import ddim, ddpm
 from jdiff.solvers.deis import deis
 from jdiff.solvers.dpm_solver import dpm_solver, dpm_solver_pp, sde_dpm_solver_pp
@@ -16,6 +17,8 @@ __all__ = [
     "order_schedule",
     "get",
     "names",
+    "dc_solver",
+    "fit_dc_ratios",
     "ddim",
     "ddpm",
     "deis",
