@@ -85,6 +85,10 @@ def _supported(solver) -> bool:
 
     if isinstance(solver, DDIM):
         return solver.eta == 0.0
+    from jdiff.solvers.dc_solver import DCSolver
+
+    if isinstance(solver, DCSolver):
+        return False  # the compensated outputs are not the ODE's
     if isinstance(solver, Multistep):
         return solver.mode in ("data", "noise")
     if isinstance(solver, IPNDM):
