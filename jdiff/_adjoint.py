@@ -85,9 +85,15 @@ def _supported(solver) -> bool:
 
     if isinstance(solver, DDIM):
         return solver.eta == 0.0
+    from jdiff.solvers.dc_solver import DCSolver
+
+    if isinstance(solver, DCSolver):
+        return False  # the compensated outputs are not the ODE's
     if isinstance(solver, Multistep):
         return solver.mode in ("data", "noise")
-    return isinstance(solver, (Euler, Heun, Singlestep, IPNDM))
+    if isinstance(solver, IPNDM):
+        return not solver.afs  # the analytic first step is not a step of the ODE
+    return isinstance(solver, (Euler, Heun, Singlestep))
 
 
 _SUPPORTED = (

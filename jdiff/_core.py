@@ -28,6 +28,14 @@ NeurIPS 2023). With one node, UniPC's B(h) variants replace ``phi_2(z)`` by ``B/
 ``B = 1`` ("bh1") or ``B = phi_1(z)`` ("bh2"); bh2 is DPM-Solver's "midpoint" form
 (DPM-Solver-2, DPM-Solver++(2S/2M)), while "exact" is DPM-Solver's "heun"/Taylor form.
 
+With two nodes, the reference implementation of DPM-Solver(++)(3M) (Lu et al.,
+``dpm_solver_pytorch.py``) and diffusers' ``DPMSolverMultistepScheduler`` estimate the
+second difference as ``D2 = (D1_0 - D1_1) / (r0 + r1)``, which is ``g_2 / 2`` in the
+notation above, and weight it with ``phi_3`` as if it were ``g_2``: the ``g_2`` term
+gets half its exact weight. The local error is then ``O(h^3)`` instead of ``O(h^4)``
+(globally second order instead of third). ``half_second=True`` in :func:`ei_weights`
+reproduces it (``phi_3 / 2`` on the right-hand side of a two-node system).
+
 The SDE variant (SDE-DPM-Solver++, Lu et al. 2022, Sec. 5 / App.) integrates the
 reverse SDE in data prediction: ``c_x = sigma_t/sigma_s e^{-h}``, ``z = -2h`` and the
 polynomial part scaled by ``2h``, plus the noise ``sigma_t sqrt(1 - e^{-2h}) z``.
@@ -157,7 +165,7 @@ def _mode_z(mode: str, h):
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
-def ei_weights(r, q, z, coef: str = "exact"):
+def ei_weights(r, q, z, coef: str = "exact", *, half_second: bool = False):
     """Weights ``w`` of the node differences (see module docstring).
 
     Args:
@@ -165,6 +173,8 @@ def ei_weights(r, q, z, coef: str = "exact"):
       q: number of active nodes (traced int, ``0 <= q <= K``); nodes ``>= q`` get 0.
       z: the signed phi argument of the mode (``-h``, ``h`` or ``-2h``), finite.
       coef: ``"exact"``, ``"bh1"`` or ``"bh2"`` (only differs when ``q == 1``).
+      half_second: with ``q == 2``, put ``phi_3 / 2`` on the second-difference term (the
+        reference implementation's and diffusers' DPM-Solver(++)(3M); see the module).
     Returns:
       ``(K,)`` weights.
     """
@@ -184,6 +194,8 @@ def ei_weights(r, q, z, coef: str = "exact"):
     if coef != "exact":
         B = jnp.ones_like(z) if coef == "bh1" else phi(1, z)
         rhs = rhs.at[0].set(jnp.where(q == 1, 0.5 * B, rhs[0]))
+    if half_second and K >= 2:
+        rhs = rhs.at[1].set(jnp.where(q == 2, 0.5 * rhs[1], rhs[1]))
     rhs = jnp.where(active, rhs, 0.0)
     if K == 1:
         return rhs / V[0, 0]
@@ -205,7 +217,15 @@ class EICoef(NamedTuple):
 
 
 def ei_coefficients(
-    g: Geometry, r=None, q=0, *, mode: str = "data", coef: str = "exact", w=None, K: int | None = None
+    g: Geometry,
+    r=None,
+    q=0,
+    *,
+    mode: str = "data",
+    coef: str = "exact",
+    w=None,
+    K: int | None = None,
+    half_second: bool = False,
 ) -> EICoef:
     """Coefficients of :func:`ei_step` (see :class:`EICoef`).
 
@@ -217,6 +237,7 @@ def ei_coefficients(
       coef: ``"exact"``, ``"bh1"`` or ``"bh2"`` node weights.
       w: precomputed node weights replacing ``ei_weights`` (``(K,)``).
       K: number of nodes when ``r`` is None and ``w`` is None (default 0).
+      half_second: see :func:`ei_weights`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -247,7 +268,7 @@ def ei_coefficients(
     c0 = pref * he * phi(1, z)
     if K > 0:
         if w is None:
-            w = ei_weights(r, jnp.where(fin, q, 0), z, coef)
+            w = ei_weights(r, jnp.where(fin, q, 0), z, coef, half_second=half_second)
         w = jnp.where(fin & (jnp.arange(K) < q), w, 0.0)
         cn = pref * he * w
         cm = jnp.concatenate([jnp.reshape(c0 - jnp.sum(cn), (1,)), cn])

@@ -138,6 +138,7 @@ def check_inputs(solver, denoiser, x_T, grid, cond, key, *, nfe, grid_kind, fina
         )
     if solver.stochastic and key is None:
         raise ValueError(f"{solver.name} is stochastic: pass key=jax.random.key(seed)")
+    solver.check_inputs(process, grid, x_T)
     return x_T, grid, N
 
 

@@ -127,6 +127,12 @@ class Solver:
     def num_steps(self, nfe, to_data=False, from_noise=False) -> int:
         return nfe
 
+    def check_inputs(self, process, grid, x_T) -> None:
+        """Raise ``ValueError`` now, before anything is traced, for a process, grid or
+        ``x_T`` this solver refuses (e.g. statistics made for another process); called by
+        :func:`jdiff.sample` after its own checks. ``grid`` may be traced (inside the
+        caller's ``jit``); then only what is static can be checked. Default: nothing."""
+
     def _check_nfe(self, process, grid, nfe) -> None:
         """Raise ``ValueError`` now when ``nfe`` cannot be spent on ``grid`` (a solver
         whose ``init`` uses the target; called with the concrete, unpadded grid before

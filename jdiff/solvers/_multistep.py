@@ -71,6 +71,10 @@ class Multistep(Solver):
       weights: None, or a hashable ``(process, geometry, lam_nodes, q) -> w`` replacing
         the closed-form node weights (tAB-DEIS: a module-level function or a frozen
         dataclass, so that equal settings stay equal).
+      half_second: the predictor's two-node (third-order) steps put half the exact
+        weight on the second difference, as the reference implementation of
+        DPM-Solver(++)(3M) and diffusers do (locally ``O(h^3)``, globally second order;
+        see :mod:`jdiff._core`).
       name: the registry name (set by the family's factory).
       max_order: the largest order the family supports.
       min_steps: the fewest grid intervals accepted.
@@ -82,6 +86,7 @@ class Multistep(Solver):
     corrector: str | None = None
     lower_order_final: bool = True
     weights: Callable | None = None
+    half_second: bool = False
     name: str = "multistep"
     max_order: int = 3
     min_steps: int = 1
@@ -97,7 +102,7 @@ class Multistep(Solver):
     def stochastic(self) -> bool:
         return self.mode == "sde_data"
 
-    def _coefs(self, process, g, lam_nodes, q, variant, custom=False):
+    def _coefs(self, process, g, lam_nodes, q, variant, custom=False, half_second=False):
         if lam_nodes.shape[0] == 0:
             return ei_coefficients(g, mode=self.mode, K=0)
         # a node before the grid start has lambda = -inf (inactive): keep its r out of
@@ -106,7 +111,7 @@ class Multistep(Solver):
         r = jnp.where(ok, (jnp.where(ok, lam_nodes, g.lam_s) - g.lam_s) / g.h_safe, -jnp.inf)
         if custom:
             return ei_coefficients(g, r, q, mode=self.mode, w=self.weights(process, g, lam_nodes, q))
-        return ei_coefficients(g, r, q, mode=self.mode, coef=variant)
+        return ei_coefficients(g, r, q, mode=self.mode, coef=variant, half_second=half_second)
 
     def table(self, process, grid) -> _Table:
         order, K, corrector = self.order, self.order, self.corrector
@@ -122,7 +127,9 @@ class Multistep(Solver):
             g = geometry_at(gc.steps, i)
             p = order_at(i)
             nodes = history_lambdas(gc.lam, i, K)[1:]
-            pred = self._coefs(process, g, nodes, p - 1, self.coef, custom=self.weights is not None)
+            pred = self._coefs(
+                process, g, nodes, p - 1, self.coef, custom=self.weights is not None, half_second=self.half_second
+            )
             noise = g.sigma_t * jnp.sqrt(-jnp.expm1(-2.0 * jnp.where(g.finite, g.h, jnp.inf)))
             if use_corr:
                 ip = jnp.maximum(i - 1, 0)
@@ -189,6 +196,7 @@ def multistep(
     corrector: str | None = None,
     lower_order_final: bool = True,
     weights=None,
+    half_second: bool = False,
     name: str = "multistep",
     max_order: int = 3,
     min_steps: int = 1,
@@ -201,6 +209,7 @@ def multistep(
         corrector=corrector,
         lower_order_final=lower_order_final,
         weights=weights,
+        half_second=half_second,
         name=name,
         max_order=max_order,
         min_steps=min_steps,

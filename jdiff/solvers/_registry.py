@@ -23,6 +23,7 @@ import re
 from jdiff.solvers.ddim import ddim, ddpm
 from jdiff.solvers.deis import deis
 from jdiff.solvers.dpm_solver import dpm_solver, dpm_solver_pp, sde_dpm_solver_pp
+from jdiff.solvers.dpm_solver_v3 import dpm_solver_v3
 from jdiff.solvers.euler import euler, euler_maruyama, heun
 from jdiff.solvers.ipndm import ipndm
 from jdiff.solvers.unipc import unipc
@@ -45,6 +46,8 @@ _PATTERNS = [
     (r"dpm(?P<order>[123])m", dpm_solver, lambda m: {"order": int(m["order"]), "method": "multistep"}),
     (r"dpm\+\+(?P<order>[123])s", dpm_solver_pp, lambda m: {"order": int(m["order"]), "method": "singlestep"}),
     (r"dpm\+\+(?P<order>[123])m", dpm_solver_pp, lambda m: {"order": int(m["order"]), "method": "multistep"}),
+    # DPM-Solver-v3 needs its model statistics: get("dpm-v3-3", stats=...); not in names()
+    (r"dpm-v3-(?P<order>[123])", dpm_solver_v3, lambda m: {"order": int(m["order"])}),
     (r"sde-dpm\+\+(?P<order>1|2m)", sde_dpm_solver_pp, lambda m: {"order": int(m["order"][0])}),
     (
         r"deis(?P<order>[123])(?:-(?P<basis>rho|log_rho))?",
@@ -74,6 +77,7 @@ _NAMES = (
     + [f"dpm{k}m" for k in (2, 3)]
     + [f"dpm++{k}s" for k in (2, 3)]
     + [f"dpm++{k}m" for k in (1, 2, 3)]
+    + ["dpm++3m(variant=diffusers)"]
     + ["sde-dpm++1", "sde-dpm++2m"]
     + [f"deis{k}{b}" for k in (1, 2, 3) for b in ("", "-rho", "-log_rho")]
     + [f"unipc{k}{v}" for k in (1, 2, 3) for v in ("", "-bh1")]
