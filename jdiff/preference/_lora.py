@@ -15,6 +15,7 @@ trained as the parameters while the base model travels as frozen parameters, and
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -53,12 +54,24 @@ def lora_init(params, rank: int, key, *, include: Callable[[str], bool] | None =
     targets = lora_targets(params, include)
     if not targets:
         raise ValueError("no Dense or Conv kernel selected for LoRA")
-    lora = {}
-    for i, (path, shape) in enumerate(sorted(targets.items())):
-        fan_in, out = math.prod(shape[:-1]), shape[-1]
-        r = min(rank, fan_in, out)
-        a = jax.random.normal(jax.random.fold_in(key, i), (fan_in, r), jnp.float32) / math.sqrt(fan_in)
+    dims = tuple(
+        (path, math.prod(shape[:-1]), shape[-1], min(rank, math.prod(shape[:-1]), shape[-1]))
+        for path, shape in sorted(targets.items())
+    )
+    return _draw_lora(key, dims)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _draw_lora(key, dims):
+    """All adapters from one normal draw (``dims``: ``(path, fan_in, out, rank)`` per
+    kernel): one random-bits program whatever the number of layers."""
+    sizes = [fan_in * r for _, fan_in, _, r in dims]
+    z = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    lora, start = {}, 0
+    for (path, fan_in, out, r), n in zip(dims, sizes, strict=True):
+        a = z[start : start + n].reshape(fan_in, r) / math.sqrt(fan_in)
         lora[path] = {"a": a, "b": jnp.zeros((r, out), jnp.float32)}
+        start += n
     return lora
 
 

@@ -327,7 +327,10 @@ def ddpo_loss(logp, old_logp, advantages, *, clip: float = 1e-4):
     Args:
       logp: ``(..., B)`` log-probabilities of the transitions under the policy;
         old_logp: the same under the sampling policy (constants); advantages: ``(B,)``.
-      clip: the ratio clip, in (0, 1) (DDPO's default ``1e-4``).
+      clip: the ratio clip, in (0, 1) (DDPO's default ``1e-4``). Note that float32
+        log-probabilities of the same trajectory computed by two differently compiled
+        programs (the sampler's and the gradient's) can differ by ~1e-4 on steps with a
+        small noise scale, the size of that default clip.
 
     Returns:
       ``(loss, metrics)`` with ``loss``, ``ratio`` (mean), ``clip_frac`` and
