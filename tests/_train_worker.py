@@ -118,6 +118,27 @@ def frozen_loss_fn(weight=0.1):
     return lf
 
 
+def dpo_loss_fn():
+    """Diffusion-DPO (jdiff.preference) on pairs ``{"win", "lose", "label"}`` against the
+    frozen reference."""
+    import jdiff
+    from jdiff import preference as P
+    from jdiff import train as T
+
+    return P.make_preference_loss(apply, T.LossConfig(jdiff.vp_cosine(), prediction="v"), "dpo", beta=100.0)
+
+
+def pair_batch(step: int, size: int, seed: int = 0):
+    """A global batch of preference pairs: the data of :func:`global_batch` as winners,
+    the same points moved away from their class centre as losers."""
+    import numpy as np
+
+    b = global_batch(step, size, seed)
+    rng = np.random.default_rng([seed, step, 1])
+    lose = (b["x"] + 0.7 * rng.standard_normal(b["x"].shape)).astype(np.float32)
+    return {"win": b["x"], "lose": lose, "label": b["label"]}
+
+
 def optimizer(total):
     from jdiff import train as T
 
@@ -215,32 +236,49 @@ def mode_dp(a):
     opt = optimizer(10)
     results = {}
     frozen_ref = jax.tree.map(np.asarray, init_params(a.seed + 1))
+    cases = (1, 2, "frozen", "dpo")
     for name, mesh in (("n", mesh_n), ("1", mesh_1)):
-        for accum in (1, 2, "frozen"):
-            frozen = init_params(a.seed + 1) if accum == "frozen" else None
-            step = T.make_train_step(
-                frozen_loss_fn() if frozen else lf, opt, mesh=mesh, accum_steps=2 if frozen else accum, ema_decay=0.9
-            )
+        for accum in cases:
+            frozen = init_params(a.seed + 1) if accum in ("frozen", "dpo") else None
+            loss = {"frozen": frozen_loss_fn, "dpo": dpo_loss_fn}.get(accum, lambda: lf)()
+            step = T.make_train_step(loss, opt, mesh=mesh, accum_steps=2 if frozen else accum, ema_decay=0.9)
             state = T.replicate(T.init_train_state(init_params(a.seed), opt, a.seed, frozen=frozen), mesh)
+            data = pair_batch if accum == "dpo" else global_batch
             for s in range(3):
-                batch = T.shard_batch(global_batch(s, a.batch, a.seed), mesh)
+                batch = T.shard_batch(data(s, a.batch, a.seed), mesh)
                 if name == "n" and s == 0:
-                    assert len(batch["x"].sharding.device_set) == a.devices
-                    assert batch["x"].addressable_shards[0].data.shape[0] == a.batch // a.devices
-                state, metrics = step(state, batch)
+                    first = jax.tree.leaves(batch)[0]
+                    assert len(first.sharding.device_set) == a.devices
+                    assert first.addressable_shards[0].data.shape[0] == a.batch // a.devices
+                if accum == "dpo" and s > 0:
+                    # the reference stays where it was placed: no host-to-device transfer
+                    # of the state (frozen parameters included) after the first step
+                    with jax.transfer_guard("disallow"):
+                        state, metrics = step(state, batch)
+                else:
+                    state, metrics = step(state, batch)
             assert state.params["w1"].sharding.is_fully_replicated
-            if frozen:
+            if accum == "dpo":
+                assert 0.0 <= float(metrics["implicit_acc"]) <= 1.0
+                # one copy of the reference per device
+                assert all(len(x.addressable_shards) == len(mesh.devices.flat) for x in jax.tree.leaves(state.frozen))
+            if accum == "frozen":
                 # replicated over the mesh like params, bit-for-bit unchanged, and read by the loss
                 assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.frozen))
                 assert len(state.frozen["w1"].sharding.device_set) == len(mesh.devices.flat)
                 for x, y in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(frozen_ref), strict=True):
                     assert np.array_equal(np.asarray(x), y)
                 assert float(metrics["pull"]) > 0
+            if frozen:
+                # replicated over the mesh like params, bit-for-bit unchanged
+                assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.frozen))
+                for x, y in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(frozen_ref), strict=True):
+                    assert np.array_equal(np.asarray(x), y)
             results[(name, accum)] = (jax.tree.map(np.asarray, state), float(metrics["loss"]))
     # the frozen pull changes the trajectory (the loss saw the frozen values)
     assert not np.allclose(results[("1", "frozen")][0].params["w1"], results[("1", 2)][0].params["w1"])
     worst = 0.0
-    for accum in (1, 2, "frozen"):
+    for accum in cases:
         sn, ln = results[("n", accum)]
         s1, l1 = results[("1", accum)]
         for x, y in zip(jax.tree.leaves(sn), jax.tree.leaves(s1)):

@@ -8,6 +8,7 @@
     jdiff sample --run runs/digits --solver unipc3 --nfe 10 --guidance 2
     jdiff presets [NAME] [--keys]                            # list presets / show a config / list keys
     jdiff plot --run runs/digits                             # redraw the loss curve
+    jdiff prefer --methods dpo,draft1                        # preference / reward fine-tuning of digits
 
 One module per command (:mod:`~jdiff.cli.train`, :mod:`~jdiff.cli.sample`,
 :mod:`~jdiff.cli.presets`, :mod:`~jdiff.cli.plot`); the configuration is the library's
@@ -71,7 +72,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from jdiff import presets as P
     from jdiff import solvers
-    from jdiff.cli import bench, plot, presets, sample, train
+    from jdiff.cli import bench, plot, prefer, presets, sample, train
 
     parser = _Parser(
         prog="jdiff",
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_parser(sub, _Formatter)
     plot.add_parser(sub, _Formatter)
     bench.add_parser(sub, _Formatter, solvers.names())
+    prefer.add_parser(sub, _Formatter)
     return parser
 
 

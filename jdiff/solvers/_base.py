@@ -120,6 +120,17 @@ class Solver:
     def step(self, denoiser, state: State, cond=None) -> State:
         raise NotImplementedError
 
+    def transition(self, denoiser, state: State, cond=None):
+        """``(state, std)``: the step as a Gaussian transition ``x_next ~ N(state.x,
+        std^2 I)``, ``state.x`` the mean the solver computes before adding noise and
+        ``std`` its noise scale (0 for a deterministic step). Solvers whose stochastic
+        step is such a Gaussian (DDIM/DDPM, SDE-DPM-Solver++) implement it; it is what
+        :func:`jdiff.preference.transition_log_prob` scores.
+
+        Raises:
+          NotImplementedError: for a solver without that form."""
+        raise NotImplementedError(f"{self.name} does not expose its step as a Gaussian transition")
+
     def nfe(self, num_steps, to_data=False, from_noise=False) -> int:
         """One model call per step (override for solvers that make more)."""
         return num_steps

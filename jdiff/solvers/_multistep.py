@@ -170,7 +170,24 @@ class Multistep(Solver):
         state = empty_state(x_T, grid, hist_size=hist_size, key=key if self.stochastic else None, process=process)
         return state._replace(aux=self.table(process, state.grid))
 
+    def transition(self, denoiser, state, cond=None):
+        """The step as a Gaussian ``x_next ~ N(mean, std^2 I)``: returns ``(state, std)``
+        with ``state.x`` the mean (the exponential-integrator update) and ``std`` the SDE
+        noise scale ``sigma_t sqrt(1 - e^{-2h})`` (0 for the deterministic modes).
+        :meth:`step` adds ``std * z`` to that mean."""
+        new = self._mean_step(denoiser, state, cond)
+        c = row(state.aux, state.i)
+        std = c.noise if self.stochastic else jnp.zeros_like(c.noise)
+        return new, std.astype(state.x.dtype)
+
     def step(self, denoiser, state, cond=None):
+        new = self._mean_step(denoiser, state, cond)
+        if self.stochastic:
+            c = row(state.aux, state.i)
+            new = new._replace(x=new.x + c.noise.astype(state.x.dtype) * step_noise(state))
+        return new
+
+    def _mean_step(self, denoiser, state, cond):
         x, i = state.x, state.i
         c = row(state.aux, i)
         pred = evaluate(denoiser, x, state.grid[i], cond)
@@ -181,8 +198,6 @@ class Multistep(Solver):
         x_next = c.cx.astype(dt) * x + c.cx0.astype(dt) * pred.x0
         for k in range(hist.shape[0]):
             x_next = x_next + c.cm[k].astype(dt) * hist[k]
-        if self.stochastic:
-            x_next = x_next + c.noise.astype(x.dtype) * step_noise(state)
         return state._replace(
             x=x_next, i=i + 1, pred=pred, hist=hist, nfe=state.nfe + network_calls(denoiser, state.grid[i])
         )

@@ -86,16 +86,24 @@ class DDIM(Solver):
         keep = g.sigma_t * jnp.sqrt(jnp.maximum(1.0 - self.eta**2 * one_m, 0.0))
         return state._replace(aux=_Table(g.alpha_t, keep, c))
 
-    def step(self, denoiser, state, cond=None):
+    def transition(self, denoiser, state, cond=None):
+        """The step as a Gaussian ``x_next ~ N(mean, std^2 I)``: returns ``(state, std)``
+        with ``state.x`` the mean ``alpha_t x0 + sqrt(sigma_t^2 - c^2) eps`` and ``std = c``
+        (0 for ``eta = 0``). :meth:`step` adds ``std * z`` to that mean."""
         x = state.x
         c = row(state.aux, state.i)
         t = state.grid[state.i]
         pred, eps, hist = guided_evaluate(self, denoiser, state, t, cond)
-        x_next = c.a * pred.x0 + c.keep * eps
-        if self.stochastic:
-            x_next = x_next + c.c * step_noise(state)
+        mean = c.a * pred.x0 + c.keep * eps
+        std = c.c if self.stochastic else jnp.zeros_like(c.c)
         nfe = state.nfe + network_calls(denoiser, t)
-        return state._replace(x=x_next.astype(x.dtype), i=state.i + 1, pred=pred, hist=hist, nfe=nfe)
+        return state._replace(x=mean.astype(x.dtype), i=state.i + 1, pred=pred, hist=hist, nfe=nfe), std
+
+    def step(self, denoiser, state, cond=None):
+        new, std = self.transition(denoiser, state, cond)
+        if self.stochastic:
+            new = new._replace(x=(new.x + std * step_noise(state)).astype(state.x.dtype))
+        return new
 
 
 def ddim(eta: float = 0.0, *, cfgpp: bool = False, guidance_memory: bool = False) -> DDIM:

@@ -1,0 +1,42 @@
+"""``jdiff prefer``: preference and reward fine-tuning of the shipped digits model
+(:mod:`jdiff.preference._experiment`)."""
+
+from __future__ import annotations
+
+from jdiff.cli._common import CLIError
+
+HELP = "fine-tune the shipped digits model with preference / reward methods and compare them"
+
+
+def add_parser(sub, formatter):
+    from jdiff.preference._experiment import build_parser
+
+    p = sub.add_parser(
+        "prefer",
+        formatter_class=formatter,
+        help=HELP,
+        description=(
+            "Fine-tune the shipped class-conditional digits U-Net with each preference or reward method "
+            "(Diffusion-DPO with LoRA, MaPO, KTO, D3PO, SPO, DDPO, DRaFT-1, DRaFT-LV, Adjoint) and report "
+            "mean reward before/after, win rate against the base model, FD-digits and wall time."
+        ),
+    )
+    build_parser(p)
+    p.set_defaults(fn=run, check=resolve)
+    return p
+
+
+def resolve(args):
+    from jdiff.preference._experiment import check_args
+
+    try:
+        return check_args(args)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def run(args, resolved) -> int:
+    from jdiff.preference._experiment import run_all
+
+    run_all(args, resolved)
+    return 0
