@@ -183,16 +183,16 @@ def _per_sample_l2(a, b):
     return jnp.sqrt(jnp.sum(d * d, axis=-1))
 
 
-def grid_error(solver, denoiser, x_T, x_ref, grid, *, nfe=None) -> float:
+def grid_error(solver, denoiser, x_T, x_ref, grid, *, nfe=None, cond=None) -> float:
     """Mean L2 distance (per sample) between ``jdiff.sample(solver, denoiser, x_T, grid)``
     and ``x_ref``."""
     from jdiff._sample import sample
 
-    x = sample(solver, denoiser, jnp.asarray(x_T), jnp.asarray(grid, jnp.float32), nfe=nfe)
+    x = sample(solver, denoiser, jnp.asarray(x_T), jnp.asarray(grid, jnp.float32), nfe=nfe, cond=cond)
     return float(jnp.mean(_per_sample_l2(x.astype(jnp.float32), jnp.asarray(x_ref, jnp.float32))))
 
 
-def teacher_solve(denoiser, x_T, t_start=None, t_end=None, *, solver=None, steps: int = 200):
+def teacher_solve(denoiser, x_T, t_start=None, t_end=None, *, solver=None, steps: int = 200, cond=None):
     """A high-accuracy solve of the probability-flow ODE: ``solver`` (default
     DPM-Solver++(3M)) over a log-SNR grid of ``steps`` intervals (a t grid where the
     log-SNR is infinite), from ``t_start`` to ``t_end`` (default ``t_max``, ``t_min``)."""
@@ -207,7 +207,7 @@ def teacher_solve(denoiser, x_T, t_start=None, t_end=None, *, solver=None, steps
         grid = time_grid(process, steps, kind="logsnr", t_start=t0, t_end=t1)
     else:
         grid = jnp.asarray(np.linspace(t0, t1, steps + 1), jnp.float32)
-    return sample(solver, denoiser, jnp.asarray(x_T), grid)
+    return sample(solver, denoiser, jnp.asarray(x_T), grid, cond=cond)
 
 
 # ---------------------------------------------------------------------------- LD3
@@ -227,6 +227,7 @@ def ld3(
     slack: float = 0.0,
     batch_size: int = 0,
     seed: int = 0,
+    cond=None,
 ) -> GridFit:
     """Learn a grid by gradient descent through the sampler (LD3; Tong et al., "Learning
     to Discretize Denoising Diffusion ODEs", ICLR 2025).
@@ -253,6 +254,7 @@ def ld3(
       slack: the radius of the start ball relative to ``|x_T|`` (0: plain LD3 loss).
       batch_size: noises per step (0: all; else a random subset per step, from ``seed``).
       seed: the PRNG seed of the batches (fitting is deterministic for a seed).
+      cond: per-sample conditioning (array leaves with leading axis ``n``), e.g. labels.
 
     Returns:
       A :class:`GridFit`.
@@ -308,6 +310,7 @@ def ld3(
         radius,
         jnp.float32(learning_rate),
         jax.random.key(seed),
+        cond,
         solver=solver,
         space=space,
         t0=t0,
@@ -323,7 +326,7 @@ def ld3(
 
 
 def _ld3_fit_impl(
-    denoiser, x_train, x_teacher, logits0, radius, lr, key, *, solver, space, t0, t1, bs, use_slack, iters, nfe
+    denoiser, x_train, x_teacher, logits0, radius, lr, key, cond, *, solver, space, t0, t1, bs, use_slack, iters, nfe
 ):
     """The whole LD3 fit as one program: ``iters`` Adam steps (Kingma & Ba, 2015, the
     default betas) under ``lax.scan``; returns the logits of the lowest training loss and
@@ -340,7 +343,8 @@ def _ld3_fit_impl(
         x = x_train[idx].astype(jnp.float32)
         if use_slack:
             x = x + p["delta"][idx]
-        out = sample(solver, denoiser, x, grid, nfe=nfe)
+        c = None if cond is None else jax.tree.map(lambda a: a[idx] if jnp.ndim(a) else a, cond)
+        out = sample(solver, denoiser, x, grid, nfe=nfe, cond=c)
         d = (out - x_teacher[idx].astype(out.dtype)).reshape(idx.shape[0], -1)
         return jnp.mean(jnp.sum(d * d, -1))
 
@@ -374,7 +378,7 @@ _ld3_fit = jax.jit(_ld3_fit_impl, static_argnames=("solver", "space", "t0", "t1"
 
 
 # --------------------------------------------------------------------------- GITS
-def gits_costs(solver, denoiser, fine_grid, xs, *, nfe_step=None):
+def gits_costs(solver, denoiser, fine_grid, xs, *, nfe_step=None, cond=None):
     """``C[i, j]`` (``i < j``): mean L2 distance between one ``solver`` step from the
     teacher state ``xs[i]`` at ``fine_grid[i]`` to ``fine_grid[j]`` and the teacher state
     ``xs[j]`` (GITS's local cost, Chen et al., ICML 2024); ``inf`` for ``j <= i``.
@@ -385,10 +389,12 @@ def gits_costs(solver, denoiser, fine_grid, xs, *, nfe_step=None):
     over ``j``.
     """
     fine = jnp.asarray(fine_grid, jnp.float32)
-    return np.asarray(_gits_costs(solver, denoiser, jnp.asarray(xs, jnp.float32), fine, nfe_step=nfe_step), np.float64)
+    return np.asarray(
+        _gits_costs(solver, denoiser, jnp.asarray(xs, jnp.float32), fine, cond, nfe_step=nfe_step), np.float64
+    )
 
 
-def _gits_costs_impl(solver, denoiser, xs, fine, *, nfe_step):
+def _gits_costs_impl(solver, denoiser, xs, fine, cond, *, nfe_step):
     from jdiff._sample import sample
 
     M = fine.shape[0] - 1
@@ -396,7 +402,7 @@ def _gits_costs_impl(solver, denoiser, xs, fine, *, nfe_step):
     def one(x, i, j):
         # pairs j <= i are masked below; they run on the whole span so that every grid is valid
         g = jnp.where(j > i, jnp.stack([fine[i], fine[j]]), jnp.stack([fine[0], fine[M]]))
-        return sample(solver, denoiser, x, g, nfe=nfe_step)
+        return sample(solver, denoiser, x, g, nfe=nfe_step, cond=cond)
 
     def row(i):
         out = jax.vmap(lambda j: one(xs[i], i, j))(jnp.arange(M + 1))
@@ -443,6 +449,7 @@ def gits(
     fine_kind: str = "auto",
     teacher=None,
     step_solver=None,
+    cond=None,
 ) -> GridFit:
     """A grid by dynamic programming over a fine teacher trajectory (GITS; Chen et al.,
     "On the Trajectory Regularity of ODE-based Diffusion Sampling", ICML 2024).
@@ -470,14 +477,17 @@ def gits(
     t0, t1 = _ends(process, t_start, t_end)
     if fine_kind == "auto":
         fine_kind = "logsnr" if grid_space(process, t0, t1) == "logsnr" else "uniform"
-    fine = time_grid(process, int(fine_steps), kind=fine_kind, t_start=t0, t_end=t1)
+    if fine_kind == "uniform":  # also down to t_data, which time_grid reaches only with final="data"
+        fine = jnp.asarray(np.linspace(t0, t1, int(fine_steps) + 1), jnp.float32)
+    else:
+        fine = time_grid(process, int(fine_steps), kind=fine_kind, t_start=t0, t_end=t1)
     start = time.perf_counter()
     teacher = S.dpm_solver_pp(3) if teacher is None else teacher
-    _, info = sample(teacher, denoiser, x_T, fine, return_info=True, trajectory=True)
+    _, info = sample(teacher, denoiser, x_T, fine, return_info=True, trajectory=True, cond=cond)
     step_solver = solver if step_solver is None else step_solver
     if step_solver.min_steps > 1:
         raise ValueError(f"step_solver {step_solver.name} cannot take a single step; pass step_solver=ddim()")
-    cost = gits_costs(step_solver, denoiser, fine, info.xs)
+    cost = gits_costs(step_solver, denoiser, fine, info.xs, cond=cond)
     path, total = gits_path(cost, N)
     grid = np.asarray(fine, np.float64)[path]
     grid[0], grid[-1] = np.float32(t0), np.float32(t1)
@@ -658,6 +668,10 @@ def model_fingerprint(denoiser) -> str:
     h = hashlib.sha256()
     inner = denoiser
     while hasattr(inner, "inner") and not hasattr(inner, "params"):
+        h.update(type(inner).__name__.encode())  # a wrapper (guidance): its kind and scale count
+        scale = getattr(inner, "scale", None)
+        if scale is not None and np.ndim(scale) == 0 and not isinstance(scale, jax.core.Tracer):
+            h.update(repr(float(scale)).encode())
         inner = inner.inner
     mix = getattr(inner, "mixture", None)
     if mix is not None:
@@ -772,6 +786,7 @@ def tune(
     num_val: int = 100,
     seed: int = 0,
     teacher: Callable | None = None,
+    num_classes: int = 0,
     baseline_kind: str = "default",
     out: str | None = None,
     model: str | None = None,
@@ -793,7 +808,9 @@ def tune(
       shape: the shape of one sample.
       method: ``"ld3"``, ``"gits"`` or ``"dmn"``.
       num_train, num_val: training and held-out noises.
-      teacher: ``x_T -> x_end`` (default: :func:`teacher_solve`).
+      teacher: ``(x_T, cond) -> x_end`` (default: :func:`teacher_solve`).
+      num_classes: for a class-conditional model, sample ``i`` gets the int32 label
+        ``i % num_classes`` as ``cond`` (0: no conditioning).
       out: a JSON file to save the grids to (:func:`save_grids`).
       model: the model id stored in the file (default :func:`model_fingerprint`).
       progress: a progress bar on stderr.
@@ -831,8 +848,15 @@ def tune(
     shape = tuple(int(s) for s in shape)
     x_tr = process.prior_sample(jax.random.key(seed), (int(num_train), *shape))
     x_va = process.prior_sample(jax.random.key(seed + 1), (int(num_val), *shape))
-    teach = teacher or (lambda x: teacher_solve(denoiser, x))
-    y = jnp.asarray(teach(jnp.concatenate([x_tr, x_va])))  # one teacher program for both sets
+    if not isinstance(num_classes, (int, np.integer)) or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+
+    def labels(n):
+        return jnp.arange(n, dtype=jnp.int32) % num_classes if num_classes else None
+
+    c_tr, c_va = labels(int(num_train)), labels(int(num_val))
+    teach = teacher or (lambda x, c: teacher_solve(denoiser, x, cond=c))
+    y = jnp.asarray(teach(jnp.concatenate([x_tr, x_va]), labels(int(num_train) + int(num_val))))  # one program
     y_tr, y_va = y[: int(num_train)], y[int(num_train) :]
     for name, y in (("teacher (training)", y_tr), ("teacher (held out)", y_va)):
         if not bool(jnp.all(jnp.isfinite(y))):
@@ -843,9 +867,9 @@ def tune(
         N = steps[int(nfe)]
         use_nfe = _nfe_arg(solver, nfe)
         if method == "ld3":
-            fit = ld3(solver, denoiser, x_tr, y_tr, int(nfe), **options)
+            fit = ld3(solver, denoiser, x_tr, y_tr, int(nfe), cond=c_tr, **options)
         elif method == "gits":
-            fit = gits(solver, denoiser, x_tr, int(nfe), **options)
+            fit = gits(solver, denoiser, x_tr, int(nfe), cond=c_tr, **options)
         else:
             fit = dmn(process, N, **options)
         base = time_grid(process, N, kind=baseline_kind)
@@ -854,8 +878,8 @@ def tune(
             nfe=int(nfe),
             method=method,
             grid=[float(v) for v in fit.grid],
-            err=grid_error(solver, denoiser, x_va, y_va, fit.grid, nfe=use_nfe),
-            err_baseline=grid_error(solver, denoiser, x_va, y_va, base, nfe=use_nfe),
+            err=grid_error(solver, denoiser, x_va, y_va, fit.grid, nfe=use_nfe, cond=c_va),
+            err_baseline=grid_error(solver, denoiser, x_va, y_va, base, nfe=use_nfe, cond=c_va),
             baseline_kind=baseline_kind,
             seconds=round(fit.seconds, 3),
         )

@@ -160,7 +160,7 @@ def test_errors_before_fitting(bed):
     with pytest.raises(ValueError, match="unipc3 cannot run with nfe=0|positive int"):
         T.tune(den, "unipc3", [5, 0], shape=(DIM,), progress=False)
     with pytest.raises(ValueError, match="teacher .* non-finite"):
-        T.tune(den, "ddim", [3], shape=(DIM,), teacher=lambda x: x * jnp.nan, progress=False)
+        T.tune(den, "ddim", [3], shape=(DIM,), teacher=lambda x, c: x * jnp.nan, progress=False)
 
 
 def test_tune_writes_a_file_sample_can_use(bed, tmp_path):
@@ -170,7 +170,7 @@ def test_tune_writes_a_file_sample_can_use(bed, tmp_path):
         den,
         "ddim",
         [3],
-        teacher=lambda x: T.teacher_solve(den, x, steps=100),  # the fixture's compiled teacher
+        teacher=lambda x, c: T.teacher_solve(den, x, steps=100),  # the fixture's compiled teacher
         shape=(DIM,),
         method="dmn",
         num_train=32,
@@ -204,3 +204,18 @@ def test_dmn_objective(bed, x64):
     assert min(fit.history) < 0.9 * fit.history[0]
     assert np.all(np.diff(fit.grid) < 0)
     assert fit.grid[0] == np.float32(proc.t_max) and fit.grid[-1] == np.float32(proc.t_min)
+
+
+def test_cli_refuses_bad_input_before_loading(capsys, tmp_path):
+    from jdiff.cli import main
+
+    out = str(tmp_path / "g.json")
+    for argv, msg in (
+        (["--solver", "ddpm", "--nfe", "5"], "stochastic"),
+        (["--solver", "ipndm4", "--nfe", "2"], "--nfe 2 is below what ipndm4 needs"),
+        (["--solver", "unipc2", "--nfe", "5,x"], "comma-separated"),
+        (["--solver", "unipc2", "--nfe", "5", "--num-train", "0"], "--num-train must be >= 1"),
+        (["--solver", "nope", "--nfe", "5"], "--solver"),
+    ):
+        assert main(["tune", *argv, "--out", out]) == 2
+        assert msg in capsys.readouterr().err

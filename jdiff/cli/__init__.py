@@ -8,6 +8,7 @@
     jdiff sample --run runs/digits --solver unipc3 --nfe 10 --guidance 2
     jdiff presets [NAME] [--keys]                            # list presets / show a config / list keys
     jdiff plot --run runs/digits                             # redraw the loss curve
+    jdiff tune --solver unipc2 --nfe 5,6 --out grids.json    # optimized time grids (jdiff.tune)
 
 One module per command (:mod:`~jdiff.cli.train`, :mod:`~jdiff.cli.sample`,
 :mod:`~jdiff.cli.presets`, :mod:`~jdiff.cli.plot`); the configuration is the library's
@@ -71,7 +72,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from jdiff import presets as P
     from jdiff import solvers
-    from jdiff.cli import bench, plot, presets, sample, train
+    from jdiff.cli import bench, plot, presets, sample, train, tune
 
     parser = _Parser(
         prog="jdiff",
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_parser(sub, _Formatter)
     plot.add_parser(sub, _Formatter)
     bench.add_parser(sub, _Formatter, solvers.names())
+    tune.add_parser(sub, _Formatter, solvers.names())
     return parser
 
 
@@ -106,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         resolved = args.check(args)  # every check before anything is created
-        if args.command in ("train", "sample", "bench"):
+        if args.command in ("train", "sample", "bench", "tune"):
             enable_compilation_cache()
         return int(args.fn(args, resolved) or 0)
     except (CLIError, ConfigError, CheckpointMismatchError, CheckpointCorruptError) as e:
