@@ -124,6 +124,15 @@ def tuned_side(den, proc, final, x_tr, y_tr, x_va, y_va, nfes, names, fixed, log
     return rows
 
 
+def write_csv(rows, path):
+    cols = ["side", "method", "solver", "nfe", "nfe_used", "err", "fit_seconds", "grid"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in cols})
+
+
 def summary(rows, nfes):
     out = []
     for nfe in nfes:
@@ -183,14 +192,10 @@ def main():
         t0 = time.perf_counter()
         fixed = fixed_side(den, proc, final, x_va, y_va, args.nfes, solvers)
         log(f"{name}: {len(fixed)} fixed cells in {time.perf_counter() - t0:.1f} s")
+        write_csv(fixed, os.path.join(args.out, f"{name}.csv"))  # kept if the tuned side fails
         tuned = tuned_side(den, proc, final, x_tr, y_tr, x_va, y_va, args.nfes, args.tuned_solvers, fixed, log)
         rows = fixed + tuned
-        cols = ["side", "method", "solver", "nfe", "nfe_used", "err", "fit_seconds", "grid"]
-        with open(os.path.join(args.out, f"{name}.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: r.get(k, "") for k in cols})
+        write_csv(rows, os.path.join(args.out, f"{name}.csv"))
         meta = (
             f"d={mix.dim}, {type(proc).__name__}, to {'the data' if final == 'data' else 't_min'}, "
             f"{args.val} held-out noises, {args.train} training noises"

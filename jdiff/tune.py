@@ -456,7 +456,8 @@ def gits(
 
     The teacher (default DPM-Solver++(3M)) runs over a fine grid of ``fine_steps``
     intervals from the noises ``x_T``; :func:`gits_costs` measures the error of one step
-    of ``step_solver`` (default: ``solver``) between every pair of fine points from the
+    of ``step_solver`` (default: ``solver``, or DDIM for a solver that cannot take a
+    single step) between every pair of fine points from the
     teacher's states, and :func:`gits_path` picks the ``N`` steps (``N`` intervals of
     ``solver`` for ``nfe`` calls) of least total cost. No gradients; the grid's points
     are points of the fine grid.
@@ -484,7 +485,8 @@ def gits(
     start = time.perf_counter()
     teacher = S.dpm_solver_pp(3) if teacher is None else teacher
     _, info = sample(teacher, denoiser, x_T, fine, return_info=True, trajectory=True, cond=cond)
-    step_solver = solver if step_solver is None else step_solver
+    if step_solver is None:  # a solver that cannot take one step alone (iPNDM-k) is costed by its DDIM start
+        step_solver = solver if solver.min_steps <= 1 else S.ddim()
     if step_solver.min_steps > 1:
         raise ValueError(f"step_solver {step_solver.name} cannot take a single step; pass step_solver=ddim()")
     cost = gits_costs(step_solver, denoiser, fine, info.xs, cond=cond)
