@@ -168,6 +168,11 @@ def main():
     ap.add_argument("--train", type=int, default=100, help="training noises")
     ap.add_argument("--val", type=int, default=200, help="held-out noises")
     ap.add_argument("--out", default=OUT)
+    ap.add_argument(
+        "--reuse-fixed",
+        metavar="SUFFIX",
+        help="read the fixed side from {out}/{testbed}.csv and write the tuned rows to {testbed}{SUFFIX}.csv",
+    )
     args = ap.parse_args()
     beds = testbeds()
     names = args.testbeds or list(beds)
@@ -190,12 +195,21 @@ def main():
             y_tr, y_va = ref(x_tr), ref(x_va)
         log(f"{name}: exact references in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
-        fixed = fixed_side(den, proc, final, x_va, y_va, args.nfes, solvers)
-        log(f"{name}: {len(fixed)} fixed cells in {time.perf_counter() - t0:.1f} s")
-        write_csv(fixed, os.path.join(args.out, f"{name}.csv"))  # kept if the tuned side fails
+        suffix = args.reuse_fixed or ""
+        if args.reuse_fixed:
+            with open(os.path.join(args.out, f"{name}.csv")) as f:
+                fixed = [
+                    dict(r, nfe=int(r["nfe"]), nfe_used=int(r["nfe_used"]), err=float(r["err"]))
+                    for r in csv.DictReader(f)
+                    if r["side"] == "fixed"
+                ]
+        else:
+            fixed = fixed_side(den, proc, final, x_va, y_va, args.nfes, solvers)
+            log(f"{name}: {len(fixed)} fixed cells in {time.perf_counter() - t0:.1f} s")
+            write_csv(fixed, os.path.join(args.out, f"{name}.csv"))  # kept if the tuned side fails
         tuned = tuned_side(den, proc, final, x_tr, y_tr, x_va, y_va, args.nfes, args.tuned_solvers, fixed, log)
         rows = fixed + tuned
-        write_csv(rows, os.path.join(args.out, f"{name}.csv"))
+        write_csv(rows if not suffix else tuned, os.path.join(args.out, f"{name}{suffix}.csv"))
         meta = (
             f"d={mix.dim}, {type(proc).__name__}, to {'the data' if final == 'data' else 't_min'}, "
             f"{args.val} held-out noises, {args.train} training noises"
@@ -203,8 +217,8 @@ def main():
         table = markdown(name, summary(rows, args.nfes), meta)
         print(table, flush=True)
         md.append(table)
-        plot(rows, args.nfes, name, os.path.join(args.out, f"{name}.png"))
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+        plot(rows, args.nfes, name, os.path.join(args.out, f"{name}{suffix}.png"))
+    with open(os.path.join(args.out, f"results{args.reuse_fixed or ''}.md"), "w") as f:
         f.write("\n".join(md))
 
 
