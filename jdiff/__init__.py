@@ -56,7 +56,11 @@ def prior_sample(process, key, shape, dtype=None):
 
 __version__ = "0.1.0"
 
+<<<<<<< HEAD
 _LAZY = ("models", "train", "data", "testbed", "features", "inversion", "inverse", "likelihood", "superdiff")
+=======
+_LAZY = ("models", "train", "data", "testbed", "features", "inversion", "likelihood", "superdiff", "tune")
+>>>>>>> grids
 
 
 def __getattr__(name):

@@ -9,6 +9,7 @@
     jdiff presets [NAME] [--keys]                            # list presets / show a config / list keys
     jdiff plot --run runs/digits                             # redraw the loss curve
     jdiff prefer --methods dpo,draft1                        # preference / reward fine-tuning of digits
+    jdiff tune --solver unipc2 --nfe 5,6 --out grids.json    # optimized time grids (jdiff.tune)
 
 One module per command (:mod:`~jdiff.cli.train`, :mod:`~jdiff.cli.sample`,
 :mod:`~jdiff.cli.presets`, :mod:`~jdiff.cli.plot`); the configuration is the library's
@@ -72,7 +73,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from jdiff import presets as P
     from jdiff import solvers
-    from jdiff.cli import bench, plot, prefer, presets, sample, train
+    from jdiff.cli import bench, plot, prefer, presets, sample, train, tune
 
     parser = _Parser(
         prog="jdiff",
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_parser(sub, _Formatter)
     bench.add_parser(sub, _Formatter, solvers.names())
     prefer.add_parser(sub, _Formatter)
+    tune.add_parser(sub, _Formatter, solvers.names())
     return parser
 
 
@@ -108,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         resolved = args.check(args)  # every check before anything is created
-        if args.command in ("train", "sample", "bench"):
+        if args.command in ("train", "sample", "bench", "tune"):
             enable_compilation_cache()
         return int(args.fn(args, resolved) or 0)
     except (CLIError, ConfigError, CheckpointMismatchError, CheckpointCorruptError) as e:

@@ -1,0 +1,221 @@
+"""Optimized and learned time grids (jdiff.tune): LD3, GITS, DMN, grid files, errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import EPS32, EPS64
+
+import jdiff
+from jdiff import solvers as S
+from jdiff import tune as T
+from jdiff.testbed import random_mixture
+
+DIM = 4
+
+
+@pytest.fixture(scope="module")
+def bed():
+    """A small VP testbed, its noises and a high-accuracy teacher (float32)."""
+    mix = random_mixture(jax.random.key(3), DIM, 3, spread=1.0, std_range=(0.1, 0.4))
+    proc = jdiff.vp_linear()
+    den = mix.denoiser(proc)
+    x_tr = proc.prior_sample(jax.random.key(0), (32, DIM))
+    x_va = proc.prior_sample(jax.random.key(1), (64, DIM))
+    x = jnp.concatenate([x_tr, x_va])
+    y = T.teacher_solve(den, x, steps=100)
+    return dict(mix=mix, proc=proc, den=den, x_tr=x_tr, y_tr=y[:32], x_va=x_va, y_va=y[32:])
+
+
+def test_grid_from_logits_monotone_and_ends(bed):
+    proc = bed["proc"]
+    # extreme logits still give a strictly decreasing grid with exact end points
+    for z in (jnp.zeros(5), jnp.asarray([4.0, -4.0, 0.0, 2.0, -1.0])):
+        for space in ("logsnr", "t"):
+            g = np.asarray(T.grid_from_logits(proc, z, 1.0, 1e-3, space))
+            assert g[0] == np.float32(1.0) and g[-1] == np.float32(1e-3)
+            assert np.all(np.diff(g) < 0)
+    # zero logits are the logSNR-uniform grid; logits_from_grid inverts grid_from_logits
+    ref = np.asarray(jdiff.time_grid(proc, 5, kind="logsnr"))
+    g = np.asarray(T.grid_from_logits(proc, jnp.zeros(5), proc.t_max, proc.t_min))
+    np.testing.assert_allclose(g, ref, rtol=64 * EPS32)  # float32 lambda -> t round trips
+    q = np.asarray(jdiff.time_grid(proc, 5, kind="quadratic"))
+    back = np.asarray(T.grid_from_logits(proc, T.logits_from_grid(proc, q), proc.t_max, proc.t_min))
+    np.testing.assert_allclose(back, q, rtol=1e-4)  # log/exp/softmax/cumsum in float32 over 5 terms
+
+
+LD3_KW = dict(iters=40, learning_rate=0.1, slack=0.05, batch_size=16, seed=7)
+
+
+def test_ld3_monotone_and_lowers_heldout_error(bed):
+    solver, nfe = S.ddim(), 3
+    base = jdiff.time_grid(bed["proc"], nfe, kind="logsnr")  # LD3's initial grid
+    fit = T.ld3(solver, bed["den"], bed["x_tr"], bed["y_tr"], nfe, **LD3_KW)
+    g = fit.grid
+    assert g.shape == (nfe + 1,) and np.all(np.diff(g) < 0)
+    assert g[0] == np.float32(bed["proc"].t_max) and g[-1] == np.float32(bed["proc"].t_min)
+    assert min(fit.history) < fit.history[0]
+    e0 = T.grid_error(solver, bed["den"], bed["x_va"], bed["y_va"], base)
+    e1 = T.grid_error(solver, bed["den"], bed["x_va"], bed["y_va"], g)
+    # a real improvement on noises the fit never saw (measured: about 0.5x)
+    assert e1 < 0.8 * e0, (e0, e1)
+    # the learned grid is a grid like any other: sample() takes it
+    x = jdiff.sample(solver, bed["den"], bed["x_va"], jnp.asarray(g, jnp.float32))
+    assert np.all(np.isfinite(np.asarray(x)))
+    # deterministic for a seed (minibatches and the slack included); another seed differs
+    again = T.ld3(solver, bed["den"], bed["x_tr"], bed["y_tr"], nfe, **LD3_KW)
+    np.testing.assert_array_equal(again.grid, fit.grid)
+    assert again.history == fit.history
+    other = T.ld3(solver, bed["den"], bed["x_tr"], bed["y_tr"], nfe, **dict(LD3_KW, seed=8))
+    assert other.history != fit.history
+
+
+def test_gits_path_equals_brute_force():
+    rng = np.random.default_rng(0)
+    for M, N in ((6, 1), (6, 3), (7, 4), (8, 5), (8, 8)):
+        C = rng.uniform(0.1, 2.0, (M + 1, M + 1))
+        C[np.tril_indices(M + 1)] = np.inf
+        path, total = T.gits_path(C, N)
+        bpath, btotal = T._brute_force_path(C, N)
+        assert path == bpath
+        assert abs(total - btotal) <= 8 * EPS64 * btotal  # the same sum, possibly reassociated
+        assert path[0] == 0 and path[-1] == M and len(path) == N + 1 and all(np.diff(path) > 0)
+
+
+def test_gits_on_a_tiny_fine_grid(bed):
+    solver = S.ddim()
+    fit = T.gits(solver, bed["den"], bed["x_tr"][:8], 3, fine_steps=6)
+    fine = np.asarray(jdiff.time_grid(bed["proc"], 6, kind="logsnr"), np.float64)
+    assert set(np.float32(fit.grid)) <= set(np.float32(fine)) and np.all(np.diff(fit.grid) < 0)
+    # the chosen grid is the brute-force optimum of the measured costs, and the cost of a
+    # step equals the error of that step recomputed by hand from the teacher trajectory
+    _, info = jdiff.sample(S.dpm_solver_pp(3), bed["den"], bed["x_tr"][:8], fine, return_info=True, trajectory=True)
+    C = T.gits_costs(solver, bed["den"], fine, info.xs)
+    bpath, btotal = T._brute_force_path(C, 3)
+    np.testing.assert_array_equal(np.float32(fit.grid), np.float32(fine[bpath]))
+    x = jdiff.sample(solver, bed["den"], info.xs[1], jnp.asarray(fine[[1, 4]], jnp.float32))
+    by_hand = float(jnp.mean(jnp.linalg.norm(x - info.xs[4], axis=-1)))
+    np.testing.assert_allclose(C[1, 4], by_hand, rtol=16 * EPS32 * 8)  # 8 samples x few ops, float32
+    assert np.all(np.isinf(C[np.tril_indices(7)]))
+
+
+def test_save_load_round_trip_and_refusals(bed, tmp_path):
+    den, proc = bed["den"], bed["proc"]
+    path = str(tmp_path / "grids.json")
+    g5 = np.asarray(jdiff.time_grid(proc, 5, kind="quadratic"), np.float64)
+    g3 = np.asarray(jdiff.time_grid(proc, 3, kind="karras"), np.float64)
+    model = T.model_fingerprint(den)
+    T.save_grids(path, [dict(solver="dpm++2m", nfe=5, grid=g5, method="ld3")], model=model, process=proc)
+    T.save_grids(path, [dict(solver="ddim", nfe=3, grid=g3)], model=model, process=proc)  # appended
+    got = T.load_grid(path, denoiser=den, solver=S.dpm_solver_pp(2), nfe=5)
+    np.testing.assert_array_equal(np.asarray(got), np.float32(g5))
+    np.testing.assert_array_equal(np.asarray(T.load_grid(path, denoiser=den, solver="ddim", nfe=3)), np.float32(g3))
+    x = jdiff.sample(S.dpm_solver_pp(2), den, bed["x_va"][:4], got)
+    assert np.all(np.isfinite(np.asarray(x)))
+    # another model, another process, another NFE or solver: refused with the reason
+    other = random_mixture(jax.random.key(4), DIM, 3).denoiser(proc)
+    with pytest.raises(ValueError, match="made for model"):
+        T.load_grid(path, denoiser=other, solver="dpm++2m", nfe=5)
+    with pytest.raises(ValueError, match="made for"):
+        T.load_grid(path, denoiser=bed["mix"].denoiser(jdiff.vp_cosine()), solver="dpm++2m", nfe=5)
+    with pytest.raises(ValueError, match="no grid for dpm\\+\\+2m at nfe 6; it has: .*dpm\\+\\+2m@5"):
+        T.load_grid(path, denoiser=den, solver="dpm++2m", nfe=6)
+    with pytest.raises(ValueError, match="no grid for unipc2"):
+        T.load_grid(path, denoiser=den, solver="unipc2", nfe=5)
+    with pytest.raises(ValueError, match="not .* choose another file"):
+        T.save_grids(path, [dict(solver="ddim", nfe=3, grid=g3)], model="other", process=proc)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        T.save_grids(str(tmp_path / "b.json"), [dict(solver="ddim", nfe=3, grid=g3[::-1])], model=model, process=proc)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a jdiff grid file"):
+        T.load_grid(str(tmp_path / "bad.json"), denoiser=den, solver="ddim", nfe=3)
+
+
+def test_errors_before_fitting(bed):
+    den, x, y = bed["den"], bed["x_tr"], bed["y_tr"]
+    with pytest.raises(ValueError, match="ipndm4 cannot run with nfe=2"):
+        T.ld3(S.ipndm(4), den, x, y, 2)
+    with pytest.raises(ValueError, match="heun cannot run with nfe=1"):
+        T.gits(S.heun(), den, x, 1)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        T.ld3(S.ddim(), den, x[:0], y[:0], 3)
+    with pytest.raises(ValueError, match="non-finite"):
+        T.ld3(S.ddim(), den, x.at[0, 0].set(jnp.nan), y, 3)
+    with pytest.raises(ValueError, match="same shape"):
+        T.ld3(S.ddim(), den, x, y[:5], 3)
+    with pytest.raises(ValueError, match="stochastic"):
+        T.ld3(S.ddpm(), den, x, y, 3)
+    with pytest.raises(ValueError, match="nfe must be a positive int, got 0"):
+        T.ld3(S.ddim(), den, x, y, 0)
+    with pytest.raises(ValueError, match="fine_steps"):
+        T.gits(S.ddim(), den, x, 5, fine_steps=3)
+    with pytest.raises(ValueError, match="log-SNR"):
+        T.dmn(jdiff.rectified_flow(), 4)
+    with pytest.raises(ValueError, match="num_train must be a positive int .*got 0"):
+        T.tune(den, "ddim", [3], shape=(DIM,), num_train=0, progress=False)
+    with pytest.raises(ValueError, match="unknown method 'foo'"):
+        T.tune(den, "ddim", [3], shape=(DIM,), method="foo", progress=False)
+    with pytest.raises(ValueError, match="unipc3 cannot run with nfe=0|positive int"):
+        T.tune(den, "unipc3", [5, 0], shape=(DIM,), progress=False)
+    with pytest.raises(ValueError, match="teacher .* non-finite"):
+        T.tune(den, "ddim", [3], shape=(DIM,), teacher=lambda x, c: x * jnp.nan, progress=False)
+
+
+def test_tune_writes_a_file_sample_can_use(bed, tmp_path):
+    den = bed["den"]
+    out = str(tmp_path / "g.json")
+    rows = T.tune(
+        den,
+        "ddim",
+        [3],
+        teacher=lambda x, c: T.teacher_solve(den, x, steps=100),  # the fixture's compiled teacher
+        shape=(DIM,),
+        method="dmn",
+        num_train=32,
+        num_val=64,
+        out=out,
+        progress=False,
+        order=1,
+        iters=20,
+    )
+    assert rows[0]["nfe"] == 3 and np.isfinite(rows[0]["err"]) and np.isfinite(rows[0]["err_baseline"])
+    g = T.load_grid(out, denoiser=den, solver="ddim", nfe=3)
+    np.testing.assert_array_equal(np.asarray(g), np.float32(rows[0]["grid"]))
+
+
+def test_dmn_objective(bed, x64):
+    # last in the module: the x64 fixture stays on for the tests after it
+    proc = bed["proc"]
+    lam = jnp.asarray(np.linspace(-5.0, 4.0, 6))
+    t = proc.t_of_lambda(lam)
+    err = proc.sigma(t) ** 2 / proc.alpha(t)
+    # order 1: every step is |e^{lam_{n+1}} - e^{lam_n}| err_n (closed form)
+    by_hand = jnp.sum(jnp.abs(jnp.exp(lam[1:]) - jnp.exp(lam[:-1])) * err[:-1])
+    np.testing.assert_allclose(T.dmn_objective(proc, lam, order=1), by_hand, rtol=64 * EPS64)
+    # the Lagrange weights of a step sum to int e^lam (partition of unity), for 1..3 nodes
+    nodes = jnp.stack([lam[:3]] * 3)
+    mask = np.tril(np.ones((3, 3), bool))  # row k - 1 uses the first k nodes
+    w = T._step_weights(nodes, jnp.full(3, lam[2]), jnp.full(3, lam[3]), mask)
+    np.testing.assert_allclose(jnp.sum(w, -1), jnp.exp(lam[3]) - jnp.exp(lam[2]), rtol=1e3 * EPS64)
+    # the fit decreases the bound, keeps the ends and the order
+    fit = T.dmn(proc, 5, order=3, iters=100)
+    assert min(fit.history) < 0.9 * fit.history[0]
+    assert np.all(np.diff(fit.grid) < 0)
+    assert fit.grid[0] == np.float32(proc.t_max) and fit.grid[-1] == np.float32(proc.t_min)
+
+
+def test_cli_refuses_bad_input_before_loading(capsys, tmp_path):
+    from jdiff.cli import main
+
+    out = str(tmp_path / "g.json")
+    for argv, msg in (
+        (["--solver", "ddpm", "--nfe", "5"], "stochastic"),
+        (["--solver", "ipndm4", "--nfe", "2"], "--nfe 2 is below what ipndm4 needs"),
+        (["--solver", "unipc2", "--nfe", "5,x"], "comma-separated"),
+        (["--solver", "unipc2", "--nfe", "5", "--num-train", "0"], "--num-train must be >= 1"),
+        (["--solver", "nope", "--nfe", "5"], "--solver"),
+    ):
+        assert main(["tune", *argv, "--out", out]) == 2
+        assert msg in capsys.readouterr().err
