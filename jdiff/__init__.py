@@ -56,11 +56,7 @@ def prior_sample(process, key, shape, dtype=None):
 
 __version__ = "0.1.0"
 
-<<<<<<< HEAD
-_LAZY = ("models", "train", "data", "testbed", "features", "inversion", "inverse", "likelihood", "superdiff")
-=======
-_LAZY = ("models", "train", "data", "testbed", "features", "inversion", "likelihood", "superdiff", "tune")
->>>>>>> grids
+_LAZY = ("models", "train", "data", "testbed", "features", "inversion", "inverse", "likelihood", "superdiff", "tune")
 
 
 def __getattr__(name):
