@@ -118,9 +118,26 @@ def main(argv=None):
         default=30.0,
         help="skip timing a cell above this many seconds (cells needing more than half the RAM are never run)",
     )
+    ap.add_argument("--cases", default=None, help="comma-separated substrings of the model names to run (default: all)")
+    ap.add_argument("--nfes", default=None, help="comma-separated NFEs (default: 10,20,50,100)")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per cell (median); 1: one run, no warm-up (slow cells)"
+    )
     args = ap.parse_args(argv)
     cases = list(CASES)
+    if args.cases:
+        want = [c.strip() for c in args.cases.split(",") if c.strip()]
+        cases = [c for c in cases if any(w in c for w in want)]
+        if not cases:
+            ap.error(f"--cases {args.cases!r} matches none of {list(CASES)}")
     nfes = (10, 100) if args.quick else NFES
+    if args.nfes:
+        try:
+            nfes = tuple(int(n) for n in args.nfes.split(","))
+        except ValueError:
+            ap.error(f"--nfes must be comma-separated integers, got {args.nfes!r}")
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     out = args.out or (
         os.path.join(tempfile.gettempdir(), "grad_memory.csv")
         if args.quick
@@ -146,18 +163,21 @@ def main(argv=None):
                 mem = compiled.memory_analysis()
                 temp = getattr(mem, "temp_size_in_bytes", float("nan")) / MiB
                 ms = float("nan")
+                first = None
                 if fwd_time is None:
                     t0 = time.perf_counter()
                     jax.block_until_ready(compiled(x, den))
-                    fwd_time = (time.perf_counter() - t0) / nfe  # per step, first strategy's estimate
+                    first = time.perf_counter() - t0
+                    fwd_time = first / nfe  # per step, first strategy's estimate
                 if fwd_time * nfe * 2 <= args.time_budget and temp * MiB <= RAM_FRACTION * _ram_bytes():
-                    jax.block_until_ready(compiled(x, den))
-                    ts = []
-                    for _ in range(3):
+                    if args.repeats > 1 and first is None:
+                        jax.block_until_ready(compiled(x, den))
+                    ts = [] if first is None or args.repeats > 1 else [first]
+                    for _ in range(args.repeats - len(ts)):
                         t0 = time.perf_counter()
                         jax.block_until_ready(compiled(x, den))
                         ts.append(time.perf_counter() - t0)
-                    ms = 1e3 * sorted(ts)[1]
+                    ms = 1e3 * sorted(ts)[len(ts) // 2]
                 row = dict(
                     model=case,
                     nfe=nfe,
