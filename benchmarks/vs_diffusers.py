@@ -4,11 +4,12 @@ diffusers and torch are never jdiff dependencies: they live in a separate virtua
 and this script runs its diffusers half there in a subprocess that exchanges ``.npz``
 files with the jdiff half. Set the virtualenv up once with::
 
-    python -m venv /work/venv_diffusers
-    /work/venv_diffusers/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-    /work/venv_diffusers/bin/pip install diffusers numpy
+    python -m venv .venv-diffusers
+    .venv-diffusers/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    .venv-diffusers/bin/pip install diffusers numpy
 
-then run ``python benchmarks/vs_diffusers.py [--venv /work/venv_diffusers]`` with
+then run ``python benchmarks/vs_diffusers.py [--venv .venv-diffusers]`` (or set
+``JDIFF_DIFFUSERS_VENV``) with
 jdiff's own Python. Both sides get the same mixture (its exact noise prediction written
 once in NumPy terms on each side), the same DDPM linear 1000-step table and the same
 ``x_T``. The time grid of every diffusers run is read off its scheduler (its sigmas, or
@@ -158,7 +159,11 @@ def _cases(nfes, trivial_steps):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--venv", default="/work/venv_diffusers", help="virtualenv with torch and diffusers")
+    ap.add_argument(
+        "--venv",
+        default=os.environ.get("JDIFF_DIFFUSERS_VENV", ".venv-diffusers"),
+        help="virtualenv with torch and diffusers (default: $JDIFF_DIFFUSERS_VENV or .venv-diffusers)",
+    )
     ap.add_argument("--nfe", type=int, nargs="+", default=[5, 8, 10])
     ap.add_argument("--n", type=int, default=256, help="samples")
     ap.add_argument("--dim", type=int, default=8, help="mixture dimension")
