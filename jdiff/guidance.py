@@ -70,6 +70,23 @@ from jdiff._checks import concrete, error_if
 from jdiff._param import Prediction, TreeValue, _FnKey, broadcast_to_x, check_cond_batch, from_x0_eps, to_x0_eps
 from jdiff.solvers._base import network_calls
 
+
+class InnerWrapper(TreeValue):
+    """Base of a denoiser wrapper around ``self.inner`` that keeps its process and makes
+    the network calls ``inner`` makes (thresholding, classifier guidance, time shift)."""
+
+    @property
+    def process(self):
+        return self.inner.process
+
+    @property
+    def fixed_calls(self):
+        return getattr(self.inner, "fixed_calls", 1)
+
+    def calls(self, t):
+        return network_calls(self.inner, t)
+
+
 __all__ = [
     "APG",
     "Guided",
@@ -582,24 +599,13 @@ def autoguidance(
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _ClassifierGuidance(TreeValue):
+class _ClassifierGuidance(InnerWrapper):
     inner: Any
     scale: Any
     params: Any
     labels: Any
     classifier: Any = None  # _FnKey
     scale_fn: Any = None
-
-    @property
-    def process(self):
-        return self.inner.process
-
-    @property
-    def fixed_calls(self):
-        return getattr(self.inner, "fixed_calls", 1)
-
-    def calls(self, t):
-        return network_calls(self.inner, t)
 
     def log_prob_grad(self, x, t, labels):
         """Per-sample ``grad_x log p(y | x_t)`` (the gradient of the sum over the batch

@@ -34,9 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jdiff._param import Prediction, TreeValue, broadcast_to_x
-from jdiff.guidance import APG, autoguidance, classifier_guidance, guidance, schedule
-from jdiff.solvers._base import network_calls
+from jdiff._param import Prediction, broadcast_to_x
+from jdiff.guidance import APG, InnerWrapper, autoguidance, classifier_guidance, guidance, schedule
 
 __all__ = [
     "time_shift",
@@ -57,24 +56,13 @@ def _eps_from_x0(process, x, t, x0):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _Threshold(TreeValue):
+class _Threshold(InnerWrapper):
     inner: Any
     kind: str
     lo: float = -1.0
     hi: float = 1.0
     quantile: float = 0.995
     max_value: float = float("inf")
-
-    @property
-    def process(self):
-        return self.inner.process
-
-    @property
-    def fixed_calls(self):
-        return getattr(self.inner, "fixed_calls", 1)
-
-    def calls(self, t):
-        return network_calls(self.inner, t)
 
     def __call__(self, x, t, cond=None) -> Prediction:
         p = self.inner(x, t, cond)
@@ -112,23 +100,12 @@ def dynamic_threshold(denoiser, quantile: float = 0.995, max_value: float = floa
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _TimeShift(TreeValue):
+class _TimeShift(InnerWrapper):
     inner: Any
     data_var: float
     window: float
     candidates: int
     cutoff: float
-
-    @property
-    def process(self):
-        return self.inner.process
-
-    @property
-    def fixed_calls(self):
-        return getattr(self.inner, "fixed_calls", 1)
-
-    def calls(self, t):
-        return network_calls(self.inner, t)
 
     def shifted_time(self, x, t):
         """Per sample, the candidate time in ``[t - window, t + window]`` (clipped to the
