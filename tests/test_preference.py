@@ -321,7 +321,8 @@ def test_generate_pairs_ranks_the_models_samples():
     pairs = P.generate_pairs(sample_fn, reward, jax.random.key(0), np.arange(6) % 3, candidates=3, batch=4)
     checked = P.check_pairs(pairs, num_classes=3)
     assert checked.win.shape == (6, 3) and np.all(checked.reward_win > checked.reward_lose)
-    np.testing.assert_allclose(-np.sum(checked.win**2, 1), checked.reward_win, rtol=1e-6)
+    # a sum of 3 float32 squares recomputed in NumPy: a few roundings of the result
+    np.testing.assert_allclose(-np.sum(checked.win**2, 1), checked.reward_win, rtol=8 * EPS32)
 
 
 # ---------------------------------------------------------------- LoRA, masks
