@@ -10,10 +10,11 @@ import os
 # up to floating-point reassociation, which every tolerance here already allows for.
 # Subprocesses inherit the setting. JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs fully optimized.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-# XLA's older CPU loop emitters compile these programs about twice as fast (jdiff/_xla.py).
-from jdiff._xla import prefer_fast_cpu_compile  # noqa: E402
+# XLA's older CPU loop emitters compile these programs about twice as fast (jdiff/_xla.py),
+# and its backend optimization level 0 faster again (_train_worker.TEST_XLA_FLAG).
+from _train_worker import prefer_fast_test_compile  # noqa: E402
 
-prefer_fast_cpu_compile()
+prefer_fast_test_compile()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -10,14 +10,13 @@ import subprocess
 import sys
 import time
 
+import _train_worker as W
 import numpy as np
 import pytest
 from PIL import Image
 
 from jdiff import cli
 from jdiff import presets as P
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A toy2d run small enough to compile and train in a few seconds; class-conditional on
 # the two moons (labels 0/1) with label dropout, so that guidance can be tested too.
@@ -418,10 +417,7 @@ def test_data_shape_errors(tmp_path, capsys):
 
 
 def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.pop("XLA_FLAGS", None)
-    return env
+    return W.subprocess_env()
 
 
 def test_module_entry_points_and_help():

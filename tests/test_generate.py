@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 
+import _train_worker as W
 import jax.numpy as jnp
 import numpy as np
 
 import jdiff
-from jdiff._xla import prefer_fast_cpu_compile
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent(
     """
@@ -34,11 +31,7 @@ SCRIPT = textwrap.dedent(
 
 
 def _run(n_devices: int, batch: int, path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
-    prefer_fast_cpu_compile(env)
-    env["JAX_PLATFORMS"] = "cpu"
+    env = W.subprocess_env(devices=n_devices)
     code = SCRIPT.replace("BATCH", str(batch)).replace("PATH", repr(str(path)))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import _train_worker as W
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,6 @@ import scipy.linalg
 import scipy.spatial
 from conftest import EPS64, NSIGMA
 
-from jdiff._xla import prefer_fast_cpu_compile
 from jdiff.metrics import (
     StreamingStats,
     check_fid_sample_count,
@@ -24,8 +24,6 @@ from jdiff.metrics import (
     precision_recall,
     save_stats,
 )
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _random_orthogonal(rng, d):
@@ -274,11 +272,7 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_streaming_stats_read_sharded_arrays_shard_by_shard():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    prefer_fast_cpu_compile(env)
-    env["JAX_PLATFORMS"] = "cpu"
+    env = W.subprocess_env(devices=4)
     r = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
 
