@@ -118,7 +118,7 @@ class Context:
                 den,
                 x,
                 jnp.asarray(grid, jnp.float32),
-                max_steps=MAX_STEPS,
+                max_steps=max(MAX_STEPS, len(grid) - 1),
                 nfe=T._nfe_arg(solver, nfe),
                 cond=lab,
                 return_nfe=True,
@@ -333,6 +333,24 @@ def tune(ctx, args):
                 evaluate("gits", name, s, fit.grid, dict(fit_seconds=round(fit.seconds, 1)))
 
 
+# ------------------------------------------------------------------------ reference
+def reference(ctx, args):
+    """The model's own FD-digits floor: the same noises and labels solved with many steps
+    (the ODE solution every few-step sampler approximates), on all ``--final`` samples."""
+    chunks = -(-int(args.final) // ctx.chunk)
+    done = {(r["solver"], r["nfe"]) for r in read_rows(ctx.out) if r["side"] == "reference"}
+    for name, nfe in ((n, int(v)) for n, v in (c.split("@") for c in args.reference)):
+        if (name, nfe) in done:
+            continue
+        t0 = time.perf_counter()
+        s = S.get(name)
+        grid = jdiff.time_grid(ctx.proc, kind="logsnr", nfe=nfe, solver=s)
+        x = ctx.samples(cell_key("reference", "logsnr", name, nfe), s, grid, nfe, chunks)
+        row = dict(side="reference", method="logsnr", solver=name, nfe=nfe, **ctx.score(x))
+        add_row(ctx.out, row)
+        log(f"reference {name} nfe {nfe}: FD-digits {row['fd']:.4f} ({time.perf_counter() - t0:.0f} s)")
+
+
 # ---------------------------------------------------------------------------- final
 def solver_of(ctx, row):
     """The solver value a stored row was scored with."""
@@ -385,8 +403,10 @@ def report(out, args, nfes, meta):
         fin = [r for r in rows if r["nfe"] == nfe and r["n"] == n_final and not r.get("same_as")]
         fixed = sorted((r for r in fin if r["side"] == "fixed"), key=lambda r: r["fd"])
         tuned = sorted((r for r in fin if r["side"] == "tuned"), key=lambda r: r["fd"])
-        if not fixed or not tuned:
+        if not fixed:
             continue
+        if not tuned:  # no tuned configuration reached the final sample count
+            tuned = [dict(solver="(none)", method="-", fd=float("nan"), acc=float("nan"), side="tuned")]
         ratio = tuned[0]["fd"] / fixed[0]["fd"]
         summary.append((nfe, fixed[0], tuned[0], ratio))
         lines += [
@@ -400,6 +420,11 @@ def report(out, args, nfes, meta):
             lines.append(
                 f"| {r['side']} | {r['solver']} | {r['method']} | {r['fd']:.4f} | {100 * r['acc']:.1f}% | "
                 f"{r.get('fit_seconds', '')} |"
+            )
+        for r in sorted((r for r in rows if r["side"] == "reference" and r["n"] == n_final), key=lambda r: r["nfe"]):
+            lines.append(
+                f"| reference (NFE {r['nfe']}) | {r['solver']} | {r['method']} | {r['fd']:.4f} | "
+                f"{100 * r['acc']:.1f}% | |"
             )
         lines += [
             "",
@@ -498,7 +523,8 @@ def plot(rows, nfes, args, n_final, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", default="all", choices=["screen", "tune", "final", "report", "all"])
+    ap.add_argument("--stage", default="all", choices=["screen", "tune", "final", "reference", "report", "all"])
+    ap.add_argument("--reference", nargs="*", default=["dpm++2m@10", "dpm++3m@20"], help="solver@nfe floors")
     ap.add_argument("--nfes", nargs="*", type=int, default=[5])
     ap.add_argument("--chunk", type=int, default=200, help="samples per chunk (the screen's sample count)")
     ap.add_argument("--final", type=int, default=1000, help="samples of the final comparison")
@@ -522,7 +548,7 @@ def main():
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    stages = ["screen", "tune", "final", "report"] if args.stage == "all" else [args.stage]
+    stages = ["screen", "tune", "final", "reference", "report"] if args.stage == "all" else [args.stage]
     ctx = None if stages == ["report"] else Context(args.out, args.chunk)
     for st in stages:
         t0 = time.perf_counter()
@@ -532,6 +558,8 @@ def main():
             tune(ctx, args)
         elif st == "final":
             final(ctx, args, [5])
+        elif st == "reference":
+            reference(ctx, args)
         else:
             meta = (
                 f"{jax.default_backend()}, JAX {jax.__version__}, {time.strftime('%Y-%m-%d')}, "
