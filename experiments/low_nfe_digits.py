@@ -401,7 +401,7 @@ def report(out, args, nfes, meta):
         w = csv.DictWriter(f, fieldnames=COLS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: (" ".join(f"{v:.5g}" for v in r[k]) if k == "grid" else r.get(k, "")) for k in COLS})
+            w.writerow({k: (" ".join(f"{v:.5g}" for v in r.get(k, [])) if k == "grid" else r.get(k, "")) for k in COLS})
     n_final = -(-int(args.final) // args.chunk) * args.chunk
     lines = [f"FD-digits against the 1797 real digits ({meta}).", ""]
     summary = []
