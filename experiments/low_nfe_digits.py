@@ -27,6 +27,8 @@ under ``{out}/cache/``):
   tuned configuration is scored on the first chunk.
 - ``final``: the ``--top`` best fixed configurations of the screen and every tuned
   configuration, rescored on ``--final`` samples (all chunks).
+- ``reference``: the same noises and labels solved with many steps (``--reference
+  dpm++2m@10 dpm++3m@20``), the model's own FD-digits that few-step samplers approach.
 - ``report``: table (markdown), CSV and plot under ``experiments/results/low_nfe_digits/``.
 
     python experiments/low_nfe_digits.py                  # all stages, NFE 5
