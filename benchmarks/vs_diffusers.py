@@ -22,6 +22,13 @@ It reports
       each library's menu of solvers and spacings;
   (c) wall time per step with a trivial denoiser (zeros) on SD-latent-sized batches.
 and writes ``benchmarks/results/vs_diffusers.json`` (tables in ``benchmarks/RESULTS.md``).
+
+It also writes the small fixture ``tests/data/vs_diffusers.npz`` (``--fixture``): the
+mixture (its seed, settings and arrays), the first 16 starting noises, and diffusers'
+sigmas and final samples for DDIM, DPM-Solver++(2M), DPM-Solver++(3M) and UniPC-2 (bh2) on
+a few spacings and NFEs, with the diffusers and torch versions. ``tests/test_vs_diffusers.py``
+checks jdiff against it, so the test suite needs no torch. ``--fixture-only`` runs just
+those cases (seconds).
 """
 
 from __future__ import annotations
@@ -75,6 +82,22 @@ SAME = {
     "euler": "ddim",  # Euler in (x / alpha, sigma / alpha) is DDIM
     "heun": "heun-rho",
 }
+# (scheduler, spacing, NFE) of the fixture tests/data/vs_diffusers.npz
+FIXTURE_CASES = [
+    ("ddim", "default", 5),
+    ("ddim", "default", 10),
+    ("dpm++2m", "default", 5),
+    ("dpm++2m", "default", 10),
+    ("dpm++2m", "karras", 8),
+    ("dpm++3m", "default", 5),
+    ("dpm++3m", "default", 10),
+    ("dpm++3m", "logsnr", 8),
+    ("unipc2", "default", 5),
+    ("unipc2", "default", 10),
+]
+FIXTURE_N = 16  # samples kept in the fixture
+FIXTURE = os.path.join(HERE, os.pardir, "tests", "data", "vs_diffusers.npz")
+MIXTURE = {"seed": 0, "dim": 8, "components": 6, "std_range": (0.1, 0.5)}  # random_mixture's settings
 JDIFF_MENU = ["ddim", "dpm++2m", "dpm++3m", "unipc2", "unipc3", "deis3", "ipndm4", "heun-rho", "dpm++2s", "dpm3"]
 JDIFF_KINDS = ["uniform", "logsnr", "quadratic", "karras"]
 
@@ -136,6 +159,7 @@ def _diffusers_side(inp: str, out: str) -> None:
             "calls": calls,
             "seconds_per_call": dt / calls,
         }
+    results["versions"] = {"diffusers": diffusers.__version__, "torch": torch.__version__}
     with open(out, "w") as f:
         json.dump(results, f)
 
@@ -143,18 +167,54 @@ def _diffusers_side(inp: str, out: str) -> None:
 # --------------------------------------------------------------------- jdiff half
 
 
+def _case(name, sp, nfe):
+    cls, cfg = DIFFUSERS_MENU[name]
+    steps = (nfe + 1) // 2 if name == "heun" else nfe
+    return {"key": f"{name}|{sp}|{nfe}", "cls": cls, "config": cfg | SPACINGS[sp], "steps": steps}
+
+
 def _cases(nfes, trivial_steps):
     cases = []
-    for name, (cls, cfg) in DIFFUSERS_MENU.items():
+    for name, (cls, _) in DIFFUSERS_MENU.items():
         for sp in SPACING_OK[cls]:
             for nfe in nfes:
-                steps = (nfe + 1) // 2 if name == "heun" else nfe
-                key = f"{name}|{sp}|{nfe}"
-                cases.append({"key": key, "cls": cls, "config": cfg | SPACINGS[sp], "steps": steps})
-    cases.append(
-        {"key": "trivial", "cls": "DPMSolverMultistepScheduler", "config": {}, "steps": trivial_steps, "trivial": True}
-    )
+                cases.append(_case(name, sp, nfe))
+    if trivial_steps:
+        cases.append(
+            {
+                "key": "trivial",
+                "cls": "DPMSolverMultistepScheduler",
+                "config": {},
+                "steps": trivial_steps,
+                "trivial": True,
+            }
+        )
     return cases
+
+
+def write_fixture(path, mix, x_T, res) -> None:
+    """The fixture of ``tests/test_vs_diffusers.py``: the mixture, the first
+    :data:`FIXTURE_N` noises, and diffusers' sigmas and final samples of
+    :data:`FIXTURE_CASES` (``x|key``, ``sigmas|key``), with the versions that made them."""
+    arrays = {}
+    for name, sp, nfe in FIXTURE_CASES:
+        key = f"{name}|{sp}|{nfe}"
+        arrays[f"x|{key}"] = np.asarray(res[key]["x"], np.float32)[:FIXTURE_N]
+        arrays[f"sigmas|{key}"] = np.asarray(res[key]["sigmas"], np.float64)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez_compressed(
+        path,
+        weights=np.asarray(mix.weights, np.float64),
+        means=np.asarray(mix.means, np.float64),
+        stds=np.asarray(mix.stds, np.float64),
+        mixture=json.dumps(MIXTURE),
+        x_T=np.asarray(x_T, np.float32)[:FIXTURE_N],
+        cases=json.dumps([[f"{n}|{sp}|{nfe}", SAME[n]] for n, sp, nfe in FIXTURE_CASES]),
+        diffusers_version=res["versions"]["diffusers"],
+        torch_version=res["versions"]["torch"],
+        **arrays,
+    )
+    print(f"wrote {path} ({os.path.getsize(path)} bytes)", flush=True)
 
 
 def main():
@@ -168,6 +228,8 @@ def main():
     ap.add_argument("--n", type=int, default=256, help="samples")
     ap.add_argument("--dim", type=int, default=8, help="mixture dimension")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "vs_diffusers.json"))
+    ap.add_argument("--fixture", default=FIXTURE, help="the test fixture to write ('' to skip)")
+    ap.add_argument("--fixture-only", action="store_true", help="run only the fixture's cases and write it")
     args = ap.parse_args()
 
     import jax
@@ -180,13 +242,23 @@ def main():
     from jdiff import solvers as S
     from jdiff.testbed import random_mixture
 
-    mix = random_mixture(jax.random.key(0), args.dim, 6, std_range=(0.1, 0.5))
+    if args.fixture_only and args.dim != MIXTURE["dim"]:
+        raise SystemExit(f"--fixture-only uses the fixture's mixture (dim {MIXTURE['dim']}), got --dim {args.dim}")
+    mix = random_mixture(
+        jax.random.key(MIXTURE["seed"]), args.dim, MIXTURE["components"], std_range=MIXTURE["std_range"]
+    )
     proc = jdiff.vp_discrete()  # DDPM linear, 1000 steps: diffusers' default table
     proc64 = jdiff.vp_discrete()  # the same, for float64 work (kept apart from proc's compiled programs)
     x_T = np.asarray(jax.random.normal(jax.random.key(1), (args.n, args.dim)), np.float32)
     trivial_shape = (8, 4 * 64 * 64)  # 8 SD latents (4 x 64 x 64), flattened
-    x_triv = np.asarray(jax.random.normal(jax.random.key(2), trivial_shape), np.float32)
-    cases = _cases(args.nfe, 20)
+    if args.fixture_only:
+        x_triv = np.zeros((1, 1), np.float32)
+        cases = [_case(*c) for c in FIXTURE_CASES]
+    else:
+        x_triv = np.asarray(jax.random.normal(jax.random.key(2), trivial_shape), np.float32)
+        cases = _cases(args.nfe, 20)
+        have = {c["key"] for c in cases}
+        cases += [_case(*c) for c in FIXTURE_CASES if f"{c[0]}|{c[1]}|{c[2]}" not in have]
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.json")
         np.savez(
@@ -198,6 +270,10 @@ def main():
         with open(out) as f:
             res = json.load(f)
 
+    versions = res.pop("versions")
+    print(f"diffusers {versions['diffusers']}, torch {versions['torch']}", flush=True)
+    if args.fixture:
+        write_fixture(args.fixture, mix, x_T, dict(res, versions=versions))
     den = mix.denoiser(proc)
 
     def grid_of(sigmas):
@@ -209,6 +285,14 @@ def main():
         t = np.where(s > 0, t, 0.0)
         t[0] = min(t[0], 1.0)
         return jnp.asarray(t, jnp.float32)
+
+    if args.fixture_only:
+        for name, sp, nfe in FIXTURE_CASES:
+            r = res[f"{name}|{sp}|{nfe}"]
+            x = jdiff.sample(S.get(SAME[name]), den, jnp.asarray(x_T), grid_of(r["sigmas"]))
+            d = float(np.max(np.abs(np.asarray(x) - np.asarray(r["x"], np.float32))))
+            print(f"{name}|{sp}|{nfe}: max|x_diffusers - x_jdiff| {d:.2e}", flush=True)
+        return
 
     # exact ODE solution from x_T at t = 1 (diffusers' first timestep, 999) to the data
     with jax.enable_x64(True):
