@@ -185,6 +185,65 @@ def test_tune_writes_a_file_sample_can_use(bed, tmp_path):
     np.testing.assert_array_equal(np.asarray(g), np.float32(rows[0]["grid"]))
 
 
+def test_network_time_wrapper(bed):
+    from jdiff.wrappers import network_time
+
+    den, proc, x = bed["den"], bed["proc"], bed["x_va"][:8]
+    grid = jnp.asarray(jdiff.time_grid(proc, 4, kind="quadratic"))
+    same = network_time(den, grid, grid)
+    for t in (grid[1], 0.5 * (grid[1] + grid[2]), jnp.float32(0.0005)):  # a knot, between knots, outside
+        np.testing.assert_allclose(same(x, t).x0, den(x, t).x0, rtol=0, atol=64 * EPS32)  # x0/eps round trip
+    net = grid.at[2].set(0.5 * (grid[1] + grid[2]))
+    for keep in ("x0", "eps"):
+        w = network_time(den, grid, net, keep=keep)
+        p, q = w(x, grid[2]), den(x, net[2])  # at the grid point: the network at its own time
+        np.testing.assert_array_equal(getattr(p, keep), getattr(q, keep))
+        a, s = proc.alpha(grid[2]), proc.sigma(grid[2])  # the other follows at the solver's time
+        np.testing.assert_allclose(a * p.x0 + s * p.eps, x, rtol=0, atol=64 * EPS32)
+        mid = 0.5 * (grid[2] + grid[3])  # linear in t between knots
+        np.testing.assert_array_equal(getattr(w(x, mid), keep), getattr(den(x, 0.5 * (net[2] + net[3])), keep))
+    with pytest.raises(ValueError, match="keep must be"):
+        network_time(den, grid, grid, keep="v")
+    with pytest.raises(ValueError, match="same length"):
+        network_time(den, grid, grid[:-1])
+    with pytest.raises(ValueError, match=r"net_grid must be finite times in \[.*2\.0"):
+        network_time(den, grid, grid.at[1].set(2.0))
+
+
+def test_ld3_decoupled_network_times(bed, tmp_path):
+    solver, nfe, proc = S.ddim(), 3, bed["proc"]
+    kw = dict(iters=40, learning_rate=0.1, seed=7)
+    fit = T.ld3(solver, bed["den"], bed["x_tr"], bed["y_tr"], nfe, decouple=0.5, **kw)
+    # zero offsets at the start: the first loss is the initial (logSNR) grid's own error
+    g0 = jdiff.time_grid(proc, nfe, kind="logsnr")
+    x0 = jdiff.sample(solver, bed["den"], bed["x_tr"], g0)
+    loss0 = float(jnp.mean(jnp.sum((x0 - bed["y_tr"]) ** 2, -1)))
+    np.testing.assert_allclose(fit.history[0], loss0, rtol=256 * EPS32)  # float32 grid round trip, 3 steps
+    assert min(fit.history) < 0.9 * loss0
+    g, n = fit.grid, fit.net_grid
+    assert np.all(np.diff(g) < 0) and n[0] == g[0] and n[-1] == g[-1]
+    # each interior network time within half its smaller neighbouring log-SNR interval
+    lam = lambda v: np.asarray(proc.lambda_(jnp.asarray(v, jnp.float32)), np.float64)  # noqa: E731
+    lg, ln = lam(g), lam(n)
+    half = 0.5 * np.minimum(np.diff(lg)[:-1], np.diff(lg)[1:])
+    assert np.all(np.abs(ln[1:-1] - lg[1:-1]) <= half * (1 + 1e-4)) and np.any(n[1:-1] != g[1:-1])
+    e0 = T.grid_error(solver, bed["den"], bed["x_va"], bed["y_va"], g0)
+    e1 = T.grid_error(solver, fit.denoiser(bed["den"]), bed["x_va"], bed["y_va"], g)
+    assert e1 < 0.8 * e0, (e0, e1)
+    again = T.ld3(solver, bed["den"], bed["x_tr"], bed["y_tr"], nfe, decouple=0.5, **kw)
+    np.testing.assert_array_equal(again.net_grid, n)
+    # the network times travel with the grid file
+    path = str(tmp_path / "g.json")
+    model = T.model_fingerprint(bed["den"])
+    T.save_grids(path, [dict(solver="ddim", nfe=nfe, grid=g, net_grid=n)], model=model, process=proc)
+    g2, n2 = T.load_grid(path, denoiser=bed["den"], solver="ddim", nfe=nfe, with_net=True)
+    np.testing.assert_array_equal(np.asarray(n2), np.float32(n))
+    with pytest.raises(ValueError, match="decouple must be in"):
+        T.ld3(solver, bed["den"], bed["x_tr"], bed["y_tr"], nfe, decouple=0.7)
+    with pytest.raises(ValueError, match="net_grid for ddim nfe 3 must be"):
+        T.save_grids(path, [dict(solver="ddim", nfe=nfe, grid=g, net_grid=n[:-1])], model=model, process=proc)
+
+
 def test_dmn_objective(bed, x64):
     # last in the module: the x64 fixture stays on for the tests after it
     proc = bed["proc"]
