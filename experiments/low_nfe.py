@@ -8,15 +8,20 @@ the same held-out noises. Two sides:
 - fixed: every deterministic solver of the registry (``jdiff.solvers.names()``) on every
   grid kind of ``jdiff.time_grid`` (uniform, logSNR, quadratic, Karras; under rectified
   flow, which starts at infinite log-SNR, uniform and quadratic only);
-- tuned: ``jdiff.tune`` -- LD3 (started from the best fixed grid of that solver and NFE),
-  GITS and DMN (VP only) -- for a few solvers.
+- tuned: ``jdiff.tune`` -- LD3 (started from the best fixed grid of that solver and NFE;
+  ``ld3``: the grid only, ``ld3-dec``: the grid and the network's decoupled times,
+  ``jdiff.wrappers.network_time``), GITS and DMN (VP only) -- for a few solvers
+  (``--tuned-solvers``; ``NAME+afs`` is an iPNDM with the analytic first step, which is
+  not in the registry: it is also run on the fixed grids, as ``fixed-extra`` rows, and
+  the tables give the ratio to the best fixed configuration with and without them).
 
 Both sides are scored on the same held-out noises; the learned grids were fit on other
 noises (the training set). Prints one table per testbed and writes
-``experiments/results/low_nfe/{testbed}.csv``, ``results.md`` and ``low_nfe.png``.
+``experiments/results/low_nfe/{testbed}.csv``, ``results.md`` and ``{testbed}.png``.
 
     python experiments/low_nfe.py                      # all testbeds, NFE 5 6 8 10
     python experiments/low_nfe.py --testbeds gm64-vp --nfes 5
+    python experiments/low_nfe.py --reuse-fixed=-dec --methods ld3-dec   # fixed side from the CSVs
 """
 
 from __future__ import annotations

@@ -190,18 +190,34 @@ def test_network_time_wrapper(bed):
 
     den, proc, x = bed["den"], bed["proc"], bed["x_va"][:8]
     grid = jnp.asarray(jdiff.time_grid(proc, 4, kind="quadratic"))
-    same = network_time(den, grid, grid)
-    for t in (grid[1], 0.5 * (grid[1] + grid[2]), jnp.float32(0.0005)):  # a knot, between knots, outside
-        np.testing.assert_allclose(same(x, t).x0, den(x, t).x0, rtol=0, atol=64 * EPS32)  # x0/eps round trip
     net = grid.at[2].set(0.5 * (grid[1] + grid[2]))
-    for keep in ("x0", "eps"):
-        w = network_time(den, grid, net, keep=keep)
-        p, q = w(x, grid[2]), den(x, net[2])  # at the grid point: the network at its own time
-        np.testing.assert_array_equal(getattr(p, keep), getattr(q, keep))
-        a, s = proc.alpha(grid[2]), proc.sigma(grid[2])  # the other follows at the solver's time
+    mid, t_out = 0.5 * (grid[2] + grid[3]), jnp.float32(0.0005)
+
+    @jax.jit  # one program for all the evaluations below (eager calls compile op by op)
+    def evals(x):
+        same = network_time(den, grid, grid)
+        wx, we = network_time(den, grid, net, keep="x0"), network_time(den, grid, net, keep="eps")
+        return dict(
+            same=[same(x, t).x0 for t in (mid, t_out)],  # between knots, outside the grid
+            den=[den(x, t).x0 for t in (mid, t_out)],
+            wx=wx(x, grid[2]),
+            we=we(x, grid[2]),
+            at_net=den(x, net[2]),  # at the grid point: the network at its own time
+            w_mid=we(x, mid).eps,  # linear in t between knots
+            den_mid=den(x, 0.5 * (net[2] + net[3])).eps,
+        )
+
+    r = evals(x)
+    for a, b in zip(r["same"], r["den"]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=64 * EPS32)  # the x0/eps round trip in float32
+    # the kept prediction is the network's at its own time (one program: XLA may fuse the
+    # two evaluations differently, so equal up to a couple of float32 roundings)
+    np.testing.assert_allclose(r["wx"].x0, r["at_net"].x0, rtol=4 * EPS32, atol=4 * EPS32)
+    np.testing.assert_allclose(r["we"].eps, r["at_net"].eps, rtol=4 * EPS32, atol=4 * EPS32)
+    a, s = proc.alpha(grid[2]), proc.sigma(grid[2])  # the other follows at the solver's time
+    for p in (r["wx"], r["we"]):
         np.testing.assert_allclose(a * p.x0 + s * p.eps, x, rtol=0, atol=64 * EPS32)
-        mid = 0.5 * (grid[2] + grid[3])  # linear in t between knots
-        np.testing.assert_array_equal(getattr(w(x, mid), keep), getattr(den(x, 0.5 * (net[2] + net[3])), keep))
+    np.testing.assert_allclose(r["w_mid"], r["den_mid"], rtol=4 * EPS32, atol=4 * EPS32)  # interp vs midpoint
     with pytest.raises(ValueError, match="keep must be"):
         network_time(den, grid, grid, keep="v")
     with pytest.raises(ValueError, match="same length"):
@@ -212,7 +228,7 @@ def test_network_time_wrapper(bed):
 
 def test_ld3_decoupled_network_times(bed, tmp_path):
     solver, nfe, proc = S.ddim(), 3, bed["proc"]
-    kw = dict(iters=40, learning_rate=0.1, seed=7)
+    kw = dict(iters=30, learning_rate=0.1, seed=7)
     fit = T.ld3(solver, bed["den"], bed["x_tr"], bed["y_tr"], nfe, decouple=0.5, **kw)
     # zero offsets at the start: the first loss is the initial (logSNR) grid's own error
     g0 = jdiff.time_grid(proc, nfe, kind="logsnr")
@@ -230,8 +246,6 @@ def test_ld3_decoupled_network_times(bed, tmp_path):
     e0 = T.grid_error(solver, bed["den"], bed["x_va"], bed["y_va"], g0)
     e1 = T.grid_error(solver, fit.denoiser(bed["den"]), bed["x_va"], bed["y_va"], g)
     assert e1 < 0.8 * e0, (e0, e1)
-    again = T.ld3(solver, bed["den"], bed["x_tr"], bed["y_tr"], nfe, decouple=0.5, **kw)
-    np.testing.assert_array_equal(again.net_grid, n)
     # the network times travel with the grid file
     path = str(tmp_path / "g.json")
     model = T.model_fingerprint(bed["den"])
