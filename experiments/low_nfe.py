@@ -81,7 +81,13 @@ def fixed_side(den, proc, final, x_va, y_va, nfes, solvers):
                     if len(grid) - 1 < s.min_steps:
                         continue
                     x, used = jdiff.sample_padded(
-                        s, den, x_va, grid, max_steps=max(nfes), nfe=T._nfe_arg(s, nfe), return_nfe=True
+                        s,
+                        den,
+                        x_va,
+                        grid,
+                        max_steps=max(max(nfes), *(s.num_steps(n) for n in nfes)),  # AFS: one step more
+                        nfe=T._nfe_arg(s, nfe),
+                        return_nfe=True,
                     )
                 except ValueError:
                     continue
