@@ -8,21 +8,27 @@ the same held-out noises. Two sides:
 - fixed: every deterministic solver of the registry (``jdiff.solvers.names()``) on every
   grid kind of ``jdiff.time_grid`` (uniform, logSNR, quadratic, Karras; under rectified
   flow, which starts at infinite log-SNR, uniform and quadratic only);
-- tuned: ``jdiff.tune`` -- LD3 (started from the best fixed grid of that solver and NFE),
-  GITS and DMN (VP only) -- for a few solvers.
+- tuned: ``jdiff.tune`` -- LD3 (started from the best fixed grid of that solver and NFE;
+  ``ld3``: the grid only, ``ld3-dec``: the grid and the network's decoupled times,
+  ``jdiff.wrappers.network_time``), GITS and DMN (VP only) -- for a few solvers
+  (``--tuned-solvers``; ``NAME+afs`` is an iPNDM with the analytic first step, which is
+  not in the registry: it is also run on the fixed grids, as ``fixed-extra`` rows, and
+  the tables give the ratio to the best fixed configuration with and without them).
 
 Both sides are scored on the same held-out noises; the learned grids were fit on other
 noises (the training set). Prints one table per testbed and writes
-``experiments/results/low_nfe/{testbed}.csv``, ``results.md`` and ``low_nfe.png``.
+``experiments/results/low_nfe/{testbed}.csv``, ``results.md`` and ``{testbed}.png``.
 
     python experiments/low_nfe.py                      # all testbeds, NFE 5 6 8 10
     python experiments/low_nfe.py --testbeds gm64-vp --nfes 5
+    python experiments/low_nfe.py --reuse-fixed=-dec --methods ld3-dec   # fixed side from the CSVs
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import sys
 import time
@@ -75,7 +81,13 @@ def fixed_side(den, proc, final, x_va, y_va, nfes, solvers):
                     if len(grid) - 1 < s.min_steps:
                         continue
                     x, used = jdiff.sample_padded(
-                        s, den, x_va, grid, max_steps=max(nfes), nfe=T._nfe_arg(s, nfe), return_nfe=True
+                        s,
+                        den,
+                        x_va,
+                        grid,
+                        max_steps=max(max(nfes), *(s.num_steps(n) for n in nfes)),  # AFS: one step more
+                        nfe=T._nfe_arg(s, nfe),
+                        return_nfe=True,
                     )
                 except ValueError:
                     continue
@@ -85,12 +97,33 @@ def fixed_side(den, proc, final, x_va, y_va, nfes, solvers):
     return rows
 
 
-def tuned_side(den, proc, final, x_tr, y_tr, x_va, y_va, nfes, names, fixed, log):
+def solver_of(spec):
+    """A registry name, or ``NAME+afs`` for an iPNDM with the analytic first step (not in
+    the registry: its fixed-grid errors are measured too, as ``fixed-extra`` rows)."""
+    if spec.endswith("+afs"):
+        base = S.get(spec[: -len("+afs")])
+        if not hasattr(base, "afs"):
+            raise ValueError(f"{spec}: only iPNDM has the analytic first step")
+        return dataclasses.replace(base, afs=True)
+    return S.get(spec)
+
+
+def fixed_extra(den, proc, final, x_va, y_va, nfes, specs, log):
+    """The tuned side's solvers that are not in the registry, on the fixed grid kinds."""
+    extra = {sp: solver_of(sp) for sp in specs if sp not in S.names()}
+    rows = fixed_side(den, proc, final, x_va, y_va, nfes, extra) if extra else []
+    for r in rows:
+        r["side"] = "fixed-extra"
+    log(f"  {len(rows)} fixed-extra cells ({', '.join(extra) or 'none'})")
+    return rows
+
+
+def tuned_side(den, proc, final, x_tr, y_tr, x_va, y_va, nfes, names, fixed, log, args):
     rows = []
     t_end = float(proc.t_data) if final == "data" else None
     vp = T.grid_space(proc, proc.t_max, proc.t_min) == "logsnr"
     for name in names:
-        s = S.get(name)
+        s = solver_of(name)
         for nfe in nfes:
             mine = [r for r in fixed if r["solver"] == name and r["nfe"] == nfe]
             if not mine:
@@ -99,14 +132,30 @@ def tuned_side(den, proc, final, x_tr, y_tr, x_va, y_va, nfes, names, fixed, log
             N = s.num_steps(nfe)
             init = np.asarray(jdiff.time_grid(proc, N, kind=best_kind, final=final), np.float64)
             fits = {}
-            t0 = time.perf_counter()
-            fits["ld3"] = T.ld3(s, den, x_tr, y_tr, nfe, init=init, t_end=t_end, iters=300, learning_rate=0.05)
-            fits["ld3"].seconds = time.perf_counter() - t0
-            fits["gits"] = T.gits(s, den, x_tr[:32], nfe, t_end=t_end, fine_steps=60)
-            if vp:
-                fits["dmn"] = T.dmn(proc, N, order=min(s.order, 3))
+            for method in args.methods:
+                t0 = time.perf_counter()
+                if method in ("ld3", "ld3-dec"):
+                    fits[method] = T.ld3(
+                        s,
+                        den,
+                        x_tr,
+                        y_tr,
+                        nfe,
+                        init=init,
+                        t_end=t_end,
+                        iters=args.iters,
+                        learning_rate=args.lr,
+                        decouple=args.decouple if method == "ld3-dec" else 0.0,
+                        keep=args.keep,
+                    )
+                elif method == "gits":
+                    fits[method] = T.gits(s, den, x_tr[:32], nfe, t_end=t_end, fine_steps=60)
+                elif method == "dmn" and vp:
+                    fits[method] = T.dmn(proc, N, order=min(s.order, 3))
+                if method in fits:
+                    fits[method].seconds = time.perf_counter() - t0
             for method, fit in fits.items():
-                x = jdiff.sample(s, den, x_va, jnp.asarray(fit.grid, jnp.float32), nfe=T._nfe_arg(s, nfe))
+                x = jdiff.sample(s, fit.denoiser(den), x_va, jnp.asarray(fit.grid, jnp.float32), nfe=T._nfe_arg(s, nfe))
                 err = l2(x, y_va)
                 rows.append(
                     dict(
@@ -118,14 +167,20 @@ def tuned_side(den, proc, final, x_tr, y_tr, x_va, y_va, nfes, names, fixed, log
                         err=err,
                         fit_seconds=round(fit.seconds, 1),
                         grid=" ".join(f"{v:.5g}" for v in fit.grid),
+                        net_grid="" if fit.net_grid is None else " ".join(f"{v:.5g}" for v in fit.net_grid),
                     )
                 )
                 log(f"  {name} nfe {nfe} {method}: {err:.4g} (fit {fit.seconds:.1f} s)")
     return rows
 
 
+def _usable(spec, proc):
+    """False for the analytic first step under a process with alpha = 0 at t_max (rectified flow)."""
+    return not spec.endswith("+afs") or float(proc.alpha(jnp.asarray(proc.t_max, jnp.float32))) > 0
+
+
 def write_csv(rows, path):
-    cols = ["side", "method", "solver", "nfe", "nfe_used", "err", "fit_seconds", "grid"]
+    cols = ["side", "method", "solver", "nfe", "nfe_used", "err", "fit_seconds", "grid", "net_grid"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
@@ -134,14 +189,17 @@ def write_csv(rows, path):
 
 
 def summary(rows, nfes):
+    """Per NFE: the best fixed row (registry), the best fixed row including the tuned
+    side's extra solvers on fixed grids, the best tuned row and both ratios."""
     out = []
     for nfe in nfes:
         f = [r for r in rows if r["side"] == "fixed" and r["nfe"] == nfe]
+        fx = f + [r for r in rows if r["side"] == "fixed-extra" and r["nfe"] == nfe]
         t = [r for r in rows if r["side"] == "tuned" and r["nfe"] == nfe]
         if not f or not t:
             continue
-        bf, bt = min(f, key=lambda r: r["err"]), min(t, key=lambda r: r["err"])
-        out.append((nfe, bf, bt, bt["err"] / bf["err"]))
+        bf, bfx, bt = (min(v, key=lambda r: r["err"]) for v in (f, fx, t))
+        out.append((nfe, bf, bfx, bt, bt["err"] / bf["err"], bt["err"] / bfx["err"]))
     return out
 
 
@@ -149,13 +207,14 @@ def markdown(name, summ, meta):
     lines = [
         f"### {name}: best fixed grid vs best tuned grid ({meta})",
         "",
-        "| NFE | best fixed (solver, grid) | error | best tuned (solver, method) | error | ratio |",
-        "|---:|---|---:|---|---:|---:|",
+        "| NFE | best fixed (solver, grid) | error | best tuned (solver, method) | error | ratio "
+        "| best fixed incl. extra solvers | ratio to it |",
+        "|---:|---|---:|---|---:|---:|---|---:|",
     ]
-    for nfe, bf, bt, ratio in summ:
+    for nfe, bf, bfx, bt, ratio, ratio_x in summ:
         lines.append(
             f"| {nfe} | {bf['solver']}, {bf['method']} | {bf['err']:.4g} | {bt['solver']}, {bt['method']} | "
-            f"{bt['err']:.4g} | {ratio:.2f} |"
+            f"{bt['err']:.4g} | {ratio:.2f} | {bfx['solver']}, {bfx['method']}: {bfx['err']:.4g} | {ratio_x:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -164,14 +223,30 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--testbeds", nargs="*", default=None, help="gm64-vp gm2-vp gm64-flow (default: all)")
     ap.add_argument("--nfes", nargs="*", type=int, default=[5, 6, 8, 10])
-    ap.add_argument("--tuned-solvers", nargs="*", default=["unipc2", "unipc3"])
+    ap.add_argument(
+        "--tuned-solvers",
+        nargs="*",
+        default=["ipndm3", "ipndm3+afs"],
+        help="registry names, or NAME+afs (iPNDM with the analytic first step)",
+    )
+    ap.add_argument(
+        "--methods",
+        nargs="*",
+        default=["ld3-dec", "gits", "dmn"],
+        help="ld3 (grid only), ld3-dec (grid and decoupled network times), gits, dmn (VP only)",
+    )
+    ap.add_argument("--iters", type=int, default=300, help="LD3 Adam steps")
+    ap.add_argument("--lr", type=float, default=0.05, help="LD3 learning rate")
+    ap.add_argument("--decouple", type=float, default=0.5, help="ld3-dec: network-time window (<= 0.5)")
+    ap.add_argument("--keep", default="x0", choices=["x0", "eps"], help="ld3-dec: the prediction kept")
     ap.add_argument("--train", type=int, default=100, help="training noises")
     ap.add_argument("--val", type=int, default=200, help="held-out noises")
     ap.add_argument("--out", default=OUT)
     ap.add_argument(
         "--reuse-fixed",
         metavar="SUFFIX",
-        help="read the fixed side from {out}/{testbed}.csv and write the tuned rows to {testbed}{SUFFIX}.csv",
+        help="read the fixed side (and earlier tuned rows, which enter the tables) from {out}/{testbed}.csv and "
+        "write the new rows to {testbed}{SUFFIX}.csv",
     )
     args = ap.parse_args()
     beds = testbeds()
@@ -196,20 +271,25 @@ def main():
         log(f"{name}: exact references in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
         suffix = args.reuse_fixed or ""
+        earlier = []
         if args.reuse_fixed:
             with open(os.path.join(args.out, f"{name}.csv")) as f:
-                fixed = [
+                old = [
                     dict(r, nfe=int(r["nfe"]), nfe_used=int(r["nfe_used"]), err=float(r["err"]))
                     for r in csv.DictReader(f)
-                    if r["side"] == "fixed"
+                    if int(r["nfe"]) in args.nfes
                 ]
+            fixed = [r for r in old if r["side"] == "fixed"]
+            earlier = [r for r in old if r["side"] != "fixed"]
         else:
             fixed = fixed_side(den, proc, final, x_va, y_va, args.nfes, solvers)
             log(f"{name}: {len(fixed)} fixed cells in {time.perf_counter() - t0:.1f} s")
             write_csv(fixed, os.path.join(args.out, f"{name}.csv"))  # kept if the tuned side fails
-        tuned = tuned_side(den, proc, final, x_tr, y_tr, x_va, y_va, args.nfes, args.tuned_solvers, fixed, log)
-        rows = fixed + tuned
-        write_csv(rows if not suffix else tuned, os.path.join(args.out, f"{name}{suffix}.csv"))
+        specs = [sp for sp in args.tuned_solvers if _usable(sp, proc)]
+        extra = fixed_extra(den, proc, final, x_va, y_va, args.nfes, specs, log)
+        tuned = tuned_side(den, proc, final, x_tr, y_tr, x_va, y_va, args.nfes, specs, fixed + extra, log, args)
+        rows = fixed + earlier + extra + tuned
+        write_csv(rows if not suffix else extra + tuned, os.path.join(args.out, f"{name}{suffix}.csv"))
         meta = (
             f"d={mix.dim}, {type(proc).__name__}, to {'the data' if final == 'data' else 't_min'}, "
             f"{args.val} held-out noises, {args.train} training noises"
@@ -237,7 +317,7 @@ def plot(rows, nfes, name, path):
         ]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
-    for m in ("ld3", "gits", "dmn"):
+    for m in ("ld3", "ld3-dec", "gits", "dmn"):
         pts = [
             (n, min(r["err"] for r in rows if r["method"] == m and r["nfe"] == n))
             for n in nfes

@@ -11,7 +11,9 @@ and solver, each returning an ordinary grid (a decreasing array) that
   starts and ends where asked for any logits. Adam (optax) fits the logits so that the
   student solver at N steps lands where a teacher (a high-NFE or exact solve from the
   same noise) lands, on about 100 training noises; optionally the student may start
-  anywhere in a small ball around each noise (LD3's slack, "soft teacher forcing").
+  anywhere in a small ball around each noise (LD3's slack, "soft teacher forcing"),
+  and the network may be fed its own times near the grid's (``decouple``: LD3's second
+  set of learned times; :func:`jdiff.wrappers.network_time`).
 - :func:`gits` -- dynamic programming over the time points of a fine teacher
   trajectory (GITS: Chen et al., "On the Trajectory Regularity of ODE-based Diffusion
   Sampling", ICML 2024): the cost of a coarse step between two fine points is the error
@@ -47,6 +49,7 @@ __all__ = [
     "grid_from_logits",
     "logits_from_grid",
     "grid_space",
+    "net_grid_from",
     "ld3",
     "gits",
     "gits_path",
@@ -78,12 +81,28 @@ class GridFit:
       history: the objective along the fit (LD3: training loss per step; DMN: the bound
         per step; GITS: the DP's total cost, one value).
       seconds: wall time of the fit.
+      net_grid: ``(N + 1,)`` the network's times (LD3 with ``decouple > 0``; use them with
+        :func:`jdiff.wrappers.network_time`), else None.
+      keep: the prediction :func:`jdiff.wrappers.network_time` keeps (with ``net_grid``).
     """
 
     grid: np.ndarray
     method: str
     history: list
     seconds: float
+    net_grid: np.ndarray | None = None
+    keep: str = "x0"
+
+    def denoiser(self, denoiser):
+        """``denoiser`` as the fitted configuration uses it: wrapped by
+        :func:`jdiff.wrappers.network_time` when the fit has network times."""
+        if self.net_grid is None:
+            return denoiser
+        from jdiff.wrappers import network_time
+
+        return network_time(
+            denoiser, jnp.asarray(self.grid, jnp.float32), jnp.asarray(self.net_grid, jnp.float32), keep=self.keep
+        )
 
 
 # ------------------------------------------------------------------ parameterization
@@ -131,6 +150,27 @@ def logits_from_grid(process, grid, space: str = "logsnr"):
     if not np.all(d > 0):
         raise ValueError(f"the initial grid must be strictly monotone in {space}, got {g.tolist()}")
     return jnp.asarray(np.log(d), jnp.float32)
+
+
+def net_grid_from(process, grid, z, window: float, space: str = "logsnr"):
+    """Network times around ``grid`` (LD3's decoupled times, Tong et al., ICLR 2025): the
+    interior point ``i`` moves by ``window * tanh(z[i-1])`` times the smaller of its two
+    intervals, in log-SNR (``space="logsnr"``) or in t; the end points stay. With
+    ``window <= 0.5`` the network times stay strictly ordered. Differentiable in ``grid``
+    and ``z`` (``(N - 1,)``)."""
+    grid = jnp.asarray(grid)
+    z = jnp.asarray(z, grid.dtype)
+    u = process.lambda_(grid[1:-1]) if space == "logsnr" else grid[1:-1]
+    if space == "logsnr":
+        ends = process.lambda_(grid[jnp.asarray([0, -1])])
+        full = jnp.concatenate([ends[:1], u, ends[1:]])
+    else:
+        full = grid
+    gap = jnp.abs(jnp.diff(full))
+    m = jnp.minimum(gap[:-1], gap[1:])
+    u2 = u + window * jnp.tanh(z) * m
+    inner = process.t_of_lambda(u2) if space == "logsnr" else u2
+    return jnp.concatenate([grid[:1], inner.astype(grid.dtype), grid[-1:]])
 
 
 # ------------------------------------------------------------------------- checks
@@ -225,6 +265,8 @@ def ld3(
     iters: int = 300,
     learning_rate: float = 0.05,
     slack: float = 0.0,
+    decouple: float = 0.0,
+    keep: str = "x0",
     batch_size: int = 0,
     seed: int = 0,
     cond=None,
@@ -252,6 +294,12 @@ def ld3(
       space: ``"logsnr"``, ``"t"`` or ``"auto"`` (:func:`grid_space`).
       iters: Adam steps; learning_rate: its step size.
       slack: the radius of the start ball relative to ``|x_T|`` (0: plain LD3 loss).
+      decouple: with ``decouple > 0``, also learn the network's times (LD3's second set
+        of times, in its released code): each interior network time moves within
+        ``decouple`` times its smaller neighbouring interval (:func:`net_grid_from`, at most
+        0.5); the fit's ``net_grid`` is used through :func:`jdiff.wrappers.network_time`
+        (``GridFit.denoiser``). 0: the network runs at the grid's times.
+      keep: the prediction the decoupled network call keeps (``"eps"`` or ``"x0"``).
       batch_size: noises per step (0: all; else a random subset per step, from ``seed``).
       seed: the PRNG seed of the batches (fitting is deterministic for a seed).
       cond: per-sample conditioning (array leaves with leading axis ``n``), e.g. labels.
@@ -278,6 +326,12 @@ def ld3(
         raise ValueError(f"learning_rate must be positive and finite, got {learning_rate!r}")
     if not (np.isfinite(slack) and slack >= 0):
         raise ValueError(f"slack must be a non-negative number, got {slack!r}")
+    if not (np.isfinite(decouple) and 0 <= decouple <= 0.5):
+        raise ValueError(f"decouple must be in [0, 0.5], got {decouple!r}")
+    if decouple > 0 and N < 2:
+        raise ValueError(f"decouple needs interior grid points (at least 2 steps), got {N} step(s)")
+    if keep not in ("eps", "x0"):
+        raise ValueError(f"keep must be 'eps' or 'x0', got {keep!r}")
     t0, t1 = _ends(process, t_start, t_end)
     if space == "auto":
         space = grid_space(process, t0, t1)
@@ -319,14 +373,38 @@ def ld3(
         use_slack=slack > 0,
         iters=int(iters),
         nfe=use_nfe,
+        window=float(decouple),
+        keep=keep,
     )
     hist = [float(v) for v in np.asarray(hist)]
-    grid = np.array(grid_from_logits(process, best, t0, t1, space), np.float64)
-    return GridFit(grid=grid, method="ld3", history=hist, seconds=time.perf_counter() - start)
+    g32 = grid_from_logits(process, best["logits"], t0, t1, space)
+    grid = np.array(g32, np.float64)
+    net = None
+    if decouple > 0:
+        net = np.array(net_grid_from(process, g32, best["z"], float(decouple), space), np.float64)
+    return GridFit(grid=grid, method="ld3", history=hist, seconds=time.perf_counter() - start, net_grid=net, keep=keep)
 
 
 def _ld3_fit_impl(
-    denoiser, x_train, x_teacher, logits0, radius, lr, key, cond, *, solver, space, t0, t1, bs, use_slack, iters, nfe
+    denoiser,
+    x_train,
+    x_teacher,
+    logits0,
+    radius,
+    lr,
+    key,
+    cond,
+    *,
+    solver,
+    space,
+    t0,
+    t1,
+    bs,
+    use_slack,
+    iters,
+    nfe,
+    window=0.0,
+    keep="eps",
 ):
     """The whole LD3 fit as one program: ``iters`` Adam steps (Kingma & Ba, 2015, the
     default betas) under ``lax.scan``; returns the logits of the lowest training loss and
@@ -340,21 +418,26 @@ def _ld3_fit_impl(
 
     def loss_fn(p, idx):
         grid = grid_from_logits(process, p["logits"], t0, t1, space)
+        den = denoiser
+        if window > 0:
+            from jdiff.wrappers import network_time
+
+            den = network_time(denoiser, grid, net_grid_from(process, grid, p["z"], window, space), keep=keep)
         x = x_train[idx].astype(jnp.float32)
         if use_slack:
             x = x + p["delta"][idx]
         c = None if cond is None else jax.tree.map(lambda a: a[idx] if jnp.ndim(a) else a, cond)
-        out = sample(solver, denoiser, x, grid, nfe=nfe, cond=c)
+        out = sample(solver, den, x, grid, nfe=nfe, cond=c)
         d = (out - x_teacher[idx].astype(out.dtype)).reshape(idx.shape[0], -1)
         return jnp.mean(jnp.sum(d * d, -1))
 
     def body(carry, k):
-        p, m, v, best_loss, best_logits = carry
+        p, m, v, best_loss, best_p = carry
         idx = jnp.arange(n) if bs == n else jax.random.choice(jax.random.fold_in(key, k), n, (bs,), replace=False)
         loss, g = jax.value_and_grad(loss_fn)(p, idx)
         better = jnp.isfinite(loss) & (loss < best_loss)
         best_loss = jnp.where(better, loss, best_loss)
-        best_logits = jnp.where(better, p["logits"], best_logits)
+        best_p = {k: jnp.where(better, p[k], best_p[k]) for k in best_p}
         c = (k + 1).astype(jnp.float32)
         m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, g)
         v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
@@ -363,18 +446,23 @@ def _ld3_fit_impl(
             dn = jnp.sqrt(jnp.sum(p["delta"].reshape(n, -1) ** 2, -1))
             scale = jnp.minimum(1.0, radius / jnp.maximum(dn, 1e-30))
             p = dict(p, delta=p["delta"] * scale.reshape((n,) + (1,) * (x_train.ndim - 1)))
-        return (p, m, v, best_loss, best_logits), loss
+        return (p, m, v, best_loss, best_p), loss
 
     p = {"logits": logits0.astype(jnp.float32)}
+    if window > 0:
+        p["z"] = jnp.zeros((logits0.shape[0] - 1,), jnp.float32)
     if use_slack:
         p["delta"] = jnp.zeros(x_train.shape, jnp.float32)
     zeros = jax.tree.map(jnp.zeros_like, p)
-    init = (p, zeros, zeros, jnp.float32(jnp.inf), p["logits"])
+    init = (p, zeros, zeros, jnp.float32(jnp.inf), {k: v for k, v in p.items() if k != "delta"})
     (_, _, _, _, best), hist = jax.lax.scan(body, init, jnp.arange(iters))
     return best, hist
 
 
-_ld3_fit = jax.jit(_ld3_fit_impl, static_argnames=("solver", "space", "t0", "t1", "bs", "use_slack", "iters", "nfe"))
+_ld3_fit = jax.jit(
+    _ld3_fit_impl,
+    static_argnames=("solver", "space", "t0", "t1", "bs", "use_slack", "iters", "nfe", "window", "keep"),
+)
 
 
 # --------------------------------------------------------------------------- GITS
@@ -692,7 +780,8 @@ def model_fingerprint(denoiser) -> str:
 def save_grids(path: str, entries: Sequence[dict], *, model: str, process) -> None:
     """Write grids to a JSON file tied to ``model`` (an id, e.g. :func:`model_fingerprint`)
     and ``process``. Each entry holds ``solver`` (a registry name), ``nfe``, ``grid`` and
-    optionally ``method`` and measured errors. Entries of an existing file for the same
+    optionally ``method``, ``net_grid`` (LD3's decoupled network times, same length as
+    ``grid``) and measured errors. Entries of an existing file for the same
     model and process are kept unless replaced (same solver and NFE).
 
     Raises:
@@ -713,7 +802,16 @@ def save_grids(path: str, entries: Sequence[dict], *, model: str, process) -> No
         g = np.asarray(e["grid"], np.float64)
         if g.ndim != 1 or g.size < 2 or not np.all(np.isfinite(g)) or not np.all(np.diff(g) < 0):
             raise ValueError(f"grid for {e.get('solver')} nfe {e.get('nfe')} is not strictly decreasing: {g}")
-        new.append(dict(e, solver=str(e["solver"]), nfe=int(e["nfe"]), grid=[float(v) for v in g]))
+        row = dict(e, solver=str(e["solver"]), nfe=int(e["nfe"]), grid=[float(v) for v in g])
+        if e.get("net_grid") is not None:
+            ng = np.asarray(e["net_grid"], np.float64)
+            if ng.shape != g.shape or not np.all(np.isfinite(ng)):
+                raise ValueError(
+                    f"net_grid for {e.get('solver')} nfe {e.get('nfe')} must be finite and of the grid's shape "
+                    f"{g.shape}, got {ng.tolist()}"
+                )
+            row["net_grid"] = [float(v) for v in ng]
+        new.append(row)
     keys = {(e["solver"], e["nfe"]) for e in new}
     merged = [e for e in old if (e["solver"], e["nfe"]) not in keys] + new
     out = {"format": FORMAT, "version": 1, "model": model, "process": repr(process), "grids": merged}
@@ -739,7 +837,9 @@ def read_grids(path: str) -> dict:
     return data
 
 
-def load_grid(path: str, *, denoiser=None, model: str | None = None, process=None, solver, nfe: int):
+def load_grid(
+    path: str, *, denoiser=None, model: str | None = None, process=None, solver, nfe: int, with_net: bool = False
+):
     """The grid stored in ``path`` for ``solver`` at ``nfe``, checked against the model.
 
     Args:
@@ -748,9 +848,12 @@ def load_grid(path: str, *, denoiser=None, model: str | None = None, process=Non
         process are checked); or give ``model`` and ``process``.
       solver: a :class:`~jdiff.solvers.Solver` or registry name.
       nfe: the number of model calls.
+      with_net: also return the stored network times (None when the entry has none).
 
     Returns:
-      A float32 ``jnp`` array, usable as ``jdiff.sample(solver, denoiser, x_T, grid)``.
+      A float32 ``jnp`` array, usable as ``jdiff.sample(solver, denoiser, x_T, grid)``;
+      with ``with_net``, ``(grid, net_grid)``: a ``net_grid`` is used through
+      ``jdiff.wrappers.network_time(denoiser, grid, net_grid)``.
 
     Raises:
       ValueError: the file was made for another model or process, or holds no grid for
@@ -771,7 +874,11 @@ def load_grid(path: str, *, denoiser=None, model: str | None = None, process=Non
     name = (S.get(solver) if isinstance(solver, str) else solver).name
     for e in data["grids"]:
         if e["solver"] == name and int(e["nfe"]) == int(nfe):
-            return jnp.asarray(e["grid"], jnp.float32)
+            grid = jnp.asarray(e["grid"], jnp.float32)
+            if not with_net:
+                return grid
+            net = e.get("net_grid")
+            return grid, None if net is None else jnp.asarray(net, jnp.float32)
     have = ", ".join(f"{e['solver']}@{e['nfe']}" for e in data["grids"])
     raise ValueError(f"{path} has no grid for {name} at nfe {nfe}; it has: {have}")
 
@@ -819,8 +926,9 @@ def tune(
       options: passed to the method (:func:`ld3`, :func:`gits`, :func:`dmn`).
 
     Returns:
-      One dict per NFE: ``solver``, ``nfe``, ``method``, ``grid``, ``err`` (held-out mean
-      L2 to the teacher), ``err_baseline``, ``seconds``.
+      One dict per NFE: ``solver``, ``nfe``, ``method``, ``grid`` (and ``net_grid`` for
+      LD3 with ``decouple``), ``err`` (held-out mean L2 to the teacher), ``err_baseline``,
+      ``seconds``.
 
     Raises:
       ValueError: before any fitting, for an unknown method or solver, an NFE below the
@@ -880,11 +988,13 @@ def tune(
             nfe=int(nfe),
             method=method,
             grid=[float(v) for v in fit.grid],
-            err=grid_error(solver, denoiser, x_va, y_va, fit.grid, nfe=use_nfe, cond=c_va),
+            err=grid_error(solver, fit.denoiser(denoiser), x_va, y_va, fit.grid, nfe=use_nfe, cond=c_va),
             err_baseline=grid_error(solver, denoiser, x_va, y_va, base, nfe=use_nfe, cond=c_va),
             baseline_kind=baseline_kind,
             seconds=round(fit.seconds, 3),
         )
+        if fit.net_grid is not None:
+            row["net_grid"] = [float(v) for v in fit.net_grid]
         bar.set_postfix_str(f"nfe {nfe}: {row['err']:.3g} vs {row['err_baseline']:.3g}")
         rows.append(row)
     bar.close()

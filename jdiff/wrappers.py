@@ -10,6 +10,9 @@ returns one, acting on the ``(x0, eps)`` prediction at the boundary.
   "Alleviating Exposure Bias in Diffusion Models through Sampling with Shifted Time
   Steps", ICLR 2024): the network is evaluated at the time, within a window around the
   step's time, whose marginal variance best matches the current sample's.
+- :func:`network_time`: decoupled network times (Tong et al., "Learning to Discretize
+  Denoising Diffusion ODEs", ICLR 2025, the released code's second set of learned
+  times): at the solver's grid time ``t_i`` the network is evaluated at ``s_i``.
 - :func:`guidance`: classifier-free guidance ``p_u + w (p_c - p_u)`` (Ho & Salimans,
   "Classifier-Free Diffusion Guidance", 2021), with both passes in one batched call, and
   its variants (CFG rescale, guidance interval, APG), :func:`autoguidance`,
@@ -33,12 +36,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdiff._param import Prediction, broadcast_to_x
 from jdiff.guidance import APG, InnerWrapper, autoguidance, classifier_guidance, guidance, schedule
 
 __all__ = [
     "time_shift",
+    "network_time",
     "static_threshold",
     "dynamic_threshold",
     "guidance",
@@ -168,3 +173,76 @@ def time_shift(denoiser, data_var: float, *, window: float, candidates: int = 21
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     cut = float(denoiser.process.t_min if cutoff is None else cutoff)
     return _TimeShift(denoiser, float(data_var), float(window), int(candidates), cut)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _NetworkTime(InnerWrapper):
+    inner: Any
+    grid: Any
+    net_grid: Any
+    keep: str
+
+    def network_time(self, t):
+        """The network time for solver time ``t``: piecewise linear in t through the
+        points ``(grid[i], net_grid[i])``, ``t`` itself outside the grid's span."""
+        t = jnp.asarray(t)
+        g = jnp.asarray(self.grid).astype(t.dtype)[::-1]
+        n = jnp.asarray(self.net_grid).astype(t.dtype)[::-1]
+        inside = (t >= g[0]) & (t <= g[-1])
+        return jnp.where(inside, jnp.interp(t, g, n), t)
+
+    def __call__(self, x, t, cond=None) -> Prediction:
+        p = self.inner(x, self.network_time(t), cond)
+        a = broadcast_to_x(self.process.alpha(jnp.asarray(t, x.dtype)), x)
+        s = broadcast_to_x(self.process.sigma(jnp.asarray(t, x.dtype)), x)
+        if self.keep == "eps":  # the network's eps, x0 from x = alpha x0 + sigma eps at t
+            x0 = jnp.where(a > 0, (x - s * p.eps) / jnp.where(a > 0, a, 1.0), p.x0)
+            return Prediction(x0.astype(p.x0.dtype), p.eps)
+        eps = jnp.where(s > 0, (x - a * p.x0) / jnp.where(s > 0, s, 1.0), p.eps)
+        return Prediction(p.x0, eps.astype(p.eps.dtype))
+
+
+jax.tree_util.register_dataclass(_NetworkTime, data_fields=["inner", "grid", "net_grid"], meta_fields=["keep"])
+
+
+def network_time(denoiser, grid, net_grid, *, keep: str = "x0"):
+    """Evaluate the network at its own times: when a solver asks for the prediction at
+    its grid time ``grid[i]``, the network runs at ``net_grid[i]`` (linear in t in
+    between; unchanged outside the grid's span). The kept prediction (``keep``: the
+    network's ``"eps"`` or ``"x0"``) is used as the prediction at the solver's time, the
+    other follows from ``x = alpha(t) x0 + sigma(t) eps``.
+
+    This is the second set of learned times of LD3 (Tong et al., "Learning to Discretize
+    Denoising Diffusion ODEs", ICLR 2025; in its released code the model is fed times
+    decoupled from the solver's, each within a window around its grid point): it lets
+    the network's time absorb part of the solver's truncation error. Fitted by
+    :func:`jdiff.tune.ld3` with ``decouple > 0``. With ``net_grid == grid`` it is the
+    denoiser itself (up to the x0/eps round trip).
+
+    Args:
+      denoiser: the denoiser to wrap.
+      grid: ``(N + 1,)`` the solver's decreasing time grid.
+      net_grid: ``(N + 1,)`` the network time for each grid point (arrays: they may be
+        traced, e.g. while fitting).
+      keep: ``"eps"`` (for noise-prediction solvers such as iPNDM) or ``"x0"``.
+
+    Returns:
+      A denoiser (a value, like the other wrappers).
+
+    Raises:
+      ValueError: mismatched or non-1-D shapes, an unknown ``keep``, non-finite or
+        out-of-range concrete network times.
+    """
+    if keep not in ("eps", "x0"):
+        raise ValueError(f"keep must be 'eps' or 'x0', got {keep!r}")
+    if jnp.ndim(grid) != 1 or jnp.shape(grid) != jnp.shape(net_grid) or jnp.shape(grid)[0] < 2:
+        raise ValueError(
+            f"grid and net_grid must be 1-D of the same length >= 2, got {jnp.shape(grid)} and {jnp.shape(net_grid)}"
+        )
+    if not isinstance(net_grid, jax.core.Tracer):
+        n = np.asarray(net_grid, np.float64)
+        p = denoiser.process
+        lo, hi = min(float(p.t_min), float(getattr(p, "t_data", p.t_min))), float(p.t_max)
+        if not np.all(np.isfinite(n)) or n.min() < lo - 1e-6 or n.max() > hi + 1e-6:
+            raise ValueError(f"net_grid must be finite times in [{lo}, {hi}], got {n.tolist()}")
+    return _NetworkTime(denoiser, grid, net_grid, keep)

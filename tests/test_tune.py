@@ -185,6 +185,79 @@ def test_tune_writes_a_file_sample_can_use(bed, tmp_path):
     np.testing.assert_array_equal(np.asarray(g), np.float32(rows[0]["grid"]))
 
 
+def test_network_time_wrapper(bed):
+    from jdiff.wrappers import network_time
+
+    den, proc, x = bed["den"], bed["proc"], bed["x_va"][:8]
+    grid = jnp.asarray(jdiff.time_grid(proc, 4, kind="quadratic"))
+    net = grid.at[2].set(0.5 * (grid[1] + grid[2]))
+    mid, t_out = 0.5 * (grid[2] + grid[3]), jnp.float32(0.0005)
+
+    @jax.jit  # one program for all the evaluations below (eager calls compile op by op)
+    def evals(x):
+        same = network_time(den, grid, grid)
+        wx, we = network_time(den, grid, net, keep="x0"), network_time(den, grid, net, keep="eps")
+        return dict(
+            same=[same(x, t).x0 for t in (mid, t_out)],  # between knots, outside the grid
+            den=[den(x, t).x0 for t in (mid, t_out)],
+            wx=wx(x, grid[2]),
+            we=we(x, grid[2]),
+            at_net=den(x, net[2]),  # at the grid point: the network at its own time
+            w_mid=we(x, mid).eps,  # linear in t between knots
+            den_mid=den(x, 0.5 * (net[2] + net[3])).eps,
+        )
+
+    r = evals(x)
+    for a, b in zip(r["same"], r["den"]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=64 * EPS32)  # the x0/eps round trip in float32
+    # the kept prediction is the network's at its own time (one program: XLA may fuse the
+    # two evaluations differently, so equal up to a couple of float32 roundings)
+    np.testing.assert_allclose(r["wx"].x0, r["at_net"].x0, rtol=4 * EPS32, atol=4 * EPS32)
+    np.testing.assert_allclose(r["we"].eps, r["at_net"].eps, rtol=4 * EPS32, atol=4 * EPS32)
+    a, s = proc.alpha(grid[2]), proc.sigma(grid[2])  # the other follows at the solver's time
+    for p in (r["wx"], r["we"]):
+        np.testing.assert_allclose(a * p.x0 + s * p.eps, x, rtol=0, atol=64 * EPS32)
+    np.testing.assert_allclose(r["w_mid"], r["den_mid"], rtol=4 * EPS32, atol=4 * EPS32)  # interp vs midpoint
+    with pytest.raises(ValueError, match="keep must be"):
+        network_time(den, grid, grid, keep="v")
+    with pytest.raises(ValueError, match="same length"):
+        network_time(den, grid, grid[:-1])
+    with pytest.raises(ValueError, match=r"net_grid must be finite times in \[.*2\.0"):
+        network_time(den, grid, grid.at[1].set(2.0))
+
+
+def test_ld3_decoupled_network_times(bed, tmp_path):
+    solver, nfe, proc = S.ddim(), 3, bed["proc"]
+    kw = dict(iters=30, learning_rate=0.1, seed=7)
+    fit = T.ld3(solver, bed["den"], bed["x_tr"], bed["y_tr"], nfe, decouple=0.5, **kw)
+    # zero offsets at the start: the first loss is the initial (logSNR) grid's own error
+    g0 = jdiff.time_grid(proc, nfe, kind="logsnr")
+    x0 = jdiff.sample(solver, bed["den"], bed["x_tr"], g0)
+    loss0 = float(jnp.mean(jnp.sum((x0 - bed["y_tr"]) ** 2, -1)))
+    np.testing.assert_allclose(fit.history[0], loss0, rtol=256 * EPS32)  # float32 grid round trip, 3 steps
+    assert min(fit.history) < 0.9 * loss0
+    g, n = fit.grid, fit.net_grid
+    assert np.all(np.diff(g) < 0) and n[0] == g[0] and n[-1] == g[-1]
+    # each interior network time within half its smaller neighbouring log-SNR interval
+    lam = lambda v: np.asarray(proc.lambda_(jnp.asarray(v, jnp.float32)), np.float64)  # noqa: E731
+    lg, ln = lam(g), lam(n)
+    half = 0.5 * np.minimum(np.diff(lg)[:-1], np.diff(lg)[1:])
+    assert np.all(np.abs(ln[1:-1] - lg[1:-1]) <= half * (1 + 1e-4)) and np.any(n[1:-1] != g[1:-1])
+    e0 = T.grid_error(solver, bed["den"], bed["x_va"], bed["y_va"], g0)
+    e1 = T.grid_error(solver, fit.denoiser(bed["den"]), bed["x_va"], bed["y_va"], g)
+    assert e1 < 0.8 * e0, (e0, e1)
+    # the network times travel with the grid file
+    path = str(tmp_path / "g.json")
+    model = T.model_fingerprint(bed["den"])
+    T.save_grids(path, [dict(solver="ddim", nfe=nfe, grid=g, net_grid=n)], model=model, process=proc)
+    g2, n2 = T.load_grid(path, denoiser=bed["den"], solver="ddim", nfe=nfe, with_net=True)
+    np.testing.assert_array_equal(np.asarray(n2), np.float32(n))
+    with pytest.raises(ValueError, match="decouple must be in"):
+        T.ld3(solver, bed["den"], bed["x_tr"], bed["y_tr"], nfe, decouple=0.7)
+    with pytest.raises(ValueError, match="net_grid for ddim nfe 3 must be"):
+        T.save_grids(path, [dict(solver="ddim", nfe=nfe, grid=g, net_grid=n[:-1])], model=model, process=proc)
+
+
 def test_dmn_objective(bed, x64):
     # last in the module: the x64 fixture stays on for the tests after it
     proc = bed["proc"]
