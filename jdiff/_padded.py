@@ -50,37 +50,43 @@ def _pad_grid(grid, points: int):
     return jnp.concatenate([grid, jnp.broadcast_to(grid[-1:], (points - n,))])
 
 
-def _tables_impl(solver, process, grid, num_steps, nfe, *, with_nfe, dtype):
+def _dummy(solver, x):
+    """The state the tables are built for: one element, or one sample of ``x``'s shape for
+    solvers whose tables are per dimension (``Solver.shaped_tables``)."""
+    return (1, *x.shape[1:]) if solver.shaped_tables else (1, 1)
+
+
+def _tables_impl(solver, process, grid, num_steps, nfe, *, with_nfe, dtype, shape):
     # The coefficient tables depend on the grid and the process only: compute them for a
     # one-element dummy state, so the program is shared by every sample shape (and by
     # sweeps of different models on the same process). ``grid`` is padded to the bound
     # and ``num_steps`` (its true length) and ``nfe`` are traced: one program per bound.
     key = jax.random.key(0) if solver.stochastic else None
     with padded_length(num_steps):
-        state = solver.init(jnp.zeros((1, 1), dtype), grid, process, key=key, nfe=nfe if with_nfe else None)
+        state = solver.init(jnp.zeros(shape, dtype), grid, process, key=key, nfe=nfe if with_nfe else None)
     return state.aux, state.grid, state.hist
 
 
 # tiny programs: XLA's optimization passes would cost more than they save
 _tables = jax.jit(
     _tables_impl,
-    static_argnames=("solver", "with_nfe", "dtype"),
+    static_argnames=("solver", "with_nfe", "dtype", "shape"),
     compiler_options={"xla_backend_optimization_level": 0},
 )
 
 
-def _tables_per_length_impl(solver, process, grid, *, nfe, max_steps, dtype):
+def _tables_per_length_impl(solver, process, grid, *, nfe, max_steps, dtype, shape):
     # solvers whose init needs the unpadded grid (no padded_tables): the tables of the
     # actual grid, padded to max_steps rows afterwards (one program per length)
     key = jax.random.key(0) if solver.stochastic else None
-    state = solver.init(jnp.zeros((1, 1), dtype), grid, process, key=key, nfe=nfe)
+    state = solver.init(jnp.zeros(shape, dtype), grid, process, key=key, nfe=nfe)
     aux = jax.tree.map(lambda a: _pad_rows(a, max_steps), state.aux)
     return aux, _pad_rows(state.grid, max_steps + 1), state.hist
 
 
 _tables_per_length = jax.jit(
     _tables_per_length_impl,
-    static_argnames=("solver", "nfe", "max_steps", "dtype"),
+    static_argnames=("solver", "nfe", "max_steps", "dtype", "shape"),
     compiler_options={"xla_backend_optimization_level": 0},
 )
 
@@ -91,11 +97,14 @@ def _init(solver, process, x, grid, key, *, nfe, max_steps):
         num_steps = np.int32(grid.shape[0] - 1)
         nfe_arg = np.int32(0 if nfe is None else nfe)
         padded = _pad_grid(grid, max_steps + 1)
+        with_nfe, shape = nfe is not None, _dummy(solver, x)
         aux, padded, hist = _tables(
-            solver, process, padded, num_steps, nfe_arg, with_nfe=nfe is not None, dtype=x.dtype
+            solver, process, padded, num_steps, nfe_arg, with_nfe=with_nfe, dtype=x.dtype, shape=shape
         )
     else:
-        aux, padded, hist = _tables_per_length(solver, process, grid, nfe=nfe, max_steps=max_steps, dtype=x.dtype)
+        aux, padded, hist = _tables_per_length(
+            solver, process, grid, nfe=nfe, max_steps=max_steps, dtype=x.dtype, shape=_dummy(solver, x)
+        )
     # every solver's init is empty_state(x, grid, hist_size, key) plus its tables
     state = empty_state(x, padded, hist_size=hist.shape[0], key=key if solver.stochastic else None)
     return state._replace(aux=aux)

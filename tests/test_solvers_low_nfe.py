@@ -133,9 +133,12 @@ def test_dpm_solver_v3_degenerate_statistics_are_dpm_solver_pp(problem):
     # mode="data", coef="exact", corrector="exact"): 1.4e-14 apart when checked; left out of
     # the suite for its test-time budget, the corrector's accuracy is checked below.)
     v3, ref = S.dpm_solver_v3(st, 3, corrector=False), S.dpm_solver_pp(3, solver_type="heun")
-    np.testing.assert_allclose(
-        jdiff.sample(v3, den, x_T, grid), jdiff.sample(ref, den, x_T, grid), rtol=0, atol=1e-12, err_msg=v3.name
-    )
+    got = jdiff.sample(v3, den, x_T, grid)
+    np.testing.assert_allclose(got, jdiff.sample(ref, den, x_T, grid), rtol=0, atol=1e-12, err_msg=v3.name)
+    # sample_padded builds v3's per-dimension tables for the sample shape: the same
+    # program's steps on the same tables (same float64 operations up to the padding)
+    padded = jdiff.sample_padded(v3, den, x_T, grid, max_steps=10)
+    np.testing.assert_allclose(padded, got, rtol=0, atol=1e-12)
 
 
 def test_dpm_solver_v3_derivative_estimates(x64):

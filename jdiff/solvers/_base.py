@@ -108,11 +108,15 @@ class Solver:
         :func:`steps_of`, never ``grid.shape[0] - 1``, and row ``i`` depends only on
         grid points ``0..i + 1``). :func:`jdiff.sample_padded` then compiles the tables
         once for every grid length; solvers without it get one tables program per length.
+      shaped_tables: whether the tables depend on the shape of one sample (per-dimension
+        coefficients, e.g. DPM-Solver-v3's statistics): :func:`jdiff.sample_padded` then
+        builds them for a dummy state of that shape instead of a shape-free one.
     """
 
     stochastic = False
     min_steps = 1
     padded_tables = False
+    shaped_tables = False
 
     def init(self, x_T, grid, process, *, key=None, nfe=None) -> State:
         raise NotImplementedError

@@ -465,6 +465,7 @@ class DPMSolverV3(Solver):
     corrector: bool = True
     corrector_pseudo: bool = False
     lower_order_final: bool = True
+    shaped_tables = True  # per-dimension coefficients (jdiff.sample_padded builds them per sample shape)
 
     def __post_init__(self):
         if not isinstance(self.stats, ModelStatistics):
