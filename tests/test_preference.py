@@ -191,39 +191,47 @@ def test_transition_log_prob_is_the_gaussian_density():
     c^2) eps, c^2) computed here in float64 from the testbed's exact x0 and eps; for both
     DDPM and SDE-DPM-Solver++(2M) it equals the density of the very noise the sampler drew."""
     mix = jdiff.testbed.GaussianMixture(np.ones(2), np.array([[-1.0, 0.5], [1.0, -0.5]]), np.full((2, 2), 0.3))
+    solvers = (S.ddpm(), S.sde_dpm_solver_pp(2))
     with jax.enable_x64(True):
         proc = jdiff.vp_cosine()
         den = mix.denoiser(proc)
         x_T = jdiff.prior_sample(proc, jax.random.key(0), (3, 2), dtype=jnp.float64)
         grid = jdiff.time_grid(proc, 4)
         key = jax.random.key(1)
-        predict = jax.jit(lambda x, t: tuple(den(x, t)))
-        for solver in (S.ddpm(), S.sde_dpm_solver_pp(2)):
-            _, info = jdiff.sample(solver, den, x_T, grid, key=key, return_info=True, trajectory=True)
-            lp = np.asarray(P.trajectory_log_probs(solver, den, info.xs, info.grid))
-            assert lp.shape == (4, 3)
-            xs, g = np.asarray(info.xs), np.asarray(info.grid)
-            la, ls = np.asarray(proc.log_alpha(info.grid)), np.asarray(proc.log_sigma(info.grid))
+
+        @jax.jit
+        def run():  # one program: both samplers, their replayed scores, the exact (x0, eps)
+            out = []
+            for solver in solvers:
+                _, info = jdiff.sample(solver, den, x_T, grid, key=key, return_info=True, trajectory=True)
+                lp = P.trajectory_log_probs(solver, den, info.xs, info.grid)
+                x0, eps = jax.vmap(lambda x, t: tuple(den(x, t)))(info.xs[:-1], info.grid[:-1])
+                out.append((info.xs, info.grid, lp, x0, eps, proc.log_alpha(info.grid), proc.log_sigma(info.grid)))
+            z = jnp.stack([normal_per_sample(key, (3, 2), jnp.float64, step=i) for i in range(4)])
+            return out, z
+
+        out, z = jax.tree.map(np.asarray, run())
+        for solver, (xs, g, lp, x0, eps, la, ls) in zip(solvers, out, strict=True):
+            assert lp.shape == (4, 3) and np.array_equal(g, np.asarray(grid))
             for i in range(4):
                 h = (la[i + 1] - ls[i + 1]) - (la[i] - ls[i])
                 std = math.exp(ls[i + 1]) * math.sqrt(-math.expm1(-2 * h))
-                z = np.asarray(normal_per_sample(key, (3, 2), jnp.float64, step=i))
-                want_z = -0.5 * np.sum(z**2, 1) - 2 * math.log(std) - math.log(2 * math.pi)
+                want_z = -0.5 * np.sum(z[i] ** 2, 1) - 2 * math.log(std) - math.log(2 * math.pi)
                 # float64 throughout: a few hundred eps64 on O(10) values
                 np.testing.assert_allclose(lp[i], want_z, rtol=0, atol=1e4 * EPS64)
                 if solver == S.ddpm():
-                    x0, eps = map(np.asarray, predict(jnp.asarray(xs[i]), g[i]))
-                    mean = math.exp(la[i + 1]) * x0 + math.sqrt(math.exp(2 * ls[i + 1]) - std**2) * eps
+                    mean = math.exp(la[i + 1]) * x0[i] + math.sqrt(math.exp(2 * ls[i + 1]) - std**2) * eps[i]
                     want = (
                         -0.5 * np.sum((xs[i + 1] - mean) ** 2, 1) / std**2 - 2 * math.log(std) - math.log(2 * math.pi)
                     )
                     np.testing.assert_allclose(lp[i], want, rtol=0, atol=1e4 * EPS64)
+    xs, g = out[0][0], out[0][1]
     with pytest.raises(ValueError, match="deterministic"):
-        P.trajectory_log_probs(S.ddim(), den, info.xs, info.grid)
+        P.trajectory_log_probs(S.ddim(), den, xs, g)
     with pytest.raises(TypeError, match="Gaussian transition"):
-        P.trajectory_log_probs(S.euler_maruyama(), den, info.xs, info.grid)
+        P.trajectory_log_probs(S.euler_maruyama(), den, xs, g)
     with pytest.raises(ValueError, match="grid of N"):
-        P.trajectory_log_probs(S.ddpm(), den, info.xs[1:], info.grid)
+        P.trajectory_log_probs(S.ddpm(), den, xs[1:], g)
 
 
 def test_importance_ratios_exactly_one():
