@@ -265,21 +265,25 @@ def test_importance_ratios_exactly_one():
         # differently (up to ~1e-4 here, the size of DDPO's default clip of 1e-4)
         g_ddpo = jax.grad(lambda p: P.ddpo_loss(lps(p), lp_ref, adv, clip=0.01)[0])(params)
         g_pg = jax.grad(lambda p: -jnp.mean(adv * lps(p)))(params)
+        # on-policy (old_logp=None): the ratio is 1 by construction, inside the gradient too
+        g_on, m_on = jax.grad(lambda p: P.ddpo_loss(lps(p), None, adv, clip=1e-4), has_aux=True)(params)
         d3 = P.d3po_loss(lp[:, :2], lp[:, 2:], lp_ref[:, :2], lp_ref[:, 2:])
-        return lp, lp_ref, g_ddpo, g_pg, d3, P.ddpo_loss(lp, lp_ref, adv)[1]
+        return lp, lp_ref, g_ddpo, g_pg, d3, P.ddpo_loss(lp, lp_ref, adv)[1], g_on, m_on
 
-    lp, lp_ref, g_ddpo, g_pg, (d3, m3), mdd = run(params, ref)
+    lp, lp_ref, g_ddpo, g_pg, (d3, m3), mdd, g_on, m_on = run(params, ref)
+    assert float(m_on["ratio"]) == 1.0 and float(m_on["clip_frac"]) == 0.0 and float(m_on["approx_kl"]) == 0.0
     assert np.all(np.asarray(lp) == np.asarray(lp_ref)) and np.all(np.isfinite(np.asarray(lp)))
     assert float(m3["ratio_win"]) == 1.0 and float(m3["ratio_lose"]) == 1.0
     assert float(mdd["ratio"]) == 1.0 and float(mdd["clip_frac"]) == 0.0
     np.testing.assert_allclose(float(d3), math.log(2), rtol=4 * EPS32)
-    for a, b in zip(jax.tree.leaves(g_ddpo), jax.tree.leaves(g_pg), strict=True):
+    for a, c, b in zip(jax.tree.leaves(g_ddpo), jax.tree.leaves(g_on), jax.tree.leaves(g_pg), strict=True):
         # at ratio 1 the surrogate's gradient is -A grad log p; the two sum the same 12
         # per-transition terms in another order, terms up to ~30x the result (1/std of the
         # last step; advantages cancel within a class): 12 * 30 eps32 ~ 4e-5, so 1000
         # eps32 relative to the largest entry
         b = np.asarray(b)
         np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1000 * EPS32 * np.max(np.abs(b)))
+        np.testing.assert_allclose(np.asarray(c), b, rtol=0, atol=1000 * EPS32 * np.max(np.abs(b)))
 
 
 # -------------------------------------------------------------- preference data
