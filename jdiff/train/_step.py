@@ -425,8 +425,14 @@ def make_train_step(
             check_batch_divisible(B // accum_steps, n_data, f"micro-batch (batch {B} / accum_steps {accum_steps})")
         if key is None:
             key = state_key(state)
-        frozen = state.frozen
-        new, metrics = jitted(state._replace(frozen=None), frozen, batch, key)
+        frozen, rest = state.frozen, state._replace(frozen=None)
+        if donate and frozen is not None:
+            # an array that is both trained (donated) and frozen (e.g. the reference given
+            # as the very arrays of the starting parameters) gets its own frozen copy, once
+            mine = {id(x) for x in jax.tree.leaves(rest)}
+            if any(id(x) in mine for x in jax.tree.leaves(frozen)):
+                frozen = replicate(jax.tree.map(jnp.copy, frozen), mesh)
+        new, metrics = jitted(rest, frozen, batch, key)
         return new._replace(frozen=frozen), metrics
 
     step.jitted = jitted
