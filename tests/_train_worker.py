@@ -249,6 +249,41 @@ def mode_run(a):
     return 0
 
 
+def _buffer_ptrs(tree):
+    """The device buffer address of every shard of every leaf."""
+    import jax
+
+    return [[sh.data.unsafe_buffer_pointer() for sh in x.addressable_shards] for x in jax.tree.leaves(tree)]
+
+
+def _check_no_reference_copy(step, state, batch, mesh):
+    """The compiled step takes the frozen reference as a read-only argument and returns no
+    copy of it: its outputs are exactly the trainable state and the metrics (per device,
+    XLA's memory analysis of the program)."""
+    import jax
+    import numpy as np
+
+    def nbytes(tree):
+        return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+    rest = state._replace(frozen=None)
+    key = jax.random.key_data(jax.random.key(0))
+    lowered = step.jitted.lower(rest, state.frozen, batch, key)
+    out_rest, out_metrics = lowered.out_info
+    assert out_rest.frozen is None
+    mem = lowered.compile().memory_analysis()
+    ref = nbytes(state.frozen)
+    n_out = len(jax.tree.leaves((out_rest, out_metrics)))
+    expect = nbytes(out_rest) + nbytes(out_metrics)
+    # every output is a replicated array (one full copy per device): one device's outputs
+    # are the trainable state and the metrics plus XLA's output tuple (an 8-byte pointer
+    # per output); a copy of the reference would add its ``ref`` bytes (> that table)
+    table = 8 * n_out
+    assert table < ref
+    assert expect <= mem.output_size_in_bytes <= expect + table, (mem.output_size_in_bytes, expect, table, ref)
+    assert mem.argument_size_in_bytes >= nbytes(rest) + ref
+
+
 def mode_dp(a):
     import jax
     import numpy as np
@@ -270,6 +305,8 @@ def mode_dp(a):
             step = T.make_train_step(loss, opt, mesh=mesh, accum_steps=2 if frozen else accum, ema_decay=0.9)
             state = T.replicate(T.init_train_state(init_params(a.seed), opt, a.seed, frozen=frozen), mesh)
             data = pair_batch if accum == "dpo" else global_batch
+            ref_arrays = jax.tree.leaves(state.frozen)
+            ref_ptrs = _buffer_ptrs(state.frozen)
             for s in range(3):
                 batch = T.shard_batch(data(s, a.batch, a.seed), mesh)
                 if name == "n" and s == 0:
@@ -283,7 +320,14 @@ def mode_dp(a):
                         state, metrics = step(state, batch)
                 else:
                     state, metrics = step(state, batch)
+                if frozen:
+                    # held once: the step hands back the very arrays it was given, in the
+                    # same device buffers (per shard), not a copy made by the program
+                    assert all(x is y for x, y in zip(jax.tree.leaves(state.frozen), ref_arrays, strict=True))
+                    assert _buffer_ptrs(state.frozen) == ref_ptrs
             assert state.params["w1"].sharding.is_fully_replicated
+            if accum == "dpo":
+                _check_no_reference_copy(step, state, batch, mesh)
             if accum == "dpo":
                 assert 0.0 <= float(metrics["implicit_acc"]) <= 1.0
                 # one copy of the reference per device

@@ -191,39 +191,47 @@ def test_transition_log_prob_is_the_gaussian_density():
     c^2) eps, c^2) computed here in float64 from the testbed's exact x0 and eps; for both
     DDPM and SDE-DPM-Solver++(2M) it equals the density of the very noise the sampler drew."""
     mix = jdiff.testbed.GaussianMixture(np.ones(2), np.array([[-1.0, 0.5], [1.0, -0.5]]), np.full((2, 2), 0.3))
+    solvers = (S.ddpm(), S.sde_dpm_solver_pp(2))
     with jax.enable_x64(True):
         proc = jdiff.vp_cosine()
         den = mix.denoiser(proc)
         x_T = jdiff.prior_sample(proc, jax.random.key(0), (3, 2), dtype=jnp.float64)
         grid = jdiff.time_grid(proc, 4)
         key = jax.random.key(1)
-        predict = jax.jit(lambda x, t: tuple(den(x, t)))
-        for solver in (S.ddpm(), S.sde_dpm_solver_pp(2)):
-            _, info = jdiff.sample(solver, den, x_T, grid, key=key, return_info=True, trajectory=True)
-            lp = np.asarray(P.trajectory_log_probs(solver, den, info.xs, info.grid))
-            assert lp.shape == (4, 3)
-            xs, g = np.asarray(info.xs), np.asarray(info.grid)
-            la, ls = np.asarray(proc.log_alpha(info.grid)), np.asarray(proc.log_sigma(info.grid))
+
+        @jax.jit
+        def run():  # one program: both samplers, their replayed scores, the exact (x0, eps)
+            out = []
+            for solver in solvers:
+                _, info = jdiff.sample(solver, den, x_T, grid, key=key, return_info=True, trajectory=True)
+                lp = P.trajectory_log_probs(solver, den, info.xs, info.grid)
+                x0, eps = jax.vmap(lambda x, t: tuple(den(x, t)))(info.xs[:-1], info.grid[:-1])
+                out.append((info.xs, info.grid, lp, x0, eps, proc.log_alpha(info.grid), proc.log_sigma(info.grid)))
+            z = jnp.stack([normal_per_sample(key, (3, 2), jnp.float64, step=i) for i in range(4)])
+            return out, z
+
+        out, z = jax.tree.map(np.asarray, run())
+        for solver, (xs, g, lp, x0, eps, la, ls) in zip(solvers, out, strict=True):
+            assert lp.shape == (4, 3) and np.array_equal(g, np.asarray(grid))
             for i in range(4):
                 h = (la[i + 1] - ls[i + 1]) - (la[i] - ls[i])
                 std = math.exp(ls[i + 1]) * math.sqrt(-math.expm1(-2 * h))
-                z = np.asarray(normal_per_sample(key, (3, 2), jnp.float64, step=i))
-                want_z = -0.5 * np.sum(z**2, 1) - 2 * math.log(std) - math.log(2 * math.pi)
+                want_z = -0.5 * np.sum(z[i] ** 2, 1) - 2 * math.log(std) - math.log(2 * math.pi)
                 # float64 throughout: a few hundred eps64 on O(10) values
                 np.testing.assert_allclose(lp[i], want_z, rtol=0, atol=1e4 * EPS64)
                 if solver == S.ddpm():
-                    x0, eps = map(np.asarray, predict(jnp.asarray(xs[i]), g[i]))
-                    mean = math.exp(la[i + 1]) * x0 + math.sqrt(math.exp(2 * ls[i + 1]) - std**2) * eps
+                    mean = math.exp(la[i + 1]) * x0[i] + math.sqrt(math.exp(2 * ls[i + 1]) - std**2) * eps[i]
                     want = (
                         -0.5 * np.sum((xs[i + 1] - mean) ** 2, 1) / std**2 - 2 * math.log(std) - math.log(2 * math.pi)
                     )
                     np.testing.assert_allclose(lp[i], want, rtol=0, atol=1e4 * EPS64)
+    xs, g = out[0][0], out[0][1]
     with pytest.raises(ValueError, match="deterministic"):
-        P.trajectory_log_probs(S.ddim(), den, info.xs, info.grid)
+        P.trajectory_log_probs(S.ddim(), den, xs, g)
     with pytest.raises(TypeError, match="Gaussian transition"):
-        P.trajectory_log_probs(S.euler_maruyama(), den, info.xs, info.grid)
+        P.trajectory_log_probs(S.euler_maruyama(), den, xs, g)
     with pytest.raises(ValueError, match="grid of N"):
-        P.trajectory_log_probs(S.ddpm(), den, info.xs[1:], info.grid)
+        P.trajectory_log_probs(S.ddpm(), den, xs[1:], g)
 
 
 def test_importance_ratios_exactly_one():
@@ -257,21 +265,25 @@ def test_importance_ratios_exactly_one():
         # differently (up to ~1e-4 here, the size of DDPO's default clip of 1e-4)
         g_ddpo = jax.grad(lambda p: P.ddpo_loss(lps(p), lp_ref, adv, clip=0.01)[0])(params)
         g_pg = jax.grad(lambda p: -jnp.mean(adv * lps(p)))(params)
+        # on-policy (old_logp=None): the ratio is 1 by construction, inside the gradient too
+        g_on, m_on = jax.grad(lambda p: P.ddpo_loss(lps(p), None, adv, clip=1e-4), has_aux=True)(params)
         d3 = P.d3po_loss(lp[:, :2], lp[:, 2:], lp_ref[:, :2], lp_ref[:, 2:])
-        return lp, lp_ref, g_ddpo, g_pg, d3, P.ddpo_loss(lp, lp_ref, adv)[1]
+        return lp, lp_ref, g_ddpo, g_pg, d3, P.ddpo_loss(lp, lp_ref, adv)[1], g_on, m_on
 
-    lp, lp_ref, g_ddpo, g_pg, (d3, m3), mdd = run(params, ref)
+    lp, lp_ref, g_ddpo, g_pg, (d3, m3), mdd, g_on, m_on = run(params, ref)
+    assert float(m_on["ratio"]) == 1.0 and float(m_on["clip_frac"]) == 0.0 and float(m_on["approx_kl"]) == 0.0
     assert np.all(np.asarray(lp) == np.asarray(lp_ref)) and np.all(np.isfinite(np.asarray(lp)))
     assert float(m3["ratio_win"]) == 1.0 and float(m3["ratio_lose"]) == 1.0
     assert float(mdd["ratio"]) == 1.0 and float(mdd["clip_frac"]) == 0.0
     np.testing.assert_allclose(float(d3), math.log(2), rtol=4 * EPS32)
-    for a, b in zip(jax.tree.leaves(g_ddpo), jax.tree.leaves(g_pg), strict=True):
+    for a, c, b in zip(jax.tree.leaves(g_ddpo), jax.tree.leaves(g_on), jax.tree.leaves(g_pg), strict=True):
         # at ratio 1 the surrogate's gradient is -A grad log p; the two sum the same 12
         # per-transition terms in another order, terms up to ~30x the result (1/std of the
         # last step; advantages cancel within a class): 12 * 30 eps32 ~ 4e-5, so 1000
         # eps32 relative to the largest entry
         b = np.asarray(b)
         np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1000 * EPS32 * np.max(np.abs(b)))
+        np.testing.assert_allclose(np.asarray(c), b, rtol=0, atol=1000 * EPS32 * np.max(np.abs(b)))
 
 
 # -------------------------------------------------------------- preference data

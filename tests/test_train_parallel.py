@@ -27,7 +27,9 @@ def _check(proc_or_result, what):
 def test_8_fake_devices_match_1_device():
     """One train step on a global batch sharded over 8 devices gives the parameters of the
     same step on 1 device (to 1e-5), with and without accumulation and with frozen
-    parameters (replicated, unchanged, read by the loss); bad batch sizes raise."""
+    parameters (replicated, unchanged, read by the loss, and held once: the same arrays in
+    the same device buffers after every step, no copy among the compiled step's outputs);
+    bad batch sizes raise."""
     r = subprocess.run(
         [sys.executable, WORKER, "dp", "--devices", "8", "--batch", "16"],
         env=_env(),

@@ -199,7 +199,9 @@ def run_pairs(st: Setup, a, method):
         loss = P.make_preference_loss(apply, st.loss_cfg, "kto", beta=2000.0)
         params, opt, steps = st.params0, _adam(2e-5), _steps(80, a)
     state = T.init_train_state(params, opt, a.seed, ema=False, frozen=st.params0)
-    step = jax.jit(lambda s, b: T.train_step(s, b, None, loss_fn=loss, optimizer=opt, ema_decay=None))
+    # the reference (frozen) is an argument of the compiled step, never copied or re-sent;
+    # no donation: mapo/kto start from the very arrays of the base parameters
+    step = T.make_train_step(loss, opt, ema_decay=None, donate=False)
     for _ in range(steps):
         state, m = step(state, next(loader))
     out = state.params
@@ -305,9 +307,27 @@ def run_spo(st: Setup, a):
     return params, {k: float(v) for k, v in m.items()}
 
 
-def run_ddpo(st: Setup, a):
-    B = 8 if a.quick else 32
-    opt = _adam(3e-5)
+# lr 1e-4 with 64 samples moved the policy too far in one step (at the second update of
+# the first round: mean ratio 1.19, approx. KL 0.27 per transition, 68% of the ratios
+# clipped), so the defaults stay those of the first version (32 samples, lr 3e-5)
+DDPO = {"samples": 32, "rounds": 12, "updates": 2, "lr": 3e-5, "clip": 1e-2, "adv_clip": 5.0}
+
+
+def run_ddpo(st: Setup, a, **over):
+    """DDPO (Black et al., ICLR 2024, Sec. 4.3): each round samples fresh DDPM
+    trajectories from the current policy, normalizes their rewards into advantages (one
+    group: every sample shares the prompt), clips them to +-``adv_clip`` and takes
+    ``updates`` Adam steps of the clipped surrogate on the whole batch.
+
+    The first step of a round is exactly on-policy: its reference log-probabilities are
+    the policy's own, computed in the same program and held constant, so every ratio is
+    exactly 1 and the step is the REINFORCE gradient ``-A grad log p``. The later steps
+    of the round compare against those first-step log-probabilities (the same compiled
+    program, so the ratio moves only with the parameters, not with float32 differences
+    between the sampler's program and the gradient's)."""
+    c = {**DDPO, **over}
+    B = 8 if a.quick else c["samples"]
+    opt = _adam(c["lr"])
     cond = st.cond(B)
     key = jax.random.key(50_000 + a.seed)
 
@@ -315,27 +335,39 @@ def run_ddpo(st: Setup, a):
         return P.trajectory_log_probs(st.sde, st.den.replace(params=params), xs, st.sde_grid, cond=cond)
 
     @jax.jit
-    def update(params, opt_state, xs, old, adv):
+    def update(params, opt_state, xs, old, adv, on_policy):
         def loss(p):
-            # steps of the last grid interval have a tiny noise scale (std ~ 1e-3): their
-            # float32 log-ratio is noise, so they are left out of the surrogate
-            return P.ddpo_loss(lps(p, xs)[:-1], old[:-1], adv, clip=0.01)
+            # the last grid interval has a tiny noise scale (std ~ 1e-3): its log-density's
+            # gradient is ~1/std larger than the other steps' and would swamp them under
+            # global-norm clipping, so it is left out of the surrogate
+            lp = lps(p, xs)[:-1]
+            ref = jnp.where(on_policy, jax.lax.stop_gradient(lp), old)  # ddpo_loss(lp, None) when on-policy
+            val, m = P.ddpo_loss(lp, ref, adv, clip=c["clip"])
+            return val, (m, jax.lax.stop_gradient(lp))
 
-        (val, m), g = jax.value_and_grad(loss, has_aux=True)(params)
+        (val, (m, lp)), g = jax.value_and_grad(loss, has_aux=True)(params)
         upd, opt_state = opt.update(g, opt_state, params)
-        return optax.apply_updates(params, upd), opt_state, m
+        return optax.apply_updates(params, upd), opt_state, m, lp
 
-    old_lps = jax.jit(lps)
     params, os_ = st.params0, opt.init(st.params0)
-    for rnd in range(_steps(12, a)):
+    rounds = _steps(c["rounds"], a)
+    rewards = []
+    for rnd in range(rounds):
         k = jax.random.fold_in(key, rnd)
         x_T = jdiff.prior_sample(st.process, k, (B, *st.shape))
         xs, r = st.trajectories(params, x_T, jax.random.fold_in(k, 1))
-        adv = P.normalize_advantages(r, cond)
-        old = old_lps(params, xs)
-        for _ in range(2):
-            params, os_, m = update(params, os_, xs, old, adv)
-    return params, {k: float(v) for k, v in m.items()}
+        rewards.append(float(jnp.mean(r)))
+        adv = jnp.clip(P.normalize_advantages(r, cond), -c["adv_clip"], c["adv_clip"])
+        old = jnp.zeros((xs.shape[0] - 2, B), jnp.float32)
+        for u in range(c["updates"]):
+            params, os_, m, lp = update(params, os_, xs, old, adv, jnp.bool_(u == 0))
+            if u == 0:
+                old = lp
+        if c.get("log"):
+            c["log"](rnd, rewards[-1], {k: float(v) for k, v in m.items()})
+    out = {k: float(v) for k, v in m.items()}
+    out["train_reward_first_round"], out["train_reward_last_round"] = rewards[0], rewards[-1]
+    return params, out
 
 
 # ------------------------------------------------------------ reward backprop

@@ -326,7 +326,10 @@ def ddpo_loss(logp, old_logp, advantages, *, clip: float = 1e-4):
 
     Args:
       logp: ``(..., B)`` log-probabilities of the transitions under the policy;
-        old_logp: the same under the sampling policy (constants); advantages: ``(B,)``.
+        old_logp: the same under the sampling policy (constants), or ``None`` for an
+        on-policy step (the policy is the sampler: ``old_logp = stop_gradient(logp)``,
+        every ratio exactly 1 and the gradient ``-mean(A grad log p)``, whatever float32
+        differences a separately computed ``old_logp`` would have); advantages: ``(B,)``.
       clip: the ratio clip, in (0, 1) (DDPO's default ``1e-4``). Note that float32
         log-probabilities of the same trajectory computed by two differently compiled
         programs (the sampler's and the gradient's) can differ by ~1e-4 on steps with a
@@ -338,6 +341,8 @@ def ddpo_loss(logp, old_logp, advantages, *, clip: float = 1e-4):
     """
     if not 0.0 < clip < 1.0:
         raise ValueError(f"clip must be in (0, 1), got {clip!r}")
+    if old_logp is None:
+        old_logp = jax.lax.stop_gradient(logp)
     if jnp.shape(logp) != jnp.shape(old_logp):
         raise ValueError(f"logp {jnp.shape(logp)} and old_logp {jnp.shape(old_logp)} differ in shape")
     adv = jnp.asarray(advantages)

@@ -378,17 +378,20 @@ def make_train_step(
     data axis.
 
     Frozen parameters travel in the state (``init_train_state(..., frozen=...)``):
-    replicated like the parameters, passed to ``loss_fn`` as ``frozen=``, returned
-    unchanged.
+    replicated like the parameters, passed to ``loss_fn`` as ``frozen=``, and held once
+    in memory: the compiled program (``step.jitted(state_without_frozen, frozen, batch,
+    key)``) takes them as a separate argument that is neither donated nor returned, and
+    ``step`` puts the very same arrays (the same device buffers) back into the new state,
+    so they are never copied, re-sent or rebuilt from step to step.
     """
     mesh = make_mesh() if mesh is None else mesh
     n_data = mesh.devices.size
     rep = replicated_sharding(mesh)
     dat = data_sharding(mesh)
 
-    def fn(state, batch, key):
-        return train_step(
-            state,
+    def fn(state, frozen, batch, key):
+        new, metrics = train_step(
+            state._replace(frozen=frozen),
             batch,
             key,
             loss_fn=loss_fn,
@@ -399,8 +402,15 @@ def make_train_step(
             schedule=schedule,
             micro_sharding=dat,
         )
+        return new._replace(frozen=None), metrics
 
-    jitted = jax.jit(fn, in_shardings=(rep, dat, rep), out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())
+    # The frozen parameters are an argument of their own, read-only: never donated and
+    # never an output, so the program neither copies them nor writes a new buffer for
+    # them, and the step hands back the very arrays it was given (one copy per device,
+    # placed once, for the whole run).
+    jitted = jax.jit(
+        fn, in_shardings=(rep, rep, dat, rep), out_shardings=(rep, rep), donate_argnums=(0,) if donate else ()
+    )
 
     def step(state: TrainState, batch, key=None):
         _batch_size(batch)
@@ -415,7 +425,15 @@ def make_train_step(
             check_batch_divisible(B // accum_steps, n_data, f"micro-batch (batch {B} / accum_steps {accum_steps})")
         if key is None:
             key = state_key(state)
-        return jitted(state, batch, key)
+        frozen, rest = state.frozen, state._replace(frozen=None)
+        if donate and frozen is not None:
+            # an array that is both trained (donated) and frozen (e.g. the reference given
+            # as the very arrays of the starting parameters) gets its own frozen copy, once
+            mine = {id(x) for x in jax.tree.leaves(rest)}
+            if any(id(x) in mine for x in jax.tree.leaves(frozen)):
+                frozen = replicate(jax.tree.map(jnp.copy, frozen), mesh)
+        new, metrics = jitted(rest, frozen, batch, key)
+        return new._replace(frozen=frozen), metrics
 
     step.jitted = jitted
     step.mesh = mesh
