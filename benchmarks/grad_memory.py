@@ -120,6 +120,7 @@ def main(argv=None):
     )
     ap.add_argument("--cases", default=None, help="comma-separated substrings of the model names to run (default: all)")
     ap.add_argument("--nfes", default=None, help="comma-separated NFEs (default: 10,20,50,100)")
+    ap.add_argument("--strategies", default=None, help="comma-separated strategy names to run (default: all four)")
     ap.add_argument(
         "--repeats", type=int, default=3, help="timed runs per cell (median); 1: one run, no warm-up (slow cells)"
     )
@@ -136,6 +137,11 @@ def main(argv=None):
             nfes = tuple(int(n) for n in args.nfes.split(","))
         except ValueError:
             ap.error(f"--nfes must be comma-separated integers, got {args.nfes!r}")
+    snames = list(strategies())
+    if args.strategies:
+        snames = [n.strip() for n in args.strategies.split(",") if n.strip()]
+        if not snames or any(n not in strategies() for n in snames):
+            ap.error(f"--strategies {args.strategies!r}: choose from {list(strategies())}")
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
     out = args.out or (
@@ -151,7 +157,8 @@ def main(argv=None):
         den, x = CASES[case](process)
         fwd_time = None
         for nfe in nfes:
-            for sname, strat in strategies().items():
+            for sname in snames:
+                strat = strategies()[sname]
 
                 def loss(x, den, strat=strat, nfe=nfe):
                     return jnp.mean(jdiff.sample(solver, den, x, nfe=nfe, gradient=strat) ** 2)
@@ -162,47 +169,63 @@ def main(argv=None):
                 compile_s = time.perf_counter() - t0
                 mem = compiled.memory_analysis()
                 temp = getattr(mem, "temp_size_in_bytes", float("nan")) / MiB
-                ms = float("nan")
+                ms = cpu = float("nan")
                 first = None
                 if fwd_time is None:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     jax.block_until_ready(compiled(x, den))
                     first = time.perf_counter() - t0
+                    first_cpu = time.process_time() - c0
                     fwd_time = first / nfe  # per step, first strategy's estimate
                 if fwd_time * nfe * 2 <= args.time_budget and temp * MiB <= RAM_FRACTION * _ram_bytes():
                     if args.repeats > 1 and first is None:
                         jax.block_until_ready(compiled(x, den))
-                    ts = [] if first is None or args.repeats > 1 else [first]
+                    ts, cs = ([], []) if first is None or args.repeats > 1 else ([first], [first_cpu])
                     for _ in range(args.repeats - len(ts)):
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.process_time()
                         jax.block_until_ready(compiled(x, den))
                         ts.append(time.perf_counter() - t0)
+                        cs.append(time.process_time() - c0)
                     ms = 1e3 * sorted(ts)[len(ts) // 2]
+                    cpu = sorted(cs)[len(cs) // 2]
                 row = dict(
                     model=case,
                     nfe=nfe,
                     strategy=sname,
                     temp_mib=round(temp, 2),
                     ms_per_grad=round(ms, 1),
+                    cpu_s_per_grad=round(cpu, 2),
                     compile_s=round(compile_s, 1),
                 )
                 rows.append(row)
                 print(
-                    f"{case:28s} nfe {nfe:4d} {sname:13s} temp {temp:9.2f} MiB  {ms:10.1f} ms/grad",
+                    f"{case:28s} nfe {nfe:4d} {sname:13s} temp {temp:9.2f} MiB  {ms:10.1f} ms/grad"
+                    f"  {cpu:8.2f} CPU s/grad",
                     flush=True,
                 )
-    header = ["model", "NFE", "strategy", "temp MiB", "ms / gradient", "compile s"]
+    header = ["model", "NFE", "strategy", "temp MiB", "ms / gradient", "CPU s / gradient", "compile s"]
     print()
     print(
         table(
-            [[r["model"], r["nfe"], r["strategy"], r["temp_mib"], r["ms_per_grad"], r["compile_s"]] for r in rows],
+            [
+                [
+                    r["model"],
+                    r["nfe"],
+                    r["strategy"],
+                    r["temp_mib"],
+                    r["ms_per_grad"],
+                    r["cpu_s_per_grad"],
+                    r["compile_s"],
+                ]
+                for r in rows
+            ],
             header,
         )
     )
     # the growth of each strategy's memory from the smallest to the largest NFE
     print()
     for case in cases:
-        for sname in strategies():
+        for sname in snames:
             m = {r["nfe"]: r["temp_mib"] for r in rows if r["model"] == case and r["strategy"] == sname}
             lo, hi = m[min(m)], m[max(m)]
             print(f"{case:28s} {sname:13s} NFE {min(m)} -> {max(m)}: x{hi / lo:.3f}")

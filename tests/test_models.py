@@ -89,6 +89,9 @@ def reduction_length(fn, *args) -> int:
             elif name == "conv_general_dilated":
                 rhs = eqn.invars[1].aval.shape
                 total += math.prod(rhs) // rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+            elif name == "jdiff_channel_last_conv":  # jdiff.models._conv: kernel (*window, I, O)
+                rhs = eqn.invars[1].aval.shape
+                total += math.prod(rhs) // rhs[-1]
             elif name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"):
                 total += math.prod(shape[a] for a in eqn.params["axes"])
             for v in eqn.params.values():

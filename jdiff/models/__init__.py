@@ -15,9 +15,14 @@ Every model is called as ``model(x, t, cond=None, *, rngs=None)``:
 The output has ``x``'s shape and dtype. For samplers and training use the pure view
 :func:`functional` (``apply(params, x, t, cond=None, key=None)``) and
 :func:`to_denoiser`.
+
+:func:`conv_general_dilated` is ``lax.conv_general_dilated`` with gradients that stay on
+XLA's fast CPU kernels inside ``lax.scan`` (the U-Net's convolutions use it; pass it as
+``conv_general_dilated=`` to ``nnx.Conv`` in a model of your own).
 """
 
 from jdiff.models._common import SelfAttention, attention
+from jdiff.models._conv import conv_general_dilated
 from jdiff.models._dit import (
     DiT,
     DiTConfig,
@@ -70,6 +75,7 @@ __all__ = [
     "drop_labels",
     "SelfAttention",
     "attention",
+    "conv_general_dilated",
     "Apply",
     "functional",
     "to_denoiser",

@@ -48,6 +48,7 @@ from jdiff.models._common import (
     xavier_uniform,
     zeros_init,
 )
+from jdiff.models._conv import conv_general_dilated
 from jdiff.models._embed import ClassEmbedding, TimeEmbedding, conditioning
 
 __all__ = ["UNetConfig", "UNet", "ddpmpp_cifar10", "ddpmpp_cifar10_song", "unet_digits"]
@@ -254,6 +255,7 @@ def _conv(cin, cout, k, cfg, rngs, *, zero=False, stride=1):
         kernel_init=zeros_init if zero else xavier_uniform,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
+        conv_general_dilated=conv_general_dilated,  # fast gradients inside lax.scan on CPU (_conv.py)
         rngs=rngs,
     )
 
