@@ -30,9 +30,16 @@ under ``{out}/cache/``):
 - ``reference``: the same noises and labels solved with many steps (``--reference
   dpm++2m@10 dpm++3m@20``), the model's own FD-digits that few-step samplers approach.
 - ``report``: table (markdown), CSV and plot under ``experiments/results/low_nfe_digits/``.
+- ``odeerr`` (not in ``all``): the testbeds' measure on this model, the mean L2 per sample
+  to the model's own accurate ODE solution (40 DPM-Solver++(3M) steps) from the first
+  chunk's noises, for fixed configurations (``--ode-solvers``, ``all`` for the registry),
+  the stored tuned grids and LD3 with decoupled network times (``--ode-ld3``); with
+  ``--ode-fd``, each side's best is also scored by FD-digits on ``--final`` samples.
+  Table: ``odeerr.md``.
 
     python experiments/low_nfe_digits.py                  # all stages, NFE 5
     python experiments/low_nfe_digits.py --stage screen --nfes 3 4 5 6 8 10
+    python experiments/low_nfe_digits.py --stage odeerr --ode-solvers all ipndm3+afs --ld3-iters 150 --ode-fd
 """
 
 from __future__ import annotations
