@@ -30,9 +30,16 @@ under ``{out}/cache/``):
 - ``reference``: the same noises and labels solved with many steps (``--reference
   dpm++2m@10 dpm++3m@20``), the model's own FD-digits that few-step samplers approach.
 - ``report``: table (markdown), CSV and plot under ``experiments/results/low_nfe_digits/``.
+- ``odeerr`` (not in ``all``): the testbeds' measure on this model, the mean L2 per sample
+  to the model's own accurate ODE solution (40 DPM-Solver++(3M) steps) from the first
+  chunk's noises, for fixed configurations (``--ode-solvers``, ``all`` for the registry),
+  the stored tuned grids and LD3 with decoupled network times (``--ode-ld3``); with
+  ``--ode-fd``, each side's best is also scored by FD-digits on ``--final`` samples.
+  Table: ``odeerr.md``.
 
     python experiments/low_nfe_digits.py                  # all stages, NFE 5
     python experiments/low_nfe_digits.py --stage screen --nfes 3 4 5 6 8 10
+    python experiments/low_nfe_digits.py --stage odeerr --ode-solvers all ipndm3+afs --ld3-iters 150 --ode-fd
 """
 
 from __future__ import annotations
@@ -393,6 +400,194 @@ def final(ctx, args, nfes):
         )
 
 
+# --------------------------------------------------------------------------- odeerr
+ODE_SOLVERS = ["ipndm3+afs", "unipc3", "ipndm3", "unipc2", "dpm++3m", "dpm++2m", "ipndm4"]
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def odeerr(ctx, args):
+    """The ODE error at NFE 5, the testbeds' measure: mean L2 (per sample) between each
+    configuration's samples and the model's own accurate ODE solution
+    (:func:`jdiff.tune.teacher_solve`, ``--ode-teacher`` DPM-Solver++(3M) steps) from the
+    same first chunk of evaluation noises and labels. Fixed side: ``--ode-solvers`` (registry
+    names, or ``NAME+afs``) x every grid kind; tuned side: the stored tuned cells of the
+    ``tune`` stage (LD3, DMN grids) and LD3 with decoupled network times (``--ode-ld3``,
+    ``--decouple``; :func:`jdiff.wrappers.network_time`) on the training noises of
+    ``tune``. Rows go to ``{out}/odeerr.jsonl``."""
+    from low_nfe import solver_of as spec_solver  # NAME or NAME+afs
+
+    nfe = 5
+    path = os.path.join(ctx.out, "odeerr.jsonl")
+    done = {(r["side"], r["method"], r["solver"]) for r in read_jsonl(path)}
+    x, lab = ctx.noises(0)
+    tpath = os.path.join(ctx.out, "cache", f"teacher-{args.ode_teacher}-0.npy")
+    if os.path.exists(tpath):
+        ref = np.load(tpath)
+    else:
+        t0 = time.perf_counter()
+        ref = np.asarray(T.teacher_solve(ctx.den, x, steps=args.ode_teacher, cond=lab), np.float32)
+        np.save(tpath, ref)
+        log(f"odeerr teacher ({args.ode_teacher} steps, {len(ref)} noises): {time.perf_counter() - t0:.0f} s")
+
+    def err(y):
+        return float(np.mean(np.sqrt(np.sum((y - ref).reshape(len(ref), -1) ** 2, -1))))
+
+    def add(row):
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        done.add((row["side"], row["method"], row["solver"]))
+        log(f"odeerr {row['side']} {row['solver']} {row['method']}: {row['err']:.4f}")
+
+    names = list(args.ode_solvers)
+    if "all" in names:  # every deterministic registry solver (IDENTICAL ones repeat their target's steps)
+        names = [n for n in names if n != "all"] + [n for n in deterministic_names() if n not in IDENTICAL]
+    for name in dict.fromkeys(names):
+        s = spec_solver(name)
+        t0 = time.perf_counter()
+        for kind in jdiff.GRID_KINDS:
+            if ("fixed", kind, name) in done:
+                continue
+            try:
+                grid = jdiff.time_grid(ctx.proc, kind=kind, nfe=nfe, solver=s)
+            except ValueError:
+                continue
+            y = ctx.samples(cell_key("fixed", kind, name, nfe), s, grid, nfe, 1)
+            if y is not None:
+                add(dict(side="fixed", method=kind, solver=name, nfe=nfe, n=len(y), err=err(y)))
+        log(f"odeerr fixed {name}: {time.perf_counter() - t0:.0f} s")
+
+    stored = [r for r in read_rows(ctx.out) if r["side"] == "tuned" and r["nfe"] == nfe and r["n"] == ctx.chunk]
+    for r in stored:
+        if (r["side"], r["method"], r["solver"]) in done or r["method"] not in ("ld3", "dmn"):
+            continue
+        y = ctx.samples(cell_key("tuned", r["method"], r["solver"], nfe), S.get(r["solver"]), r["grid"], nfe, 1)
+        add(dict(side="tuned", method=r["method"], solver=r["solver"], nfe=nfe, n=len(y), err=err(y), grid=r["grid"]))
+
+    method = f"ld3-dec@{args.ld3_iters}"  # tagged with its Adam steps: fits of several lengths are kept
+    todo = [n for n in args.ode_ld3 if ("tuned", method, n) not in done]
+    if todo:
+        ld3_dec(ctx, args, method, todo, path, err, add, spec_solver)
+    if args.ode_fd:
+        odeerr_fd(ctx, args, path, spec_solver)
+
+
+def ld3_dec(ctx, args, method, todo, path, err, add, spec_solver):
+    """LD3 with decoupled network times for the solvers ``todo`` (the odeerr stage)."""
+    nfe = 5
+    ntr = int(args.train)
+    x_tr = ctx.proc.prior_sample(jax.random.key(TRAIN_SEED), (ntr, *ctx.shape))
+    lab_tr = jnp.arange(ntr, dtype=jnp.int32) % 10
+    t0 = time.perf_counter()
+    y_tr = T.teacher_solve(ctx.den, x_tr, steps=args.ode_teacher, cond=lab_tr)
+    log(f"odeerr training teacher: {time.perf_counter() - t0:.0f} s")
+    fixed = [r for r in read_jsonl(path) if r["side"] == "fixed"]
+    for name in todo:
+        s = spec_solver(name)
+        mine = [r for r in fixed if r["solver"] == name]
+        kind = min(mine, key=lambda r: r["err"])["method"] if mine else "logsnr"
+        init = np.asarray(jdiff.time_grid(ctx.proc, kind=kind, nfe=nfe, solver=s), np.float64)
+        t0 = time.perf_counter()
+        fit = T.ld3(
+            s,
+            ctx.den,
+            x_tr,
+            y_tr,
+            nfe,
+            init=init,
+            iters=args.ld3_iters,
+            learning_rate=args.ld3_lr,
+            batch_size=args.ld3_batch,
+            decouple=args.decouple,
+            cond=lab_tr,
+        )
+        secs = time.perf_counter() - t0
+        log(f"odeerr {method} {name}: {secs:.0f} s, loss {fit.history[0]:.4g} -> {min(fit.history):.4g}")
+        y = ctx.samples(cell_key("tuned", method, name, nfe), s, fit.grid, nfe, 1, fit.denoiser(ctx.den))
+        add(
+            dict(
+                side="tuned",
+                method=method,
+                solver=name,
+                nfe=nfe,
+                n=len(y),
+                err=err(y),
+                init=kind,
+                iters=args.ld3_iters,
+                fit_seconds=round(secs, 1),
+                loss=[fit.history[0], min(fit.history)],
+                grid=[float(v) for v in fit.grid],
+                net_grid=[float(v) for v in fit.net_grid],
+                fd_200=ctx.score(y)["fd"],
+            )
+        )
+
+
+def odeerr_fd(ctx, args, path, spec_solver):
+    """FD-digits on ``--final`` samples of the configuration with the lowest ODE error of
+    each side (rows ``fd`` in ``{out}/odeerr.jsonl``)."""
+    from jdiff.wrappers import network_time
+
+    nfe = 5
+    rows = read_jsonl(path)
+    chunks = -(-int(args.final) // ctx.chunk)
+    scored = {(r["side"], r["method"], r["solver"]) for r in rows if r["side"].endswith("-fd")}
+    for side in ("fixed", "tuned"):
+        mine = [r for r in rows if r["side"] == side]
+        if not mine:
+            continue
+        b = min(mine, key=lambda r: r["err"])
+        if (side + "-fd", b["method"], b["solver"]) in scored:
+            continue
+        s = spec_solver(b["solver"])
+        grid = b.get("grid") or jdiff.time_grid(ctx.proc, kind=b["method"], nfe=nfe, solver=s)
+        den = ctx.den
+        if b.get("net_grid"):
+            den = network_time(ctx.den, jnp.asarray(grid, jnp.float32), jnp.asarray(b["net_grid"], jnp.float32))
+        t0 = time.perf_counter()
+        y = ctx.samples(cell_key(side, b["method"], b["solver"], nfe), s, grid, nfe, chunks, den)
+        row = dict(side=side + "-fd", method=b["method"], solver=b["solver"], nfe=nfe, err=b["err"], **ctx.score(y))
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(f"odeerr FD-digits {side} {b['solver']} {b['method']}: {row['fd']:.4f} ({time.perf_counter() - t0:.0f} s)")
+
+
+def odeerr_report(out):
+    rows = read_jsonl(os.path.join(out, "odeerr.jsonl"))
+    if not rows:
+        return
+    fixed = sorted((r for r in rows if r["side"] == "fixed"), key=lambda r: r["err"])
+    tuned = sorted((r for r in rows if r["side"] == "tuned"), key=lambda r: r["err"])
+    fd = {(r["side"][:-3], r["method"], r["solver"]): r for r in rows if r["side"].endswith("-fd")}
+    lines = [
+        "| side | solver | grid / method | ODE error (mean L2, 200) | FD-digits (1000) |",
+        "|---|---|---|---:|---:|",
+    ]
+    for r in tuned + fixed:
+        f = fd.get((r["side"], r["method"], r["solver"]))
+        lines.append(
+            f"| {r['side']} | {r['solver']} | {r['method']} | {r['err']:.4f} | {f['fd']:.4f} |"
+            if f
+            else f"| {r['side']} | {r['solver']} | {r['method']} | {r['err']:.4f} | |"
+        )
+    if fixed and tuned:
+        b, t = fixed[0], tuned[0]
+        lines += [
+            "",
+            f"Best tuned / best fixed ODE error at NFE 5: {t['err']:.4f} / {b['err']:.4f} = {t['err'] / b['err']:.2f} "
+            f"({t['solver']} {t['method']} vs {b['solver']} {b['method']}).",
+        ]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "odeerr.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 # --------------------------------------------------------------------------- report
 COLS = ["side", "method", "solver", "nfe", "n", "fd", "acc", "fit_seconds", "same_as", "base", "grid"]
 
@@ -531,7 +726,9 @@ def plot(rows, nfes, args, n_final, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", default="all", choices=["screen", "tune", "final", "reference", "report", "all"])
+    ap.add_argument(
+        "--stage", default="all", choices=["screen", "tune", "final", "reference", "odeerr", "report", "all"]
+    )
     ap.add_argument("--reference", nargs="*", default=["dpm++2m@10", "dpm++3m@20"], help="solver@nfe floors")
     ap.add_argument("--nfes", nargs="*", type=int, default=[5])
     ap.add_argument("--chunk", type=int, default=200, help="samples per chunk (the screen's sample count)")
@@ -553,6 +750,16 @@ def main():
     ap.add_argument("--v3-lambdas", type=int, default=25)
     ap.add_argument("--dc-noises", type=int, default=16)
     ap.add_argument("--dc-iters", type=int, default=60)
+    ap.add_argument("--ode-teacher", type=int, default=40, help="odeerr: DPM-Solver++(3M) steps of the reference")
+    ap.add_argument(
+        "--ode-solvers",
+        nargs="*",
+        default=ODE_SOLVERS,
+        help="odeerr: fixed side (NAME, NAME+afs, or all: the deterministic registry)",
+    )
+    ap.add_argument("--ode-ld3", nargs="*", default=["ipndm3+afs", "unipc3"], help="odeerr: LD3 with network times")
+    ap.add_argument("--decouple", type=float, default=0.5, help="odeerr: LD3's network-time window")
+    ap.add_argument("--ode-fd", action="store_true", help="odeerr: FD-digits (--final samples) of each side's best")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -568,6 +775,9 @@ def main():
             final(ctx, args, [5])
         elif st == "reference":
             reference(ctx, args)
+        elif st == "odeerr":
+            odeerr(ctx, args)
+            odeerr_report(args.out)
         else:
             meta = (
                 f"{jax.default_backend()}, JAX {jax.__version__}, {time.strftime('%Y-%m-%d')}, "
