@@ -62,7 +62,6 @@ from jdiff import solvers as S
 from jdiff import tune as T
 from jdiff.guidance import InnerWrapper
 from jdiff.solvers._registry import IDENTICAL
-from jdiff.solvers.dpm_solver_v3 import DPMSolverV3
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "low_nfe_digits")
 MAX_STEPS = 10  # one compiled loop per solver serves every grid of at most this many intervals
@@ -123,21 +122,16 @@ class Context:
                 out.append(np.load(path))
                 continue
             x, lab = self.noises(k)
-            if isinstance(solver, DPMSolverV3):
-                # sample_padded builds its tables from a (1, 1) dummy state, which v3's shape check refuses
-                y, info = jdiff.sample(solver, den, x, jnp.asarray(grid, jnp.float32), cond=lab, return_info=True)
-                used = info.nfe
-            else:
-                y, used = jdiff.sample_padded(
-                    solver,
-                    den,
-                    x,
-                    jnp.asarray(grid, jnp.float32),
-                    max_steps=max(MAX_STEPS, len(grid) - 1),
-                    nfe=T._nfe_arg(solver, nfe),
-                    cond=lab,
-                    return_nfe=True,
-                )
+            y, used = jdiff.sample_padded(
+                solver,
+                den,
+                x,
+                jnp.asarray(grid, jnp.float32),
+                max_steps=max(MAX_STEPS, len(grid) - 1),
+                nfe=T._nfe_arg(solver, nfe),
+                cond=lab,
+                return_nfe=True,
+            )
             if int(used) > nfe:
                 return None
             y = np.asarray(y, np.float32)
@@ -228,6 +222,25 @@ def best_fixed(rows, nfe, n):
 
 
 # ----------------------------------------------------------------------------- tune
+def fit_ld3(ctx, args, s, x_tr, y_tr, lab_tr, nfe, init, decouple=0.0):
+    """LD3 (:func:`jdiff.tune.ld3`) for solver ``s`` at ``nfe`` from the grid ``init``, on
+    the training noises ``x_tr`` (labels ``lab_tr``) and their teacher solutions ``y_tr``;
+    ``decouple`` also learns network times."""
+    return T.ld3(
+        s,
+        ctx.den,
+        x_tr,
+        y_tr,
+        nfe,
+        init=init,
+        iters=args.ld3_iters,
+        learning_rate=args.ld3_lr,
+        batch_size=args.ld3_batch,
+        decouple=decouple,
+        cond=lab_tr,
+    )
+
+
 def tune(ctx, args):
     nfe = 5
     if args.tuned_solvers:  # score their fixed cells first (shared with the screen through the cache)
@@ -272,18 +285,7 @@ def tune(ctx, args):
         s = S.get(name)
         init = np.asarray(jdiff.time_grid(ctx.proc, kind=kinds[name], nfe=nfe, solver=s), np.float64)
         t0 = time.perf_counter()
-        fit = T.ld3(
-            s,
-            ctx.den,
-            x_tr,
-            y_tr,
-            nfe,
-            init=init,
-            iters=args.ld3_iters,
-            learning_rate=args.ld3_lr,
-            batch_size=args.ld3_batch,
-            cond=lab_tr,
-        )
+        fit = fit_ld3(ctx, args, s, x_tr, y_tr, lab_tr, nfe, init)
         secs = time.perf_counter() - t0
         log(f"ld3 {name}: {secs:.0f} s, loss {fit.history[0]:.4g} -> {min(fit.history):.4g}")
         evaluate("ld3", name, s, fit.grid, dict(fit_seconds=round(secs, 1)))
@@ -464,10 +466,22 @@ def odeerr(ctx, args):
 
     stored = [r for r in read_rows(ctx.out) if r["side"] == "tuned" and r["nfe"] == nfe and r["n"] == ctx.chunk]
     for r in stored:
-        if (r["side"], r["method"], r["solver"]) in done or r["method"] not in ("ld3", "dmn"):
+        if (r["side"], r["method"], r["solver"]) in done or not r["method"].startswith(("ld3", "dmn", "v3-")):
             continue
-        y = ctx.samples(cell_key("tuned", r["method"], r["solver"], nfe), S.get(r["solver"]), r["grid"], nfe, 1)
-        add(dict(side="tuned", method=r["method"], solver=r["solver"], nfe=nfe, n=len(y), err=err(y), grid=r["grid"]))
+        y = ctx.samples(cell_key("tuned", r["method"], r["solver"], nfe), solver_of(ctx, r), r["grid"], nfe, 1)
+        extra = {"order": r["order"]} if "order" in r else {}  # v3 rows: solver_of needs it
+        add(
+            dict(
+                side="tuned",
+                method=r["method"],
+                solver=r["solver"],
+                nfe=nfe,
+                n=len(y),
+                err=err(y),
+                grid=r["grid"],
+                **extra,
+            )
+        )
 
     method = f"ld3-dec@{args.ld3_iters}"  # tagged with its Adam steps: fits of several lengths are kept
     todo = [n for n in args.ode_ld3 if ("tuned", method, n) not in done]
@@ -493,19 +507,7 @@ def ld3_dec(ctx, args, method, todo, path, err, add, spec_solver):
         kind = min(mine, key=lambda r: r["err"])["method"] if mine else "logsnr"
         init = np.asarray(jdiff.time_grid(ctx.proc, kind=kind, nfe=nfe, solver=s), np.float64)
         t0 = time.perf_counter()
-        fit = T.ld3(
-            s,
-            ctx.den,
-            x_tr,
-            y_tr,
-            nfe,
-            init=init,
-            iters=args.ld3_iters,
-            learning_rate=args.ld3_lr,
-            batch_size=args.ld3_batch,
-            decouple=args.decouple,
-            cond=lab_tr,
-        )
+        fit = fit_ld3(ctx, args, s, x_tr, y_tr, lab_tr, nfe, init, decouple=args.decouple)
         secs = time.perf_counter() - t0
         log(f"odeerr {method} {name}: {secs:.0f} s, loss {fit.history[0]:.4g} -> {min(fit.history):.4g}")
         y = ctx.samples(cell_key("tuned", method, name, nfe), s, fit.grid, nfe, 1, fit.denoiser(ctx.den))
@@ -544,7 +546,7 @@ def odeerr_fd(ctx, args, path, spec_solver):
         b = min(mine, key=lambda r: r["err"])
         if (side + "-fd", b["method"], b["solver"]) in scored:
             continue
-        s = spec_solver(b["solver"])
+        s = solver_of(ctx, b) if b["method"].startswith("v3-") else spec_solver(b["solver"])
         grid = b.get("grid") or jdiff.time_grid(ctx.proc, kind=b["method"], nfe=nfe, solver=s)
         den = ctx.den
         if b.get("net_grid"):
@@ -747,7 +749,7 @@ def main():
     ap.add_argument("--gits-fine", type=int, default=30)
     ap.add_argument("--gits-noises", type=int, default=16)
     ap.add_argument("--v3-data", type=int, default=200, help="real digits for the v3 statistics")
-    ap.add_argument("--v3-lambdas", type=int, default=25)
+    ap.add_argument("--v3-lambdas", type=int, default=101, help="log-SNR points (13 diverge at NFE 5)")
     ap.add_argument("--dc-noises", type=int, default=16)
     ap.add_argument("--dc-iters", type=int, default=60)
     ap.add_argument("--ode-teacher", type=int, default=40, help="odeerr: DPM-Solver++(3M) steps of the reference")

@@ -105,8 +105,9 @@ def test_compiled_program_does_not_grow_with_steps(setup, solver):
     for n in (5, 50, 500):
         hlo = f.lower(x_T, jdiff.time_grid(proc, n, dtype=jnp.float64)).as_text()
         sizes[n] = len(hlo.splitlines())
-    # 5 steps may differ by the few ops of lower_order_final (< 15 steps); an unrolled loop would be 10x
-    assert abs(sizes[50] - sizes[5]) <= 0.01 * sizes[5], sizes
+    # 5 steps and 50 differ by the few ops of lower_order_final's two rules (< 15 steps: the
+    # steps left; longer grids: the log-SNR step ratio); an unrolled loop would be 10x
+    assert abs(sizes[50] - sizes[5]) <= 0.1 * sizes[5], sizes
     assert sizes[500] == sizes[50], sizes
 
 

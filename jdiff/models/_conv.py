@@ -97,38 +97,43 @@ def _input_grad_canonical(w, ct, xshape, strides, padding, precision):
     )
 
 
-def _kernel_grad(x, ct, wshape, wdtype, strides, padding, precision):
-    def jax_rule(x, ct):
-        (dw,) = jax.linear_transpose(
-            lambda w: _plain(x, w, strides, padding, precision), jax.ShapeDtypeStruct(wshape, wdtype)
-        )(ct)
-        return dw
+def _operand_grad(other, ct, shape, dtype, plain, canonical):
+    """The cotangent of one operand of shape ``shape``: JAX's own transpose of
+    ``plain(operand, other)`` by default, the canonical convolution ``canonical(other, ct)``
+    on CPU."""
 
-    def cpu_rule(x, ct):
-        return _kernel_grad_canonical(x, ct, wshape, strides, padding, precision).astype(wdtype)
+    def jax_rule(other, ct):
+        (d,) = jax.linear_transpose(lambda z: plain(z, other), jax.ShapeDtypeStruct(shape, dtype))(ct)
+        return d
 
-    return lax.platform_dependent(x, ct, cpu=cpu_rule, default=jax_rule)
+    def cpu_rule(other, ct):
+        return canonical(other, ct).astype(dtype)
 
-
-def _input_grad(w, ct, xshape, xdtype, strides, padding, precision):
-    def jax_rule(w, ct):
-        (dx,) = jax.linear_transpose(
-            lambda x: _plain(x, w, strides, padding, precision), jax.ShapeDtypeStruct(xshape, xdtype)
-        )(ct)
-        return dx
-
-    def cpu_rule(w, ct):
-        return _input_grad_canonical(w, ct, xshape, strides, padding, precision).astype(xdtype)
-
-    return lax.platform_dependent(w, ct, cpu=cpu_rule, default=jax_rule)
+    return lax.platform_dependent(other, ct, cpu=cpu_rule, default=jax_rule)
 
 
 def _lhs_transpose(ct, x, w, *, strides, padding, precision):
-    return _input_grad(w, ct, x.aval.shape, x.aval.dtype, strides, padding, precision)
+    shape = x.aval.shape
+    return _operand_grad(
+        w,
+        ct,
+        shape,
+        x.aval.dtype,
+        lambda x, w: _plain(x, w, strides, padding, precision),
+        lambda w, ct: _input_grad_canonical(w, ct, shape, strides, padding, precision),
+    )
 
 
 def _rhs_transpose(ct, x, w, *, strides, padding, precision):
-    return _kernel_grad(x, ct, w.aval.shape, w.aval.dtype, strides, padding, precision)
+    shape = w.aval.shape
+    return _operand_grad(
+        x,
+        ct,
+        shape,
+        w.aval.dtype,
+        lambda w, x: _plain(x, w, strides, padding, precision),
+        lambda x, ct: _kernel_grad_canonical(x, ct, shape, strides, padding, precision),
+    )
 
 
 def _abstract_eval(x, w, *, strides, padding, precision):

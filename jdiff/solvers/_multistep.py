@@ -8,7 +8,9 @@ whose polynomial goes through up to ``order`` most recent outputs.
 Warm-up is data, not Python control flow: the effective order is
 ``min(order, usable history)``, with history entries at infinite log-SNR (a start at
 zero terminal SNR) not usable, and ``lower_order_final`` lowers the order on the last
-steps of short grids (fewer than 15 steps), as in diffusers. Since the history's
+steps of short grids (fewer than 15 steps), as in diffusers, and on longer grids makes a
+step first order when it is more than twice as long in log-SNR as the one before
+(:func:`jdiff.solvers._base.multistep_order`; not for DEIS in t or rho). Since the history's
 log-SNRs are the grid's, every coefficient is computed in ``init`` for all steps.
 """
 
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 
 from jdiff._core import ei_coefficients
 from jdiff.solvers._base import (
+    LONG_STEP_RATIO,
     Solver,
     check_key,
     empty_state,
@@ -120,8 +123,12 @@ class Multistep(Solver):
         num_steps = steps_of(grid)
         gc = grid_curves(process, grid)
 
+        # the long-step rule is for polynomials in log-SNR; DEIS's quadrature in t or rho
+        # extrapolates the long last step of a uniform grid well (measured: it got worse with it)
+        long_ratio = LONG_STEP_RATIO if self.weights is None else None
+
         def order_at(i):
-            return multistep_order(gc.lam, i, order, num_steps, self.lower_order_final)
+            return multistep_order(gc.lam, i, order, num_steps, self.lower_order_final, long_ratio)
 
         def one(i):
             g = geometry_at(gc.steps, i)

@@ -69,6 +69,7 @@ import numpy as np
 from jdiff._checks import concrete
 from jdiff._core import ei_coefficients
 from jdiff.solvers._base import (
+    LONG_STEP_RATIO,
     Solver,
     empty_state,
     evaluate,
@@ -503,7 +504,7 @@ class DPMSolverV3(Solver):
         num_steps = steps_of(grid)
 
         def order_at(i):
-            return multistep_order(gc.lam, i, self.order, num_steps, self.lower_order_final)
+            return multistep_order(gc.lam, i, self.order, num_steps, self.lower_order_final, LONG_STEP_RATIO)
 
         def by_slot(F, steps_back):
             slots = (steps_back % H).astype(jnp.int32)
