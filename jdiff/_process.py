@@ -627,3 +627,21 @@ def edm(sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0
 def rectified_flow(t_min: float = 1e-3, t_max: float = 1.0) -> RectifiedFlow:
     """Rectified flow / linear flow matching (see :class:`RectifiedFlow`)."""
     return RectifiedFlow(t_min=t_min, t_max=t_max)
+
+
+def same_process(a, b) -> bool:
+    """Whether two processes are the same: the same type and equal parameters (their
+    pytree leaves compared as arrays)."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    if ta != tb:
+        return False
+    # traced leaves (a process passed through jit) cannot be compared: only the structure is
+    return all(
+        isinstance(u, jax.core.Tracer) or isinstance(v, jax.core.Tracer) or np.array_equal(np.asarray(u), np.asarray(v))
+        for u, v in zip(la, lb)
+    )

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,7 @@ from jdiff._checks import batch_array, error_if
 from jdiff._core import ei_coefficients, geometry_from
 from jdiff._grid import time_grid
 from jdiff._param import broadcast_to_x, check_cond_batch
+from jdiff._process import same_process
 from jdiff._random import normal_per_sample
 from jdiff._sample import _CastInput, _jittable, sample, validate_grid
 from jdiff.solvers._base import Solver, compute_dtype, evaluate
@@ -101,6 +103,7 @@ class ODEInversion:
     x_T: jax.Array
     grid: jax.Array
     solver: Solver
+    process: Any = None  # the inverting denoiser's (regenerate checks it)
 
 
 class EDICTInversion:
@@ -112,6 +115,7 @@ class EDICTInversion:
     grid: jax.Array
     p: float
     leapfrog: bool
+    process: Any = None  # the inverting denoiser's (regenerate checks it)
 
 
 class BDIAInversion:
@@ -122,6 +126,7 @@ class BDIAInversion:
     x_1: jax.Array
     grid: jax.Array
     gamma: float
+    process: Any = None  # the inverting denoiser's (regenerate checks it)
 
 
 class DDPMInversion:
@@ -133,12 +138,13 @@ class DDPMInversion:
     zs: jax.Array
     grid: jax.Array
     eta: float
+    process: Any = None  # the inverting denoiser's (regenerate checks it)
 
 
-ODEInversion = _record(ODEInversion, ["x_T", "grid"], ["solver"])
-EDICTInversion = _record(EDICTInversion, ["x_T", "y_T", "grid", "p"], ["leapfrog"])
-BDIAInversion = _record(BDIAInversion, ["x_T", "x_1", "grid", "gamma"])
-DDPMInversion = _record(DDPMInversion, ["x_T", "zs", "grid", "eta"])
+ODEInversion = _record(ODEInversion, ["x_T", "grid"], ["solver", "process"])
+EDICTInversion = _record(EDICTInversion, ["x_T", "y_T", "grid", "p"], ["leapfrog", "process"])
+BDIAInversion = _record(BDIAInversion, ["x_T", "x_1", "grid", "gamma"], ["process"])
+DDPMInversion = _record(DDPMInversion, ["x_T", "zs", "grid", "eta"], ["process"])
 
 
 # ------------------------------------------------------------------------- checks
@@ -370,7 +376,7 @@ def invert(solver, denoiser, x0, grid=None, *, nfe=None, cond=None, refine: int 
     # refine > 0 is one compiled program whatever the count (a traced loop bound)
     iters = jnp.asarray(int(refine), jnp.int32)
     x_T = run(solver, denoiser, x0, grid, cond, iters, refine=refine > 0)
-    return ODEInversion(x_T=x_T, grid=grid, solver=solver)
+    return ODEInversion(x_T=x_T, grid=grid, solver=solver, process=denoiser.process)
 
 
 def ddim_invert(denoiser, x0, grid=None, *, nfe=None, cond=None, refine: int = 0, grid_kind: str = "default"):
@@ -462,7 +468,14 @@ def edict_invert(
     )
     run = _maybe_jit(_edict_impl, _edict, (denoiser, cond))
     x, y = run(denoiser, x0, x0, grid, cond, _num(p, x0), leapfrog=bool(leapfrog), inverse=True)
-    return EDICTInversion(x_T=x.astype(x0.dtype), y_T=y.astype(x0.dtype), grid=grid, p=p, leapfrog=bool(leapfrog))
+    return EDICTInversion(
+        x_T=x.astype(x0.dtype),
+        y_T=y.astype(x0.dtype),
+        grid=grid,
+        p=p,
+        leapfrog=bool(leapfrog),
+        process=denoiser.process,
+    )
 
 
 # --------------------------------------------------------------------------- BDIA
@@ -541,7 +554,9 @@ def bdia_invert(denoiser, x0, grid=None, *, nfe=None, cond=None, gamma: float = 
     )
     run = _maybe_jit(_bdia_impl, _bdia, (denoiser, cond))
     x_T, x_1 = run(denoiser, x0, x0, grid, cond, _num(gamma, x0), inverse=True)
-    return BDIAInversion(x_T=x_T.astype(x0.dtype), x_1=x_1.astype(x0.dtype), grid=grid, gamma=gamma)
+    return BDIAInversion(
+        x_T=x_T.astype(x0.dtype), x_1=x_1.astype(x0.dtype), grid=grid, gamma=gamma, process=denoiser.process
+    )
 
 
 # ------------------------------------------------------------- edit-friendly DDPM
@@ -620,7 +635,7 @@ def ddpm_invert(denoiser, x0, grid=None, *, key, nfe=None, cond=None, eta: float
     )
     run = _maybe_jit(_ddpm_invert_impl, _ddpm_invert, (denoiser, cond, key))
     x_T, zs = run(denoiser, x0, grid, cond, key, _num(eta, x0))
-    return DDPMInversion(x_T=x_T.astype(x0.dtype), zs=zs, grid=grid, eta=eta)
+    return DDPMInversion(x_T=x_T.astype(x0.dtype), zs=zs, grid=grid, eta=eta, process=denoiser.process)
 
 
 def _ddpm_regen_impl(den, x_T, zs, grid, cond, eta):
@@ -658,11 +673,17 @@ def regenerate(denoiser, inversion, *, cond=None):
 
     Raises:
       TypeError: ``inversion`` is not an inversion record, or ``denoiser`` not a denoiser.
-      ValueError: a ``cond`` whose batch is not the inversion's.
+      ValueError: a ``cond`` whose batch is not the inversion's, or a denoiser of another
+        process than the inverting one.
     """
     _check_denoiser(denoiser)
     if not isinstance(inversion, (ODEInversion, EDICTInversion, BDIAInversion, DDPMInversion)):
         raise TypeError(f"inversion must be what an *_invert function returned, got {type(inversion).__name__}")
+    if inversion.process is not None and not same_process(denoiser.process, inversion.process):
+        raise ValueError(
+            f"regenerate: the denoiser's process {denoiser.process!r} is not the one the inversion was made "
+            f"with ({inversion.process!r}); its x_T and grid only mean something under that process"
+        )
     x_T = inversion.x_T
     check_cond_batch(cond, x_T.shape[0], "the inversion's x_T", x_T.shape)
     if isinstance(inversion, ODEInversion):

@@ -28,9 +28,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jdiff._param import Prediction, check_cond_batch
+from jdiff._process import same_process
 from jdiff.likelihood import gaussian_prior_log_prob
 
 __all__ = ["MODES", "SuperDiffInfo", "sample_superdiff"]
@@ -65,18 +65,6 @@ class _Fixed:
 
     def __call__(self, x, t, cond=None):
         return self.pred
-
-
-def _same_process(a, b) -> bool:
-    if a is b:
-        return True
-    if type(a) is not type(b):
-        return False
-    la, ta = jax.tree.flatten(a)
-    lb, tb = jax.tree.flatten(b)
-    if ta != tb:
-        return False
-    return all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(la, lb))
 
 
 def _check_solver(solver):
@@ -227,7 +215,7 @@ def sample_superdiff(
             raise TypeError(f"denoisers[{i}] is not a jdiff Denoiser (no .process), got {type(d).__name__}")
     process = denoisers[0].process
     for i, d in enumerate(denoisers[1:], 1):
-        if not _same_process(d.process, process):
+        if not same_process(d.process, process):
             raise ValueError(
                 f"denoisers[{i}] has process {d.process!r} but denoisers[0] has {process!r}: "
                 "SuperDiff composes models of one process"

@@ -218,5 +218,13 @@ def test_bad_inputs_raise(setup):
         I.ddim_invert(den, jnp.ones((B, D), jnp.int32), g)
     with pytest.raises(TypeError, match="inversion"):
         I.regenerate(den, x0)
+    # regenerating under another process (or the same kind with other parameters) is refused
+    c = jnp.zeros((B,))
+    inv = I.ddim_invert(den, x0, g, cond=c)
+    for other in (jdiff.vp_cosine(), jdiff.vp_linear(beta_max=10.0)):
+        with pytest.raises(ValueError, match="not the one the inversion was made with"):
+            I.regenerate(jdiff.denoiser(den.apply_fn, other, "eps"), inv, cond=c)
+    same = jdiff.denoiser(den.apply_fn, jdiff.vp_linear(), "eps")  # an equal process object is fine
+    assert I.regenerate(same, inv, cond=c).shape == x0.shape
     with pytest.raises(TypeError, match="Denoiser"):
         I.edict_invert(lambda x, t, c: x, x0, g)

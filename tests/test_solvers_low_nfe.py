@@ -204,6 +204,13 @@ def test_statistics_save_load_and_refusals(gaussian, tmp_path):
     for k in ("lam", "l", "s", "b"):
         np.testing.assert_array_equal(getattr(back, k), getattr(st, k))
     assert back.process == "vp_linear" and back.model == "gauss4"
+    # equal by content: the same file loaded twice gives equal, equally hashed solvers
+    again = S.load_statistics(path)
+    assert again is not back and again == back and hash(again) == hash(back)
+    assert S.dpm_solver_v3(again, 2) == S.dpm_solver_v3(back, 2)
+    other = S.ModelStatistics(back.lam, back.l, back.s + 1e-12, back.b, back.process, back.model)
+    assert other != back and S.dpm_solver_v3(other, 2) != S.dpm_solver_v3(back, 2)
+    assert S.ModelStatistics(back.lam, back.l, back.s, back.b, back.process, "tag") != back
     with pytest.raises(ValueError, match="process 'vp_linear', not 'edm'"):
         S.load_statistics(path, process=jdiff.edm())
     with pytest.raises(ValueError, match=r"shape \(4,\), not \(3,\)"):
@@ -365,6 +372,9 @@ def test_long_log_snr_step_is_first_order_on_long_grids():
     assert last_order("uniform", 20, None)[0] == 3  # DEIS in t: no long-step rule
     p, r = last_order("logsnr", 20)
     assert r == pytest.approx(1.0) and p == 3
+    # an inversion runs the grid backwards: equal negative increments are not long steps
+    lam = proc.lambda_(jdiff.time_grid(proc, 20, kind="logsnr", dtype=jnp.float64))[::-1]
+    assert int(multistep_order(lam, 19, 3, 20, True, LONG_STEP_RATIO)) == 3
     assert last_order("uniform", 14)[0] == 1  # short grid: diffusers' rule (steps left)
     assert last_order("logsnr", 14)[0] == 1
 

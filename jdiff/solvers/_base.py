@@ -342,8 +342,8 @@ def multistep_order(lam, i, order: int, num_steps, lower_order_final: bool, long
     grids shorter than 15 steps, by the steps left (as in diffusers). ``num_steps`` may
     be traced (:func:`steps_of`). int32 scalar.
 
-    With ``lower_order_final`` and ``long_step_ratio`` (solvers whose polynomial is in
-    log-SNR: DPM-Solver(++), UniPC, DEIS in log-rho, DPM-Solver-v3), a step of a grid of
+    With ``lower_order_final`` and ``long_step_ratio`` (data-prediction solvers whose
+    polynomial is in log-SNR: DPM-Solver++, UniPC, DPM-Solver-v3), a step of a grid of
     15 or more steps whose log-SNR increment is more than ``long_step_ratio`` times the
     previous one is first order: the extrapolation weights
     of a multistep update grow with that ratio, and the last step of a uniform-in-t grid
@@ -362,7 +362,8 @@ def multistep_order(lam, i, order: int, num_steps, lower_order_final: bool, long
         n = lam.shape[0]
         h = lam[jnp.minimum(i + 1, n - 1)] - lam[i]
         h_prev = lam[i] - lam[jnp.maximum(i - 1, 0)]
-        long = jnp.where((i >= 1) & (h > long_step_ratio * h_prev), 1, p)
+        # magnitudes: an inversion runs the grid backwards (negative increments)
+        long = jnp.where((i >= 1) & (jnp.abs(h) > long_step_ratio * jnp.abs(h_prev)), 1, p)
     if isinstance(num_steps, (int, np.integer)):
         p = short if num_steps < 15 else long
     else:

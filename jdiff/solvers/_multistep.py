@@ -10,7 +10,7 @@ Warm-up is data, not Python control flow: the effective order is
 zero terminal SNR) not usable, and ``lower_order_final`` lowers the order on the last
 steps of short grids (fewer than 15 steps), as in diffusers, and on longer grids makes a
 step first order when it is more than twice as long in log-SNR as the one before
-(:func:`jdiff.solvers._base.multistep_order`; not for DEIS in t or rho). Since the history's
+(:func:`jdiff.solvers._base.multistep_order`; data prediction only). Since the history's
 log-SNRs are the grid's, every coefficient is computed in ``init`` for all steps.
 """
 
@@ -70,7 +70,9 @@ class Multistep(Solver):
         (SDE-DPM-Solver++; stochastic).
       coef: coefficient variant for the predictor (``"exact"``, ``"bh1"``, ``"bh2"``).
       corrector: None, or the coefficient variant of a UniC corrector.
-      lower_order_final: lower the order on the last steps of grids shorter than 15.
+      lower_order_final: lower the order on the last steps of grids shorter than 15 and,
+        on longer grids, on a step more than twice as long in log-SNR as the one before
+        (data prediction without ``weights`` only; :func:`jdiff.solvers._base.multistep_order`).
       weights: None, or a hashable ``(process, geometry, lam_nodes, q) -> w`` replacing
         the closed-form node weights (tAB-DEIS: a module-level function or a frozen
         dataclass, so that equal settings stay equal).
@@ -123,9 +125,10 @@ class Multistep(Solver):
         num_steps = steps_of(grid)
         gc = grid_curves(process, grid)
 
-        # the long-step rule is for polynomials in log-SNR; DEIS's quadrature in t or rho
-        # extrapolates the long last step of a uniform grid well (measured: it got worse with it)
-        long_ratio = LONG_STEP_RATIO if self.weights is None else None
+        # the long-step rule is for data-prediction polynomials in log-SNR: DEIS (quadrature
+        # in t or rho, or noise prediction in log-rho) extrapolates the long last step of a
+        # uniform grid well and got worse with it (benchmarks/long_steps.py)
+        long_ratio = LONG_STEP_RATIO if self.weights is None and self.mode != "noise" else None
 
         def order_at(i):
             return multistep_order(gc.lam, i, order, num_steps, self.lower_order_final, long_ratio)

@@ -59,6 +59,7 @@ implementation's corrector without pseudo-order uses one node fewer.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Any, NamedTuple
 
@@ -98,8 +99,9 @@ _GL_W = 0.5 * _GL_W
 class ModelStatistics:
     """Empirical model statistics of DPM-Solver-v3 for one model and process.
 
-    Compared by identity (they are large arrays), so a solver holding them is a
-    hashable value; build the solver once per statistics object.
+    Equal and hashed by content (a SHA-1 of the arrays, the process and the model tag,
+    taken once at construction), so a solver holding them is a hashable value and the
+    same statistics loaded twice give equal solvers that share one compiled program.
 
     Attributes:
       lam: ``(M + 1,)`` increasing log-SNR points.
@@ -132,6 +134,18 @@ class ModelStatistics:
         object.__setattr__(self, "lam", lam)
         for name, a in zip("lsb", arrs):
             object.__setattr__(self, name, a)
+        h = hashlib.sha1()
+        for a in (lam, *arrs):
+            h.update(repr(a.shape).encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        h.update(f"{self.process}\0{self.model}".encode())
+        object.__setattr__(self, "_digest", h.hexdigest())
+
+    def __eq__(self, other):
+        return isinstance(other, ModelStatistics) and self._digest == other._digest
+
+    def __hash__(self):
+        return hash(self._digest)
 
     @property
     def shape(self) -> tuple:
@@ -457,7 +471,8 @@ class DPMSolverV3(Solver):
       pseudo: estimate the predictor's derivatives by divided differences (pseudo-order).
       corrector: apply the corrector (no extra call).
       corrector_pseudo: the corrector's derivatives by divided differences.
-      lower_order_final: lower the order on the last steps of grids shorter than 15.
+      lower_order_final: lower the order on the last steps of grids shorter than 15 and
+        on long log-SNR steps of longer grids (:func:`jdiff.solvers._base.multistep_order`).
     """
 
     stats: ModelStatistics
@@ -625,7 +640,8 @@ def dpm_solver_v3(
       pseudo: pseudo-order predictor (derivatives by divided differences, Sec. 3.3).
       corrector: the multistep corrector (Sec. 3.4; no extra call).
       corrector_pseudo: pseudo-order corrector.
-      lower_order_final: lower the order on the last steps of grids shorter than 15.
+      lower_order_final: lower the order on the last steps of grids shorter than 15 and
+        on long log-SNR steps of longer grids (:func:`jdiff.solvers._base.multistep_order`).
 
     Returns:
       A :class:`DPMSolverV3`. Sampling checks that the process and sample shape are the
