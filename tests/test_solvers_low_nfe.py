@@ -355,9 +355,10 @@ def test_dc_solver_neutral_and_fit(gaussian):
 
 
 def test_long_log_snr_step_is_first_order_on_long_grids():
-    """A step more than LONG_STEP_RATIO times as long in log-SNR as the one before is
-    first order on grids of 15+ steps (uniform-in-t grids end with such a step), not on
-    log-SNR-uniform grids, not for DEIS in t, and short grids keep diffusers' rule."""
+    """A last step more than LONG_STEP_RATIO times as long in log-SNR as the one before
+    is first order on grids of 15+ steps (uniform-in-t grids end with such a step, and
+    quadratic ones up to ~35 steps), not on logSNR or Karras grids, not for DEIS in t,
+    and short grids keep diffusers' rule."""
     from jdiff.solvers._base import LONG_STEP_RATIO, multistep_order
 
     proc = jdiff.vp_linear()
@@ -372,6 +373,12 @@ def test_long_log_snr_step_is_first_order_on_long_grids():
     assert last_order("uniform", 20, None)[0] == 3  # DEIS in t: no long-step rule
     p, r = last_order("logsnr", 20)
     assert r == pytest.approx(1.0) and p == 3
+    p, r = last_order("quadratic", 20)
+    assert r > LONG_STEP_RATIO and p == 1
+    p, r = last_order("karras", 20)
+    assert r < LONG_STEP_RATIO and p == 3
+    p, r = last_order("quadratic", 80)  # long quadratic grids: ratio 1.24, full order again
+    assert r < LONG_STEP_RATIO and p == 3
     # an inversion runs the grid backwards: equal negative increments are not long steps
     lam = proc.lambda_(jdiff.time_grid(proc, 20, kind="logsnr", dtype=jnp.float64))[::-1]
     assert int(multistep_order(lam, 19, 3, 20, True, LONG_STEP_RATIO)) == 3
@@ -379,11 +386,14 @@ def test_long_log_snr_step_is_first_order_on_long_grids():
     assert last_order("logsnr", 14)[0] == 1
 
 
+@pytest.mark.parametrize("kind", ["uniform", "quadratic"])
 @pytest.mark.parametrize("name", ["dpm++3m", "unipc3"])
-def test_error_keeps_falling_past_15_steps_on_uniform_grids(name):
-    """On the exact 2-D testbed the error of DPM-Solver++(3M) / UniPC-3 on uniform grids
-    no longer jumps where diffusers' short-grid rule stops (measured without the
-    long-step rule: 0.074 at 14 steps, 1.9 at 15, 1.4 at 20; with it 0.074, 0.079, 0.073)."""
+def test_error_keeps_falling_past_15_steps(name, kind):
+    """On the exact 2-D testbed the error of DPM-Solver++(3M) / UniPC-3 on uniform and
+    quadratic grids no longer jumps where diffusers' short-grid rule stops (measured
+    without the long-step rule, DPM-Solver++(3M) at 14 / 15 / 20 steps: uniform 0.084,
+    1.8, 1.2; quadratic 0.039, 0.080, 0.022; with it uniform 0.084, 0.090, 0.070,
+    quadratic 0.039, 0.040, 0.016)."""
     mix = random_mixture(jax.random.key(2), 2, 8, spread=1.0, std_range=(0.05, 0.25))
     proc = jdiff.vp_linear()
     den = mix.denoiser(proc)
@@ -392,7 +402,7 @@ def test_error_keeps_falling_past_15_steps_on_uniform_grids(name):
     s = S.get(name)
     err = {}
     for n in (14, 15, 20, 40):
-        grid = jdiff.time_grid(proc, n, kind="uniform", dtype=jnp.float64)
+        grid = jdiff.time_grid(proc, n, kind=kind, dtype=jnp.float64)
         y = jdiff.sample_padded(s, den, x_T, grid, max_steps=40)
         err[n] = float(jnp.mean(jnp.linalg.norm(y - ref, axis=-1)))
     assert err[15] < 1.5 * err[14], err

@@ -8,8 +8,8 @@ whose polynomial goes through up to ``order`` most recent outputs.
 Warm-up is data, not Python control flow: the effective order is
 ``min(order, usable history)``, with history entries at infinite log-SNR (a start at
 zero terminal SNR) not usable, and ``lower_order_final`` lowers the order on the last
-steps of short grids (fewer than 15 steps), as in diffusers, and on longer grids makes a
-step first order when it is more than twice as long in log-SNR as the one before
+steps of short grids (fewer than 15 steps), as in diffusers, and on longer grids makes the
+last step first order when it is more than 1.5x as long in log-SNR as the one before
 (:func:`jdiff.solvers._base.multistep_order`; data prediction only). Since the history's
 log-SNRs are the grid's, every coefficient is computed in ``init`` for all steps.
 """
@@ -71,7 +71,7 @@ class Multistep(Solver):
       coef: coefficient variant for the predictor (``"exact"``, ``"bh1"``, ``"bh2"``).
       corrector: None, or the coefficient variant of a UniC corrector.
       lower_order_final: lower the order on the last steps of grids shorter than 15 and,
-        on longer grids, on a step more than twice as long in log-SNR as the one before
+        on longer grids, on a last step more than 1.5x as long in log-SNR as the one before
         (data prediction without ``weights`` only; :func:`jdiff.solvers._base.multistep_order`).
       weights: None, or a hashable ``(process, geometry, lam_nodes, q) -> w`` replacing
         the closed-form node weights (tAB-DEIS: a module-level function or a frozen
