@@ -92,6 +92,8 @@ _tables_per_length = jax.jit(
 
 
 def _init(solver, process, x, grid, key, *, nfe, max_steps):
+    if not solver.init_uses_nfe:
+        nfe = None  # ignored by init: one tables program whether or not a target is given
     if solver.padded_tables:
         solver._check_nfe(process, grid, nfe)  # on the concrete grid, before tracing
         num_steps = np.int32(grid.shape[0] - 1)

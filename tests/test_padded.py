@@ -43,6 +43,19 @@ def test_padded_equals_sample_for_every_length(name):
     assert sizes[1] == sizes[0]
 
 
+def test_nfe_target_shares_the_tables_unless_the_solver_spends_it():
+    """A multistep solver ignores the NFE target: with and without it, one tables program
+    and the same samples; a singlestep solver's tables depend on it (init_uses_nfe)."""
+    s = S.get("unipc2")
+    grid = jdiff.time_grid(PROC, 6)
+    a = sample_padded(s, DEN2, X2, grid, max_steps=BOUND)
+    size = _tables._cache_size()
+    b = sample_padded(s, DEN2, X2, grid, max_steps=BOUND, nfe=6)
+    assert _tables._cache_size() == size
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert S.get("dpm++3s").init_uses_nfe and not s.init_uses_nfe
+
+
 def test_padded_rejects_long_grids_and_bad_bounds():
     with pytest.raises(ValueError, match="more than max_steps=3"):
         sample_padded(S.ddim(), DEN2, X2, nfe=5, max_steps=3)

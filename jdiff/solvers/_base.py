@@ -112,12 +112,16 @@ class Solver:
       shaped_tables: whether the tables depend on the shape of one sample (per-dimension
         coefficients, e.g. DPM-Solver-v3's statistics): :func:`jdiff.sample_padded` then
         builds them for a dummy state of that shape instead of a shape-free one.
+      init_uses_nfe: whether ``init`` reads its ``nfe`` target (singlestep solvers spend
+        it exactly); for the others :func:`jdiff.sample_padded` drops the target, so
+        calls with and without it share one tables program.
     """
 
     stochastic = False
     min_steps = 1
     padded_tables = False
     shaped_tables = False
+    init_uses_nfe = False
 
     def init(self, x_T, grid, process, *, key=None, nfe=None) -> State:
         raise NotImplementedError
