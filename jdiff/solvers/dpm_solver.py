@@ -229,9 +229,8 @@ def dpm_solver(
       method: ``"singlestep"`` (the paper's DPM-Solver-k, ``k`` calls per step) or
         ``"multistep"`` (one call per step, reusing past outputs).
       solver_type: ``"midpoint"`` or ``"heun"`` (the order-2 difference coefficient).
-      lower_order_final: lower the order on the last steps of short grids (multistep:
-        also on long log-SNR steps of longer grids); for singlestep, only when no target
-        NFE fixes the orders.
+      lower_order_final: lower the order on the last steps of short grids; for
+        singlestep, only when no target NFE fixes the orders.
       variant: ``"exact"`` or, for third-order multistep, ``"diffusers"`` (the reference
         implementation's and diffusers' update, globally second order; see the module).
 
@@ -273,7 +272,7 @@ def dpm_solver_pp(
       method: ``"multistep"`` or ``"singlestep"``.
       solver_type: ``"midpoint"`` or ``"heun"`` (the order-2 difference coefficient).
       lower_order_final: lower the order on the last steps of short grids (multistep: also
-        on long log-SNR steps of longer grids, :func:`jdiff.solvers._base.multistep_order`).
+        on a long last step of longer grids, :func:`jdiff.solvers._base.multistep_order`).
       variant: ``"exact"`` (jdiff's third-order form, the default) or ``"diffusers"``
         (the reference implementation's and diffusers' 3M update, which puts half the
         exact weight on the second difference: globally second order; see the module).

@@ -472,7 +472,7 @@ class DPMSolverV3(Solver):
       corrector: apply the corrector (no extra call).
       corrector_pseudo: the corrector's derivatives by divided differences.
       lower_order_final: lower the order on the last steps of grids shorter than 15 and
-        on long log-SNR steps of longer grids (:func:`jdiff.solvers._base.multistep_order`).
+        on a long last step of longer grids (:func:`jdiff.solvers._base.multistep_order`).
     """
 
     stats: ModelStatistics
@@ -641,7 +641,7 @@ def dpm_solver_v3(
       corrector: the multistep corrector (Sec. 3.4; no extra call).
       corrector_pseudo: pseudo-order corrector.
       lower_order_final: lower the order on the last steps of grids shorter than 15 and
-        on long log-SNR steps of longer grids (:func:`jdiff.solvers._base.multistep_order`).
+        on a long last step of longer grids (:func:`jdiff.solvers._base.multistep_order`).
 
     Returns:
       A :class:`DPMSolverV3`. Sampling checks that the process and sample shape are the

@@ -33,7 +33,8 @@ def unipc(
       corrector: False gives the predictor-only UniP.
       prediction: ``"data"`` (x0, the default) or ``"noise"`` (eps).
       lower_order_final: lower the order on the last steps of grids shorter than 15 and
-        on long log-SNR steps of longer grids (:func:`jdiff.solvers._base.multistep_order`).
+        on a long last step of longer grids with data prediction
+        (:func:`jdiff.solvers._base.multistep_order`).
     """
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unknown UniPC variant {variant!r}; expected 'bh1' or 'bh2'")
