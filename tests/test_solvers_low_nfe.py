@@ -139,6 +139,13 @@ def test_dpm_solver_v3_degenerate_statistics_are_dpm_solver_pp(problem):
     # program's steps on the same tables (same float64 operations up to the padding)
     padded = jdiff.sample_padded(v3, den, x_T, grid, max_steps=10)
     np.testing.assert_allclose(padded, got, rtol=0, atol=1e-12)
+    # a 20-step uniform grid: both take its long last step at first order (the long-step rule)
+    grid = jdiff.time_grid(proc, 20, kind="uniform", dtype=jnp.float64)
+    lam = np.asarray(proc.lambda_(grid))
+    v3 = S.dpm_solver_v3(
+        S.ModelStatistics.degenerate(np.linspace(lam[0], lam[-1], 5), (3,), proc.name), 3, corrector=False
+    )
+    np.testing.assert_allclose(jdiff.sample(v3, den, x_T, grid), jdiff.sample(ref, den, x_T, grid), rtol=0, atol=1e-12)
 
 
 def test_dpm_solver_v3_derivative_estimates(x64):
