@@ -54,6 +54,19 @@ __all__ = [
 ]
 
 
+def _anchored(process, x, t, p, keep):
+    """The prediction ``p`` (made by the network at another time) used at the solver's
+    time ``t``: its ``keep`` part (``"eps"`` or ``"x0"``) as is, the other from
+    ``x = alpha(t) x0 + sigma(t) eps`` (the network's own where alpha or sigma is 0)."""
+    a = broadcast_to_x(process.alpha(jnp.asarray(t, x.dtype)), x)
+    s = broadcast_to_x(process.sigma(jnp.asarray(t, x.dtype)), x)
+    if keep == "eps":
+        x0 = jnp.where(a > 0, (x - s * p.eps) / jnp.where(a > 0, a, 1.0), p.x0)
+        return Prediction(x0.astype(p.x0.dtype), p.eps)
+    eps = jnp.where(s > 0, (x - a * p.x0) / jnp.where(s > 0, s, 1.0), p.eps)
+    return Prediction(p.x0, eps.astype(p.eps.dtype))
+
+
 def _eps_from_x0(process, x, t, x0):
     a = broadcast_to_x(process.alpha(jnp.asarray(t, x.dtype)), x)
     s = broadcast_to_x(process.sigma(jnp.asarray(t, x.dtype)), x)
@@ -131,12 +144,8 @@ class _TimeShift(InnerWrapper):
 
     def __call__(self, x, t, cond=None) -> Prediction:
         ts = self.shifted_time(x, t)
-        p = self.inner(x, ts, cond)
         # the network's noise estimate, used as the prediction at the step's own time
-        a = broadcast_to_x(self.process.alpha(jnp.asarray(t, x.dtype)), x)
-        s = broadcast_to_x(self.process.sigma(jnp.asarray(t, x.dtype)), x)
-        x0 = jnp.where(a > 0, (x - s * p.eps) / jnp.where(a > 0, a, 1.0), p.x0)
-        return Prediction(x0.astype(p.x0.dtype), p.eps)
+        return _anchored(self.process, x, t, self.inner(x, ts, cond), "eps")
 
 
 jax.tree_util.register_dataclass(
@@ -192,14 +201,7 @@ class _NetworkTime(InnerWrapper):
         return jnp.where(inside, jnp.interp(t, g, n), t)
 
     def __call__(self, x, t, cond=None) -> Prediction:
-        p = self.inner(x, self.network_time(t), cond)
-        a = broadcast_to_x(self.process.alpha(jnp.asarray(t, x.dtype)), x)
-        s = broadcast_to_x(self.process.sigma(jnp.asarray(t, x.dtype)), x)
-        if self.keep == "eps":  # the network's eps, x0 from x = alpha x0 + sigma eps at t
-            x0 = jnp.where(a > 0, (x - s * p.eps) / jnp.where(a > 0, a, 1.0), p.x0)
-            return Prediction(x0.astype(p.x0.dtype), p.eps)
-        eps = jnp.where(s > 0, (x - a * p.x0) / jnp.where(s > 0, s, 1.0), p.eps)
-        return Prediction(p.x0, eps.astype(p.eps.dtype))
+        return _anchored(self.process, x, t, self.inner(x, self.network_time(t), cond), self.keep)
 
 
 jax.tree_util.register_dataclass(_NetworkTime, data_fields=["inner", "grid", "net_grid"], meta_fields=["keep"])
