@@ -160,12 +160,8 @@ def net_grid_from(process, grid, z, window: float, space: str = "logsnr"):
     and ``z`` (``(N - 1,)``)."""
     grid = jnp.asarray(grid)
     z = jnp.asarray(z, grid.dtype)
-    u = process.lambda_(grid[1:-1]) if space == "logsnr" else grid[1:-1]
-    if space == "logsnr":
-        ends = process.lambda_(grid[jnp.asarray([0, -1])])
-        full = jnp.concatenate([ends[:1], u, ends[1:]])
-    else:
-        full = grid
+    full = process.lambda_(grid) if space == "logsnr" else grid
+    u = full[1:-1]
     gap = jnp.abs(jnp.diff(full))
     m = jnp.minimum(gap[:-1], gap[1:])
     u2 = u + window * jnp.tanh(z) * m
