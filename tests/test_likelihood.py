@@ -12,6 +12,7 @@ from conftest import EPS64
 import jdiff
 from jdiff import likelihood as L
 from jdiff import solvers as S
+from jdiff.likelihood._integrators import _node_weights
 from jdiff.superdiff import sample_superdiff
 from jdiff.testbed import GaussianMixture, random_mixture
 
@@ -107,7 +108,7 @@ def test_fixed_grid_gaussian_hutchinson_unbiased(bed):
 def test_node_weights_integrate_cubics_exactly_and_converge_at_fourth_order(x64):
     # the divergence rule of the jdiff-solver path: exact for cubics on any monotone
     # nodes (either direction), O(h^4) for a smooth integrand
-    weights = jax.jit(L._node_weights)
+    weights = jax.jit(_node_weights)
     s = jnp.asarray([3.0, 2.6, 1.9, 1.5, 0.4, -0.3, -1.0])  # decreasing, uneven, as lambda
     cubic = lambda u: 0.7 * u**3 - 1.3 * u**2 + 0.5 * u - 2.0
     F = lambda u: 0.175 * u**4 - 1.3 / 3 * u**3 + 0.25 * u**2 - 2.0 * u
