@@ -29,9 +29,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jdiff._checks import batch_array, concrete
+from jdiff._grid import time_grid
 from jdiff._param import Prediction, check_cond_batch
 from jdiff._process import same_process
-from jdiff.likelihood import gaussian_prior_log_prob
+from jdiff._sample import _jittable, check_x_T, validate_grid
+from jdiff.likelihood import gaussian_prior_log_prob, ito_increment
+from jdiff.solvers import Solver, ddpm
+from jdiff.solvers._base import compute_dtype, evaluate
+from jdiff.solvers._multistep import Multistep
+from jdiff.solvers.ddim import DDIM
+from jdiff.solvers.euler import EulerMaruyama
 
 __all__ = ["MODES", "SuperDiffInfo", "sample_superdiff"]
 
@@ -68,11 +76,6 @@ class _Fixed:
 
 
 def _check_solver(solver):
-    from jdiff.solvers import Solver
-    from jdiff.solvers._multistep import Multistep
-    from jdiff.solvers.ddim import DDIM
-    from jdiff.solvers.euler import EulerMaruyama
-
     if not isinstance(solver, Solver):
         raise TypeError(f"solver must be a jdiff Solver, got {type(solver).__name__}")
     ok = (
@@ -106,9 +109,6 @@ def _combine(kb, ys):
 
 
 def _superdiff_impl(solver, denoisers, x_T, grid, conds, key, log_weights, *, mode):
-    from jdiff.likelihood import ito_increment
-    from jdiff.solvers._base import compute_dtype, evaluate
-
     process = denoisers[0].process
     dt = compute_dtype(x_T)
     M = len(denoisers)
@@ -200,11 +200,6 @@ def sample_superdiff(
         of the wrong shape; and whatever :func:`jdiff.sample` rejects (bad grid,
         non-finite ``x_T``).
     """
-    from jdiff._checks import batch_array, concrete
-    from jdiff._grid import time_grid
-    from jdiff._sample import _jittable, check_x_T, validate_grid
-    from jdiff.solvers import ddpm
-
     if not isinstance(denoisers, (list, tuple)):
         raise TypeError(f"denoisers must be a list or tuple of denoisers, got {type(denoisers).__name__}")
     M = len(denoisers)

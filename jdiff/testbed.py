@@ -152,6 +152,7 @@ class GaussianMixture:
     # ------------------------------------------------------ reference ODE
     def _compiled_solve(self, process, variable, rtol, atol, max_steps):
         """A jitted diffrax solve, cached per (process, variable, tolerances)."""
+        # deferred: diffrax is heavy (about 1.5-2 s to import) and only the reference ODE needs it
         import diffrax
 
         cache = self.__dict__.setdefault("_ode_cache", {})

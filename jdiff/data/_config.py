@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import numpy as np
+
+from jdiff.data._sources import digits, load_cifar10, load_image_folder, load_npz
+from jdiff.data._toy import toy
+
 __all__ = ["DataConfig"]
 
 
@@ -70,21 +75,17 @@ class DataConfig:
         """``(x, labels, num_classes)`` as numpy arrays (``labels`` None and
         ``num_classes`` 0 for unlabelled data or ``class_conditional=False``). Raises
         ``ValueError`` for data that do not match the configuration."""
-        import numpy as np
-
-        from jdiff import data as D
-
         self.validate()
         if self.source == "digits":
-            x, y = D.digits(self.resolution, method=self.upsample)
+            x, y = digits(self.resolution, method=self.upsample)
         elif self.source == "toy":
-            x, y = D.toy(self.toy_name, self.toy_size, self.toy_seed)
+            x, y = toy(self.toy_name, self.toy_size, self.toy_seed)
         elif self.source == "npz":
-            x, y = D.load_npz(self.path, channels=self.channels, resolution=self.resolution)
+            x, y = load_npz(self.path, channels=self.channels, resolution=self.resolution)
         elif self.source == "image_folder":
-            x, y = D.load_image_folder(self.path, self.resolution, self.channels, labels=self.class_conditional)
+            x, y = load_image_folder(self.path, self.resolution, self.channels, labels=self.class_conditional)
         else:
-            x, y = D.load_cifar10(self.path)
+            x, y = load_cifar10(self.path)
         x = np.asarray(x)
         if x.ndim != len(self.shape) + 1 or tuple(x.shape[1:]) != self.shape:
             raise ValueError(

@@ -75,6 +75,7 @@ def digits(resolution: int = 8, *, method: str = "bilinear", dtype=np.float32):
       ``(images, labels)``: ``(1797, resolution, resolution, 1)`` of ``dtype`` and int32
       class labels ``0..9``.
     """
+    # deferred: scikit-learn takes several seconds to import and only the digits need it
     from sklearn.datasets import load_digits
 
     _check_float_dtype(dtype, "digits")

@@ -38,6 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jdiff.data import digits
+from jdiff.metrics import frechet_distance, gaussian_stats
+
 __all__ = [
     "FEATURE_NAME",
     "FEATURE_DIM",
@@ -150,8 +153,6 @@ def digits_split(path=None):
     Raises:
       ValueError: the weights file is missing or malformed (see :meth:`DigitsClassifier.load`).
     """
-    from jdiff.data import digits
-
     held = _read_weights(path)[1]["heldout_index"]
     x, y = digits(8)
     mask = np.zeros(len(x), bool)
@@ -325,8 +326,6 @@ class DigitsClassifier:
 
     def stats(self, images):
         """``(mu (64,), sigma (64, 64))`` float64 statistics of the features of ``images``."""
-        from jdiff.metrics import gaussian_stats
-
         return gaussian_stats(self.features(images))
 
 
@@ -366,8 +365,6 @@ def fd_digits(images_a, images_b, classifier: DigitsClassifier | None = None) ->
     Raises:
       ValueError: malformed images or fewer than 2 in a set.
     """
-    from jdiff.metrics import frechet_distance
-
     clf = classifier or digits_classifier()
     for what, im in (("images_a", images_a), ("images_b", images_b)):
         if np.ndim(im) < 1 or np.shape(im)[0] < 2:

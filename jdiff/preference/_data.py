@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff.data import Loader
+
 __all__ = [
     "PreferencePairs",
     "LabelledSamples",
@@ -163,8 +165,6 @@ def preference_loader(
       ValueError: malformed data (see :func:`check_pairs` / :func:`check_labelled`), a
         batch larger than the data set; TypeError: another kind of data.
     """
-    from jdiff.data import Loader
-
     if isinstance(data, PreferencePairs):
         d = check_pairs(data, num_classes=num_classes, shape=shape)
         arrays = {"win": d.win, "lose": d.lose}
