@@ -76,6 +76,34 @@ def test_dpo_family_hand_computed():
         P.diffusion_dpo_loss(ew, el[:1], rw, rl)
 
 
+def test_dpo_loss_is_eq14_with_the_stated_rescaled_beta():
+    """Wallace et al.'s Eq. 14 integrand, with squared errors summed over the D dimensions
+    and beta_14 T omega = c beta / D, is diffusion_dpo_loss on per_sample_error (means over
+    the dimensions) with beta and c = 1/2 (half=True) or 1 (the docstring's relation)."""
+    rng = np.random.default_rng(0)
+    B, D = 4, 12
+    eps = rng.normal(size=(2, B, D))  # the noises of winners [0] and losers [1]
+    pol = eps + 0.3 * rng.normal(size=(2, B, D))  # eps_theta
+    ref = eps + 0.3 * rng.normal(size=(2, B, D))  # eps_ref
+    S, Sref = ((eps - pol) ** 2).sum(-1), ((eps - ref) ** 2).sum(-1)  # Eq. 14's ||.||_2^2
+    beta = 50.0  # with D = 12: arguments of the log-sigmoid of order 1
+    with jax.enable_x64(True):
+
+        def err(a, e):
+            return P.per_sample_error(jnp.asarray(a), jnp.asarray(e))
+
+        errs = err(pol[0], eps[0]), err(pol[1], eps[1]), err(ref[0], eps[0]), err(ref[1], eps[1])
+        for half, c in ((True, 0.5), (False, 1.0)):
+            arg = -(c * beta / D) * ((S[0] - Sref[0]) - (S[1] - Sref[1]))
+            want = np.mean(np.logaddexp(0.0, -arg))  # -log sigmoid(arg), by pair, averaged
+            got = float(P.diffusion_dpo_loss(*errs, beta=beta, half=half)[0])
+            # float64 sums of D = 12 terms and a few operations on values of order 1 (the
+            # differences cancel by less than 10x): 64 eps64 (about 2 eps64 observed)
+            np.testing.assert_allclose(got, want, rtol=64 * EPS64)
+            # the public code's scaling is not Eq. 14's with the same beta (the 1/D)
+            assert abs(float(np.mean(np.logaddexp(0.0, c * beta * ((S[0] - Sref[0]) - (S[1] - Sref[1]))))) - got) > 1.0
+
+
 def test_mapo_kto_stepwise_ddpo_hand_computed():
     tol = 16 * EPS32  # as above: O(1) values, a few float32 operations
     ew, el, rw, rl = _f32(ERR_W, ERR_L, REF_W, REF_L)

@@ -86,8 +86,10 @@ def diffusion_dpo_loss(err_w, err_l, ref_err_w, ref_err_l, *, beta: float = 5000
     ``h = u_w - u_l = -c ((L_w - L_l) - (Lref_w - Lref_l))`` and the implicit reward
     margin ``m = beta h``:
 
-    - ``"sigmoid"``: ``-log sigmoid(m)``, the paper's loss
-      ``-log sigmoid(-beta/2 ((L_w - L_l) - (Lref_w - Lref_l)))`` with ``half=True``;
+    - ``"sigmoid"``: ``-log sigmoid(m) = -log sigmoid(-c beta ((L_w - L_l) - (Lref_w -
+      Lref_l)))``, the form of the public Diffusion-DPO code (errors averaged over the
+      features, ``c = 1/2`` with ``half=True``): the paper's Eq. 14 with a rescaled
+      ``beta`` (below);
     - ``"hinge"``: ``max(0, 1 - m)`` (SLiC-HF's hinge on DPO's margin);
     - ``"ipo"``: ``(h - 1 / (2 beta))^2`` (IPO, Azar et al. 2024; ``beta`` is its ``tau``
       inverse, as in DPO's ``beta``).
@@ -96,8 +98,35 @@ def diffusion_dpo_loss(err_w, err_l, ref_err_w, ref_err_l, *, beta: float = 5000
     ``beta = 5000`` for Stable Diffusion 1.5 (``half=True``, the default here); the same
     objective written without the 1/2 uses ``beta = 2500`` (``half=False``). The two
     spellings give the identical loss: ``(beta, half=True) == (beta/2, half=False)``.
-    The time weighting ``T omega(lambda_t)`` of the paper's Eq. 14 is a constant folded
-    into ``beta`` (uniform time sampling, eps-error).
+
+    Relation to the paper's Eq. 14. With ``S = ||eps - eps_theta(x_t, t)||_2^2`` summed
+    over the ``D`` dimensions of a sample (``Sref`` the same for the reference), Eq. 14 is
+
+        -E_{(x0^w, x0^l), t ~ U(0, T), x_t^w ~ q(x_t|x0^w), x_t^l ~ q(x_t|x0^l)}
+            log sigmoid(-beta_14 T omega(lambda_t) ((S_w - Sref_w) - (S_l - Sref_l))),
+
+    ``omega(lambda_t)`` a weighting (constant in the paper's practice). Here
+    ``L = w(t) S / D``: :func:`per_sample_error` is a mean over the dimensions, and
+    ``w(t)`` the training weighting of :func:`jdiff.preference.make_preference_loss`
+    (1 for an eps-prediction without weighting). So ``m = -(c beta w(t) / D)
+    ((S_w - Sref_w) - (S_l - Sref_l))``, and the loss of a pair is Eq. 14's integrand
+    exactly when
+
+        beta_14 T omega(lambda_t) = c beta w(t) / D:
+
+    with ``half=True`` and ``w = 1``, ``beta`` here is ``2 D T omega beta_14``. (Stable
+    Diffusion 1.5's 4x64x64 latents have ``D = 16384``, so the public ``beta = 5000`` is
+    ``beta_14 T omega = 0.153``.) The expectation: the loss is the batch mean over
+    pairs, one draw of ``(t, eps)`` per pair, so an unbiased estimate of an expectation
+    over pairs, times and noise, with ``t`` from the training time sampler: Eq. 14's
+    when that sampler is uniform. Another sampler ``p(t)`` gives the expectation over
+    ``p(t)``, which no ``omega`` reproduces (``omega`` sits inside the log-sigmoid, a
+    density of ``t`` outside it). The winner and the loser of a pair share ``t`` and
+    the noise ``eps`` (:func:`jdiff.preference.make_preference_loss`, as the public
+    code), where Eq. 14 writes separate draws of ``x_t^w`` and ``x_t^l``: sharing is
+    one coupling of those draws. The Jensen step that yields Eq. 14 holds for every
+    coupling, so both are upper bounds of the same objective (the one before that
+    step), but with different values, since ``log sigmoid`` is not linear.
 
     Args:
       err_w, err_l: ``(B,)`` per-sample denoising errors of the policy on winners and
