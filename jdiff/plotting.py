@@ -237,6 +237,7 @@ def plot_sweep(best: dict, path: str, *, title: str = "") -> None:
     """
     # matplotlib (log axes, legends) only for this figure: heavy, so imported here
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -259,6 +260,16 @@ def plot_sweep(best: dict, path: str, *, title: str = "") -> None:
             ax.plot(xs, ys, "--", color="black", lw=1.0, label="best of all")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        nfes = sorted({n for fam in best[metric].values() for n in fam})
+        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+        lo, hi = ax.get_ylim()
+        if hi / lo < 12:  # within about a decade: label the minor ticks too
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+            ax.tick_params(axis="y", which="minor", labelsize=7)
+        else:
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("NFE (network evaluations per sample)")
         ax.set_ylabel(f"{metric} (best of each family)")
         ax.set_title(metric, fontsize=10)

@@ -389,7 +389,10 @@ def family_table(rows: list[dict], metric: str) -> str:
     out.append("|---|" + "---:|" * len(nfes))
 
     def cell(r):
-        return "-" if r is None else f"{_fmt(r[metric])} ({r['solver']})"
+        if r is None:
+            return "-"
+        same = f" = {r['same_as']}" if r.get("same_as") else ""
+        return f"{_fmt(r[metric])} ({r['solver']}{same})"
 
     for fam, by_nfe in best.items():
         out.append(f"| {fam} | " + " | ".join(cell(by_nfe.get(n)) for n in nfes) + " |")
