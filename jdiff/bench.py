@@ -92,7 +92,9 @@ class BenchSettings:
       batch_size: samples per device program (0: all at once).
       grid_kind: the time grid (:func:`jdiff.time_grid`).
       ode_steps: steps of the converged ODE reference of the ``ode_l2`` column (0: no
-        column); the reference is :data:`ODE_SOLVER` on a ``grid_kind`` grid.
+        column; None: :data:`ODE_STEPS` for the digits sweep, no column for a trained run,
+        whose sweeps predate the column); the reference is :data:`ODE_SOLVER` on a
+        ``grid_kind`` grid.
       progress: a progress bar on stderr.
     """
 
@@ -103,7 +105,7 @@ class BenchSettings:
     guidance: float = 1.0
     batch_size: int = 0
     grid_kind: str = "default"
-    ode_steps: int = ODE_STEPS
+    ode_steps: int | None = None
     progress: bool = True
 
     def names(self) -> list[str]:
@@ -288,14 +290,14 @@ def _floor_note(metric: str, floor: float) -> str:
     return f"Floor: {metric} of real data against the reference at the same sample count = {floor:.4g}"
 
 
-def _ode_table(dim: int, settings: BenchSettings):
-    ref = f"{ODE_SOLVER} at {settings.ode_steps} steps, grid kind {settings.grid_kind}"
+def _ode_table(dim: int, steps: int, grid_kind: str):
+    ref = f"{ODE_SOLVER} at {steps} steps, grid kind {grid_kind}"
     return ("ode_l2", "mean L2 to the converged ODE solution from the same noises", ODE_DOC.format(dim=dim, ref=ref))
 
 
 def digits_sweep(out: str, settings: BenchSettings = BenchSettings()) -> Sweep:
     """The main job on the shipped digits model, into ``out``: FD-digits against the
-    held-out digits, accuracy, and (``settings.ode_steps > 0``) the ``ode_l2`` column.
+    held-out digits, accuracy, and (unless ``settings.ode_steps == 0``) the ``ode_l2`` column.
 
     The floor in ``results.md`` is FD-digits of ``num`` real training digits (a seeded
     subset) against the held-out set: the Frechet estimator's bias at this sample count."""
@@ -311,13 +313,14 @@ def digits_sweep(out: str, settings: BenchSettings = BenchSettings()) -> Sweep:
     ident = dict(model="pretrained:digits", guidance=settings.guidance, metric="fd_digits")
     metrics = digits_metrics(clf, ref, labels)
     tables = [("accuracy", "classifier accuracy on class-conditional samples", "")]
-    if settings.ode_steps:
-        ident["ode_reference"] = f"{ODE_SOLVER}@{settings.ode_steps}"
+    steps = ODE_STEPS if settings.ode_steps is None else settings.ode_steps
+    if steps:
+        ident["ode_reference"] = f"{ODE_SOLVER}@{steps}"
         ode = ode_error_metric(
             den,
             shape,
             num=settings.num,
-            steps=settings.ode_steps,
+            steps=steps,
             seed=settings.seed,
             cond=labels,
             batch_size=settings.batch_size,
@@ -325,7 +328,7 @@ def digits_sweep(out: str, settings: BenchSettings = BenchSettings()) -> Sweep:
             cache_dir=out,
         )
         metrics = _both(metrics, ode)
-        tables.insert(0, _ode_table(int(np.prod(shape)), settings))
+        tables.insert(0, _ode_table(int(np.prod(shape)), steps, settings.grid_kind))
     return _sweep(
         den,
         shape,
@@ -415,7 +418,7 @@ def run_sweep(
       inception: InceptionV3 weights: FID instead of FD-digits (which needs 8x8x1 images).
 
     Returns:
-      The :class:`Sweep`; with ``settings.ode_steps`` the rows carry ``ode_l2`` too.
+      The :class:`Sweep`; with ``settings.ode_steps > 0`` the rows carry ``ode_l2`` too.
     """
     cfg, _, run_, state, step = load_run_state(run_dir, step)
     params = run_layer.to_host(state.ema_params if state.ema_params is not None else state.params)
@@ -447,12 +450,13 @@ def run_sweep(
     if labels is not None and name == "fd_digits":
         tables.append(("accuracy", "classifier accuracy on class-conditional samples", ""))
     if settings.ode_steps:
-        ident["ode_reference"] = f"{ODE_SOLVER}@{settings.ode_steps}"
+        steps = settings.ode_steps
+        ident["ode_reference"] = f"{ODE_SOLVER}@{steps}"
         ode = ode_error_metric(
             den,
             run_.data_shape,
             num=settings.num,
-            steps=settings.ode_steps,
+            steps=steps,
             seed=settings.seed,
             cond=labels,
             batch_size=settings.batch_size,
@@ -460,7 +464,7 @@ def run_sweep(
             cache_dir=out,
         )
         metrics = _both(metrics, ode)
-        tables.insert(0, _ode_table(int(np.prod(run_.data_shape)), settings))
+        tables.insert(0, _ode_table(int(np.prod(run_.data_shape)), steps, settings.grid_kind))
     return _sweep(
         den,
         run_.data_shape,

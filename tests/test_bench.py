@@ -120,8 +120,7 @@ def test_main_job_fd_unchanged_and_the_ode_error_column(tmp_path, capsys):
     assert "dpm++3m at 12 steps" in md and "stochastic solvers" in md
     assert "#### ode_l2: the best of each solver family per NFE" in md
     assert "| DPM-Solver++ | " in md and "| DDIM / DDPM | " in md
-    # the reference's noises are the sweep's: another seed into the folder is refused,
-    # and so is another reference
+    # a folder's cached reference belongs to its sweep: another reference into it is refused
     code, _, err = run_cli(argv + ["--ode-steps", "20", "--out", tmp_path, "--no-progress"], capsys)
     assert code == 2 and "ode_reference: 'dpm++3m@12' there, 'dpm++3m@20' now" in err, err
 
@@ -190,6 +189,7 @@ def test_family_best_and_table():
         (["--ref", "x.npz"], "apply to --run"),
         (["--run", "/nonexistent/run"], "run directory not found"),
         (["--no-testbed", "--testbed-only"], "exclude each other"),
+        (["--ode-steps", "-1"], "--ode-steps must be >= 0"),
     ],
 )
 def test_bad_input_is_refused_before_sampling(extra, msg, capsys, tmp_path):
