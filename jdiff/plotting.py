@@ -223,7 +223,7 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
-def plot_sweep(best: dict, path: str, *, title: str = "") -> None:
+def plot_sweep(best: dict, path: str, *, title: str = "", families=()) -> None:
     """The NFE sweep's figure (``fd_vs_nfe.png``): one panel per metric, one line per
     solver family through its best configuration at each NFE, and the front (the best
     of all families) as a dashed black line; log axes. The full per-solver table is in
@@ -234,6 +234,8 @@ def plot_sweep(best: dict, path: str, *, title: str = "") -> None:
         row's ``solver`` names the configuration, ``metric`` its value.
       path: the PNG file.
       title: the figure's title.
+      families: the known families in a fixed order, so each keeps its colour from
+        figure to figure (others follow in the order met).
     """
     # matplotlib (log axes, legends) only for this figure: heavy, so imported here
     import matplotlib
@@ -244,7 +246,8 @@ def plot_sweep(best: dict, path: str, *, title: str = "") -> None:
 
     metrics = list(best)
     fig, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 5.5), squeeze=False)
-    families = list(dict.fromkeys(f for m in metrics for f in best[m]))
+    met = list(dict.fromkeys(f for m in metrics for f in best[m]))
+    families = list(families) + [f for f in met if f not in families]
     cmap = plt.get_cmap("tab10")
     for ax, metric in zip(axes[0], metrics):
         front: dict[int, float] = {}
@@ -274,7 +277,7 @@ def plot_sweep(best: dict, path: str, *, title: str = "") -> None:
         ax.set_ylabel(f"{metric} (best of each family)")
         ax.set_title(metric, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle(title or "sample quality against NFE", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -404,4 +404,5 @@ def plot_results(rows: list[dict], path: str, *, metric, title: str = "") -> Non
     """The sweep's figure: per metric (a name or a list of names, one panel each), the
     best of each solver family against NFE (:func:`jdiff.plotting.plot_sweep`)."""
     metrics = [metric] if isinstance(metric, str) else list(metric)
-    plot_sweep({m: family_best(rows, m) for m in metrics}, path, title=title)
+    families = [f for f, _ in FAMILIES]
+    plot_sweep({m: family_best(rows, m) for m in metrics}, path, title=title, families=families)
