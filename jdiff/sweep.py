@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 CELLS = "cells.jsonl"
+# metrics where higher is better: full tables only, no family bests (which take minima)
+HIGHER_IS_BETTER = frozenset({"accuracy"})
 SETTINGS = "sweep.json"
 
 
@@ -284,7 +286,8 @@ def write_results(
 
     ``results.md`` holds the headline table (one row per solver, one column per NFE),
     ``notes``, the best of each solver family per NFE (:func:`family_table`) for the
-    headline and the further tables' metrics, then the further full tables. The figure
+    headline and the further tables' metrics (except :data:`HIGHER_IS_BETTER`), then the
+    further full tables. The figure
     draws the family bests (:func:`jdiff.plotting.plot_sweep`), one panel per metric with
     a family table.
     """
@@ -302,7 +305,7 @@ def write_results(
         return
     parts = [markdown_table(rows, metric, title=title)]
     parts += [f"{n}\n" for n in notes]
-    ranked = [metric] + [m for m, _, _ in tables if m != "accuracy"]
+    ranked = [metric] + [m for m, _, _ in tables if m not in HIGHER_IS_BETTER]
     for m in ranked:
         parts.append(family_table(rows, m))
     for m, t, doc in tables:

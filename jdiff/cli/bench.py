@@ -14,7 +14,9 @@ import sys
 import time
 
 from jdiff import bench as B
+from jdiff import solvers as S
 from jdiff.cli._common import CLIError, positive, writable_path
+from jdiff.metrics import check_fid_sample_count, load_stats
 
 HELP = "sample quality (FD) against NFE for every solver"
 
@@ -86,8 +88,6 @@ def _ints(text: str, what: str) -> list[int]:
 
 def resolve(args):
     """Every check that needs no sampling: names, numbers, files."""
-    from jdiff import solvers as S
-
     positive(args.num, "--num", 2)
     positive(args.seed, "--seed", 0)
     positive(args.batch_size, "--batch-size", 0)
@@ -116,8 +116,6 @@ def resolve(args):
         raise CLIError("--ref, --ref-data, --inception and --step apply to --run")
     ref = None
     if args.ref:
-        from jdiff.metrics import load_stats
-
         try:
             ref = load_stats(args.ref)
         except (ValueError, OSError) as e:
@@ -130,8 +128,6 @@ def resolve(args):
     if ref is not None and ref[0].shape[0] != dim:
         raise CLIError(f"--ref {args.ref}: statistics of dimension {ref[0].shape[0]}, the features have {dim}")
     if args.inception or args.run is not None:
-        from jdiff.metrics import check_fid_sample_count
-
         try:
             check_fid_sample_count(args.num, dim)
         except ValueError as e:
