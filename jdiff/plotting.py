@@ -1,4 +1,5 @@
-"""Pillow-only plots for runs: a loss curve, 2-D scatter plots, image grids.
+"""Plots for runs (Pillow only): a loss curve, 2-D scatter plots, image grids; and the
+NFE sweep's figure (:func:`plot_sweep`, matplotlib).
 
 :func:`save_image` writes PNG or JPEG by the file's extension (:data:`IMAGE_FORMATS`);
 any other extension is an error, never a silently renamed file.
@@ -10,7 +11,16 @@ import json
 import math
 import os
 
-__all__ = ["IMAGE_FORMATS", "image_format", "save_image", "plot_loss", "plot_scatter", "save_samples", "read_metrics"]
+__all__ = [
+    "IMAGE_FORMATS",
+    "image_format",
+    "save_image",
+    "plot_loss",
+    "plot_scatter",
+    "save_samples",
+    "read_metrics",
+    "plot_sweep",
+]
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
@@ -211,3 +221,64 @@ def read_metrics(path: str) -> list[dict]:
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
     return rows
+
+
+def plot_sweep(best: dict, path: str, *, title: str = "", families=()) -> None:
+    """The NFE sweep's figure (``fd_vs_nfe.png``): one panel per metric, one line per
+    solver family through its best configuration at each NFE, and the front (the best
+    of all families) as a dashed black line; log axes. The full per-solver table is in
+    the sweep's ``results.md`` beside it.
+
+    Args:
+      best: ``{metric: {family: {nfe: row}}}`` (:func:`jdiff.sweep.family_best`); a
+        row's ``solver`` names the configuration, ``metric`` its value.
+      path: the PNG file.
+      title: the figure's title.
+      families: the known families in a fixed order, so each keeps its colour from
+        figure to figure (others follow in the order met).
+    """
+    # matplotlib (log axes, legends) only for this figure: heavy, so imported here
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(best)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 5.5), squeeze=False)
+    met = list(dict.fromkeys(f for m in metrics for f in best[m]))
+    families = list(families) + [f for f in met if f not in families]
+    cmap = plt.get_cmap("tab10")
+    for ax, metric in zip(axes[0], metrics):
+        front: dict[int, float] = {}
+        for i, fam in enumerate(families):
+            pts = sorted((n, r[metric]) for n, r in best[metric].get(fam, {}).items() if r[metric] > 0)
+            for n, v in pts:
+                front[n] = min(front.get(n, v), v)
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, "-o", ms=3.5, lw=1.3, color=cmap(i % 10), label=fam)
+        if front:
+            xs, ys = zip(*sorted(front.items()))
+            ax.plot(xs, ys, "--", color="black", lw=1.0, label="best of all")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        nfes = sorted({n for fam in best[metric].values() for n in fam})
+        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+        lo, hi = ax.get_ylim()
+        if hi / lo < 12:  # within about a decade: label the minor ticks too
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+            ax.tick_params(axis="y", which="minor", labelsize=7)
+        else:
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("NFE (network evaluations per sample)")
+        ax.set_ylabel(f"{metric} (best of each family)")
+        ax.set_title(metric, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title or "sample quality against NFE", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

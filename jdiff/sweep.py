@@ -6,7 +6,10 @@ distance in a feature space, a classifier's accuracy, the exact distance on a te
 Each solver's sampling loop is compiled once for all its NFEs
 (:func:`jdiff.sample_padded`). Finished cells are appended to ``cells.jsonl`` in the
 output folder as they complete, so a killed sweep run again with the same settings skips
-them; the folder also receives ``results.csv``, ``results.md`` and ``fd_vs_nfe.png``.
+them; when the sweep ends the folder receives, once, ``results.csv`` (every cell),
+``results.md`` (the full tables and the best configuration of each solver family per NFE,
+:func:`family_table`) and ``fd_vs_nfe.png`` (one line per solver family: its best
+configuration at each NFE, and the front of all of them).
 """
 
 from __future__ import annotations
@@ -14,15 +17,31 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["nfe_sweep", "plan_cells", "write_results", "plot_results", "read_cells"]
+from jdiff.plotting import plot_sweep
+
+__all__ = [
+    "nfe_sweep",
+    "plan_cells",
+    "write_results",
+    "plot_results",
+    "read_cells",
+    "markdown_table",
+    "family_table",
+    "family_best",
+    "solver_family",
+    "FAMILIES",
+]
 
 CELLS = "cells.jsonl"
+# metrics where higher is better: full tables only, no family bests (which take minima)
+HIGHER_IS_BETTER = frozenset({"accuracy"})
 SETTINGS = "sweep.json"
 
 
@@ -128,6 +147,10 @@ def nfe_sweep(
     progress: bool = True,
     label: str = "",
     share_identical: bool = True,
+    title: str = "",
+    headline: str | None = None,
+    notes: Sequence[str] = (),
+    tables: Sequence[tuple[str, str, str]] = (),
 ) -> list[dict]:
     """Score ``num`` samples of ``denoiser`` for every (solver, NFE) cell.
 
@@ -151,6 +174,8 @@ def nfe_sweep(
         list (``jdiff.solvers._registry.IDENTICAL``: e.g. every first-order exponential
         integrator is DDIM; proven by the tests) is not run again: its rows repeat the
         target's numbers with ``same_as`` naming the target.
+      title, headline, notes, tables: the layout of ``results.md`` and ``fd_vs_nfe.png``
+        (:func:`write_results`), written once when the sweep ends.
 
     Returns:
       One dict per cell: ``solver``, ``nfe`` (requested), ``nfe_used``, ``seconds``, the
@@ -226,7 +251,7 @@ def nfe_sweep(
     order = {n: i for i, n in enumerate(solvers)}
     rows.sort(key=lambda r: (order[r["solver"]], r["nfe"]))
     if out_dir is not None:
-        write_results(rows, out_dir)
+        write_results(rows, out_dir, metric=headline, title=title, notes=notes, tables=tables)
     return rows
 
 
@@ -240,9 +265,32 @@ def _columns(rows) -> list[str]:
     return cols + extra + ["seconds", "same_as", "skipped"]
 
 
-def write_results(rows: list[dict], out_dir: str, *, metric: str | None = None, title: str = "") -> None:
-    """``results.csv``, ``results.md`` (one row per solver, one column per NFE, of
-    ``metric``) and ``fd_vs_nfe.png`` in ``out_dir``."""
+def write_results(
+    rows: list[dict],
+    out_dir: str,
+    *,
+    metric: str | None = None,
+    title: str = "",
+    notes: Sequence[str] = (),
+    tables: Sequence[tuple[str, str, str]] = (),
+) -> None:
+    """Write ``results.csv``, ``results.md`` and ``fd_vs_nfe.png`` into ``out_dir``.
+
+    Args:
+      rows: the sweep's cells (:func:`nfe_sweep`).
+      metric: the headline metric (default: the first metric column).
+      title: the heading of ``results.md`` and the figure.
+      notes: paragraphs after the headline table (e.g. the metric's floor).
+      tables: ``(metric, title, doc)`` of further full tables (``doc``: a paragraph saying
+        what the metric means; may be empty).
+
+    ``results.md`` holds the headline table (one row per solver, one column per NFE),
+    ``notes``, the best of each solver family per NFE (:func:`family_table`) for the
+    headline and the further tables' metrics (except :data:`HIGHER_IS_BETTER`), then the
+    further full tables. The figure
+    draws the family bests (:func:`jdiff.plotting.plot_sweep`), one panel per metric with
+    a family table.
+    """
     import csv
 
     os.makedirs(out_dir, exist_ok=True)
@@ -255,9 +303,16 @@ def write_results(rows: list[dict], out_dir: str, *, metric: str | None = None, 
     metric = metric or next((c for c in cols if c not in ("solver", "nfe", "nfe_used", "seconds", "skipped")), None)
     if metric is None:
         return
+    parts = [markdown_table(rows, metric, title=title)]
+    parts += [f"{n}\n" for n in notes]
+    ranked = [metric] + [m for m, _, _ in tables if m not in HIGHER_IS_BETTER]
+    for m in ranked:
+        parts.append(family_table(rows, m))
+    for m, t, doc in tables:
+        parts.append(markdown_table(rows, m, title=t, level=4) + (f"\n{doc}\n" if doc else ""))
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown_table(rows, metric, title=title))
-    plot_results(rows, os.path.join(out_dir, "fd_vs_nfe.png"), metric=metric, title=title)
+        f.write("\n".join(parts))
+    plot_results(rows, os.path.join(out_dir, "fd_vs_nfe.png"), metric=ranked, title=title)
 
 
 def _fmt(v) -> str:
@@ -266,12 +321,14 @@ def _fmt(v) -> str:
     return f"{v:.4g}"
 
 
-def markdown_table(rows: list[dict], metric: str, *, title: str = "") -> str:
-    """``metric`` as a Markdown table: one row per solver, one column per NFE."""
+def markdown_table(rows: list[dict], metric: str, *, title: str = "", level: int = 3) -> str:
+    """``metric`` as a Markdown table: one row per solver, one column per NFE (a heading
+    of ``level`` hashes)."""
     nfes = sorted({r["nfe"] for r in rows})
     solvers = list(dict.fromkeys(r["solver"] for r in rows))
     cell = {(r["solver"], r["nfe"]): r for r in rows}
-    out = [f"### {title or metric}\n", f"{metric} by solver (rows) and NFE (columns); '-': the solver cannot run\n"]
+    out = [f"{'#' * level} {title or metric}\n"]
+    out.append(f"{metric} by solver (rows) and NFE (columns); '-': the solver cannot run\n")
     out.append("| solver | " + " | ".join(str(n) for n in nfes) + " |")
     out.append("|---|" + "---:|" * len(nfes))
     for s in solvers:
@@ -284,36 +341,71 @@ def markdown_table(rows: list[dict], metric: str, *, title: str = "") -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_results(rows: list[dict], path: str, *, metric: str, title: str = "") -> None:
-    """``metric`` against NFE, one line per solver, log axes (matplotlib)."""
-    import matplotlib
+# Solver families of the registry's names, first match wins: (family, name prefixes).
+FAMILIES = (
+    ("SDE / SA-Solver", ("euler-maruyama", "sde-", "sa-", "sa_")),
+    ("DPM-Solver++", ("dpm++", "dpm_solver++", "dpm-solver++")),
+    ("DPM-Solver", ("dpm",)),
+    ("DDIM / DDPM", ("ddim", "ddpm")),
+    ("Euler / Heun", ("euler", "heun")),
+    ("DEIS", ("deis",)),
+    ("UniPC", ("unip",)),
+    ("iPNDM", ("ipndm",)),
+)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
-    solvers = list(dict.fromkeys(r["solver"] for r in rows))
-    cmap = plt.get_cmap("tab20")
-    styles = ["-", "--", ":", "-."]
-    for i, s in enumerate(solvers):
-        if any(r.get("same_as") for r in rows if r["solver"] == s):
-            continue  # identical to a plotted solver
-        pts = sorted(
-            (r["nfe_used"], r[metric])
-            for r in rows
-            if r["solver"] == s and "skipped" not in r and metric in r and r[metric] > 0
-        )
-        if not pts:
+def solver_family(name: str) -> str:
+    """The family of a registry name (:data:`FAMILIES`): ``"dpm++2m"`` -> DPM-Solver++,
+    ``"unip2"`` -> UniPC, ``"ddpm"`` -> DDIM / DDPM, ``"sde-dpm++2m"`` -> SDE /
+    SA-Solver...; a name outside them is its own family (its letters before the first
+    digit or dash)."""
+    low = name.lower()
+    for family, prefixes in FAMILIES:
+        if low.startswith(prefixes):
+            return family
+    return re.split(r"[\d\-(]", low, maxsplit=1)[0] or name
+
+
+def family_best(rows: list[dict], metric: str) -> dict[str, dict[int, dict]]:
+    """``{family: {nfe: row}}``: per family and NFE, the cell with the lowest finite
+    ``metric`` (the first one in the sweep's order on a tie, so a solver is preferred to
+    its identical alias)."""
+    best: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        v = r.get(metric)
+        if "skipped" in r or v is None or not math.isfinite(v):
             continue
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, styles[(i // 20) % 4], marker="o", ms=3, color=cmap(i % 20), label=s, lw=1)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("NFE (network evaluations per sample)")
-    ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric} against NFE")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6, ncol=2, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        fam = best.setdefault(solver_family(r["solver"]), {})
+        if r["nfe"] not in fam or v < fam[r["nfe"]][metric]:
+            fam[r["nfe"]] = r
+    return best
+
+
+def family_table(rows: list[dict], metric: str) -> str:
+    """Markdown: the best ``metric`` of each solver family per NFE, with the solver that
+    reached it, and the best of all (the quality-versus-NFE front)."""
+    nfes = sorted({r["nfe"] for r in rows})
+    best = family_best(rows, metric)
+    front = {n: min((f[n] for f in best.values() if n in f), key=lambda r: r[metric], default=None) for n in nfes}
+    out = [f"#### {metric}: the best of each solver family per NFE\n"]
+    out.append("| family | " + " | ".join(str(n) for n in nfes) + " |")
+    out.append("|---|" + "---:|" * len(nfes))
+
+    def cell(r):
+        if r is None:
+            return "-"
+        same = f" = {r['same_as']}" if r.get("same_as") else ""
+        return f"{_fmt(r[metric])} ({r['solver']}{same})"
+
+    for fam, by_nfe in best.items():
+        out.append(f"| {fam} | " + " | ".join(cell(by_nfe.get(n)) for n in nfes) + " |")
+    out.append("| **best of all** | " + " | ".join(cell(front[n]) for n in nfes) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_results(rows: list[dict], path: str, *, metric, title: str = "") -> None:
+    """The sweep's figure: per metric (a name or a list of names, one panel each), the
+    best of each solver family against NFE (:func:`jdiff.plotting.plot_sweep`)."""
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    families = [f for f, _ in FAMILIES]
+    plot_sweep({m: family_best(rows, m) for m in metrics}, path, title=title, families=families)
