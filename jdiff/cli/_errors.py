@@ -26,7 +26,7 @@ __all__ = ["USER_ERROR", "IO_ERROR", "debug_requested", "exit_status", "one_line
 
 USER_ERROR = 2
 IO_ERROR = 1
-_LIMIT = 600  # characters of a message from outside jdiff before it is cut
+_LIMIT = 1000  # characters of a message before it is cut (a library's report can be pages)
 # "<Type>: message" as the last line of a traceback inside a message (a callback that
 # raised in a compiled program): JAX reports it as "INTERNAL: CpuCallback error ...".
 _RAISED = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\.)?(_?[A-Za-z]\w*(?:Error|Exception)): (.*\S)\s*$")
@@ -45,7 +45,7 @@ def debug_requested(argv) -> bool:
 def _raised_inside(text: str) -> tuple[str, str] | None:
     """``(type name, message)`` of the error a compiled program's callback raised, found
     in a runtime error's text (the last ``Type: message`` line of its traceback)."""
-    if "Traceback (most recent call last)" not in text:
+    if "Traceback (most recent call last)" not in text and "EquinoxRuntimeError: " not in text:
         return None
     found = None
     for line in text.splitlines():
@@ -90,10 +90,9 @@ def one_line(e: BaseException, user_errors: tuple = (ValueError,)) -> str:
         msg = inner[1]
     else:
         msg = " ".join(text.split()) or type(e).__name__
-    msg = _CHECK_FAILED.sub("", msg)
+    msg = _cut(_CHECK_FAILED.sub("", msg))
     if not _is_check(e, user_errors) and not isinstance(e, OSError):
-        kind = type(e).__name__
-        msg = f"{kind}: {_cut(msg)} (--debug shows the traceback)"
+        msg = f"{type(e).__name__}: {msg} (--debug shows the traceback)"
     return msg
 
 
