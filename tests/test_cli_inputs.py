@@ -1,11 +1,14 @@
 """Malformed command lines: each is answered by one line on stderr, a non-zero exit
-status, and nothing created on disk (checked before any data, model or JAX backend)."""
+status, and nothing created on disk (checked before any data, model or JAX backend);
+failures deep inside a command are one line too (exit status 2 for bad input, 1 for
+I/O), the traceback only under ``--debug`` or ``JDIFF_DEBUG=1``."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import pytest
 
 from jdiff import cli
@@ -61,7 +64,30 @@ BAD = [
     (["sample", "--run", "{run}", "--num", "0"], "--num must be >= 1"),
     (["sample", "--run", "{run}", "--out", "{tmp}/s.gif"], "cannot write an image as '.gif'"),
     (["sample", "--run", "{run}", "--solver", "rk4"], "unknown solver 'rk4'"),
-    (["sample", "--run", "{run}", "--guidance", "nan"], "--guidance must be finite"),
+    (["sample", "--run", "{run}", "--guidance", "nan"], "argument --guidance: must be a finite number, got 'nan'"),
+    (["sample", "--run", "{run}", "--guidance", "inf"], "argument --guidance: must be a finite number, got 'inf'"),
+    (["sample", "--run", "{run}", "--guidance=-inf"], "argument --guidance: must be a finite number"),
+    (["sample", "--run", "{run}", "--out", ""], "--out must name a file, got ''"),
+    (["sample", "--run", "{run}", "--out", "{tmp}/"], "is a directory: give a file name"),
+    (["sample", "--run", "{run}", "--out", "{tmp}/afile/s.png"], "cannot be created: .*afile is not a directory"),
+    (["sample", "--run", "{run}", "--out", "{tmp}/taken.png"], "taken.png exists: give --force to overwrite it"),
+    (["sample", "--run", "{run}", "--out", "{tmp}/taken"], "taken.png exists: give --force"),  # no extension: .png
+    (["sample", "--run", "{run}", "--out", "{tmp}/half.jpg"], "half.npz exists: give --force"),  # the .npz beside
+    (["sample", "--run", "{run}", "--debug", "--nfe", "x"], "argument --nfe: invalid int value: 'x'"),  # usage: 1 line
+    (["prefer", "--scale", "nan"], "argument --scale: must be a finite number > 0, got 'nan'"),
+    (["prefer", "--scale", "inf"], "argument --scale: must be a finite number > 0, got 'inf'"),
+    (["prefer", "--scale", "0"], "argument --scale: must be a finite number > 0, got '0'"),
+    (["prefer", "--scale=-2"], "argument --scale: must be a finite number > 0"),
+    (
+        ["prefer", "--out", "{tmp}/afile/x.json"],
+        "--out .*afile/x.json cannot be created: .*afile is not a writable dir",
+    ),
+    (["prefer", "--out", ""], "--out must name a file, got ''"),
+    (["prefer", "--out", "{tmp}"], "--out must name a file"),
+    (["prefer", "--out", "{tmp}/afile"], "afile exists: give --force to overwrite it"),
+    (["plot", "--run", "{run}", "--out", ""], "--out must name a file, got ''"),
+    (["plot", "--run", "{run}", "--out", "{tmp}/taken.png"], "taken.png exists: give --force"),
+    (["plot", "--run", "{run}", "--out", "{tmp}/afile/loss.png"], "cannot be created: .*afile is not a directory"),
     (["sample", "--run", "{tmp}/nope"], "run directory not found"),
     (["presets", "toy2", "--keys"], "did you mean 'toy2d'"),
     (["plot", "--run", "{run}", "--out", "{tmp}/loss.txt"], "cannot write an image as '.txt'"),
@@ -166,6 +192,8 @@ def test_malformed_input_is_one_line_and_writes_nothing(kind, what, msg, tmp_pat
     import re
 
     (tmp_path / "afile").write_text("not a directory")
+    for name in ("taken.png", "half.npz"):
+        (tmp_path / name).write_bytes(b"an earlier result")
     before_tmp, before_run, cwd_before = _snapshot(tmp_path), _snapshot(fake_run), _snapshot(os.getcwd())
     if kind == "cli":
         argv = [a.format(tmp=tmp_path, run=fake_run) for a in what]
@@ -185,6 +213,258 @@ def test_malformed_input_is_one_line_and_writes_nothing(kind, what, msg, tmp_pat
         assert re.search(msg, text), text
     assert _snapshot(tmp_path) == before_tmp and _snapshot(fake_run) == before_run
     assert _snapshot(os.getcwd()) == cwd_before  # no runs/<preset> either
+
+
+# ------------------------------------------------- failures deep inside a command
+
+
+@pytest.fixture
+def plot_run(tmp_path):
+    """A run directory with one metrics line: ``jdiff plot`` gets past its checks."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    return run
+
+
+def _fails_with(monkeypatch, make_error):
+    """Make ``jdiff plot``'s work raise what ``make_error()`` raises (or returns)."""
+    from jdiff.cli import plot
+
+    def run(args, resolved):
+        e = make_error()
+        raise e
+
+    monkeypatch.setattr(plot, "run", run)
+
+
+def _weights(kind, tmp_path):
+    from jdiff.features import load_inception, load_npz_state_dict
+
+    if kind == "unsafe":
+        return load_inception(os.path.join(os.path.dirname(__file__), "fixtures", "malicious", "malicious_zip.pth"))
+    np.savez(tmp_path / "objects.npz", w=np.array([{"a": 1}], dtype=object))
+    return load_npz_state_dict(tmp_path / "objects.npz")
+
+
+def _checked_in_jit(mechanism):
+    """A value check that fails inside a compiled program, by ``mechanism``."""
+    import jax
+    import jax.numpy as jnp
+
+    import jdiff
+    from jdiff import solvers as S
+
+    x = jnp.ones((4, 2)).at[1, 0].set(jnp.nan)
+    if mechanism == "jdiff.sample":  # jdiff's own checks (equinox.error_if today)
+        den = jdiff.denoiser(lambda x, t, c: 0.1 * x, jdiff.vp_linear(), "eps")
+        return jax.block_until_ready(jax.jit(lambda x: jdiff.sample(S.ddim(), den, x, nfe=2))(x))
+    if mechanism == "checkify":
+        from jax.experimental import checkify
+
+        def f(x):
+            checkify.check(jnp.all(jnp.isfinite(x)), "x_T has non-finite values")
+            return x
+
+        err, _ = jax.jit(checkify.checkify(f))(x)
+        return err.throw()
+
+    def host_check(bad):  # a host callback that raises (a check of a reduced flag)
+        if bad:
+            raise ValueError("x_T has non-finite values")
+
+    f = jax.jit(lambda x: (jax.debug.callback(host_check, jnp.any(~jnp.isfinite(x))), x)[1])
+    return jax.block_until_ready(f(x))
+
+
+def _deep_cases(tmp):
+    import errno
+
+    from jdiff.cli import CLIError, ConfigError
+    from jdiff.train._checkpoint import CheckpointMismatchError
+
+    debug_hint = r" \(--debug shows the traceback\)$"
+    return {
+        "ValueError": (lambda: ValueError("the value is bad:\n  a second line"), 2, "the value is bad: a second line"),
+        "CLIError": (lambda: CLIError("--label must be in [0, 2), got 5"), 2, r"--label must be in \[0, 2\), got 5"),
+        "ConfigError": (lambda: ConfigError("optim.lr: expected a number"), 2, "optim.lr: expected a number"),
+        "CheckpointMismatchError": (lambda: CheckpointMismatchError("a different model"), 2, "a different model"),
+        "disk full": (
+            lambda: OSError(errno.ENOSPC, "No space left on device", "/d/x"),
+            1,
+            "No space left on device: /d/x",
+        ),
+        "read-only": (lambda: PermissionError(errno.EACCES, "Permission denied", "/ro"), 1, "^Permission denied: /ro$"),
+        "unexpected": (lambda: KeyError("w"), 1, "^KeyError: 'w'" + debug_hint),
+        "unsafe weights": (lambda: _weights("unsafe", tmp), 2, r"malicious_zip\.pth: refusing to load global builtins"),
+        "object .npz": (lambda: _weights("npz", tmp), 2, r"objects\.npz: array 'w' cannot be read as a numeric"),
+        "jit: jdiff.sample": (lambda: _checked_in_jit("jdiff.sample"), 2, r"^x_T of shape \(4, 2\) has non-finite"),
+        "jit: checkify": (lambda: _checked_in_jit("checkify"), 2, r"^x_T has non-finite values$"),
+        "jit: host callback": (lambda: _checked_in_jit("callback"), 2, r"^x_T has non-finite values$"),
+    }
+
+
+DEEP = [
+    "ValueError",
+    "CLIError",
+    "ConfigError",
+    "CheckpointMismatchError",
+    "disk full",
+    "read-only",
+    "unexpected",
+    "unsafe weights",
+    "object .npz",
+    "jit: jdiff.sample",
+    "jit: checkify",
+    "jit: host callback",
+]
+
+
+@pytest.mark.parametrize("name", DEEP)
+def test_a_failure_deep_in_a_command_is_one_line(name, plot_run, tmp_path, monkeypatch, capsys):
+    """An exception from inside a command's work (the library, numpy, a compiled
+    program) is one line on stderr in the user's terms: exit status 2 for bad input
+    (``ValueError`` and its subclasses, a check failing under jit: its own message, not
+    the XLA context), 1 for I/O (``OSError``) and anything unexpected."""
+    import re
+
+    make, status, msg = _deep_cases(tmp_path)[name]
+    _fails_with(monkeypatch, make)
+    monkeypatch.delenv("JDIFF_DEBUG", raising=False)
+    code = cli.main(["plot", "--run", plot_run])
+    out, err = capsys.readouterr()
+    assert code == status, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("jdiff plot: error: "), err
+    said = lines[0][len("jdiff plot: error: ") :]
+    assert re.search(msg, said), said
+    for noise in ("INTERNAL", "CpuCallback", "filter_jit", "(`check` failed)", "\\n"):
+        assert noise not in said, said
+
+
+@pytest.mark.parametrize(
+    "argv,env",
+    [(["plot", "--run", "{run}", "--debug"], None), (["--debug", "plot", "--run", "{run}"], None)]
+    + [(["plot", "--run", "{run}"], "1"), (["plot", "--run", "{run}"], "0")],
+    ids=["--debug after", "--debug before", "JDIFF_DEBUG=1", "JDIFF_DEBUG=0"],
+)
+def test_debug_prints_the_traceback_then_the_same_line(argv, env, plot_run, monkeypatch, capsys):
+    _fails_with(monkeypatch, lambda: ValueError("the value is bad"))
+    monkeypatch.delenv("JDIFF_DEBUG", raising=False)
+    if env is not None:
+        monkeypatch.setenv("JDIFF_DEBUG", env)
+    code = cli.main([a.format(run=plot_run) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1] == "jdiff plot: error: the value is bad", err
+    debug = env != "0"
+    assert ("Traceback (most recent call last)" in err) == debug and (len(lines) > 3) == debug, err
+    assert ("ValueError: the value is bad" in err) == debug
+
+
+def test_every_command_accepts_debug():
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"train", "sample", "plot", "prefer", "bench", "tune", "presets"} <= set(commands)
+    for name, sub in commands.items():
+        assert "--debug" in sub._option_string_actions, name
+    assert parser.parse_args(["presets", "--debug"]).debug is True
+    assert parser.parse_args(["--debug", "presets"]).debug is True
+    assert parser.parse_args(["presets"]).debug is False
+
+
+def test_ctrl_c_in_a_command_is_exit_130(plot_run, monkeypatch, capsys):
+    _fails_with(monkeypatch, KeyboardInterrupt)
+    assert cli.main(["plot", "--run", plot_run]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_library_warnings_are_quiet_unless_debugging(plot_run, monkeypatch, caplog):
+    """orbax's absl warnings (a missing ``_CHECKPOINT_METADATA``) are not shown by a
+    command; ``--debug`` shows them. The logger's level is restored afterwards."""
+    import logging
+
+    def warn():
+        logging.getLogger("absl").warning("Metadata file does not exist: x/_CHECKPOINT_METADATA")
+        return ValueError("stop")
+
+    _fails_with(monkeypatch, warn)
+    level = logging.getLogger("absl").level
+    caplog.set_level(logging.WARNING)
+    cli.main(["plot", "--run", plot_run])
+    assert not [r for r in caplog.records if "_CHECKPOINT_METADATA" in r.getMessage()]
+    assert logging.getLogger("absl").level == level
+    cli.main(["plot", "--run", plot_run, "--debug"])
+    assert [r for r in caplog.records if "_CHECKPOINT_METADATA" in r.getMessage()]
+
+
+def test_a_check_failing_under_jit_is_one_line_in_a_real_process(tmp_path):
+    """The whole stderr of ``python -m jdiff`` (JAX's own log of the failed callback
+    included) is the one line."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    code = (
+        "import sys, test_cli_inputs as t\n"
+        "from jdiff import cli\n"
+        "from jdiff.cli import plot\n"
+        "plot.run = lambda args, resolved: t._checked_in_jit('jdiff.sample')\n"
+        f"sys.exit(cli.main(['plot', '--run', {str(run)!r}]))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.dirname(__file__)]), JDIFF_CACHE_DIR="off")
+    env.pop("JDIFF_DEBUG", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.splitlines() == ["jdiff plot: error: x_T of shape (4, 2) has non-finite values (NaN or inf)"], (
+        r.stderr
+    )
+
+
+def test_sample_default_names_differ_by_every_setting_that_changes_the_samples():
+    """``jdiff sample --num 16`` and ``--num 32`` (or ``--seed 5``, ...) never write the
+    same file by default."""
+    import dataclasses
+
+    import jdiff
+    from jdiff.cli.sample import _tag
+
+    base = jdiff.SamplingConfig(solver="heun", nfe=4, num=16)
+    assert _tag(base, 2, None, 1.0) == "heun_nfe4_step2_n16_seed0"
+    names = {_tag(base, 2, None, 1.0)}
+    for change in ({"num": 32}, {"seed": 5}, {"nfe": 6}, {"solver": "ddim"}, {"grid_kind": "uniform"}, {"ema": False}):
+        names.add(_tag(dataclasses.replace(base, **change), 2, None, 1.0))
+    names |= {_tag(base, 3, None, 1.0), _tag(base, 2, 1, 1.0), _tag(base, 2, None, 2.0)}
+    names.add(_tag(jdiff.SamplingConfig(solver="dpm_solver_pp", order=2, nfe=4, num=16), 2, None, 1.0))
+    assert len(names) == 11, names
+    assert _tag(dataclasses.replace(base, seed=5), 2, 1, 1.5) == "heun_nfe4_step2_n16_seed5_label1_w1.5"
+
+
+def test_force_overwrites_an_explicit_out(fake_run, tmp_path):
+    """An existing ``--out`` is refused without ``--force`` and accepted with it (the
+    checks create nothing)."""
+    from jdiff.cli import plot, prefer, sample
+
+    parser = cli.build_parser()
+    (tmp_path / "s.png").write_bytes(b"old")
+    (tmp_path / "r.json").write_bytes(b"old")
+    for module, argv in (
+        (sample, ["sample", "--run", str(fake_run), "--out", str(tmp_path / "s.png")]),
+        (plot, ["plot", "--run", str(fake_run), "--out", str(tmp_path / "s.png")]),
+        (prefer, ["prefer", "--out", str(tmp_path / "r.json")]),
+    ):
+        with pytest.raises(ValueError, match="exists: give --force"):
+            module.resolve(parser.parse_args(argv))
+        try:
+            module.resolve(parser.parse_args(argv + ["--force"]))
+        except cli.CLIError as e:  # plot: the fake run has no metrics
+            assert module is plot and "no metrics" in str(e), e
+    assert sorted(os.listdir(tmp_path)) == ["r.json", "s.png"]
+    assert (tmp_path / "s.png").read_bytes() == b"old"
 
 
 def test_preset_positional_and_flag_are_the_same(capsys):

@@ -17,19 +17,23 @@ own dataclasses (:mod:`jdiff.cli._config`), the run directory is handled in
 :mod:`jdiff.cli._run`, sampling is :func:`jdiff.generate`, plots are
 :mod:`jdiff.plotting`.
 
-Every command first checks all its options and settings (``check``), creating
-nothing and starting no JAX backend; errors in what the user asked for are printed as
-one line on stderr with exit status 2 (``JDIFF_DEBUG=1`` shows the traceback).
+Every command first checks all its options, settings and output paths (``check``),
+creating nothing and starting no JAX backend. Every failure is one line on stderr,
+``jdiff COMMAND: error: MESSAGE`` (see :mod:`jdiff.cli._errors`): exit status 2 for an
+error in what the user asked for (a ``ValueError``, including a check that failed
+inside a compiled program), 1 for an I/O failure (``OSError``) or anything unexpected,
+130 for Ctrl-C. ``--debug`` (accepted by every command) or ``JDIFF_DEBUG=1`` prints the
+traceback first.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
 from jdiff._xla import prefer_cpu_devices, prefer_fast_cpu_compile
+from jdiff.cli import _errors
 from jdiff.cli._common import CLIError, Run, build_run, enable_compilation_cache
 from jdiff.cli._config import ConfigError, RunConfig
 from jdiff.cli._run import load_run, load_run_state
@@ -89,43 +93,52 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub, _Formatter, solvers.names())
     prefer.add_parser(sub, _Formatter)
     tune.add_parser(sub, _Formatter, solvers.names())
+    debug = "print the full traceback of a failure (also JDIFF_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug)
+    for command in sub.choices.values():  # SUPPRESS: the subcommand's default must not reset the global flag
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``jdiff`` command; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the ``jdiff`` command; returns the exit status.
+
+    Every failure is one line on stderr, ``jdiff COMMAND: error: MESSAGE``, and an exit
+    status (:mod:`jdiff.cli._errors`): 2 for usage errors and for errors in the user's
+    input (``ValueError`` and its subclasses, :class:`CLIError`, a corrupt or mismatched
+    checkpoint), 1 for ``OSError`` and anything unexpected, 130 for Ctrl-C. ``--debug``
+    or ``JDIFF_DEBUG=1`` prints the full traceback first (same exit status)."""
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     prefer_fast_cpu_compile()  # before JAX's backend starts
-    command = argv[0] if argv and not argv[0].startswith("-") else "jdiff"
-    debug = bool(os.environ.get("JDIFF_DEBUG"))
+    command = next((a for a in argv if not a.startswith("-")), "jdiff")
+    debug = _errors.debug_requested(argv)
     try:
-        args = build_parser().parse_args([str(a) for a in argv])
-        args.argv = ["jdiff", *(str(a) for a in argv)]  # recorded in a run's history
+        args = build_parser().parse_args(argv)
+        args.argv = ["jdiff", *argv]  # recorded in a run's history
         if args.command == "bench":
             prefer_cpu_devices()  # one CPU device per core: generation shards over them
     except _UsageError as e:
         print(str(e), file=sys.stderr, flush=True)
         return 2
-    from jdiff.train._checkpoint import CheckpointCorruptError, CheckpointMismatchError, NoUsableCheckpointError
+    # jdiff.train imports JAX: not before the arguments are parsed (--help stays fast)
+    from jdiff.train._checkpoint import CheckpointCorruptError, NoUsableCheckpointError
 
-    try:
-        resolved = args.check(args)  # every check before anything is created
-        if args.command in ("train", "sample", "bench", "tune"):
-            enable_compilation_cache()
-        return int(args.fn(args, resolved) or 0)
-    except (CLIError, ConfigError, CheckpointMismatchError, CheckpointCorruptError) as e:
-        if debug:
-            raise
-        if getattr(e, "multiline", False) or isinstance(e, NoUsableCheckpointError):
-            # a first line, then one line per item (differing setting, rejected step)
-            msg = "\n".join(line.rstrip() for line in str(e).splitlines() if line.strip())
-        else:
-            msg = " ".join(str(e).split())  # one line
-        print(f"jdiff {command}: error: {msg}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    # ValueError covers ConfigError and CheckpointMismatchError; CLIError is named in
+    # case it is not a ValueError; a corrupt checkpoint is the user's data.
+    user_errors = (ValueError, CLIError, CheckpointCorruptError)
+    with _errors.quiet_libraries(debug):
+        try:
+            resolved = args.check(args)  # every check before anything is created
+            if args.command in ("train", "sample", "bench", "tune"):
+                enable_compilation_cache()
+            return int(args.fn(args, resolved) or 0)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if isinstance(e, NoUsableCheckpointError):  # one line per rejected step
+                e.multiline = True
+            return _errors.report(command, e, debug=debug, user_errors=user_errors)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from jdiff.cli._args import check_output
 from jdiff.cli._common import CLIError
 
 HELP = "fine-tune the shipped digits model with preference / reward methods and compare them"
@@ -22,17 +23,23 @@ def add_parser(sub, formatter):
         ),
     )
     build_parser(p)
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.set_defaults(fn=run, check=resolve)
     return p
 
 
 def resolve(args):
+    """The methods to run, after checking every option and the output path (before
+    the minutes of fine-tuning)."""
     from jdiff.preference._experiment import check_args
 
     try:
-        return check_args(args)
+        methods = check_args(args)
     except ValueError as e:
         raise CLIError(str(e)) from None
+    if args.out is not None:
+        check_output(args.out, "--out", force=args.force)
+    return methods
 
 
 def run(args, resolved) -> int:

@@ -9,6 +9,7 @@ import sys
 import time
 
 from jdiff.cli import _run as R
+from jdiff.cli._args import check_output, finite_float
 from jdiff.cli._common import CLIError, check_solver_nfe, denoiser, denoiser_apply, make_solver, positive, to_host
 
 HELP = "sample from a trained run"
@@ -44,7 +45,7 @@ def add_parser(sub, formatter, solver_names: list[str]):
     g.add_argument("--no-ema", dest="ema", action="store_false", default=None, help="use the raw trained parameters")
     sa.add_argument(
         "--guidance",
-        type=float,
+        type=finite_float,
         metavar="W",
         help="classifier-free guidance scale, 1: conditional model alone, 0: unconditional "
         "(default: the run's sample.guidance)",
@@ -55,9 +56,11 @@ def add_parser(sub, formatter, solver_names: list[str]):
     sa.add_argument(
         "--out",
         metavar="FILE",
-        help="output image, .png or .jpg (no extension: .png; the .npz goes next to it; "
-        "default: DIR/samples/sample_<solver>_nfe<N>_step<S>.png)",
+        help="output image, .png or .jpg (no extension: .png; the .npz goes next to it; default: "
+        "DIR/samples/sample_<solver>_nfe<N>[_<grid kind>]_step<S>_n<M>_seed<S>[_label<L>][_w<W>][_raw].png, "
+        "a name for each setting that changes the samples)",
     )
+    sa.add_argument("--force", action="store_true", help="overwrite an existing --out (and its .npz)")
     sa.set_defaults(fn=run, check=resolve)
     return sa
 
@@ -66,6 +69,7 @@ def _outputs(out: str) -> tuple[str, str]:
     """``(image path, npz path)`` of ``--out``."""
     from jdiff.plotting import image_format
 
+    check_output(out, "--out", force=True)  # a file name, in a folder that can be written
     root, ext = os.path.splitext(out)
     img = out if ext else out + ".png"
     try:
@@ -75,11 +79,20 @@ def _outputs(out: str) -> tuple[str, str]:
     return img, (root if ext else out) + ".npz"
 
 
-def resolve(args):
-    """Check the options and the run's sampling settings; creates nothing."""
-    import math
+def _tag(s, step: int, label: int | None, guidance: float) -> str:
+    """The default output name: every setting that changes the samples (two commands
+    that differ in any of them never write the same file)."""
+    parts = [f"{s.solver}{f'-{s.order}' if s.order else ''}", f"nfe{s.nfe}"]
+    parts += [s.grid_kind] if s.grid_kind != "default" else []
+    parts += [f"step{step}", f"n{s.num}", f"seed{s.seed}"]
+    parts += [f"label{label}"] if label is not None else []
+    parts += [f"w{guidance:g}"] if guidance != 1.0 else []
+    parts += [] if s.ema else ["raw"]
+    return "_".join(parts)
 
-    from jdiff.cli._common import writable_path
+
+def resolve(args):
+    """Check the options, the output paths and the run's sampling settings; creates nothing."""
     from jdiff.cli._config import ConfigError
 
     positive(args.nfe, "--nfe")
@@ -88,14 +101,13 @@ def resolve(args):
     positive(args.order, "--order", 0)
     positive(args.seed, "--seed", 0)
     positive(args.step, "--step", 0)
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise CLIError(f"--guidance must be finite, got {args.guidance}")
     if args.out is not None:
-        img, npz = _outputs(args.out)
-        writable_path(img, "--out", directory=False)
-        writable_path(npz, "--out", directory=False)
+        for path in _outputs(args.out):
+            check_output(path, "--out", force=args.force)
     if not os.path.isdir(args.run):
         raise CLIError(f"run directory not found: {args.run}")
+    if args.out is None:  # the default name is known after the checkpoint is chosen
+        check_output(os.path.join(args.run, R.SAMPLES_DIR, "sample.png"), "the default output", force=True)
     cfg = R.load_config_file(args.run)
     s = cfg.sample
     changes = {}
@@ -165,8 +177,7 @@ def run(args, s) -> int:
 
     from jdiff import plotting
 
-    tag = f"{s.solver}{f'-{s.order}' if s.order else ''}_nfe{s.nfe}_step{step}"
-    out = args.out or os.path.join(args.run, R.SAMPLES_DIR, f"sample_{tag}.png")
+    out = args.out or os.path.join(args.run, R.SAMPLES_DIR, f"sample_{_tag(s, step, args.label, guidance)}.png")
     img, npz = _outputs(out)
     reference = cfg.data.load()[0][:5000] if cfg.data.source == "toy" else None
     nrow = nc if (nc and args.label is None and s.num % nc == 0) else None

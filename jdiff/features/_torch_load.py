@@ -40,8 +40,9 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle names something other than what a tensor state dict needs."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """The pickle names something other than what a tensor state dict needs (a
+    ``ValueError`` too: a refused file is bad input, reported in one line naming it)."""
 
 
 class _Storage:
@@ -350,13 +351,22 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist")
-    if zipfile.is_zipfile(path):
-        obj = _load_zip(path)
-    else:
-        obj = _load_legacy(path)
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: holds a {type(obj).__name__}, expected a state dict (a dict of tensors)")
-    return _flatten(obj)
+    try:
+        obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"holds a {type(obj).__name__}, expected a state dict (a dict of tensors)")
+        return _flatten(obj)
+    except ValueError as e:  # UnsafePickleError included: every message names the file
+        raise _naming(e, path) from e
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable torch.save file: {e}") from e
+
+
+def _naming(e: ValueError, path: str) -> ValueError:
+    """``e`` with ``path`` at the start of its message (itself when it is there)."""
+    if str(e).startswith(path):
+        return e
+    return (UnsafePickleError if isinstance(e, UnsafePickleError) else ValueError)(f"{path}: {e}")
 
 
 def save_npz(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
@@ -381,9 +391,30 @@ def save_npz(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> N
 
 
 def load_npz_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a state dict written by :func:`save_npz` (never unpickles: ``allow_pickle=False``)."""
-    with np.load(os.fspath(path), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """Read a state dict written by :func:`save_npz` (never unpickles: ``allow_pickle=False``).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: naming the file, when it is not an ``.npz`` archive of numeric arrays
+        (an object array would need pickle, refused).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path!r} does not exist")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable .npz file: {e}") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds a single array, not an .npz archive of named arrays")
+    out = {}
+    with z:
+        for k in z.files:
+            try:
+                out[k] = z[k]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # an object array: pickle refused
+                raise ValueError(f"{path}: array {k!r} cannot be read as a numeric array: {e}") from e
+    return out
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import time
 
 import jax
@@ -51,6 +53,17 @@ from jdiff import train as T
 METHODS = ("dpo", "mapo", "kto", "d3po", "spo", "ddpo", "draft1", "draftlv", "adjoint")
 
 
+def _positive(text: str) -> float:
+    """``argparse`` type of ``--scale``: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
 def build_parser(p=None):
     """The options (added to ``p``, or a new parser)."""
     p = p or argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -61,7 +74,7 @@ def build_parser(p=None):
     p.add_argument("--eval", type=int, default=256, help="evaluation samples (same seeds for every model)")
     p.add_argument("--nfe", type=int, default=10, help="NFE of the evaluation sampler")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=1.0, help="multiplies every method's number of updates")
+    p.add_argument("--scale", type=_positive, default=1.0, help="multiplies every method's number of updates")
     p.add_argument("--quick", action="store_true", help="tiny run (a smoke test; numbers meaningless)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p
@@ -77,9 +90,24 @@ def check_args(a):
         raise ValueError(f"--target must be a class 0..9, got {a.target}")
     if a.prompt != "null" and not (a.prompt.isdigit() and 0 <= int(a.prompt) <= 9):
         raise ValueError(f"--prompt must be 'null' or a class 0..9, got {a.prompt!r}")
-    if a.eval < 16 or a.nfe < 2 or a.scale <= 0:
-        raise ValueError("--eval must be >= 16, --nfe >= 2 and --scale > 0")
+    if a.eval < 16 or a.nfe < 2 or not (math.isfinite(a.scale) and a.scale > 0):
+        raise ValueError(
+            f"--eval must be >= 16, --nfe >= 2 and --scale a finite number > 0, got {a.eval}, {a.nfe}, {a.scale}"
+        )
+    if a.out is not None:
+        _check_out(a.out)
     return methods
+
+
+def _check_out(out: str) -> None:
+    """Refuse an ``--out`` that cannot be written, before any work (creates nothing)."""
+    folder = os.path.dirname(os.path.abspath(out)) if out.strip() else ""
+    while folder and not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not out.strip() or out.endswith(("/", os.sep)) or os.path.isdir(out):
+        raise ValueError(f"--out must name a file, got {out!r}")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} cannot be created: {folder} is not a writable directory")
 
 
 class Setup:
@@ -468,6 +496,10 @@ def run_all(a, methods):
             flush=True,
         )
     if a.out:
+        # the options only (a command line's namespace also holds its functions)
+        options = {k: v for k, v in vars(a).items() if isinstance(v, (str, int, float, bool, type(None)))}
+        text = json.dumps({"args": options, "results": rows}, indent=2)
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
-            json.dump({"args": vars(a), "results": rows}, f, indent=2)
+            f.write(text)
     return rows
