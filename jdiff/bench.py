@@ -386,11 +386,11 @@ def load_images(path: str, shape) -> np.ndarray:
             raise ValueError(f"reference images {path}: {e}") from None
     try:
         data = np.load(path, allow_pickle=False)
+        if hasattr(data, "files"):
+            key = "images" if "images" in data.files else data.files[0]
+            data = data[key]
     except (ValueError, OSError) as e:
-        raise ValueError(f"reference images {path}: not a NumPy .npy/.npz file ({e})") from None
-    if hasattr(data, "files"):
-        key = "images" if "images" in data.files else data.files[0]
-        data = data[key]
+        raise ValueError(f"reference images {path}: not a NumPy .npy/.npz array file ({e})") from None
     x = np.asarray(data, np.float32)
     if x.ndim != 4 or not np.all(np.isfinite(x)):
         raise ValueError(f"reference images {path}: expected finite images (n, H, W, C), got shape {x.shape}")

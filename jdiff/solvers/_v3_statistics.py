@@ -109,10 +109,15 @@ def load_statistics(path, *, process=None, shape=None, model: str | None = None)
       ValueError: not a statistics file, or one made for another process, sample
         shape or model (the message names both).
     """
-    with np.load(path, allow_pickle=False) as z:
-        if "kind" not in z or str(z["kind"]) != _KIND:
-            raise ValueError(f"{path} is not a DPM-Solver-v3 statistics file")
-        st = ModelStatistics(z["lam"], z["l"], z["s"], z["b"], str(z["process"]), str(z["model"]))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "kind" not in z or str(z["kind"]) != _KIND:
+                raise ValueError(f"{path} is not a DPM-Solver-v3 statistics file")
+            st = ModelStatistics(z["lam"], z["l"], z["s"], z["b"], str(z["process"]), str(z["model"]))
+    except (ValueError, KeyError) as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a DPM-Solver-v3 statistics file ({e})") from None
     want = getattr(process, "name", process)
     if want is not None and st.process != want:
         raise ValueError(f"{path}: statistics computed for process {st.process!r}, not {want!r}")
