@@ -5,7 +5,10 @@ Run once from the repository root, with the code whose values are to be kept:
 
     PYTHONPATH=. python scripts/record_inverse_samples.py
 
-tests/test_inverse_recorded.py then checks that later code gives the same values.
+tests/test_posterior_engine.py then checks that later code gives the same values (a
+subset); ``--check [filter]`` compares every recorded case with the current code and
+prints each one's largest difference in units of the dtype's epsilon times the
+case's largest magnitude.
 """
 
 from __future__ import annotations
@@ -21,7 +24,25 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import recorded_inverse_cases as cases  # noqa: E402  (a test helper, found through the path above)
 
 
+def check(filt=""):
+    path = os.path.join(ROOT, "tests", "data", "inverse_samples.npz")
+    with np.load(path) as f:
+        ref = dict(f)
+    worst = 0.0
+    for prefix, x64, dtype in cases.all_cases():
+        for which in ("posterior", "inversion"):
+            got = cases.run(prefix, x64, dtype, (which,), filt)
+            for k, a in got.items():
+                r = ref[k]
+                ulps = float(np.max(np.abs(a - r))) / (np.finfo(r.dtype).eps * max(1.0, float(np.max(np.abs(r)))))
+                worst = max(worst, ulps)
+                print(f"{k:60s} {ulps:10.1f} eps", flush=True)
+    print(f"largest: {worst:.1f} eps")
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--check":
+        return check(sys.argv[2] if len(sys.argv) > 2 else "")
     out = {}
     for prefix, x64, dtype in cases.all_cases():
         out |= cases.run(prefix, x64, dtype)

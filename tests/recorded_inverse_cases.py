@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jdiff
-from jdiff import inverse as IP
+from jdiff import inverse_problems as IP
 from jdiff import inversion as IV
 from jdiff import solvers as S
 from jdiff.testbed import GaussianMixture, random_mixture
@@ -141,8 +141,9 @@ def all_cases():
     return [("f32", False, jnp.float32), ("f64", True, jnp.float64)]
 
 
-def run(prefix, x64, dtype, which=("posterior", "inversion")):
-    """Every case of one dtype as ``{f"{prefix}/{case}/{field}": array}`` (NumPy)."""
+def run(prefix, x64, dtype, which=("posterior", "inversion"), filt=""):
+    """Every case of one dtype (whose name contains ``filt``) as
+    ``{f"{prefix}/{case}/{field}": array}`` (NumPy)."""
     out = {}
     with jax.enable_x64(x64):
         table = {}
@@ -151,6 +152,8 @@ def run(prefix, x64, dtype, which=("posterior", "inversion")):
         if "inversion" in which:
             table |= {f"inversion/{k}": f for k, f in inversion_cases(dtype).items()}
         for name, thunk in table.items():
+            if filt not in name:
+                continue
             for field, a in thunk().items():
                 out[f"{prefix}/{name}/{field}"] = np.asarray(a)
     return out
