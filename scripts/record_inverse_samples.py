@@ -1,7 +1,8 @@
 """Record the samples of every posterior sampler and every inversion for fixed keys
 (tests/recorded_inverse_cases.py) into tests/data/inverse_samples.npz.
 
-Run once from the repository root, with the code whose values are to be kept:
+Run once from the repository root, with the code whose values are to be kept (under
+the test suite's compiler settings, which the script sets):
 
     PYTHONPATH=. python scripts/record_inverse_samples.py
 
@@ -16,11 +17,17 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+# The test suite's compiler settings (tests/conftest.py): XLA's optimizations may
+# reassociate floating-point sums, so values are recorded and compared under the same ones.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+from _train_worker import prefer_fast_test_compile  # noqa: E402  (a test helper, as below)
+
+prefer_fast_test_compile()
+
+import numpy as np  # noqa: E402
 import recorded_inverse_cases as cases  # noqa: E402  (a test helper, found through the path above)
 
 
