@@ -94,7 +94,7 @@ def edict_invert(
     Two sequences ``x, y`` (both start at the data) are updated in turn by DDIM steps
     whose noise comes from the other one, ``x' = A x + B eps(y)``, ``y' = A y + B eps(x')``,
     and mixed, ``x'' = p x' + (1 - p) y'``, ``y'' = p y' + (1 - p) x''`` (Eqs. 10-13;
-    ``A = alpha_s / alpha_t``, ``B = sigma_s (1 - e^{-h})`` for the step ``t -> s``). Each
+    ``A = alpha_s / alpha_t``, ``B = -sigma_s (e^h - 1)`` for the step ``t -> s``). Each
     of the four updates is affine in the sequence it changes, so the step inverts in
     closed form and the round trip is exact up to rounding. With ``leapfrog`` the roles
     of ``x`` and ``y`` swap on every other step (the official code's alternation).

@@ -75,11 +75,12 @@ def ddim_table(process, grid, eta) -> DDIMTable:
 def ddim_coefficients(log_alpha_s, log_sigma_s, log_alpha_t, log_sigma_t):
     """``(A, B)`` of the deterministic DDIM step ``s -> t`` in either direction, written
     in ``x`` and ``eps``: ``x_t = A x_s + B eps(x_s)`` with ``A = alpha_t / alpha_s`` and
-    ``B = sigma_t (1 - e^{-h})``, ``h = lambda_t - lambda_s`` (the table's eta = 0 step
-    with ``x0 = (x_s - sigma_s eps) / alpha_s`` substituted, without its cancellation).
-    Affine in ``x_s``, so exactly invertible (EDICT, BDIA)."""
+    ``B = sigma_t - alpha_t sigma_s / alpha_s = -sigma_t (e^h - 1)``, ``h = lambda_t -
+    lambda_s`` (the table's eta = 0 step with ``x0 = (x_s - sigma_s eps) / alpha_s``
+    substituted, without its cancellation). Affine in ``x_s``, so exactly invertible
+    (EDICT, BDIA)."""
     g = geometry_from(log_alpha_s, log_sigma_s, log_alpha_t, log_sigma_t)
-    return jnp.exp(g.log_alpha_t - g.log_alpha_s), -g.sigma_t * jnp.expm1(-g.h)
+    return jnp.exp(g.log_alpha_t - g.log_alpha_s), -g.sigma_t * jnp.expm1(g.h)
 
 
 @dataclasses.dataclass(frozen=True)
