@@ -141,16 +141,21 @@ def dps(denoiser, operator, y, sigma_y, key, *, scale: float = 1.0, eta: float |
     return posterior_sample(run, denoiser, operator, y, sigma_y, key, sampling_settings("dps", sampling))
 
 
-# ---------------------------------------------------------------------------- PiGDM
-class _PiGDMGuided:
-    """PiGDM's guided Tweedie estimate as a denoiser (built by :class:`PiGDM`'s step)."""
+class _Corrected:
+    """A denoiser a step builds around the one it was given (``settings`` become
+    attributes): the same process and network calls, a corrected prediction."""
 
-    def __init__(self, denoiser, scale, a, s):
-        self.denoiser, self.scale, self.a, self.s = denoiser, scale, a, s
-        self.process = denoiser.process
+    def __init__(self, denoiser, **settings):
+        self.denoiser, self.process = denoiser, denoiser.process
+        self.__dict__.update(settings)
 
     def calls(self, t):
         return network_calls(self.denoiser, t)
+
+
+# ---------------------------------------------------------------------------- PiGDM
+class _PiGDMGuided(_Corrected):
+    """PiGDM's guided Tweedie estimate as a denoiser (built by :class:`PiGDM`'s step)."""
 
     def __call__(self, x, t, cond=None):
         m = measurement_of(self.denoiser)
@@ -186,7 +191,7 @@ class PiGDM(_Wrapper):
 
     def inner_step(self, denoiser, state, cond, tables):
         a, s = tables
-        guided = _PiGDMGuided(denoiser, self.scale, a[state.i], s[state.i])
+        guided = _PiGDMGuided(denoiser, scale=self.scale, a=a[state.i], s=s[state.i])
         return self.inner.step(guided, state, cond)
 
 
@@ -244,15 +249,8 @@ def _cg(apply, b, x, steps):
     return jax.lax.fori_loop(0, steps, it, (x, r, p, rs))[0]
 
 
-class _DDSRefined:
+class _DDSRefined(_Corrected):
     """DDS's denoiser: the Tweedie ``x0`` refined by conjugate gradients, the network's eps."""
-
-    def __init__(self, denoiser, gamma, cg_steps):
-        self.denoiser, self.gamma, self.cg_steps = denoiser, gamma, cg_steps
-        self.process = denoiser.process
-
-    def calls(self, t):
-        return network_calls(self.denoiser, t)
 
     def __call__(self, x, t, cond=None):
         m = measurement_of(self.denoiser)
@@ -284,7 +282,7 @@ class DDS(_Wrapper):
         object.__setattr__(self, "gamma", _check_number("dds: gamma", self.gamma, lo=0))
 
     def inner_step(self, denoiser, state, cond, tables):
-        return self.inner.step(_DDSRefined(denoiser, self.gamma, self.cg_steps), state, cond)
+        return self.inner.step(_DDSRefined(denoiser, gamma=self.gamma, cg_steps=self.cg_steps), state, cond)
 
 
 def dds(

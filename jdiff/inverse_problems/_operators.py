@@ -15,21 +15,6 @@ from jdiff._checks import concrete
 from jdiff._param import TreeValue
 from jdiff._random import normal_per_sample
 
-__all__ = [
-    "Operator",
-    "Inpainting",
-    "SuperResolution",
-    "GaussianBlur",
-    "RandomProjection",
-    "Nonlinear",
-    "inpainting",
-    "super_resolution",
-    "gaussian_blur",
-    "random_projection",
-    "nonlinear",
-    "measure",
-]
-
 
 def _flat(x):
     return x.reshape(x.shape[0], -1)
