@@ -32,20 +32,17 @@ DATA = os.path.join(os.path.dirname(__file__), "data", "inverse_samples.npz")
 SUBSET = {
     "f32": [
         "posterior/vp_cosine/inpainting/dps",
-        "posterior/vp_cosine/projection/pigdm",
+        "posterior/image/sr/pigdm",
         "posterior/vp_cosine/projection/ddrm",
         "posterior/vp_cosine/inpainting/red_diff",
-        "posterior/image/sr/pigdm",
+        "posterior/vp_cosine/projection/dds_prox",
         "inversion/invert/dpm++2m",
         "inversion/ddpm_eta0.5",
     ],
     "f64": [
-        "posterior/vp_cosine/projection/dds_prox",
-        "posterior/edm/projection/ddrm_sy0",
         "posterior/edm/nonlinear/dps_xT",
-        "posterior/image/blur/ddrm",
+        "posterior/edm/projection/ddrm_sy0",
         "inversion/invert/ddim_refine2",
-        "inversion/invert/ipndm",
     ],
 }
 
@@ -56,12 +53,13 @@ def recorded():
         return dict(f)
 
 
-# Tolerances, per dtype: the samplers now take DDIM's step from the one table of
+# Tolerances, per dtype: DPS, PiGDM and DDS now take DDIM's step from the one table of
 # jdiff.solvers.ddim (alpha from log alpha, the eps weight as sigma sqrt(1 - eta^2 (1 -
 # e^{-2h})) instead of sqrt(sigma^2 - c^2)), a few ulps per coefficient; over 8 steps of
-# O(1) values, with DPS/PiGDM's gradients amplifying by at most ~10, that is < 1e3 ulps.
-# DDRM, RED-diff and the inversions keep their operations and are compared to 10 ulps
-# (fusion inside another compiled program may round differently).
+# O(1) values, with DPS/PiGDM's gradients amplifying them, that stays below 1e3 ulps
+# (measured at most 114 in float32, PiGDM on images). DDRM, RED-diff and the inversions
+# keep their operations; they are compared to 10 ulps (measured at most 1.8: placed in
+# another compiled program, a fusion may round differently).
 def _tol(name, eps):
     same_order = any(k in name for k in ("ddrm", "red_diff", "inversion/"))
     return (10 if same_order else 1000) * eps
