@@ -13,7 +13,7 @@ Sections (``--section``):
   classifier's accuracy on the restorations against the true labels, the measurement
   residual ``||y - A x||`` per image, and wall time (compilation included).
 - ``testbed``: a 4-D Gaussian mixture with its exact denoiser; for a linear Gaussian
-  measurement the posterior is a Gaussian mixture (:func:`jdiff.inverse.mixture_posterior`)
+  measurement the posterior is a Gaussian mixture (:func:`jdiff.inverse_problems.mixture_posterior`)
   sampled exactly. Frechet distance (of Gaussian fits) of each sampler's outputs at 100
   NFE to exact posterior samples, and the factor against exact prior samples (the ideal
   unconditional sampler).
@@ -51,7 +51,7 @@ METHODS = {
 
 
 def _tasks():
-    from jdiff import inverse as I
+    from jdiff import inverse_problems as I
 
     shape = (8, 8, 1)
     mask = np.ones(shape, bool)
@@ -79,7 +79,7 @@ def _write(name, rows):
 
 
 def run_digits(args):
-    from jdiff import inverse as I
+    from jdiff import inverse_problems as I
     from jdiff.features.digits import DigitsClassifier, digits_split
     from jdiff.presets import pretrained
 
@@ -134,7 +134,7 @@ def run_tune(args):
     """DPS's step ``scale`` and RED-diff's ``lr`` / ``lam`` at 20 NFE on 2x
     super-resolution (the cells where the usual settings lose to the pseudo-inverse) and
     inpainting."""
-    from jdiff import inverse as I
+    from jdiff import inverse_problems as I
     from jdiff.features.digits import digits_split
     from jdiff.presets import pretrained
 
@@ -162,7 +162,7 @@ def run_tune(args):
 
 def run_testbed(args):
     import jdiff
-    from jdiff import inverse as I
+    from jdiff import inverse_problems as I
     from jdiff.metrics import frechet_distance, gaussian_stats
     from jdiff.testbed import GaussianMixture
 

@@ -56,7 +56,19 @@ def prior_sample(process, key, shape, dtype=None):
 
 __version__ = "0.1.0"
 
-_LAZY = ("models", "train", "data", "testbed", "features", "inversion", "inverse", "likelihood", "superdiff", "tune")
+_LAZY = (
+    "models",
+    "train",
+    "data",
+    "testbed",
+    "features",
+    "inversion",
+    "inverse_problems",
+    "inverse",
+    "likelihood",
+    "superdiff",
+    "tune",
+)
 
 
 def __getattr__(name):

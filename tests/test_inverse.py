@@ -1,10 +1,10 @@
-"""Inverse problems (jdiff.inverse): operator identities, the exact mixture posterior,
+"""Inverse problems (jdiff.inverse_problems): operator identities, the exact mixture posterior,
 posterior samplers against it, DDRM's exact consistency, per-sample independence and
 input checks.
 
 The samplers run on a 4-D Gaussian-mixture testbed with its exact denoiser, where the
 posterior under a linear Gaussian measurement is again a Gaussian mixture
-(:func:`jdiff.inverse.mixture_posterior`), sampled exactly. One batch of ``B`` copies of
+(:func:`jdiff.inverse_problems.mixture_posterior`), sampled exactly. One batch of ``B`` copies of
 one measurement per sampler is one compiled program, shared by the independence checks.
 """
 
@@ -17,7 +17,7 @@ import pytest
 from conftest import EPS32, EPS64, assert_moments_match
 
 import jdiff
-from jdiff import inverse as I
+from jdiff import inverse_problems as I
 from jdiff.metrics import frechet_distance, gaussian_stats
 from jdiff.testbed import GaussianMixture
 

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jdiff._core import geometry_from
 from jdiff.solvers._base import (
     Solver,
     check_key,
@@ -36,13 +37,50 @@ from jdiff.solvers._base import (
     step_noise,
 )
 
-__all__ = ["DDIM", "ddim", "ddpm"]
+__all__ = ["DDIM", "ddim", "ddpm", "DDIMTable", "ddim_table", "ddim_coefficients"]
 
 
-class _Table(NamedTuple):
+class DDIMTable(NamedTuple):
+    """DDIM's per-step coefficients: ``x_t = a x0 + keep eps + c z`` for each step ``s -> t``."""
+
     a: jax.Array  # alpha_t
     keep: jax.Array  # sqrt(sigma_t^2 - c^2)
     c: jax.Array  # noise scale
+
+
+def ddim_table(process, grid, eta) -> DDIMTable:
+    """The coefficients of every DDIM step ``grid[i] -> grid[i + 1]`` (Eq. 12 with the noise
+    ``c = eta sigma_t sqrt(1 - e^{-2h})``, module docstring), vectorized over the grid.
+
+    This is the one place DDIM's coefficients are computed: the solver, the posterior
+    samplers of :mod:`jdiff.inverse_problems` (through the solver) and edit-friendly DDPM
+    inversion all read it. A step with infinite log-SNR increment (a start at alpha = 0,
+    an end at sigma = 0) gets ``c = 0`` and ``keep = 0``: the exact jump to ``alpha_t x0``.
+
+    Args:
+      process: the process.
+      grid: ``(N + 1,)`` times (either direction).
+      eta: DDIM's stochasticity in [0, 1] (a number or a traced scalar).
+
+    Returns:
+      :class:`DDIMTable` with leading axis ``N``.
+    """
+    g = grid_curves(process, grid).steps
+    one_m = -jnp.expm1(-2.0 * jnp.where(g.finite, g.h, jnp.inf))  # 1 - e^{-2h}
+    c = eta * g.sigma_t * jnp.sqrt(one_m)
+    keep = g.sigma_t * jnp.sqrt(jnp.maximum(1.0 - eta**2 * one_m, 0.0))
+    return DDIMTable(g.alpha_t, keep, c)
+
+
+def ddim_coefficients(log_alpha_s, log_sigma_s, log_alpha_t, log_sigma_t):
+    """``(A, B)`` of the deterministic DDIM step ``s -> t`` in either direction, written
+    in ``x`` and ``eps``: ``x_t = A x_s + B eps(x_s)`` with ``A = alpha_t / alpha_s`` and
+    ``B = sigma_t - alpha_t sigma_s / alpha_s = -sigma_t (e^h - 1)``, ``h = lambda_t -
+    lambda_s`` (the table's eta = 0 step with ``x0 = (x_s - sigma_s eps) / alpha_s``
+    substituted, without its cancellation). Affine in ``x_s``, so exactly invertible
+    (EDICT, BDIA)."""
+    g = geometry_from(log_alpha_s, log_sigma_s, log_alpha_t, log_sigma_t)
+    return jnp.exp(g.log_alpha_t - g.log_alpha_s), -g.sigma_t * jnp.expm1(g.h)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +118,7 @@ class DDIM(Solver):
         check_key(self, key)
         hist = int(self.guidance_memory)  # the guidance wrapper's memory, when carried
         state = empty_state(x_T, grid, hist_size=hist, key=key if self.stochastic else None, process=process)
-        g = grid_curves(process, state.grid).steps
-        one_m = -jnp.expm1(-2.0 * jnp.where(g.finite, g.h, jnp.inf))  # 1 - e^{-2h}
-        c = self.eta * g.sigma_t * jnp.sqrt(one_m)
-        keep = g.sigma_t * jnp.sqrt(jnp.maximum(1.0 - self.eta**2 * one_m, 0.0))
-        return state._replace(aux=_Table(g.alpha_t, keep, c))
+        return state._replace(aux=ddim_table(process, state.grid, self.eta))
 
     def transition(self, denoiser, state, cond=None):
         """The step as a Gaussian ``x_next ~ N(mean, std^2 I)``: returns ``(state, std)``
