@@ -23,6 +23,7 @@ one reduction per call, outside any solver step.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 
 import jax
@@ -44,6 +45,19 @@ class CheckFailed(ValueError):
     """A value check that failed inside a compiled program (raised in the host
     callback; it reaches the caller inside a ``JaxRuntimeError``, see
     :func:`check_message`)."""
+
+
+class _QuietChecks(logging.Filter):
+    """JAX logs every exception raised in a debug callback with its traceback (once per
+    device on a mesh) before re-raising it; a failed check is reported by the exception
+    alone, so its log records are dropped (every other record passes)."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, CheckFailed)
+
+
+logging.getLogger("jax._src.debugging").addFilter(_QuietChecks())
 
 
 def concrete(a):
@@ -77,7 +91,7 @@ def error_if(x, bad, msg: str, exc: type[Exception] = ValueError):
     ``jax.errors.JaxRuntimeError`` on the calling thread, whose text contains ``msg``
     (:func:`check_message` returns it), also when the array is sharded over several
     devices (see the module docstring). The check is a side effect of the program,
-    kept wherever ``x`` is used or not.
+    kept whether ``x`` is used or not; checks made on the returned ``x`` run after it.
     """
     b = concrete(bad)
     if b is None and not isinstance(bad, jax.core.Tracer):
@@ -88,8 +102,16 @@ def error_if(x, bad, msg: str, exc: type[Exception] = ValueError):
         return x
     flag = jnp.any(bad)  # one replicated scalar: every device takes the same branch
     fail = _raiser(msg)
-    jax.lax.cond(flag, lambda f: jax.debug.callback(fail, f, partitioned=True), lambda f: None, flag)
-    return x
+
+    def failing(f, x):
+        jax.debug.callback(fail, f, partitioned=True)
+        # not x itself: a branch that returned its operand unchanged would be forwarded
+        # by XLA, and the checks made on the returned x would no longer wait for this one
+        return jax.tree.map(jnp.zeros_like, x)
+
+    # checks made on the returned x run after this one (the first failed check is the
+    # one reported, as when they run eagerly); the program never gets past a failure
+    return jax.lax.cond(flag, failing, lambda f, x: x, flag, x)
 
 
 _MARK = re.compile(r"(?:^|\n)(?:[\w.]*\.)?CheckFailed: ([^\n]*)")

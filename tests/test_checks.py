@@ -17,6 +17,7 @@ from _train_worker import subprocess_env
 from conftest import EPS32
 
 import jdiff
+from jdiff import presets
 from jdiff import solvers as S
 from jdiff import wrappers as W
 
@@ -100,6 +101,7 @@ def test_nan_x_T_in_a_sharded_jit_raises_on_the_caller_and_exits_normally():
         assert seconds < 10.0, ln
         assert ln.endswith("x_T of shape (8, 2) has non-finite values (NaN or inf)"), ln
     assert "good input: " in proc.stdout
+    assert "may be stuck" not in proc.stderr and "CheckFailed" not in proc.stderr, proc.stderr[-2000:]
 
 
 # ------------------------------------------------------------- traced scales
@@ -154,7 +156,7 @@ def test_traced_network_times_that_are_not_finite_raise():
 
     _fails(jax.jit(run), grid.at[1].set(jnp.nan), match="net_grid must be finite times in")
     _fails(jax.jit(run), grid.at[2].set(7.0), match="net_grid must be finite times in")
-    np.testing.assert_array_equal(jax.jit(run)(grid), run(grid))
+    np.testing.assert_allclose(jax.jit(run)(grid), run(grid), rtol=16 * EPS32, atol=16 * EPS32)
 
 
 # ------------------------------------------------------------- messages
@@ -180,7 +182,7 @@ def test_check_message_under_jit_and_valueerror_eagerly():
 
 
 def test_digits_model_out_of_range_labels_raise_valueerror():
-    den, cfg = jdiff.presets.pretrained("digits")
+    den, cfg = presets.pretrained("digits")
     x_T = jdiff.prior_sample(den.process, jax.random.key(0), (2, *cfg.data.shape))
     with pytest.raises(ValueError, match=r"^class labels must lie in \[0, 9\], or equal 10"):
         jdiff.sample(S.ddim(), den, x_T, nfe=1, cond=jnp.asarray([3, 11], jnp.int32))
