@@ -80,6 +80,11 @@ _SHARDED = textwrap.dedent(
             sys.exit(3)
         except jax.errors.JaxRuntimeError as e:
             print(f"row {row}: {time.time() - t0:.2f} s: {jdiff.check_message(e)}", flush=True)
+        try:  # eagerly: checked before anything runs (only the reduced flag reaches the host)
+            jdiff.sample(jdiff.solvers.ddim(), den, xs, nfe=3)
+            sys.exit(4)
+        except ValueError as e:
+            print(f"eager {row}: {e}", flush=True)
     x = jax.device_put(np.ones((8, 2), np.float32), NamedSharding(mesh, P("data")))
     print("good input:", float(run(x)))
     """
@@ -90,7 +95,8 @@ def test_nan_x_T_in_a_sharded_jit_raises_on_the_caller_and_exits_normally():
     """Four fake devices, x_T sharded over them with one NaN row inside the caller's jit
     (a collective after the sampler): a Python exception carrying the check's message
     reaches the caller in seconds whichever device holds the NaN, and the process then
-    exits normally (with equinox.error_if it hung in an all-reduce and aborted)."""
+    exits normally (with equinox.error_if it hung in an all-reduce and aborted).
+    Eagerly the sharded x_T is refused with ValueError before anything runs."""
     env = subprocess_env(devices=4)
     proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
@@ -100,6 +106,8 @@ def test_nan_x_T_in_a_sharded_jit_raises_on_the_caller_and_exits_normally():
         seconds = float(ln.split(": ")[1].split(" s")[0])
         assert seconds < 10.0, ln
         assert ln.endswith("x_T of shape (8, 2) has non-finite values (NaN or inf)"), ln
+    eager = [ln for ln in proc.stdout.splitlines() if ln.startswith("eager ")]
+    assert len(eager) == 4 and all(ln.endswith("non-finite values (NaN or inf)") for ln in eager), proc.stdout
     assert "good input: " in proc.stdout
     assert "may be stuck" not in proc.stderr and "CheckFailed" not in proc.stderr, proc.stderr[-2000:]
 
