@@ -60,8 +60,8 @@ import numpy as np
 import jdiff
 from jdiff import solvers as S
 from jdiff import tune as T
-from jdiff.guidance import InnerWrapper
 from jdiff.solvers._registry import IDENTICAL
+from jdiff.wrappers import InnerWrapper
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "low_nfe_digits")
 MAX_STEPS = 10  # one compiled loop per solver serves every grid of at most this many intervals

@@ -6,10 +6,12 @@ Processes (:mod:`jdiff._process`), parameterizations and the denoiser boundary
 (:mod:`jdiff.testbed`).
 """
 
-from jdiff import guidance, metrics, solvers, wrappers
+from jdiff import metrics, solvers, wrappers
+from jdiff._adjoint import Adjoint
+from jdiff._checks import CheckFailed, check_message
 from jdiff._core import phi
 from jdiff._generate import SamplingConfig, generate
-from jdiff._gradient import Adjoint, Backprop, GradientStrategy, Remat, Truncated
+from jdiff._gradient import Backprop, GradientStrategy, Remat, Truncated
 from jdiff._grid import GRID_KINDS, default_grid_kind, time_grid
 from jdiff._padded import sample_padded
 from jdiff._param import (
@@ -88,7 +90,6 @@ __all__ = [
     "generate",
     "SamplingConfig",
     "wrappers",
-    "guidance",
     "phi",
     "GRID_KINDS",
     "default_grid_kind",
@@ -129,4 +130,6 @@ __all__ = [
     "Adjoint",
     "Truncated",
     "validate_grid",
+    "check_message",
+    "CheckFailed",
 ]

@@ -62,6 +62,7 @@ no special case for any solver's first or last step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -70,36 +71,100 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiff._core import ei_weights, phi
-from jdiff._gradient import Adjoint
-from jdiff.solvers._base import evaluate
+from jdiff._gradient import GradientStrategy, Run
+from jdiff.solvers._base import evaluate, network_calls
 
 __all__ = ["Adjoint", "check_adjoint", "adjoint_sample"]
-
-
-def _supported(solver) -> bool:
-    from jdiff.solvers._multistep import Multistep
-    from jdiff.solvers.ddim import DDIM
-    from jdiff.solvers.dpm_solver import Singlestep
-    from jdiff.solvers.euler import Euler, Heun
-    from jdiff.solvers.ipndm import IPNDM
-
-    if isinstance(solver, DDIM):
-        return solver.eta == 0.0
-    from jdiff.solvers.dc_solver import DCSolver
-
-    if isinstance(solver, DCSolver):
-        return False  # the compensated outputs are not the ODE's
-    if isinstance(solver, Multistep):
-        return solver.mode in ("data", "noise")
-    if isinstance(solver, IPNDM):
-        return not solver.afs  # the analytic first step is not a step of the ODE
-    return isinstance(solver, (Euler, Heun, Singlestep))
 
 
 _SUPPORTED = (
     "DDIM (eta = 0), Euler and Heun (time 't' or 'rho'), DPM-Solver and DPM-Solver++ "
     "(singlestep and multistep), DEIS, UniPC (with or without UniC), iPNDM and iPNDM-v"
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Adjoint(GradientStrategy):
+    """Gradient by the adjoint of the sampler, in memory independent of the number of steps.
+
+    The forward pass keeps only the last two states; the backward pass reconstructs the
+    trajectory backward in time and transposes the solver's step at each reconstructed
+    state (see :mod:`jdiff._adjoint` for the equations and AdjointDPM, Pan et al.,
+    ICLR 2024; AdjointDEIS, Blasingame & Liu, NeurIPS 2024). Gradients with respect to
+    ``x_T``, the conditioning and the parameters approach backprop's as the steps
+    shrink, at the solver's order; the grid gets the exact flow map's end-time
+    gradients (see :func:`adjoint_sample`).
+
+    Supports the deterministic solvers that declare ``supports_adjoint`` (a solver
+    attribute): DDIM (``eta = 0``), Euler and Heun, DPM-Solver and DPM-Solver++
+    (singlestep and multistep), DEIS, UniPC and iPNDM. Stochastic solvers, the others,
+    the guidance options that step along another path (CFG++, guidance memory), a
+    denoiser whose network calls vary with t and ``trajectory=True`` raise
+    ``ValueError`` (:meth:`check`).
+
+    Attributes:
+      order: order of the backward reconstruction (DPM-Solver++ multistep), 1, 2 or 3;
+        ``None`` uses the solver's order (plus one with a UniC corrector), at most 3.
+
+    Raises:
+      ValueError: ``order`` not None, 1, 2 or 3.
+    """
+
+    order: int | None = None
+
+    def __post_init__(self):
+        if self.order is not None and (isinstance(self.order, bool) or self.order not in (1, 2, 3)):
+            raise ValueError(f"Adjoint(order=...) must be 1, 2, 3 or None, got {self.order!r}")
+
+    def resolve_order(self, solver) -> int:
+        """The reconstruction order used with ``solver``."""
+        if self.order is not None:
+            return self.order
+        o = int(getattr(solver, "order", 1))
+        if getattr(solver, "corrector", None) is not None:
+            o += 1
+        return max(1, min(o, 3))
+
+    def check(self, solver, denoiser, num_steps, *, trajectory=False, denoise_to_zero=False):
+        """Raise ``ValueError`` unless this strategy supports ``solver``, ``denoiser`` and
+        the options (see the class docstring); called before anything runs."""
+        if solver.stochastic:
+            raise ValueError(
+                f"Adjoint() integrates the probability-flow ODE backward; {solver.name} is stochastic: "
+                "use Backprop(), Remat() or Truncated(k), or a deterministic solver"
+            )
+        check_adjoint(self, solver, trajectory=trajectory, denoise_to_zero=denoise_to_zero)
+        if getattr(solver, "cfgpp", False) or getattr(solver, "guidance_memory", False):
+            raise ValueError(
+                f"Adjoint() reconstructs the denoiser's probability-flow ODE backward; {solver.name} steps "
+                "along another path (CFG++ / guidance memory): use Backprop() or Remat()"
+            )
+        if getattr(denoiser, "calls", None) is not None and getattr(denoiser, "fixed_calls", None) is None:
+            raise ValueError(
+                "Adjoint() cannot count the network calls of a denoiser whose calls vary with t "
+                "(a guidance interval): use Backprop() or Remat()"
+            )
+
+    def run(self, solver, denoiser, x, grid, cond, key, *, nfe=None, trajectory=False) -> Run:
+        del key, trajectory  # deterministic solvers only; no trajectory (check)
+        grid = grid.astype(x.dtype)
+        out = adjoint_sample(self, solver, denoiser, x, grid, cond, nfe=nfe)
+        count = _forward_nfe(solver, denoiser.process, grid, nfe) * network_calls(denoiser, grid[0])
+        return Run(out, count, grid)
+
+
+def _forward_nfe(solver, process, grid, nfe):
+    """Model calls of a forward pass of ``solver`` over ``grid`` (possibly traced), from
+    ``solver.nfe`` and whether the grid starts at alpha = 0 or ends at sigma = 0; for a
+    solver whose ``init`` spends an NFE target exactly (``init_uses_nfe``: singlestep),
+    the target."""
+    N = grid.shape[0] - 1
+    if solver.init_uses_nfe and nfe is not None:
+        return jnp.asarray(nfe, jnp.int32)
+    lam = process.lambda_(jnp.stack([grid[0], grid[-1]]))
+    from_noise, to_data = lam[0] == -jnp.inf, lam[1] == jnp.inf
+    table = jnp.asarray([[solver.nfe(N, a, b) for b in (False, True)] for a in (False, True)], jnp.int32)
+    return table[to_data.astype(jnp.int32), from_noise.astype(jnp.int32)]
 
 
 def check_adjoint(strategy, solver, *, trajectory: bool = False, denoise_to_zero: bool = False) -> None:
@@ -117,7 +182,7 @@ def check_adjoint(strategy, solver, *, trajectory: bool = False, denoise_to_zero
 
     Raises:
       ValueError: a stochastic solver (the backward pass would need the forward
-        noise and a reverse-time SDE), a solver outside the supported list, or
+        noise and a reverse-time SDE), a solver whose ``supports_adjoint`` is False, or
         ``trajectory=True``.
       TypeError: ``strategy`` is not an :class:`Adjoint`.
     """
@@ -130,7 +195,7 @@ def check_adjoint(strategy, solver, *, trajectory: bool = False, denoise_to_zero
             f"gradient=Adjoint() needs a deterministic solver; {name} is stochastic: "
             "use gradient=Backprop() or Remat() (or a deterministic solver)"
         )
-    if not _supported(solver):
+    if not getattr(solver, "supports_adjoint", False):
         raise ValueError(f"gradient=Adjoint() supports {_SUPPORTED}; got {name}: use gradient=Backprop() or Remat()")
     if trajectory:
         raise ValueError(

@@ -6,15 +6,17 @@ Chosen by value, as diffrax chooses its ``adjoint=``: ``sample(..., gradient=...
   (exact; the backward pass stores every step's activations, memory O(N x activations));
 - :class:`Remat` -- the same with each step under ``jax.checkpoint`` (exact; stores one
   solver state per step and recomputes the model call, memory O(N |x|));
-- :class:`Adjoint` -- the adjoint of the probability-flow ODE integrated backward in
-  time (memory independent of N; see ``jdiff/_adjoint.py``);
+- :class:`~jdiff.Adjoint` -- the adjoint of the probability-flow ODE integrated backward
+  in time (memory independent of N; defined with its loop in ``jdiff/_adjoint.py``);
 - :class:`Truncated` -- gradient through the last ``k`` steps only, the earlier ones
   under ``stop_gradient`` (DRaFT-K, Clark et al., "Directly Fine-Tuning Diffusion Models
   on Differentiable Rewards", ICLR 2024; AlignProp, Prabhudesai et al., 2023).
 
 Each strategy is a frozen dataclass: equal settings compare equal and hash alike, so a
 strategy is a static argument of the compiled sampler and rebuilding it does not
-recompile. Backprop, Remat and Truncated differentiate with respect to ``x_T``, the
+recompile. Each carries its own checks and loop (:class:`GradientStrategy`'s ``check``
+and ``run``), so :func:`jdiff.sample` does not branch on the strategy. Backprop, Remat
+and Truncated differentiate with respect to ``x_T``, the
 conditioning pytree, the denoiser's parameters and the grid times.
 """
 
@@ -22,12 +24,90 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import Any, NamedTuple
 
-__all__ = ["GradientStrategy", "Backprop", "Remat", "Adjoint", "Truncated", "check_gradient"]
+import jax
+import jax.numpy as jnp
+
+__all__ = ["GradientStrategy", "Backprop", "Remat", "Truncated", "Run", "check_gradient", "scan_steps"]
+
+
+class Run(NamedTuple):
+    """What a strategy's :meth:`GradientStrategy.run` returns to :func:`jdiff.sample`.
+
+    Attributes:
+      x: the state after the last step, in the compute dtype.
+      nfe: network calls made (int32 scalar).
+      grid: the grid the solver ran on.
+      traj: with ``trajectory=True``, ``(xs, x0s, epss)`` stacked over the ``N`` steps
+        (``xs`` the states after each step), else None.
+    """
+
+    x: jax.Array
+    nfe: jax.Array
+    grid: jax.Array
+    traj: Any = None
+
+
+def scan_steps(solver, state, num_steps: int, denoiser, cond, *, remat: bool = False, trajectory: bool = False):
+    """``num_steps`` calls of ``solver.step`` under ``lax.scan`` (each under
+    ``jax.checkpoint`` with ``remat``); returns ``(state, traj)`` with ``traj`` the
+    per-step ``(x, x0, eps)`` when ``trajectory`` else None."""
+
+    def body(st, _):
+        new = solver.step(denoiser, st, cond)
+        out = (new.x, new.pred.x0, new.pred.eps) if trajectory else None
+        return new, out
+
+    if remat:
+        body = jax.checkpoint(body)
+    return jax.lax.scan(body, state, None, length=num_steps)
+
+
+def _stop(tree):
+    """``stop_gradient`` on the array leaves of ``tree`` (other leaves pass unchanged)."""
+    return jax.tree.map(lambda a: jax.lax.stop_gradient(a) if isinstance(a, jax.Array) else a, tree)
 
 
 class GradientStrategy:
-    """Base class of the gradient strategies of :func:`jdiff.sample`."""
+    """Base class of the gradient strategies of :func:`jdiff.sample`.
+
+    A strategy owns its behaviour, as diffrax's adjoints do: :meth:`check` refuses what
+    it does not support before anything runs, and :meth:`run` is the sampling loop with
+    the reverse pass the strategy stands for. :func:`jdiff.sample` validates its inputs,
+    calls both and finishes (``denoise_to_zero``, dtypes, :class:`~jdiff.SampleInfo`);
+    it never asks which strategy it holds. A new strategy subclasses this and overrides
+    both (:meth:`run` at least).
+    """
+
+    def check(self, solver, denoiser, num_steps: int, *, trajectory: bool = False, denoise_to_zero: bool = False):
+        """Raise ``ValueError`` now for a solver, denoiser, number of grid intervals or
+        option this strategy does not support. Default: everything is supported."""
+
+    def run(self, solver, denoiser, x, grid, cond, key, *, nfe=None, trajectory: bool = False) -> Run:
+        """Sample from ``x`` (compute dtype) over the validated ``grid`` with ``solver``.
+
+        Args:
+          solver: the :class:`~jdiff.solvers.Solver`.
+          denoiser: the denoiser (already casting to the caller's dtype).
+          x: ``(B, ...)`` the starting noise in the compute dtype.
+          grid: ``(N + 1,)`` the validated grid.
+          cond: the conditioning pytree.
+          key: the PRNG key of a stochastic solver, else None.
+          nfe: the NFE target handed to ``solver.init`` (or None).
+          trajectory: record ``(x, x0, eps)`` after every step.
+
+        Returns:
+          A :class:`Run`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement run()")
+
+
+def _full(solver, denoiser, x, grid, cond, key, *, nfe, trajectory, remat) -> Run:
+    """Every step differentiated (``remat``: each under ``jax.checkpoint``)."""
+    state = solver.init(x, grid, denoiser.process, key=key, nfe=nfe)
+    state, traj = scan_steps(solver, state, grid.shape[0] - 1, denoiser, cond, remat=remat, trajectory=trajectory)
+    return Run(state.x, state.nfe, state.grid, traj)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +117,9 @@ class Backprop(GradientStrategy):
     Exact. The backward pass keeps every step's intermediate values (the denoiser's
     activations included), so memory grows as O(N x activations) with the N steps.
     """
+
+    def run(self, solver, denoiser, x, grid, cond, key, *, nfe=None, trajectory=False) -> Run:
+        return _full(solver, denoiser, x, grid, cond, key, nfe=nfe, trajectory=trajectory, remat=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,45 +131,8 @@ class Remat(GradientStrategy):
     price of about one more forward pass.
     """
 
-
-@dataclasses.dataclass(frozen=True)
-class Adjoint(GradientStrategy):
-    """Gradient by the adjoint of the sampler, in memory independent of the number of steps.
-
-    The forward pass keeps only the last two states; the backward pass reconstructs the
-    trajectory backward in time and transposes the solver's step at each reconstructed
-    state (see :mod:`jdiff._adjoint` for the equations and AdjointDPM, Pan et al.,
-    ICLR 2024; AdjointDEIS, Blasingame & Liu, NeurIPS 2024). Gradients with respect to
-    ``x_T``, the conditioning and the parameters approach backprop's as the steps
-    shrink, at the solver's order; the grid gets the exact flow map's end-time
-    gradients (see :func:`adjoint_sample`).
-
-    Supports the deterministic solvers: DDIM (``eta = 0``), Euler and Heun, DPM-Solver
-    and DPM-Solver++ (singlestep and multistep), DEIS, UniPC and iPNDM. Stochastic
-    solvers and ``trajectory=True`` raise ``ValueError`` (:func:`check_adjoint`).
-
-    Attributes:
-      order: order of the backward reconstruction (DPM-Solver++ multistep), 1, 2 or 3;
-        ``None`` uses the solver's order (plus one with a UniC corrector), at most 3.
-
-    Raises:
-      ValueError: ``order`` not None, 1, 2 or 3.
-    """
-
-    order: int | None = None
-
-    def __post_init__(self):
-        if self.order is not None and (isinstance(self.order, bool) or self.order not in (1, 2, 3)):
-            raise ValueError(f"Adjoint(order=...) must be 1, 2, 3 or None, got {self.order!r}")
-
-    def resolve_order(self, solver) -> int:
-        """The reconstruction order used with ``solver``."""
-        if self.order is not None:
-            return self.order
-        o = int(getattr(solver, "order", 1))
-        if getattr(solver, "corrector", None) is not None:
-            o += 1
-        return max(1, min(o, 3))
+    def run(self, solver, denoiser, x, grid, cond, key, *, nfe=None, trajectory=False) -> Run:
+        return _full(solver, denoiser, x, grid, cond, key, nfe=nfe, trajectory=trajectory, remat=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,23 +171,38 @@ class Truncated(GradientStrategy):
             raise TypeError(f"Truncated(remat=...) must be a bool, got {type(self.remat).__name__}")
         object.__setattr__(self, "k", int(k))
 
+    def check(self, solver, denoiser, num_steps, *, trajectory=False, denoise_to_zero=False):
+        """Raise ``ValueError`` unless ``1 <= k <= num_steps``."""
+        if not 1 <= self.k <= num_steps:
+            raise ValueError(
+                f"Truncated(k={self.k}) needs 1 <= k <= N, the number of grid intervals; this grid has N = {num_steps}"
+            )
 
-def check_gradient(gradient, num_steps: int | None = None) -> GradientStrategy:
-    """Return ``gradient`` after checking it is a strategy that fits ``num_steps`` grid
-    intervals (not checked when None).
+    def run(self, solver, denoiser, x, grid, cond, key, *, nfe=None, trajectory=False) -> Run:
+        N = grid.shape[0] - 1
+        if self.k == N:
+            return _full(solver, denoiser, x, grid, cond, key, nfe=nfe, trajectory=trajectory, remat=self.remat)
+        state = solver.init(x, grid, denoiser.process, key=key, nfe=nfe)
+        # DRaFT-K: the first N - k steps see constants only (so no reverse pass is built
+        # for them), and the state they hand on is a constant too; the coefficient tables
+        # and the grid keep their dependence on the grid times for the last k steps
+        first, traj1 = scan_steps(solver, _stop(state), N - self.k, _stop(denoiser), _stop(cond), trajectory=trajectory)
+        first = _stop(first)._replace(aux=state.aux, grid=state.grid)
+        state, traj2 = scan_steps(solver, first, self.k, denoiser, cond, remat=self.remat, trajectory=trajectory)
+        traj = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), traj1, traj2)
+        return Run(state.x, state.nfe, state.grid, traj)
+
+
+def check_gradient(gradient) -> GradientStrategy:
+    """Return ``gradient`` after checking it is a gradient strategy.
 
     Raises:
-      TypeError: ``gradient`` is not one of :class:`Backprop`, :class:`Remat`,
-        :class:`Adjoint`, :class:`Truncated` (e.g. the old flag ``remat=True`` or a string).
-      ValueError: :class:`Truncated` with ``k`` larger than ``num_steps``.
+      TypeError: ``gradient`` is not a :class:`GradientStrategy` (e.g. the old flag
+        ``remat=True`` or a string).
     """
     if not isinstance(gradient, GradientStrategy):
         raise TypeError(
             "gradient must be a gradient strategy: jdiff.Backprop(), jdiff.Remat(), jdiff.Adjoint() or "
             f"jdiff.Truncated(k), got {gradient!r} of type {type(gradient).__name__}"
-        )
-    if num_steps is not None and isinstance(gradient, Truncated) and not 1 <= gradient.k <= num_steps:
-        raise ValueError(
-            f"Truncated(k={gradient.k}) needs 1 <= k <= N, the number of grid intervals; this grid has N = {num_steps}"
         )
     return gradient

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff._checks import is_concrete, reraise_checks
 from jdiff._sample import _CastInput, check_inputs
 from jdiff.solvers._base import Solver, compute_dtype, empty_state, padded_length
 
@@ -160,8 +161,9 @@ def sample_padded(
       The samples (dtype of ``x_T``), or ``(samples, nfe)``.
 
     Raises:
-      ValueError: for the same bad input as :func:`jdiff.sample`, and for a grid with
-        more than ``max_steps`` intervals.
+      ValueError: for the same bad input as :func:`jdiff.sample` (on an eager call also
+        for a check inside the compiled loop, such as a model's labels out of range), and
+        for a grid with more than ``max_steps`` intervals.
 
     Not reverse-mode differentiable (the loop is a ``while_loop``): use
     :func:`jdiff.sample` with a gradient strategy for gradients.
@@ -178,6 +180,10 @@ def sample_padded(
     dt = compute_dtype(x_T)
     den = denoiser if in_dtype == dt else _CastInput(denoiser, in_dtype)
     state = _init(solver, process, x_T.astype(dt), grid, key, nfe=nfe, max_steps=max_steps)
-    state = _loop(solver, den, state, jnp.int32(N), cond)
+    if is_concrete((denoiser, x_T, grid, cond, key)):
+        with reraise_checks():  # as sample: a check inside the program raises ValueError
+            state = jax.block_until_ready(_loop(solver, den, state, jnp.int32(N), cond))
+    else:
+        state = _loop(solver, den, state, jnp.int32(N), cond)
     x = state.x.astype(in_dtype)
     return (x, state.nfe) if return_nfe else x

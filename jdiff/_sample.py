@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff._checks import batch_array, concrete, error_if
-from jdiff._gradient import Adjoint, Backprop, GradientStrategy, Remat, Truncated, check_gradient
+from jdiff._checks import batch_array, concrete, error_if, is_concrete, reraise_checks
+from jdiff._gradient import Backprop, GradientStrategy, check_gradient
 from jdiff._grid import time_grid
 from jdiff._param import Prediction, check_cond_batch
 from jdiff.solvers._base import Solver, compute_dtype, network_calls
 
-__all__ = ["sample", "SampleInfo", "validate_grid", "check_x_T"]
+__all__ = ["sample", "SampleInfo", "validate_grid", "check_x_T", "check_nfe_with_grid"]
 
 _BACKPROP = Backprop()  # the default gradient strategy (an immutable value)
 
@@ -27,7 +27,7 @@ class SampleInfo(NamedTuple):
       nfe: network calls made (int32 scalar; counts calls actually taken): every
         evaluation of the denoiser counts its :func:`~jdiff.solvers._base.network_calls`,
         1 for a plain denoiser, 2 for classifier-free guidance or autoguidance, 1 outside
-        a guidance interval (see :mod:`jdiff.guidance`).
+        a guidance interval (see :mod:`jdiff.wrappers`).
       grid: the time grid used.
       xs: ``(N + 1, *x.shape)`` states ``x_{t_0} .. x_{t_N}`` (with ``trajectory=True``).
       x0s: ``(N, *x.shape)`` the x0 prediction made at the start of each step.
@@ -62,7 +62,10 @@ class _CastInput:
     def guide(self, x, t, cond=None, memory=None):
         guide = getattr(self.inner, "guide", None)
         if guide is None:
-            raise TypeError(f"this solver option needs a jdiff.guidance wrapper, got {type(self.inner).__name__}")
+            raise TypeError(
+                "this solver option needs a guidance wrapper (jdiff.wrappers.guidance), "
+                f"got {type(self.inner).__name__}"
+            )
         g = guide(x.astype(self.dtype), t, cond, memory)
         cast = lambda p: Prediction(p.x0.astype(x.dtype), p.eps.astype(x.dtype))  # noqa: E731
         return g._replace(pred=cast(g.pred), base=cast(g.base))
@@ -113,6 +116,49 @@ def check_x_T(x_T):
     return error_if(x_T, ~jnp.all(jnp.isfinite(x_T)), f"x_T of shape {x_T.shape} has non-finite values (NaN or inf)")
 
 
+def _grid_ends(process, grid):
+    """``(from_noise, to_data)`` of a grid: the possible pairs (all four when traced)."""
+    g = concrete(grid)
+    if g is None:
+        return [(a, b) for a in (False, True) for b in (False, True)]
+    lam = np.asarray(process.lambda_(jnp.asarray([g[0], g[-1]])))
+    return [(bool(lam[0] == -np.inf), bool(lam[1] == np.inf))]
+
+
+def check_nfe_with_grid(solver, process, grid, nfe) -> None:
+    """Raise ``ValueError`` when a target ``nfe`` given together with an explicit grid
+    disagrees with it.
+
+    A solver whose ``init`` spends the target (``init_uses_nfe``: singlestep
+    DPM-Solver, which picks its per-step orders from it) takes any target its ``init``
+    accepts on the grid. For every other solver the target must be what the grid gives:
+    the grid's ``N`` intervals are ``solver.num_steps(nfe)`` (the grid
+    :func:`jdiff.time_grid` builds for that ``nfe``) or cost ``solver.nfe(N) == nfe``
+    denoiser evaluations (counting first-order steps at a zero-SNR start or a final
+    step to the data). A traced grid accepts a target that either end case allows.
+    """
+    if isinstance(nfe, bool) or not isinstance(nfe, (int, np.integer)) or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+    if solver.init_uses_nfe:
+        return
+    N = grid.shape[0] - 1
+    spent = set()
+    for from_noise, to_data in _grid_ends(process, grid):
+        spent.add(int(solver.nfe(N, to_data, from_noise)))
+        try:
+            if int(solver.num_steps(int(nfe), to_data, from_noise)) == N:
+                return
+        except ValueError:
+            pass
+    if int(nfe) in spent:
+        return
+    calls = " or ".join(str(k) for k in sorted(spent))
+    raise ValueError(
+        f"nfe={nfe} disagrees with the grid: {solver.name} makes {calls} denoiser evaluations on this grid of "
+        f"{N} intervals; give the grid or nfe, not both (or the nfe the grid gives)"
+    )
+
+
 def check_inputs(solver, denoiser, x_T, grid, cond, key, *, nfe, grid_kind, final):
     """The checks every sampling entry point makes before anything runs; returns
     ``(x_T, grid, N)`` with the grid built from ``nfe`` when not given and both carrying
@@ -127,7 +173,11 @@ def check_inputs(solver, denoiser, x_T, grid, cond, key, *, nfe, grid_kind, fina
         if nfe is None:
             raise ValueError("give a time grid or a target nfe")
         grid = time_grid(process, kind=grid_kind, nfe=nfe, solver=solver, final=final)
-    grid = validate_grid(process, grid)
+        grid = validate_grid(process, grid)
+    else:
+        grid = validate_grid(process, grid)
+        if nfe is not None:
+            check_nfe_with_grid(solver, process, grid, nfe)
     x_T = check_x_T(x_T)
     check_cond_batch(cond, x_T.shape[0], "x_T", x_T.shape)
     N = grid.shape[0] - 1
@@ -178,6 +228,10 @@ def sample(
         ``grid_kind`` is built with ``solver.num_steps(nfe)`` steps; singlestep solvers
         then pick their per-step orders to spend exactly ``nfe``. (A guidance wrapper
         may make several network calls per evaluation; ``SampleInfo.nfe`` counts those.)
+        With a ``grid`` too, singlestep solvers spend ``nfe`` on that grid; for the
+        others ``nfe`` must be the NFE the grid gives (its length is
+        ``solver.num_steps(nfe)`` or it costs ``nfe`` evaluations), else ``ValueError``
+        (see :func:`check_nfe_with_grid`): a grid is never silently preferred.
       final: with ``nfe`` and no grid: ``"t_min"`` or ``"data"`` (see
         :func:`jdiff.time_grid`).
       denoise_to_zero: after the last step, one more model call returns its x0
@@ -208,52 +262,36 @@ def sample(
       ValueError: before anything runs, for a grid that is not finite, not strictly
         decreasing or outside the process's times, a non-finite ``x_T`` or a ``cond``
         whose batch is not ``x_T``'s; ``Truncated(k)`` with ``k`` not in ``1..N`` (N grid
-        intervals); :class:`~jdiff.Adjoint` with a stochastic solver or another pair it
-        does not support. Under the caller's ``jit`` the value checks become runtime
-        checks (``equinox.error_if``) with the same words in the message; they run once
-        per call, not per step.
+        intervals); an ``nfe`` that disagrees with an explicit ``grid``;
+        :class:`~jdiff.Adjoint` with a stochastic solver or another pair it
+        does not support; on an eager call, a value check inside the compiled program
+        (a model's class labels out of range) too. Under the caller's ``jit`` the value
+        checks become runtime checks (:func:`jdiff._checks.error_if`, which also holds on
+        a mesh): ``jax.errors.JaxRuntimeError`` whose text contains the same message
+        (:func:`jdiff.check_message` extracts it); they run once per call, not per step.
       TypeError: a ``gradient`` that is not a gradient strategy.
     """
-    check_gradient(gradient, None)
+    check_gradient(gradient)
     if trajectory and not return_info:
         raise ValueError("trajectory=True needs return_info=True")
     x_T, grid, N = check_inputs(solver, denoiser, x_T, grid, cond, key, nfe=nfe, grid_kind=grid_kind, final=final)
-    check_gradient(gradient, N)
-    if isinstance(gradient, Adjoint):
-        if solver.stochastic:
-            raise ValueError(
-                f"Adjoint() integrates the probability-flow ODE backward; {solver.name} is stochastic: "
-                "use Backprop(), Remat() or Truncated(k), or a deterministic solver"
-            )
-        _adjoint_module().check_adjoint(gradient, solver, trajectory=trajectory, denoise_to_zero=denoise_to_zero)
-        if getattr(solver, "cfgpp", False) or getattr(solver, "guidance_memory", False):
-            raise ValueError(
-                f"Adjoint() reconstructs the denoiser's probability-flow ODE backward; {solver.name} steps "
-                "along another path (CFG++ / guidance memory): use Backprop() or Remat()"
-            )
-        if getattr(denoiser, "calls", None) is not None and getattr(denoiser, "fixed_calls", None) is None:
-            raise ValueError(
-                "Adjoint() cannot count the network calls of a denoiser whose calls vary with t "
-                "(a guidance interval): use Backprop() or Remat()"
-            )
+    gradient.check(solver, denoiser, N, trajectory=trajectory, denoise_to_zero=denoise_to_zero)
 
     key = key if solver.stochastic else None
     # One cached compilation per (solver, denoiser structure, shapes, flags); inside a
     # user's jit it is inlined. Objects JAX cannot pass as arguments (a denoiser that is
     # not a registered pytree, strings in cond) run the same body without the cache.
     run = _run if _jittable((denoiser, cond, key)) else _run_impl
-    x, info = run(
-        solver,
-        denoiser,
-        x_T,
-        grid,
-        cond,
-        key,
-        nfe=nfe,
-        denoise_to_zero=denoise_to_zero,
-        trajectory=trajectory,
-        gradient=gradient,
-    )
+    args = (solver, denoiser, x_T, grid, cond, key)
+    flags = dict(nfe=nfe, denoise_to_zero=denoise_to_zero, trajectory=trajectory, gradient=gradient)
+    if is_concrete((denoiser, x_T, grid, cond, key)):
+        # an eager call: a value check that fails inside the compiled program (e.g. a
+        # model's labels out of range) raises ValueError with its message, as the checks
+        # made before it do (this waits for the result)
+        with reraise_checks():
+            x, info = jax.block_until_ready(run(*args, **flags))
+    else:
+        x, info = run(*args, **flags)
     return (x, info) if return_info else x
 
 
@@ -266,81 +304,21 @@ def _jittable(tree) -> bool:
     return all(ok(leaf) for leaf in jax.tree.leaves(tree))
 
 
-def _adjoint_module():
-    """``jdiff._adjoint``, imported on first use of :class:`~jdiff.Adjoint`."""
-    from jdiff import _adjoint
-
-    return _adjoint
-
-
-def _stop(tree):
-    """``stop_gradient`` on the array leaves of ``tree`` (other leaves pass unchanged)."""
-    return jax.tree.map(lambda a: jax.lax.stop_gradient(a) if isinstance(a, jax.Array) else a, tree)
-
-
 def _run_impl(solver, denoiser, x_T, grid, cond, key, *, nfe, denoise_to_zero, trajectory, gradient):
     """The body of :func:`sample` after validation."""
     in_dtype = x_T.dtype
     dt = compute_dtype(x_T)
     den = denoiser if in_dtype == dt else _CastInput(denoiser, in_dtype)
-    N = grid.shape[0] - 1
-    if isinstance(gradient, Adjoint):
-        grid = grid.astype(dt)
-        x = _adjoint_module().adjoint_sample(gradient, solver, den, x_T.astype(dt), grid, cond, nfe=nfe)
-        count = _forward_nfe(solver, denoiser.process, grid, nfe) * network_calls(denoiser, grid[0])
-        if denoise_to_zero:
-            x = den(x, grid[-1], cond).x0.astype(dt)
-            count = count + network_calls(den, grid[-1])
-        return x.astype(in_dtype), SampleInfo(nfe=count, grid=grid)
-
-    state = solver.init(x_T.astype(dt), grid, denoiser.process, key=key, nfe=nfe)
-
-    def steps(state, n, den, cond, remat):
-        def body(st, _):
-            new = solver.step(den, st, cond)
-            out = (new.x, new.pred.x0, new.pred.eps) if trajectory else None
-            return new, out
-
-        if remat:
-            body = jax.checkpoint(body)
-        return jax.lax.scan(body, state, None, length=n)
-
-    if isinstance(gradient, Truncated) and gradient.k < N:
-        # DRaFT-K: the first N - k steps see constants only (so no reverse pass is built
-        # for them), and the state they hand on is a constant too; the coefficient tables
-        # and the grid keep their dependence on the grid times for the last k steps
-        first, traj1 = steps(_stop(state), N - gradient.k, _stop(den), _stop(cond), False)
-        first = _stop(first)._replace(aux=state.aux, grid=state.grid)
-        state, traj2 = steps(first, gradient.k, den, cond, gradient.remat)
-        traj = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), traj1, traj2)
-    else:
-        remat = isinstance(gradient, Remat) or (isinstance(gradient, Truncated) and gradient.remat)
-        state, traj = steps(state, N, den, cond, remat)
-    x = state.x
-    count = state.nfe
+    run = gradient.run(solver, den, x_T.astype(dt), grid, cond, key, nfe=nfe, trajectory=trajectory)
+    x, count = run.x, run.nfe
     if denoise_to_zero:
         x = den(x, grid[-1], cond).x0.astype(dt)
         count = count + network_calls(den, grid[-1])
-    info = SampleInfo(nfe=count, grid=state.grid)
+    info = SampleInfo(nfe=count, grid=run.grid)
     if trajectory:
-        xs = jnp.concatenate([x_T.astype(dt)[None], traj[0]], axis=0)
-        info = info._replace(xs=xs, x0s=traj[1], epss=traj[2])
+        xs = jnp.concatenate([x_T.astype(dt)[None], run.traj[0]], axis=0)
+        info = info._replace(xs=xs, x0s=run.traj[1], epss=run.traj[2])
     return x.astype(in_dtype), info
-
-
-def _forward_nfe(solver, process, grid, nfe):
-    """Model calls of a forward pass of ``solver`` over ``grid`` (possibly traced), from
-    ``solver.nfe`` and whether the grid starts at alpha = 0 or ends at sigma = 0; for a
-    singlestep solver with an NFE target, the target (its schedule spends it exactly)."""
-    from jdiff.solvers.dpm_solver import Singlestep
-
-    N = grid.shape[0] - 1
-    if isinstance(solver, Singlestep) and nfe is not None:
-        return jnp.asarray(nfe, jnp.int32)
-    lam = process.lambda_(jnp.stack([grid[0], grid[-1]]))
-    from_noise, to_data = lam[0] == -jnp.inf, lam[1] == jnp.inf
-    table = jnp.asarray([[solver.nfe(N, a, b) for b in (False, True)] for a in (False, True)], jnp.int32)
-    return table[to_data.astype(jnp.int32), from_noise.astype(jnp.int32)]
 
 
 _run = jax.jit(_run_impl, static_argnames=("solver", "nfe", "denoise_to_zero", "trajectory", "gradient"))

@@ -1,4 +1,4 @@
-"""Guidance wrappers (jdiff.guidance) and the solvers' guidance options.
+"""Guidance wrappers (jdiff.wrappers) and the solvers' guidance options.
 
 Float64 throughout (the module's ``x64`` fixture): the wrappers are compared with hand
 computations in NumPy float64 and with the testbed's closed forms. Tiny shapes; the
@@ -13,8 +13,8 @@ from conftest import EPS64
 
 import jdiff
 from jdiff import solvers as S
-from jdiff.guidance import APG, autoguidance, classifier_guidance, guidance, schedule
 from jdiff.testbed import GaussianMixture
+from jdiff.wrappers import APG, autoguidance, classifier_guidance, guidance, schedule
 
 pytestmark = pytest.mark.usefixtures("x64")
 

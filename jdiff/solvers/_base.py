@@ -30,7 +30,7 @@ import numpy as np
 from jdiff._checks import concrete
 from jdiff._core import Geometry, geometry_from
 from jdiff._param import Prediction
-from jdiff._random import normal_per_sample
+from jdiff._random import _batch_keys, normal_per_sample
 
 __all__ = [
     "State",
@@ -113,8 +113,14 @@ class Solver:
         coefficients, e.g. DPM-Solver-v3's statistics): :func:`jdiff.sample_padded` then
         builds them for a dummy state of that shape instead of a shape-free one.
       init_uses_nfe: whether ``init`` reads its ``nfe`` target (singlestep solvers spend
-        it exactly); for the others :func:`jdiff.sample_padded` drops the target, so
-        calls with and without it share one tables program.
+        it exactly, so the target is the NFE spent); for the others
+        :func:`jdiff.sample_padded` drops the target, so calls with and without it share
+        one tables program, and :func:`jdiff.sample` refuses a target that differs from
+        the NFE an explicit grid gives.
+      supports_adjoint: whether ``gradient=jdiff.Adjoint()`` may transpose this solver's
+        step: a deterministic step of the probability-flow ODE whose outputs are the
+        ODE's (not DPM-Solver-v3's statistics, DC-Solver's compensated outputs or
+        iPNDM's analytic first step). Default False: a new solver opts in.
     """
 
     stochastic = False
@@ -122,6 +128,7 @@ class Solver:
     padded_tables = False
     shaped_tables = False
     init_uses_nfe = False
+    supports_adjoint = False
 
     def init(self, x_T, grid, process, *, key=None, nfe=None) -> State:
         raise NotImplementedError
@@ -241,8 +248,6 @@ def empty_state(x_T, grid, *, hist_size: int = 0, key=None, aux=None, process=No
         grid = constant_infinite_ends(process, grid)
     zeros = jnp.zeros_like(x)
     if key is not None:
-        from jdiff._random import _batch_keys
-
         key = _batch_keys(key, x.shape[0])
     return State(
         x=x,
@@ -266,7 +271,7 @@ def network_calls(denoiser, t):
     """Network calls (forward passes over the caller's batch) that one evaluation of
     ``denoiser`` at time ``t`` makes, as an int32 scalar: ``denoiser.calls(t)`` when the
     denoiser defines it (guidance wrappers: 2 for classifier-free guidance, 1 outside a
-    guidance interval, see :mod:`jdiff.guidance`), else 1. Solvers add it to
+    guidance interval, see :mod:`jdiff.wrappers`), else 1. Solvers add it to
     ``State.nfe`` for every evaluation, so :class:`jdiff.SampleInfo` reports the true
     count; ``t`` may be traced."""
     f = getattr(denoiser, "calls", None)
@@ -280,7 +285,7 @@ def guided_evaluate(solver, denoiser, state: State, t, cond):
     ``guidance_memory``): ``(pred, eps_renoise, hist)``.
 
     Without the options: the plain prediction, its own eps and the unchanged history.
-    With them the denoiser must be a guidance wrapper of :mod:`jdiff.guidance` (it has
+    With them the denoiser must be a guidance wrapper of :mod:`jdiff.wrappers` (it has
     ``guide(x, t, cond, memory) -> Guided(pred, base, memory)``): ``cfgpp`` renoises
     with the unguided ``base.eps`` (CFG++, Chung et al., 2024), and
     ``guidance_memory`` passes the wrapper's memory (APG's momentum average, Sadat et
@@ -293,7 +298,7 @@ def guided_evaluate(solver, denoiser, state: State, t, cond):
     guide = getattr(denoiser, "guide", None)
     if guide is None:
         raise TypeError(
-            f"{solver.name} needs a guidance wrapper from jdiff.guidance (guidance, autoguidance, "
+            f"{solver.name} needs a guidance wrapper from jdiff.wrappers (guidance, autoguidance, "
             f"classifier_guidance) as its denoiser, got {type(denoiser).__name__}"
         )
     g = guide(x, t, cond, state.hist[0] if solver.guidance_memory else None)

@@ -104,6 +104,10 @@ class Multistep(Solver):
             raise ValueError(f"unknown multistep mode {self.mode!r}")
 
     @property
+    def supports_adjoint(self) -> bool:
+        return self.mode in ("data", "noise")  # not the SDE solver
+
+    @property
     def stochastic(self) -> bool:
         return self.mode == "sde_data"
 

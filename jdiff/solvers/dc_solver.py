@@ -73,6 +73,7 @@ class DCSolver(Multistep):
     dc_order: int = 3
 
     padded_tables = False  # the ratios are for one grid length
+    supports_adjoint = False  # the compensated outputs are not the ODE's
 
     def __post_init__(self):
         super().__post_init__()
@@ -168,7 +169,7 @@ def fit_dc_ratios(
     Returns:
       ``dc_solver(base, ratios, dc_order=dc_order)`` with the fitted ratios.
     """
-    import optax
+    import optax  # only for fitting: not loaded with every `import jdiff`
 
     probe = dc_solver(base, [0.0] * (np.shape(grid)[0] - 1), dc_order=dc_order)
     x_T = jnp.asarray(x_T)

@@ -7,7 +7,7 @@ variance of ``q(x_t | x_s, x0)``, so ``eta = 1`` is DDPM's ancestral sampler (Ho
 2020) and ``eta = 0`` the deterministic DDIM, which is also DPM-Solver-1 and
 DPM-Solver++(1).
 
-Guidance options (the denoiser must then be a wrapper of :mod:`jdiff.guidance`):
+Guidance options (the denoiser must then be a wrapper of :mod:`jdiff.wrappers`):
 ``cfgpp=True`` is CFG++ (Chung et al., "CFG++: Manifold-constrained Classifier Free
 Guidance for Diffusion Models", 2024, Algorithm 1): the guided x0 is renoised with the
 *unguided* noise prediction, ``x_t = alpha_t x0_guided + sqrt(sigma_t^2 - c^2) eps_uncond
@@ -94,6 +94,10 @@ class DDIM(Solver):
 
     order = 1
     padded_tables = True  # every row reads its own step s -> t only
+
+    @property
+    def supports_adjoint(self) -> bool:
+        return self.eta == 0.0  # DDPM-like noise needs the forward noise backward
 
     def __post_init__(self):
         if not 0.0 <= float(self.eta) <= 1.0:

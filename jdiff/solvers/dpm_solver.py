@@ -128,6 +128,7 @@ class Singlestep(Solver):
         return jax.vmap(one)(jnp.arange(N))
 
     init_uses_nfe = True  # the per-step orders spend the target exactly
+    supports_adjoint = True
 
     def init(self, x_T, grid, process, *, key=None, nfe=None):
         del key

@@ -96,6 +96,7 @@ class Euler(Solver):
 
     order = 1
     padded_tables = True  # every row reads its own step s -> t only
+    supports_adjoint = True  # (with cfgpp / guidance_memory Adjoint refuses the path)
 
     def __post_init__(self):
         _check_time(self.time)
@@ -136,6 +137,7 @@ class Heun(Solver):
 
     order = 2
     padded_tables = True  # every row reads its own step s -> t only
+    supports_adjoint = True
 
     def __post_init__(self):
         _check_time(self.time)

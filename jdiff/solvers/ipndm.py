@@ -40,6 +40,8 @@ from jdiff.solvers._base import (
     settings_name,
     steps_of,
 )
+from jdiff.solvers._multistep import multistep
+from jdiff.solvers.deis import QuadratureWeights
 
 __all__ = ["IPNDM", "ipndm"]
 
@@ -61,6 +63,10 @@ class IPNDM(Solver):
     afs: bool = False
 
     padded_tables = True  # row i reads grid points 0..i+1 and steps_of(grid) only
+
+    @property
+    def supports_adjoint(self) -> bool:
+        return not self.afs  # the analytic first step is not a step of the ODE
 
     def __post_init__(self):
         if self.order not in _AB:
@@ -157,9 +163,6 @@ def ipndm(order: int = 4, *, variable_step: bool = False, lower_order_final: boo
         raise ValueError("afs is implemented for the fixed-step iPNDM (variable_step=False)")
     if not variable_step:
         return IPNDM(order, lower_order_final, afs)
-    from jdiff.solvers._multistep import multistep
-    from jdiff.solvers.deis import QuadratureWeights
-
     return multistep(
         order,
         mode="noise",

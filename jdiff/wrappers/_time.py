@@ -1,33 +1,6 @@
-"""Denoiser wrappers that compose like ``optax.chain``: each takes a denoiser and
-returns one, acting on the ``(x0, eps)`` prediction at the boundary.
-
-- :func:`static_threshold`: clip x0 to the data range (Ho et al., "Denoising Diffusion
-  Probabilistic Models", 2020, sampling code; Saharia et al. 2022, Sec. 2.3).
-- :func:`dynamic_threshold`: per sample, ``s = max(1, quantile(|x0|, p))`` and
-  ``x0 <- clip(x0, -s, s) / s`` (Saharia et al., "Photorealistic Text-to-Image
-  Diffusion Models with Deep Language Understanding" (Imagen), NeurIPS 2022, Sec. 2.3).
-- :func:`time_shift`: the time-shift sampler's variance-matched model time (Li et al.,
-  "Alleviating Exposure Bias in Diffusion Models through Sampling with Shifted Time
-  Steps", ICLR 2024): the network is evaluated at the time, within a window around the
-  step's time, whose marginal variance best matches the current sample's.
-- :func:`network_time`: decoupled network times (Tong et al., "Learning to Discretize
-  Denoising Diffusion ODEs", ICLR 2025, the released code's second set of learned
-  times): at the solver's grid time ``t_i`` the network is evaluated at ``s_i``.
-- :func:`guidance`: classifier-free guidance ``p_u + w (p_c - p_u)`` (Ho & Salimans,
-  "Classifier-Free Diffusion Guidance", 2021), with both passes in one batched call, and
-  its variants (CFG rescale, guidance interval, APG), :func:`autoguidance`,
-  :func:`classifier_guidance` and time-varying scales (:func:`schedule`): defined in
-  :mod:`jdiff.guidance` and re-exported here.
-
-After thresholding, eps is recomputed from x0 so that ``x = alpha x0 + sigma eps``
-still holds; guidance combines x0 and eps alike, which keeps it too.
-
-Wrappers are values: frozen dataclasses registered as pytrees whose static settings
-(thresholds, quantiles) are metadata and whose arrays (the wrapped denoiser's
-parameters, the guidance scale, the null conditioning) are leaves. Two wrappers built
-with equal settings around equal denoisers are equal and hash alike (the hash covers
-only the static part), and share one compiled sampler.
-"""
+"""Wrappers that evaluate the network at another time than the solver's: the time-shift
+sampler (Li et al., ICLR 2024) and LD3's decoupled network times (Tong et al., ICLR
+2025)."""
 
 from __future__ import annotations
 
@@ -38,20 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff._checks import concrete, error_if
 from jdiff._param import Prediction, broadcast_to_x
-from jdiff.guidance import APG, InnerWrapper, autoguidance, classifier_guidance, guidance, schedule
+from jdiff.wrappers._base import InnerWrapper
 
-__all__ = [
-    "time_shift",
-    "network_time",
-    "static_threshold",
-    "dynamic_threshold",
-    "guidance",
-    "autoguidance",
-    "classifier_guidance",
-    "schedule",
-    "APG",
-]
+__all__ = ["time_shift", "network_time"]
 
 
 def _anchored(process, x, t, p, keep):
@@ -65,56 +29,6 @@ def _anchored(process, x, t, p, keep):
         return Prediction(x0.astype(p.x0.dtype), p.eps)
     eps = jnp.where(s > 0, (x - a * p.x0) / jnp.where(s > 0, s, 1.0), p.eps)
     return Prediction(p.x0, eps.astype(p.eps.dtype))
-
-
-def _eps_from_x0(process, x, t, x0):
-    a = broadcast_to_x(process.alpha(jnp.asarray(t, x.dtype)), x)
-    s = broadcast_to_x(process.sigma(jnp.asarray(t, x.dtype)), x)
-    return (x - a * x0) / s
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Threshold(InnerWrapper):
-    inner: Any
-    kind: str
-    lo: float = -1.0
-    hi: float = 1.0
-    quantile: float = 0.995
-    max_value: float = float("inf")
-
-    def __call__(self, x, t, cond=None) -> Prediction:
-        p = self.inner(x, t, cond)
-        if self.kind == "static":
-            x0 = jnp.clip(p.x0, self.lo, self.hi)
-        else:
-            flat = jnp.abs(p.x0.reshape(p.x0.shape[0], -1))
-            s = jnp.quantile(flat, self.quantile, axis=1)
-            s = jnp.clip(s, 1.0, self.max_value).astype(p.x0.dtype)
-            s = broadcast_to_x(s, p.x0)
-            x0 = jnp.clip(p.x0, -s, s) / s
-        return Prediction(x0, _eps_from_x0(self.process, x, t, x0).astype(p.eps.dtype))
-
-
-jax.tree_util.register_dataclass(
-    _Threshold, data_fields=["inner"], meta_fields=["kind", "lo", "hi", "quantile", "max_value"]
-)
-
-
-def static_threshold(denoiser, lo: float = -1.0, hi: float = 1.0):
-    """Clip the x0 prediction to ``[lo, hi]``."""
-    if not lo < hi:
-        raise ValueError(f"need lo < hi, got {lo}, {hi}")
-    return _Threshold(denoiser, "static", lo=float(lo), hi=float(hi))
-
-
-def dynamic_threshold(denoiser, quantile: float = 0.995, max_value: float = float("inf")):
-    """Imagen's dynamic thresholding with percentile ``quantile`` (``s`` clipped to
-    ``[1, max_value]``; diffusers' ``sample_max_value``)."""
-    if not 0.0 < quantile <= 1.0:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-    if not max_value >= 1.0:
-        raise ValueError(f"max_value must be >= 1, got {max_value}")
-    return _Threshold(denoiser, "dynamic", quantile=float(quantile), max_value=float(max_value))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -241,10 +155,19 @@ def network_time(denoiser, grid, net_grid, *, keep: str = "x0"):
         raise ValueError(
             f"grid and net_grid must be 1-D of the same length >= 2, got {jnp.shape(grid)} and {jnp.shape(net_grid)}"
         )
-    if not isinstance(net_grid, jax.core.Tracer):
-        n = np.asarray(net_grid, np.float64)
-        p = denoiser.process
-        lo, hi = min(float(p.t_min), float(getattr(p, "t_data", p.t_min))), float(p.t_max)
+    p = denoiser.process
+    lo, hi = min(float(p.t_min), float(getattr(p, "t_data", p.t_min))), float(p.t_max)
+    n = concrete(net_grid)
+    if n is not None:
+        n = n.astype(np.float64)
         if not np.all(np.isfinite(n)) or n.min() < lo - 1e-6 or n.max() > hi + 1e-6:
             raise ValueError(f"net_grid must be finite times in [{lo}, {hi}], got {n.tolist()}")
+    else:  # traced (e.g. while fitting): the same check at run time
+        bad = ~jnp.isfinite(net_grid) | (net_grid < lo - 1e-6) | (net_grid > hi + 1e-6)
+        net_grid = error_if(net_grid, bad, f"net_grid must be finite times in [{lo}, {hi}]")
+    g = concrete(grid)
+    if g is None:  # the solver's grid: NaN there would make the interpolation NaN
+        grid = error_if(grid, ~jnp.isfinite(grid), "network_time: the grid has non-finite values")
+    elif not np.all(np.isfinite(g)):
+        raise ValueError(f"network_time: the grid has non-finite values: {g.tolist()[:8]}")
     return _NetworkTime(denoiser, grid, net_grid, keep)

@@ -60,163 +60,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff._checks import concrete, error_if
-from jdiff._param import Prediction, TreeValue, _FnKey, broadcast_to_x, check_cond_batch, from_x0_eps, to_x0_eps
+from jdiff._param import Prediction, TreeValue, broadcast_to_x, check_cond_batch, from_x0_eps, to_x0_eps
 from jdiff.solvers._base import network_calls
+from jdiff.wrappers._base import Guided
+from jdiff.wrappers._scale import _scale_at, _split_scale
 
-
-class InnerWrapper(TreeValue):
-    """Base of a denoiser wrapper around ``self.inner`` that keeps its process and makes
-    the network calls ``inner`` makes (thresholding, classifier guidance, time shift)."""
-
-    @property
-    def process(self):
-        return self.inner.process
-
-    @property
-    def fixed_calls(self):
-        return getattr(self.inner, "fixed_calls", 1)
-
-    def calls(self, t):
-        return network_calls(self.inner, t)
-
-
-__all__ = [
-    "APG",
-    "Guided",
-    "Schedule",
-    "autoguidance",
-    "classifier_guidance",
-    "guidance",
-    "schedule",
-]
+__all__ = ["APG", "guidance", "autoguidance"]
 
 _RESCALE_ON = ("x0", "eps", "v")
 _INTERVAL_ON = ("rho", "sigma", "t")
-
-
-class Guided(NamedTuple):
-    """What a guidance wrapper's ``guide`` returns.
-
-    Attributes:
-      pred: the guided prediction (what calling the wrapper returns).
-      base: the unguided prediction: the unconditional one (CFG), the weak model's
-        (autoguidance), the wrapped denoiser's (classifier guidance); outside a
-        guidance interval the conditional one. CFG++ renoises with ``base.eps``.
-      memory: the state carried to the next step (APG's momentum average), or None.
-    """
-
-    pred: Prediction
-    base: Prediction
-    memory: Any = None
-
-
-# ------------------------------------------------------------------ scales
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Schedule(TreeValue):
-    """A guidance scale given on a time grid: ``values[k]`` at ``times[k]``, linear in
-    between (``jnp.interp``) and constant beyond the ends. Build with :func:`schedule`."""
-
-    times: Any
-    values: Any
-
-    def __call__(self, t):
-        ts, vs = jnp.asarray(self.times), jnp.asarray(self.values)
-        flip = ts[0] > ts[-1]  # a decreasing (sampling) grid: searchsorted needs increasing points
-        ts, vs = jnp.where(flip, ts[::-1], ts), jnp.where(flip, vs[::-1], vs)
-        t = jnp.clip(jnp.asarray(t, ts.dtype), ts[0], ts[-1])
-        if ts.shape[0] == 1:
-            return jnp.broadcast_to(vs[0], t.shape)
-        # v_i + frac (v_{i+1} - v_i) with t_i <= t: exactly v_i at a grid point and
-        # exactly v when the neighbours are equal (a schedule of ones is neutral)
-        i = jnp.clip(jnp.searchsorted(ts, t, side="right") - 1, 0, ts.shape[0] - 2)
-        frac = (t - ts[i]) / (ts[i + 1] - ts[i])
-        return vs[i] + frac * (vs[i + 1] - vs[i])
-
-
-jax.tree_util.register_dataclass(Schedule, data_fields=["times", "values"], meta_fields=[])
-
-
-def schedule(times, values) -> Schedule:
-    """A guidance scale that varies with time, given on a grid (e.g. the sampling grid
-    from :func:`jdiff.time_grid`): exact at the grid points, piecewise linear in ``t``
-    between them (a solver's intermediate evaluations) and constant beyond the ends.
-
-    Args:
-      times: ``(K,)`` strictly monotone times (increasing or decreasing).
-      values: ``(K,)`` finite scales.
-
-    Returns:
-      A :class:`Schedule`, usable as the ``scale`` of every wrapper in this module.
-
-    Raises:
-      ValueError: shapes that are not ``(K,)`` alike with ``K >= 1``, non-finite
-        entries or times that are not strictly monotone (checked when concrete).
-    """
-    ts, vs = jnp.asarray(times), jnp.asarray(values)
-    if ts.ndim != 1 or vs.shape != ts.shape or ts.shape[0] < 1:
-        raise ValueError(f"a schedule needs times and values of one shape (K,), got {ts.shape} and {vs.shape}")
-    t_np, v_np = concrete(ts), concrete(vs)
-    if t_np is not None:
-        if not np.all(np.isfinite(t_np)):
-            raise ValueError(f"schedule times must be finite, got {t_np.tolist()[:8]}")
-        d = np.diff(t_np.astype(np.float64))
-        if not (np.all(d > 0) or np.all(d < 0)):
-            raise ValueError(f"schedule times must be strictly monotone, got {t_np.tolist()[:8]}")
-    if v_np is not None and not np.all(np.isfinite(v_np)):
-        raise ValueError(f"a guidance scale must be finite, got schedule values {v_np.tolist()[:8]}")
-    if not jnp.issubdtype(vs.dtype, jnp.floating):
-        vs = vs.astype(jnp.float32)
-    if not jnp.issubdtype(ts.dtype, jnp.floating):
-        ts = ts.astype(jnp.float32)
-    return Schedule(ts, vs)
-
-
-def _split_scale(scale, what="scale"):
-    """``(scale leaf, scale function key)``: a callable that is not a pytree value goes to
-    the static part (compared like a denoiser's ``apply_fn``); numbers are checked now."""
-    if isinstance(scale, Schedule):
-        return scale, None
-    if callable(scale) and not hasattr(scale, "__jax_array__"):
-        return None, _FnKey(scale)
-    if isinstance(scale, bool) or scale is None:
-        raise TypeError(f"the guidance {what} must be a number, an array, a callable of t or a schedule, got {scale!r}")
-    a = concrete(scale)
-    if a is not None:
-        if not np.issubdtype(a.dtype, np.number) or a.ndim > 1:
-            raise ValueError(f"the guidance {what} must be a number or one per sample (B,), got {scale!r}")
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"the guidance {what} must be finite, got {a.tolist()}")
-    return scale, None
-
-
-def _scale_at(scale, fn, t, x, what="scale"):
-    """The scale at time ``t`` (scalar or ``(B,)``) in the predictions' dtype (at least
-    float32), as a scalar or broadcast against ``x``; checked before any network call."""
-    dt = jnp.result_type(x.dtype, jnp.float32)
-    if fn is not None:
-        w = jnp.asarray(fn.fn(t), dt)
-        w = error_if(w, ~jnp.all(jnp.isfinite(w)), f"the guidance {what} callable returned a non-finite value")
-    elif isinstance(scale, Schedule):
-        w = scale(t).astype(dt)
-    else:
-        w = jnp.asarray(scale, dt)
-    if w.ndim == 0:
-        return w
-    if w.shape != (x.shape[0],):
-        raise ValueError(f"the guidance {what} has shape {w.shape}; expected () or one per sample ({x.shape[0]},)")
-    return broadcast_to_x(w, x)
-
-
-# --------------------------------------------------------------------- APG
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,9 +122,6 @@ def _apg_update(d, x0_c, apg: APG):
     u = x0_c / jnp.where(n_c > 0, n_c, 1.0)  # a zero x0_c has no parallel direction
     par = _per_sample_sum(d * u) * u
     return (d - par) + apg.eta * par
-
-
-# ---------------------------------------------------------------- guidance
 
 
 def _check_interval(interval, interval_on):
@@ -467,7 +322,7 @@ def _check_denoiser(den, what):
 
 def _check_apg(apg):
     if apg is not None and not isinstance(apg, APG):
-        raise TypeError(f"apg must be a jdiff.guidance.APG(...) or None, got {apg!r}")
+        raise TypeError(f"apg must be a jdiff.wrappers.APG(...) or None, got {apg!r}")
     return apg
 
 
@@ -593,111 +448,3 @@ def autoguidance(
         interval_on,
         _check_apg(apg),
     )
-
-
-# ------------------------------------------------------ classifier guidance
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _ClassifierGuidance(InnerWrapper):
-    inner: Any
-    scale: Any
-    params: Any
-    labels: Any
-    classifier: Any = None  # _FnKey
-    scale_fn: Any = None
-
-    def log_prob_grad(self, x, t, labels):
-        """Per-sample ``grad_x log p(y | x_t)`` (the gradient of the sum over the batch
-        of the selected log-probabilities; a classifier that treats samples
-        independently makes each row the gradient of its own term)."""
-        y = self._labels(x, t, labels)
-        tb = self._times(x, t)
-        fn = self.classifier.fn
-
-        def total(xx):
-            logits = fn(xx, tb) if self.params is None else fn(self.params, xx, tb)
-            lp = jax.nn.log_softmax(logits.astype(jnp.result_type(logits.dtype, jnp.float32)), axis=-1)
-            return jnp.sum(jnp.take_along_axis(lp, y[:, None], axis=1))
-
-        return jax.grad(total)(x)
-
-    @staticmethod
-    def _times(x, t):
-        t = jnp.asarray(t)
-        return jnp.broadcast_to(t, (x.shape[0],)) if t.ndim == 0 else t
-
-    def _labels(self, x, t, labels):
-        """The labels, checked (shape, dtype, range against the classifier's output
-        shape, found without running it) before anything is computed."""
-        B = x.shape[0]
-        y = jnp.asarray(labels)
-        if y.shape != (B,) or not jnp.issubdtype(y.dtype, jnp.integer):
-            raise ValueError(f"classifier guidance needs integer labels of shape ({B},), got {y.dtype} {y.shape}")
-        fn, tb = self.classifier.fn, self._times(x, t)
-        out = jax.eval_shape(lambda xx: fn(xx, tb) if self.params is None else fn(self.params, xx, tb), x)
-        if len(getattr(out, "shape", ())) != 2 or out.shape[0] != B:
-            raise ValueError(f"the classifier must return logits of shape ({B}, C), got {getattr(out, 'shape', out)}")
-        C = out.shape[1]
-        return error_if(y, jnp.any((y < 0) | (y >= C)), f"class labels must be in [0, {C})")
-
-    def guide(self, x, t, cond=None, memory=None) -> Guided:
-        labels = cond if self.labels is None else self.labels
-        if labels is None:
-            raise ValueError("classifier guidance needs class labels: pass labels= or cond= to sample()")
-        w = _scale_at(self.scale, self.scale_fn, t, x)
-        self._labels(x, t, labels)  # checked before the denoiser runs
-        p = self.inner(x, t, cond)
-        w = w.astype(p.x0.dtype)
-        g = self.log_prob_grad(x.astype(p.x0.dtype), t, labels).astype(p.x0.dtype)
-        tt = jnp.asarray(t, p.x0.dtype)
-        a = broadcast_to_x(self.process.alpha(tt), p.x0)
-        s = broadcast_to_x(self.process.sigma(tt), p.x0)
-        # score + w grad log p(y|x): eps -= w sigma grad, x0 += w sigma^2 / alpha grad
-        # (Tweedie); at alpha = 0 x0 is undefined and the step adds nothing
-        ok = a > 0
-        wg = jnp.where(ok, w * g, 0.0)
-        x0 = p.x0 + (s * s / jnp.where(ok, a, 1.0)) * wg
-        eps = p.eps - s * wg
-        return Guided(Prediction(x0, eps), p, memory)
-
-    def __call__(self, x, t, cond=None) -> Prediction:
-        return self.guide(x, t, cond).pred
-
-
-jax.tree_util.register_dataclass(
-    _ClassifierGuidance, data_fields=["inner", "scale", "params", "labels"], meta_fields=["classifier", "scale_fn"]
-)
-
-
-def classifier_guidance(denoiser, classifier, scale, *, params=None, labels=None):
-    """Classifier guidance with a noisy classifier's gradient (Dhariwal & Nichol,
-    "Diffusion Models Beat GANs on Image Synthesis", NeurIPS 2021, Sec. 4 and
-    Algorithm 2, written for any process): the score ``-eps / sigma`` gains
-    ``w grad_x log p(y | x_t)``, so ``eps <- eps - w sigma grad`` and, keeping
-    ``x = alpha x0 + sigma eps``, ``x0 <- x0 + w sigma^2 / alpha grad``.
-
-    Args:
-      denoiser: the denoiser to guide (conditional or not).
-      classifier: ``classifier(x, t) -> logits (B, C)``, or
-        ``classifier(params, x, t)`` when ``params`` is given; ``t`` is the process time,
-        shape ``(B,)``. Samples must be classified independently (no batch statistics):
-        the gradient of the batch sum is then each sample's own gradient.
-      scale: the weight ``w`` (0: the plain denoiser), as in :func:`guidance`.
-      params: the classifier's parameters (a pytree), or None.
-      labels: ``(B,)`` integer classes to guide towards; None takes them from ``cond``.
-
-    Returns:
-      A denoiser wrapper; one evaluation is one denoiser call (``calls(t)`` = 1) plus a
-      classifier forward and backward pass.
-
-    Raises:
-      ValueError: a non-finite scale; at call time labels that are not ``(B,)``
-        integers or outside ``[0, C)``, logits that are not ``(B, C)``.
-      TypeError: ``classifier`` is not callable, ``denoiser`` not a denoiser.
-    """
-    _check_denoiser(denoiser, "denoiser")
-    if not callable(classifier):
-        raise TypeError(f"classifier must be a callable (x, t) -> logits, got {type(classifier).__name__}")
-    leaf, fn = _split_scale(scale)
-    return _ClassifierGuidance(denoiser, leaf, params, labels, _FnKey(classifier), fn)
