@@ -22,6 +22,8 @@ import re
 import sys
 import traceback
 
+from jdiff._checks import check_message
+
 __all__ = ["USER_ERROR", "IO_ERROR", "debug_requested", "exit_status", "one_line", "report", "quiet_libraries"]
 
 USER_ERROR = 2
@@ -56,7 +58,7 @@ def _raised_inside(text: str) -> tuple[str, str] | None:
 
 
 def _is_check(e: BaseException, user_errors: tuple) -> bool:
-    if isinstance(e, user_errors):
+    if isinstance(e, user_errors) or check_message(e) is not None:
         return True
     inner = _raised_inside(str(e)) if isinstance(e, RuntimeError) else None
     return inner is not None and (inner[0].endswith("EquinoxRuntimeError") or inner[0] == "ValueError")
@@ -86,7 +88,9 @@ def one_line(e: BaseException, user_errors: tuple = (ValueError,)) -> str:
         return f"{e.strerror}: {where}" if where else e.strerror
     text = str(e)
     inner = _raised_inside(text) if isinstance(e, RuntimeError) else None
-    if inner is not None:
+    if (checked := check_message(e)) is not None:
+        msg = checked
+    elif inner is not None:
         msg = inner[1]
     else:
         msg = " ".join(text.split()) or type(e).__name__
