@@ -57,6 +57,7 @@ def prior_sample(process, key, shape, dtype=None):
 __version__ = "0.1.0"
 
 _LAZY = ("models", "train", "data", "testbed", "features", "inversion", "inverse", "likelihood", "superdiff", "tune")
+_LAZY += ("runs",)  # the run layer (configuration, run directories, presets, shipped models)
 
 
 def __getattr__(name):

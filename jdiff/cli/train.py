@@ -10,9 +10,11 @@ import sys
 import time
 from typing import Any
 
-from jdiff.cli import _run as R
-from jdiff.cli._common import CLIError, build_run, check_solver_nfe, denoiser, denoiser_apply, make_solver, to_host
-from jdiff.cli._config import ConfigError, RunConfig, apply_overrides, config_to_dict
+from jdiff.cli._common import CLIError
+from jdiff.runs import _dir as R
+from jdiff.runs._build import build_run, check_solver_nfe, denoiser_apply, make_solver, run_denoiser, to_host
+from jdiff.runs._config import ConfigError, RunConfig, apply_overrides, config_to_dict
+from jdiff.runs._errors import RunError
 from jdiff.train import _run as record
 
 HELP = "train a model from a preset"
@@ -152,7 +154,7 @@ def resolve(args) -> Request:
     replacement = config_to_dict(given) if args.replace_config else None
     try:
         saved, replaced = R.read_config_dict(out, replacement=replacement)
-    except CLIError as e:
+    except RunError as e:
         raise CLIError(
             f"{e} (if you have it, resume with: jdiff train --out {out} --resume --preset NAME "
             "[--set KEY=VALUE ...] --replace-config)"
@@ -410,7 +412,7 @@ def run(args, resolved) -> int:
 
     def write_grid(step, state):
         params = state.ema_params if (s.ema and state.ema_params is not None) else state.params
-        den = denoiser(parts, run_, to_host(params), s.guidance)
+        den = run_denoiser(parts, run_, to_host(params), s.guidance)
         x = jdiff.generate(
             solver,
             den,
