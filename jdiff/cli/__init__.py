@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 from jdiff._xla import prefer_cpu_devices, prefer_fast_cpu_compile
 from jdiff.cli._common import CLIError, enable_compilation_cache
-from jdiff.runs import ConfigError, Run, RunConfig, RunError, build_run, load_run, load_run_state
+from jdiff.runs import ConfigError, Run, RunConfig, RunError, RunIOError, build_run, load_run, load_run_state
 
 __all__ = [
     "main",
@@ -105,7 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as e:
         print(str(e), file=sys.stderr, flush=True)
         return 2
-    from jdiff.train._checkpoint import CheckpointCorruptError, CheckpointMismatchError, NoUsableCheckpointError
+    from jdiff.train._checkpoint import (
+        CheckpointCorruptError,
+        CheckpointMismatchError,
+        CheckpointWriteError,
+        NoUsableCheckpointError,
+    )
 
     try:
         resolved = args.check(args)  # every check before anything is created
@@ -122,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             msg = " ".join(str(e).split())  # one line
         print(f"jdiff {command}: error: {msg}", file=sys.stderr, flush=True)
         return 2
+    except (RunIOError, CheckpointWriteError) as e:  # I/O failures of a run: one line, exit 1
+        if debug:
+            raise
+        print(f"jdiff {command}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

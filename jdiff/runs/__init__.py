@@ -10,6 +10,9 @@ library (the ``jdiff`` command line is a thin layer over it).
   (:func:`run_denoiser`).
 - :mod:`~jdiff.runs._dir`: a run directory read back (:func:`load_run`,
   :func:`load_run_state`), checkpoints, which settings may change on resume.
+- :mod:`~jdiff.runs._plan`, :mod:`~jdiff.runs._train`: training a run, as ``jdiff
+  train`` does (:func:`plan_training`, then :func:`train_run`).
+- :mod:`~jdiff.runs._lock`: one writer per run directory (:func:`lock_run`).
 - :mod:`~jdiff.runs._pretrained`: trained models shipped with the package
   (:func:`pretrained`, :func:`export_pretrained`).
 
@@ -48,8 +51,10 @@ from jdiff.runs._config import (
     validate_config,
 )
 from jdiff.runs._dir import load_run, load_run_state, restorable_step
-from jdiff.runs._errors import ConfigError, RunError, RunLockedError
-from jdiff.runs._presets import PRESETS, get_preset, preset_names
+from jdiff.runs._errors import ConfigError, RunError, RunIOError, RunLockedError
+from jdiff.runs._lock import LOCK_FILE, RunLock, check_writable, lock_holder, lock_run
+from jdiff.runs._plan import TrainRequest, plan_training
+from jdiff.runs._presets import PRESETS, get_preset, preset_names, preset_summaries
 from jdiff.runs._pretrained import (
     PRETRAINED,
     export_pretrained,
@@ -58,12 +63,19 @@ from jdiff.runs._pretrained import (
     pretrained_dir,
     unflatten_params,
 )
+from jdiff.runs._train import TrainOutcome, train_run
 from jdiff.runs._values import PROCESSES, make_process
 
 __all__ = [
     "RunError",
     "ConfigError",
     "RunLockedError",
+    "RunIOError",
+    "check_writable",
+    "LOCK_FILE",
+    "RunLock",
+    "lock_run",
+    "lock_holder",
     "RunConfig",
     "ModelConfig",
     "DERIVED_KEYS",
@@ -82,6 +94,7 @@ __all__ = [
     "unchecked",
     "PRESETS",
     "preset_names",
+    "preset_summaries",
     "get_preset",
     "Run",
     "build_run",
@@ -96,6 +109,10 @@ __all__ = [
     "load_run",
     "load_run_state",
     "restorable_step",
+    "TrainRequest",
+    "plan_training",
+    "TrainOutcome",
+    "train_run",
     "PRETRAINED",
     "pretrained",
     "pretrained_dir",

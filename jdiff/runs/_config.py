@@ -353,11 +353,18 @@ def _recheck(obj, prefix: str):
     return new
 
 
+# Integer settings of a network that are not sizes (everything else there is a size).
+_NOT_SIZES = frozenset({"init_seed", "num_classes"})
+
+
 def _check_leaves(cfg) -> None:
     for key, v in flatten_config(cfg).items():
         name = key.rsplit(".", 1)[-1]
         if name.endswith("dropout") and isinstance(v, (int, float)) and not 0.0 <= v < 1.0:
             raise ConfigError(f"{key} must be a probability in [0, 1), got {v}")
+        is_int = isinstance(v, int) and not isinstance(v, bool)
+        if key.startswith("model.") and is_int and name not in _NOT_SIZES and v < 1:
+            raise ConfigError(f"{key} is a size and must be positive, got {v}")
 
 
 def _hinted_shape_and_classes(d: DataConfig) -> tuple[tuple, int]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["RunError", "ConfigError", "RunLockedError"]
+import os
+
+__all__ = ["RunError", "ConfigError", "RunLockedError", "RunIOError"]
 
 
 class RunError(ValueError):
@@ -35,3 +37,18 @@ class RunLockedError(RunError):
         super().__init__(message)
         self.path = path
         self.pid = pid
+
+
+class RunIOError(OSError):
+    """A run directory (or a file in it) cannot be created or written: an ``OSError``
+    with the failure's ``errno`` and ``filename`` the path, and a message naming it
+    (e.g. ``cannot create run directory runs/x: Permission denied``)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message alone (errno and path are attributes)
+
+    @classmethod
+    def of(cls, err: OSError, what: str, path) -> RunIOError:
+        """``err`` (an ``OSError``) restated as ``"{what} {path}: {strerror}"``."""
+        code = err.errno or 5
+        return cls(code, f"{what} {os.fspath(path)}: {err.strerror or os.strerror(code)}", os.fspath(path))

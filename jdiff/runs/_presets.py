@@ -22,7 +22,7 @@ from jdiff.runs._errors import ConfigError
 from jdiff.train._config import EMAConfig, OptimizerConfig, TrainConfig
 from jdiff.train._objectives import LossConfig
 
-__all__ = ["PRESETS", "preset_names", "get_preset"]
+__all__ = ["PRESETS", "preset_names", "preset_summaries", "get_preset"]
 
 
 def _objective(**kw) -> LossConfig:
@@ -115,6 +115,12 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
 def preset_names() -> list[str]:
     """The names of the presets, in the order ``jdiff presets`` lists them."""
     return list(PRESETS)
+
+
+def preset_summaries() -> dict[str, str]:
+    """``{name: one-line description}`` of the presets (the first line of each
+    preset's docstring)."""
+    return {name: ((fn.__doc__ or "").strip().splitlines() or [""])[0] for name, fn in PRESETS.items()}
 
 
 def get_preset(name: str) -> RunConfig:
