@@ -201,3 +201,36 @@ def test_resume_before_the_first_checkpoint_says_how_to_start(tmp_path, capfd):
     assert code == 2 and len(err) == 1, err
     assert "nothing was saved yet" in err[0] and "without --resume" in err[0]
     assert err[0].endswith(f"jdiff train toy2d --out {out} --steps 50"), err
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_folder_made_read_only_during_training_fails_one_save_cleanly(tmp_path, capfd, async_save):
+    """The checkpoint folder turns read-only between two saves: the failed save raises
+    one CheckpointWriteError (from save, wait or close), orbax prints nothing, and the
+    step saved before restores exactly."""
+    import jax.numpy as jnp
+
+    params = {"w": jnp.arange(12.0).reshape(3, 4)}
+    state = T.init_train_state(params, T.make_optimizer(1e-3), 0)
+    d = tmp_path / "ckpt"
+    ck = T.Checkpointer(d, save_every=1, async_save=async_save)
+    ck.save(1, state)
+    ck.wait()
+    if shutil.which("chattr") is None or not _immutable(d, True):
+        ck.close()
+        pytest.skip("chattr +i is not available here (file system or container)")
+    try:
+        with pytest.raises(T.CheckpointWriteError) as info:
+            ck.save(2, state._replace(step=jnp.int32(2)))
+            ck.wait()
+        ck.close()  # the failure was raised once: closing does not raise it again
+    finally:
+        _immutable(d, False)
+    e = info.value
+    assert e.errno == 1 and str(e) == f"cannot write step 2 in {d}: Operation not permitted", str(e)
+    assert capfd.readouterr().err == ""
+    with T.Checkpointer(d, read_only=True) as ck:
+        restored = ck.restore(state)
+    assert restored.step == 1
+    for x, y in zip(jax.tree.leaves(restored.state), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

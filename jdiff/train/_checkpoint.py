@@ -40,6 +40,7 @@ import os
 import shutil
 import signal
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -335,12 +336,16 @@ class Checkpointer:
             raise err from None
 
     def _abandon(self) -> None:
-        """Close orbax's manager after a failed save (its errors are the one already raised)."""
+        """Close orbax's manager after a failed save (its errors are the one already
+        raised). Its background threads may still report the failure later (a signal
+        they wait for never comes), and coroutines of the save are left unawaited: the
+        filter of orbax's error lines stays installed and Python's "never awaited"
+        warnings are ignored for the rest of the process."""
         mgr, self._mgr = self._mgr, None
         if mgr is not None:
             with contextlib.suppress(Exception), _quiet_orbax():
                 mgr.close()
-        self._release_filter()
+        warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
 
     def _release_filter(self) -> None:
         if getattr(self, "_holding", False):
