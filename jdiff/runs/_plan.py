@@ -46,7 +46,10 @@ class TrainRequest:
     replace_config: bool = False
 
     def replan(self) -> TrainRequest:
-        """The same request planned again against the run directory as it is now."""
+        """The same request planned again against the run directory as it is now (a
+        request built by hand, with no preset and no resume, is returned as it is)."""
+        if self.preset is None and not self.resume:
+            return self
         return plan_training(
             self.preset, self.overrides, out=self.out, resume=self.resume, replace_config=self.replace_config
         )

@@ -184,6 +184,12 @@ def train_run(
       callbacks: more :func:`jdiff.train.train` callbacks, after the run's own.
       lock: hold the run directory's lock while writing it (on process 0).
 
+    Example::
+
+        req = jdiff.runs.plan_training("toy2d", ["train.steps=500"], out="runs/toy")
+        outcome = jdiff.runs.train_run(req, progress=False)
+        print(outcome.step, outcome.loss)
+
     Returns:
       a :class:`TrainOutcome`. Raises :class:`RunError` (another process holds the
       run: :class:`RunLockedError`), :class:`RunIOError` (the run directory or its
