@@ -70,6 +70,7 @@ _LAZY = (
     "likelihood",
     "superdiff",
     "tune",
+    "runs",  # the run layer (configuration, run directories, presets, shipped models)
 )
 
 

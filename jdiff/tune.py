@@ -749,7 +749,7 @@ def model_fingerprint(denoiser) -> str:
     Raises:
       TypeError: for an object whose parameters cannot be found (pass ``model=`` by hand).
     """
-    from jdiff._pretrained import flatten_params
+    from jdiff.runs import flatten_params
 
     h = hashlib.sha256()
     inner = denoiser

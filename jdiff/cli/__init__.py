@@ -13,8 +13,8 @@
 
 One module per command (:mod:`~jdiff.cli.train`, :mod:`~jdiff.cli.sample`,
 :mod:`~jdiff.cli.presets`, :mod:`~jdiff.cli.plot`); the configuration is the library's
-own dataclasses (:mod:`jdiff.cli._config`), the run directory is handled in
-:mod:`jdiff.cli._run`, sampling is :func:`jdiff.generate`, plots are
+own dataclasses (:mod:`jdiff.runs`), the run directory is handled in
+:mod:`jdiff.runs`, sampling is :func:`jdiff.generate`, plots are
 :mod:`jdiff.plotting`.
 
 Every command first checks all its options, settings and output paths (``check``),
@@ -34,9 +34,8 @@ from collections.abc import Sequence
 
 from jdiff._xla import prefer_cpu_devices, prefer_fast_cpu_compile
 from jdiff.cli import _errors
-from jdiff.cli._common import CLIError, Run, build_run, enable_compilation_cache
-from jdiff.cli._config import ConfigError, RunConfig
-from jdiff.cli._run import load_run, load_run_state
+from jdiff.cli._common import CLIError, enable_compilation_cache
+from jdiff.runs import ConfigError, Run, RunConfig, build_run, load_run, load_run_state
 
 __all__ = [
     "main",

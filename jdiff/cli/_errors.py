@@ -85,7 +85,8 @@ def one_line(e: BaseException, user_errors: tuple = (ValueError,)) -> str:
     path``, an unexpected error prefixed with its type."""
     if isinstance(e, OSError) and e.strerror:
         where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-        return f"{e.strerror}: {where}" if where else e.strerror
+        # a library's I/O error (RunIOError, CheckpointWriteError) names its path already
+        return f"{e.strerror}: {where}" if where and where not in e.strerror else e.strerror
     text = str(e)
     inner = _raised_inside(text) if isinstance(e, RuntimeError) else None
     if (checked := check_message(e)) is not None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+from jdiff import runs
+from jdiff.cli._common import CLIError
+
 HELP = "list presets, show one, or list config keys"
 
 
@@ -23,27 +26,20 @@ def add_parser(sub, formatter):
 
 
 def resolve(args):
-    from jdiff import presets as P
-
     if args.name:
-        return P.apply_overrides(P.get_preset(args.name), args.set or [])
+        return runs.apply_overrides(runs.get_preset(args.name), args.set or [])
     if args.set:
-        from jdiff.cli._common import CLIError
-
         raise CLIError("--set needs a preset NAME")
     return None
 
 
 def run(args, cfg) -> int:
-    from jdiff import presets as P
-
     if cfg is not None:
-        print(P.describe_keys(cfg) if args.keys else json.dumps(P.config_to_dict(cfg), indent=2))
+        print(runs.describe_keys(cfg) if args.keys else json.dumps(runs.config_to_dict(cfg), indent=2))
         return 0
     if args.keys:
-        print(P.describe_keys())
+        print(runs.describe_keys())
         return 0
-    for name, fn in P.PRESETS.items():
-        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        print(f"{name:14s} {doc}")
+    for name, summary in runs.preset_summaries().items():
+        print(f"{name:14s} {summary}")
     return 0

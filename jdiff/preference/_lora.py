@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jdiff._pretrained import _path_names, flatten_params
 from jdiff.models._conv import conv_general_dilated
+from jdiff.runs._pretrained import _path_names, flatten_params
 
 __all__ = ["lora_targets", "lora_init", "lora_merge", "lora_model", "partial_optimizer", "param_labels"]
 

@@ -13,7 +13,9 @@
   :func:`shard_batch`, :func:`replicate`, :func:`is_main_process`.
 - :mod:`~jdiff.train._checkpoint`: orbax :class:`Checkpointer` with exact resume,
   corruption fallback, configuration-mismatch errors, :class:`SigtermFlag`.
-- :mod:`~jdiff.train._loop`: :func:`train` / :func:`train_iter`.
+- :mod:`~jdiff.train._loop`: :func:`train` / :func:`train_iter`; its callbacks
+  (:mod:`~jdiff.train._callbacks`): :class:`MetricsLog`, :class:`Progress`,
+  :class:`StopSignals`, :class:`StopAt`.
 - :mod:`~jdiff.train._run`: a run's record: atomic ``config.json``, append-only
   ``history.jsonl``, the learning-rate plan from the history, resume rules, trimming
   ``metrics.jsonl`` on resume.
@@ -22,10 +24,12 @@ The model is any pure ``apply(params, x, t, cond, key=None) -> out`` with ``out.
 == x.shape`` and a parameter pytree (e.g. from ``flax.nnx.split``).
 """
 
+from jdiff.train._callbacks import Callback, MetricsLog, Progress, StopAt, StopSignals, as_callback, metrics_row
 from jdiff.train._checkpoint import (
     CheckpointCorruptError,
     Checkpointer,
     CheckpointMismatchError,
+    CheckpointWriteError,
     NoUsableCheckpointError,
     Restored,
     SigtermFlag,
@@ -96,12 +100,20 @@ from jdiff.train._step import (
 )
 
 __all__ = [
+    "Callback",
+    "MetricsLog",
+    "Progress",
+    "StopAt",
+    "StopSignals",
+    "as_callback",
+    "metrics_row",
     "OptimizerConfig",
     "EMAConfig",
     "TrainConfig",
     "CheckpointCorruptError",
     "Checkpointer",
     "CheckpointMismatchError",
+    "CheckpointWriteError",
     "NoUsableCheckpointError",
     "Restored",
     "SigtermFlag",

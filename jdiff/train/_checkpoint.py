@@ -36,13 +36,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import re
 import shutil
 import signal
-import sys
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -51,10 +49,22 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jdiff.train._checkpoint_errors import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    CheckpointWriteError,
+    NoUsableCheckpointError,
+    _hold_orbax_errors,
+    _logger,
+    _one_line,
+    _quiet_orbax,
+    _write_error,
+)
 from jdiff.train._parallel import is_main_process, sync_flag
 
 __all__ = [
     "Checkpointer",
+    "CheckpointWriteError",
     "Restored",
     "CheckpointMismatchError",
     "CheckpointCorruptError",
@@ -65,88 +75,6 @@ __all__ = [
 ]
 
 _FORMAT = "jdiff.train.checkpoint/1"
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint was written for a different model or optimizer configuration."""
-
-
-class CheckpointCorruptError(RuntimeError):
-    """A checkpoint step failed to read back or to verify against its checksums."""
-
-
-class NoUsableCheckpointError(CheckpointCorruptError):
-    """Checkpoint steps exist but none of them can be restored.
-
-    Attributes:
-      directory: the checkpoint directory.
-      rejected: ``[(step, reason), ...]``, newest first, one entry per step found.
-    """
-
-    def __init__(self, directory: str, rejected: list[tuple[int, str]]):
-        self.directory = directory
-        self.rejected = list(rejected)
-        lines = "".join(f"\n  step {s}: {why}" for s, why in self.rejected)
-        super().__init__(
-            f"no usable checkpoint in {directory}: all {len(self.rejected)} steps found are unreadable or "
-            f"corrupt (nothing was changed):{lines}"
-        )
-
-
-class _StderrHandler(logging.StreamHandler):
-    """A handler writing to whatever ``sys.stderr`` is when a line is emitted (not the
-    stream of import time, which a test harness or an application may have replaced)."""
-
-    def __init__(self):
-        super().__init__()
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-_logger = logging.getLogger("jdiff.train.checkpoint")
-if not _logger.handlers:
-    # One plain line on stderr, whatever the root logger's format (JAX and absl may set
-    # one up); an application can replace this handler or pass ``report``.
-    _handler = _StderrHandler()
-    _handler.setFormatter(logging.Formatter("%(message)s"))
-    _logger.addHandler(_handler)
-    _logger.propagate = False
-
-
-def _one_line(err: BaseException, limit: int = 200) -> str:
-    """A short single-line description of a restore failure: the error's first line,
-    without TensorStore's source locations, cut at a word boundary."""
-    if isinstance(err, CheckpointCorruptError):
-        text = str(err)
-    else:
-        text = f"{type(err).__name__}: {err}"
-    text = re.sub(r"\[source locations='[^']*'\]", "", text)
-    text = " ".join(text.split())
-    # orbax appends a pointer to TensorStore's full report (a bound method's repr): not for users
-    text = re.sub(r"\.?\s*See full TensorStore details:.*$", "", text)
-    if len(text) > limit:
-        cut = text.rfind(" ", 0, limit)
-        text = text[: cut if cut > limit // 2 else limit].rstrip(" ,;:") + " ..."
-    return text
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-    """Silence orbax's own log lines (absl) about read-only directories and failed
-    reads: :class:`Checkpointer` reports those itself, once, in one line."""
-    lg = logging.getLogger("absl")
-    level = lg.level
-    lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        lg.setLevel(level)
 
 
 class Restored(NamedTuple):
@@ -338,7 +266,18 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=True,
         )
-        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._failed: CheckpointWriteError | None = None
+        self._pending_step = None
+        try:
+            with _quiet_orbax():
+                self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        except Exception as e:
+            err = _write_error(e, self.directory, None)
+            if err is None:
+                raise
+            raise err from None
+        _hold_orbax_errors(True)
+        self._holding = True
 
     # -------------------------------------------------------------------- info
     def all_steps(self) -> list[int]:
@@ -373,23 +312,70 @@ class Checkpointer:
             "extra": extra,
             "checksum": tree_checksum(state) if self.verify else None,
         }
-        return bool(
-            self._mgr.save(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                force=True,
-            )
-        )
+        if self._failed is not None:
+            raise self._failed
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        with self._writing(step):
+            saved = bool(self._mgr.save(step, args=args, force=True))
+        self._pending_step = step
+        return saved
+
+    @contextlib.contextmanager
+    def _writing(self, step):
+        """Turn an I/O failure of a (possibly background) save into one
+        :class:`CheckpointWriteError`, raised once; later calls raise it again without
+        touching orbax."""
+        try:
+            yield
+        except Exception as e:
+            err = _write_error(e, self.directory, step if step is not None else self._pending_step)
+            if err is None:
+                raise
+            self._failed = err
+            self._abandon()
+            raise err from None
+
+    def _abandon(self) -> None:
+        """Close orbax's manager after a failed save (its errors are the one already
+        raised). Its background threads may still report the failure later (a signal
+        they wait for never comes), and coroutines of the save are left unawaited: the
+        filter of orbax's error lines stays installed and Python's "never awaited"
+        warnings are ignored for the rest of the process."""
+        mgr, self._mgr = self._mgr, None
+        if mgr is not None:
+            with contextlib.suppress(Exception), _quiet_orbax():
+                mgr.close()
+        warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
+
+    def _release_filter(self) -> None:
+        if getattr(self, "_holding", False):
+            self._holding = False
+            _hold_orbax_errors(False)
 
     def wait(self) -> None:
-        """Block until background saves are on disk."""
+        """Block until background saves are on disk (raises :class:`CheckpointWriteError`
+        if one failed)."""
+        if getattr(self, "_failed", None) is not None:
+            raise self._failed
         if self._mgr is not None:
-            self._mgr.wait_until_finished()
+            with self._writing(None):
+                self._mgr.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for background saves and release orbax's resources. Raises
+        :class:`CheckpointWriteError` if a save failed and that was not raised yet."""
+        if getattr(self, "_failed", None) is not None:
+            self._abandon()
+            return
         if self._mgr is not None:
-            self._mgr.wait_until_finished()
+            if self.read_only:
+                self._mgr.wait_until_finished()
+                self._mgr.close()
+                return
+            with self._writing(None):
+                self._mgr.wait_until_finished()
             self._mgr.close()
+        self._release_filter()
 
     def __enter__(self):
         return self

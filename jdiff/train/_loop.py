@@ -2,7 +2,7 @@
 
 :func:`train_iter` is a generator yielding ``(step, metrics, state)`` after every
 update, so a CLI can wrap it with a progress bar; :func:`train` drives it with
-callbacks. Both resume from the newest good checkpoint in ``checkpoint_dir``, save
+callbacks (:mod:`jdiff.train._callbacks`). Both resume from the newest good checkpoint in ``checkpoint_dir``, save
 every ``save_every`` steps and at the end, and on SIGTERM (or when a callback asks)
 save the current step and stop cleanly. All processes of a multi-host run execute the
 same loop; only process 0 logs.
@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import optax
 
+from jdiff.train._callbacks import as_callback
 from jdiff.train._checkpoint import Checkpointer, SigtermFlag
 from jdiff.train._parallel import is_main_process, make_mesh, replicate, shard_batch, sync_flag
 from jdiff.train._step import TrainState, init_train_state, make_train_step
@@ -223,7 +224,12 @@ def train(
       num_steps: total number of updates.
       optimizer: an optax transformation (e.g. :func:`~jdiff.train.make_optimizer`).
       callbacks: functions ``cb(step, metrics, state)``, called on every process after
-        each step; returning ``True`` stops the run (after saving).
+        each step (returning ``True`` stops the run, after saving), or
+        :class:`~jdiff.train.Callback` objects, which are also told where the run
+        starts (``on_start``) and how it ended (``on_end``): a metrics log
+        (:class:`~jdiff.train.MetricsLog`), a progress bar
+        (:class:`~jdiff.train.Progress`), stopping on signals
+        (:class:`~jdiff.train.StopSignals`) or at a step (:class:`~jdiff.train.StopAt`).
       log_every: print metrics every that many steps on process 0 (0: never).
       frozen: optional pytree of parameters the loss reads but training never updates
         (a DPO reference model, a distillation teacher). They are part of the
@@ -242,21 +248,29 @@ def train(
       a :class:`TrainResult`. On SIGTERM it saves and returns with ``preempted=True``;
       a script then simply exits (status 0).
     """
-    cbs = list(callbacks)
+    cbs = [as_callback(c) for c in callbacks]
     if log_every:
-        cbs.append(log_metrics(log_every))
+        cbs.append(as_callback(log_metrics(log_every)))
     gen = train_iter(loss_fn, params, data, num_steps, optimizer=optimizer, **kw)
+    result = None
     try:
-        item = next(gen)
-        while True:
-            stop = False
+        try:
+            item = next(gen)
             for cb in cbs:
-                stop = bool(cb(*item)) or stop
-            item = gen.send(stop)
-    except StopIteration as e:
-        return e.value
+                cb.on_start(item[0] - 1)
+            while True:
+                stop = False
+                for cb in cbs:
+                    stop = bool(cb.on_step(*item)) or stop
+                item = gen.send(stop)
+        except StopIteration as e:
+            result = e.value
+        finally:
+            # On an exception (e.g. in a callback) clean up now -- wait for pending saves,
+            # restore the signal handler -- not when the generator is garbage collected,
+            # which may be at interpreter shutdown when orbax can no longer start threads.
+            gen.close()
     finally:
-        # On an exception (e.g. in a callback) clean up now -- wait for pending saves,
-        # restore the signal handler -- not when the generator is garbage collected,
-        # which may be at interpreter shutdown when orbax can no longer start threads.
-        gen.close()
+        for cb in cbs:
+            cb.on_end(result)  # None when an exception ends the loop
+    return result

@@ -5,7 +5,7 @@ A shipped model is a folder (``jdiff/assets/<name>_unet/`` for the presets) hold
 
 - ``params.npz``: the parameters (the EMA ones by default) as float32 arrays named by
   their path in the model (``down/0/conv/kernel``, ...), read without pickle;
-- ``config.json``: the run's resolved configuration (:func:`jdiff.presets.config_to_dict`),
+- ``config.json``: the run's resolved configuration (:func:`jdiff.runs.config_to_dict`),
   ``run.json``: data shape and number of classes (and the rest of the run's facts);
 - the record of how it was made: ``metrics.jsonl`` (the loss history), ``history.jsonl``,
   ``loss.png`` and ``TRAINED.md`` (the exact command, the machine, the time it took).
@@ -19,11 +19,17 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import math
 import os
 import shutil
 import zipfile
 
+import jax
 import numpy as np
+
+from jdiff.runs import _dir as R
+from jdiff.runs._build import build_run, denoiser_apply, run_denoiser, to_host
+from jdiff.runs._config import config_from_dict, config_to_dict
 
 __all__ = ["PRETRAINED", "pretrained", "pretrained_dir", "export_pretrained", "flatten_params", "unflatten_params"]
 
@@ -49,8 +55,6 @@ def _path_names(path) -> str:
 
 def flatten_params(params) -> dict[str, np.ndarray]:
     """``{"path/in/model": array}`` of a parameter pytree (e.g. an ``nnx.State``)."""
-    import jax
-
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     out = {_path_names(p): leaf for p, leaf in flat}
     if len(out) != len(flat):
@@ -65,8 +69,6 @@ def unflatten_params(arrays: dict, target, where: str = "params"):
     Raises:
       ValueError: missing or unexpected keys, a shape or dtype that differs from
         ``target``'s, non-finite values (the message names ``where`` and the key)."""
-    import jax
-
     expected = flatten_params(target)
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
@@ -102,9 +104,6 @@ def _read_json(path: str, where: str):
 def _abstract_run(cfg_json: str, shape: tuple, num_classes: int):
     """The model of a configuration, shapes only (built once per configuration: loading
     the same model again reuses it)."""
-    from jdiff.cli._common import build_run
-    from jdiff.cli._config import config_from_dict
-
     cfg = config_from_dict(json.loads(cfg_json))
     return build_run(cfg, with_data=False, data_shape=shape, num_classes=num_classes, abstract=True)
 
@@ -123,7 +122,7 @@ def pretrained(name: str = "digits", *, guidance: float = 1.0, path=None):
 
     Returns:
       ``(denoiser, config)``: a :class:`jdiff.Denoiser` (or its guidance wrapper) taking
-      int32 labels as ``cond``, and the run's :class:`jdiff.cli.RunConfig` (the data
+      int32 labels as ``cond``, and the run's :class:`jdiff.runs.RunConfig` (the data
       shape is ``config.data.shape``, the number of classes
       ``config.model.network.num_classes``).
 
@@ -137,11 +136,6 @@ def pretrained(name: str = "digits", *, guidance: float = 1.0, path=None):
         labels = jnp.arange(100) % 10
         x = jdiff.generate(jdiff.solvers.get("dpm++2m"), den, 100, cfg.data.shape, nfe=10, cond=labels)
     """
-    import math
-
-    from jdiff.cli._common import CLIError, denoiser, denoiser_apply
-    from jdiff.cli._config import ConfigError, config_from_dict, config_to_dict
-
     folder = pretrained_dir(name) if path is None else os.fspath(path)
     where = f"pretrained model {folder!r}"
     if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
@@ -153,7 +147,7 @@ def pretrained(name: str = "digits", *, guidance: float = 1.0, path=None):
     try:
         cfg = config_from_dict(cfg_dict)
         shape, num_classes = tuple(int(s) for s in info["data_shape"]), int(info["num_classes"])
-    except (ConfigError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: bad config.json / run.json: {e}") from e
     params_path = os.path.join(folder, PARAMS_FILE)
     try:
@@ -167,10 +161,10 @@ def pretrained(name: str = "digits", *, guidance: float = 1.0, path=None):
         raise ValueError(f"{where}: cannot read {params_path}: {e}") from e
     try:
         run = _abstract_run(json.dumps(config_to_dict(cfg), sort_keys=True), shape, num_classes)
-    except (ConfigError, CLIError, TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:  # RunError and ConfigError are ValueErrors
         raise ValueError(f"{where}: bad config.json / run.json: {e}") from e
     params = unflatten_params(arrays, run.params, where=params_path)
-    den = denoiser(denoiser_apply(run), run, params, float(guidance))
+    den = run_denoiser(denoiser_apply(run), run, params, float(guidance))
     return den, run.cfg
 
 
@@ -188,12 +182,8 @@ def export_pretrained(run_dir, out_dir, *, step: int | None = None, ema: bool = 
       The path of the written ``params.npz``.
 
     Raises:
-      jdiff.cli.CLIError: no such run or checkpoint; ValueError: no EMA parameters.
+      RunError: no such run or checkpoint; ValueError: no EMA parameters.
     """
-    from jdiff.cli import _run as R
-    from jdiff.cli._common import to_host
-    from jdiff.cli._config import config_to_dict
-
     cfg, info, run, state, got = R.load_run_state(os.fspath(run_dir), step)
     params = state.ema_params if ema else state.params
     if params is None:
