@@ -37,13 +37,11 @@ from jdiff import solvers as S
 from jdiff import testbed as TB
 from jdiff._generate import generate
 from jdiff._grid import time_grid
-from jdiff.cli import _common as run_layer  # TODO(runs): import from jdiff.runs
-from jdiff.cli._run import load_run_state  # TODO(runs): import from jdiff.runs
 from jdiff.data import load_image_folder
 from jdiff.features import InceptionExtractor
 from jdiff.features.digits import digits_classifier, digits_split
 from jdiff.metrics import StreamingStats, frechet_distance, gaussian_stats
-from jdiff.presets import pretrained  # TODO(runs): import from jdiff.runs
+from jdiff.runs import denoiser_apply, load_run_state, pretrained, run_denoiser, to_host
 from jdiff.sweep import nfe_sweep
 
 __all__ = [
@@ -421,9 +419,9 @@ def run_sweep(
       The :class:`Sweep`; with ``settings.ode_steps > 0`` the rows carry ``ode_l2`` too.
     """
     cfg, _, run_, state, step = load_run_state(run_dir, step)
-    params = run_layer.to_host(state.ema_params if state.ema_params is not None else state.params)
+    params = to_host(state.ema_params if state.ema_params is not None else state.params)
     nc = run_.num_classes
-    den = run_layer.denoiser(run_layer.denoiser_apply(run_), run_, params, settings.guidance if nc else 1.0)
+    den = run_denoiser(denoiser_apply(run_), run_, params, settings.guidance if nc else 1.0)
     labels = (np.arange(settings.num) % nc).astype(np.int32) if nc else None
     if inception:
         try:

@@ -6,6 +6,7 @@ import os
 
 from jdiff.cli._args import check_output
 from jdiff.cli._common import CLIError
+from jdiff.runs import rundir as R
 
 HELP = "draw a run's loss curve"
 
@@ -22,7 +23,6 @@ def add_parser(sub, formatter):
 
 
 def resolve(args):
-    from jdiff.cli import _run as R
     from jdiff.plotting import image_format, read_metrics
 
     if not os.path.isdir(args.run):

@@ -8,9 +8,10 @@ import os
 import sys
 import time
 
-from jdiff.cli import _run as R
 from jdiff.cli._args import check_output, finite_float
-from jdiff.cli._common import CLIError, check_solver_nfe, denoiser, denoiser_apply, make_solver, positive, to_host
+from jdiff.cli._common import CLIError, positive
+from jdiff.runs import ConfigError, check_solver_nfe, denoiser_apply, make_solver, run_denoiser, to_host
+from jdiff.runs import rundir as R
 
 HELP = "sample from a trained run"
 
@@ -93,7 +94,6 @@ def _tag(s, step: int, label: int | None, guidance: float) -> str:
 
 def resolve(args):
     """Check the options, the output paths and the run's sampling settings; creates nothing."""
-    from jdiff.cli._config import ConfigError
 
     positive(args.nfe, "--nfe")
     positive(args.num, "--num")
@@ -157,7 +157,7 @@ def run(args, s) -> int:
     if s.ema and state.ema_params is None:
         raise CLIError("this run has no EMA parameters (ema.decay=none): use --no-ema")
     params = to_host(state.ema_params if s.ema else state.params)
-    den = denoiser(denoiser_apply(run_), run_, params, guidance)
+    den = run_denoiser(denoiser_apply(run_), run_, params, guidance)
     t0 = time.perf_counter()
     x, spent = jdiff.generate(
         solver,
