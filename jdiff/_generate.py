@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jdiff._checks import reraise_checks
 from jdiff._grid import GRID_KINDS
 from jdiff._random import per_sample_keys
 from jdiff._sample import sample
@@ -213,11 +214,12 @@ def generate(
         c = None if cond is None else jax.tree.map(lambda a: _to_global(a[idx], data_sh), cond)
         keys = _to_global(solver_keys[idx], data_sh)
         args = (solver, den, _to_global(x_T, data_sh), c, keys, grid, nfe, grid_kind)
-        if max_steps is None:
-            x, n = _sample_jit(*args)
-        else:
-            x, n = _sample_batch_padded(*args, max_steps)
-        out.append(_to_host(x)[: min(bs, num - start)])
-        spent = int(_to_host(n))
+        with reraise_checks():  # inputs are concrete here: a failed check is a ValueError
+            if max_steps is None:
+                x, n = _sample_jit(*args)
+            else:
+                x, n = _sample_batch_padded(*args, max_steps)
+            out.append(_to_host(x)[: min(bs, num - start)])
+            spent = int(_to_host(n))
     x = np.concatenate(out, axis=0)
     return (x, spent) if return_nfe else x

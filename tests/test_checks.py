@@ -187,6 +187,9 @@ def test_check_message_under_jit_and_valueerror_eagerly():
     den = jdiff.denoiser(apply, PROC, "eps")
     with pytest.raises(ValueError, match=r"^class labels must lie in \[0, 9\]$"):
         jdiff.sample(S.ddim(), den, X, nfe=2, cond=jnp.asarray([0, 1, 12, 3]))
+    # generate (eager, over all devices) reports the same check the same way
+    with pytest.raises(ValueError, match=r"^class labels must lie in \[0, 9\]$"):
+        jdiff.generate(S.ddim(), den, 4, X.shape[1:], nfe=2, cond=np.asarray([0, 1, 12, 3]))
 
 
 def test_digits_model_out_of_range_labels_raise_valueerror():
