@@ -41,7 +41,7 @@ from jdiff.data import load_image_folder
 from jdiff.features import InceptionExtractor
 from jdiff.features.digits import digits_classifier, digits_split
 from jdiff.metrics import StreamingStats, frechet_distance, gaussian_stats
-from jdiff.runs import denoiser_apply, load_run_state, pretrained, run_denoiser, to_host
+from jdiff.runs import denoiser_apply, load_run_state, pretrained, run_denoiser, to_host, writable_path
 from jdiff.sweep import nfe_sweep
 
 __all__ = [
@@ -122,20 +122,7 @@ class Sweep(NamedTuple):
 def check_out_dir(out: str) -> None:
     """Raise ``ValueError`` unless ``out`` is, or can be created as, a writable folder
     (nothing is created)."""
-    p = os.path.abspath(os.fspath(out))
-    if os.path.exists(p):
-        if not os.path.isdir(p):
-            raise ValueError(f"output folder {out} exists and is not a folder")
-        if not os.access(p, os.W_OK):
-            raise ValueError(f"output folder {out} is not writable")
-        return
-    parent = os.path.dirname(p)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"output folder {out} cannot be created: {parent} is not a folder")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"output folder {out} cannot be created: {parent} is not writable")
+    writable_path(out, "output folder", directory=True)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -293,6 +280,25 @@ def _ode_table(dim: int, steps: int, grid_kind: str):
     return ("ode_l2", "mean L2 to the converged ODE solution from the same noises", ODE_DOC.format(dim=dim, ref=ref))
 
 
+def _with_ode_column(metrics, tables, ident, den, shape, steps, labels, settings, out):
+    """``metrics`` with the ``ode_l2`` column added (its table first in ``tables``, its
+    reference recorded in the sweep's identity ``ident``)."""
+    ident["ode_reference"] = f"{ODE_SOLVER}@{steps}"
+    ode = ode_error_metric(
+        den,
+        shape,
+        num=settings.num,
+        steps=steps,
+        seed=settings.seed,
+        cond=labels,
+        batch_size=settings.batch_size,
+        grid_kind=settings.grid_kind,
+        cache_dir=out,
+    )
+    tables.insert(0, _ode_table(int(np.prod(shape)), steps, settings.grid_kind))
+    return _both(metrics, ode)
+
+
 def digits_sweep(out: str, settings: BenchSettings = BenchSettings()) -> Sweep:
     """The main job on the shipped digits model, into ``out``: FD-digits against the
     held-out digits, accuracy, and (unless ``settings.ode_steps == 0``) the ``ode_l2`` column.
@@ -313,20 +319,7 @@ def digits_sweep(out: str, settings: BenchSettings = BenchSettings()) -> Sweep:
     tables = [("accuracy", "classifier accuracy on class-conditional samples", "")]
     steps = ODE_STEPS if settings.ode_steps is None else settings.ode_steps
     if steps:
-        ident["ode_reference"] = f"{ODE_SOLVER}@{steps}"
-        ode = ode_error_metric(
-            den,
-            shape,
-            num=settings.num,
-            steps=steps,
-            seed=settings.seed,
-            cond=labels,
-            batch_size=settings.batch_size,
-            grid_kind=settings.grid_kind,
-            cache_dir=out,
-        )
-        metrics = _both(metrics, ode)
-        tables.insert(0, _ode_table(int(np.prod(shape)), steps, settings.grid_kind))
+        metrics = _with_ode_column(metrics, tables, ident, den, shape, steps, labels, settings, out)
     return _sweep(
         den,
         shape,
@@ -448,21 +441,8 @@ def run_sweep(
     if labels is not None and name == "fd_digits":
         tables.append(("accuracy", "classifier accuracy on class-conditional samples", ""))
     if settings.ode_steps:
-        steps = settings.ode_steps
-        ident["ode_reference"] = f"{ODE_SOLVER}@{steps}"
-        ode = ode_error_metric(
-            den,
-            run_.data_shape,
-            num=settings.num,
-            steps=steps,
-            seed=settings.seed,
-            cond=labels,
-            batch_size=settings.batch_size,
-            grid_kind=settings.grid_kind,
-            cache_dir=out,
-        )
-        metrics = _both(metrics, ode)
-        tables.insert(0, _ode_table(int(np.prod(run_.data_shape)), steps, settings.grid_kind))
+        shape, steps = run_.data_shape, settings.ode_steps
+        metrics = _with_ode_column(metrics, tables, ident, den, shape, steps, labels, settings, out)
     return _sweep(
         den,
         run_.data_shape,

@@ -134,9 +134,9 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     code, out, err = run_cli(["bench", "--out", f / "sub"], capsys)
     assert code == 2 and err.count("\n") == 1 and "cannot be created" in err, err
     # the library refuses it too, before any work
-    with pytest.raises(ValueError, match="exists and is not a folder"):
+    with pytest.raises(ValueError, match="exists and is not a directory"):
         B.bench(str(f))
-    with pytest.raises(ValueError, match=f"cannot be created: {f} is not a folder"):
+    with pytest.raises(ValueError, match=f"cannot be created: {f} is not a directory"):
         B.bench(str(f / "sub"))
     assert f.read_text() == "not a folder"
 
