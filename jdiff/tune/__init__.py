@@ -26,18 +26,31 @@ and solver, each returning an ordinary grid (a decreasing array) that
 
 :func:`save_grids` / :func:`load_grid` keep grids in a small JSON file tied to the
 model (a fingerprint of its parameters), the process, the solver and the NFE; a file
-made for another model, process, solver or NFE is refused. :func:`tune` fits, saves and
-evaluates grids for a list of NFEs with a progress bar (the ``jdiff tune`` command).
+made for another model, process, solver or NFE is refused. :func:`tune` fits, validates
+and saves grids for a list of NFEs with a progress bar (the ``jdiff tune`` command):
+every fit is scored on held-out noises against the best fixed grid of the same solver
+and NFE, which is kept instead when the fit does not beat it.
+
+Every tuner can end at the data (``t_end`` the process's ``t_data``, e.g. ``0.0``); the
+interior points then stay in ``[t_min, t_max]``, and no fit leaves the process's valid
+time range. Fits that share the solver, the NFE, the settings and the shapes share one
+compiled program; each fit function keeps a bounded number of them (``_programs``).
+
+Modules: ``_grids`` (the parameterization, the shared checks, :class:`GridFit`,
+:func:`teacher_solve`), ``_ld3``, ``_gits``, ``_dmn`` (the tuners), ``_files`` (grid
+files), ``_validate`` (the held-out comparison), ``_tune`` (:func:`tune`), ``_programs``
+(bounded program caches).
 """
 
 from jdiff.tune._dmn import _step_weights as _step_weights  # noqa: F401  (tests)
 from jdiff.tune._dmn import dmn, dmn_objective
 from jdiff.tune._files import FORMAT as FORMAT  # noqa: F401
-from jdiff.tune._files import load_grid, model_fingerprint, read_grids, save_grids
+from jdiff.tune._files import check_grid_file, load_grid, model_fingerprint, read_grids, save_grids
 from jdiff.tune._gits import _brute_force_path as _brute_force_path  # noqa: F401  (tests)
 from jdiff.tune._gits import gits, gits_costs, gits_path
 from jdiff.tune._grids import (
     GridFit,
+    default_keep,
     grid_error,
     grid_from_logits,
     grid_space,
@@ -66,6 +79,8 @@ __all__ = [
     "save_grids",
     "load_grid",
     "read_grids",
+    "check_grid_file",
+    "default_keep",
     "tune",
     "METHODS",
 ]

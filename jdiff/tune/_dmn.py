@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiff._grid import time_grid
-from jdiff.tune._grids import GridFit, _ends, grid_space, logits_from_grid
+from jdiff.tune._grids import GridFit, _ends, _to_data, grid_space, logits_from_grid
+from jdiff.tune._programs import Bounded
 
 # ---------------------------------------------------------------------------- DMN
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(16)
@@ -113,7 +114,7 @@ def _dmn_fit_impl(process, z, l0, l1, lr, *, order, iters):
     return best, hist
 
 
-_dmn_fit = jax.jit(_dmn_fit_impl, static_argnames=("order", "iters"))
+_dmn_fit = Bounded(jax.jit(_dmn_fit_impl, static_argnames=("order", "iters")))
 
 
 def dmn(
@@ -133,7 +134,10 @@ def dmn(
     The points are :func:`grid_from_logits` in log-SNR (so ordered by construction), the
     logits fitted by Adam (float64 when ``jax_enable_x64`` is on), started from the
     ``init`` grid kind. ``order`` is the solver's multistep order (3 for UniPC-3 /
-    DPM-Solver++(3M), as in the paper).
+    DPM-Solver++(3M), as in the paper). With ``t_end`` at the data (the process's
+    ``t_data``, e.g. ``0.0``), where the log-SNR and the bound are infinite, the
+    ``num_steps - 1`` intervals from ``t_start`` to ``t_min`` are fitted and the last
+    step goes from ``t_min`` to the data (as in ``jdiff.time_grid(..., final="data")``).
 
     Raises:
       ValueError: ``num_steps < 1``, ``order`` not in 1..3, an end point with infinite
@@ -149,12 +153,17 @@ def dmn(
             f"dmn works in log-SNR, which is infinite at t_start={t0} or t_end={t1} for {process!r}: "
             "pass finite end points"
         )
-    g0 = np.asarray(time_grid(process, int(num_steps), kind=init, t_start=t0, t_end=t1), np.float64)
+    start = time.perf_counter()
+    to_data = _to_data(process, t1)
+    te, n = (float(process.t_min), int(num_steps) - 1) if to_data else (t1, int(num_steps))
+    if n == 0:  # one step straight to the data: nothing to place
+        grid = np.array([np.float32(t0), np.float32(t1)], np.float64)
+        return GridFit(grid=grid, method="dmn", history=[], seconds=time.perf_counter() - start)
+    g0 = np.asarray(time_grid(process, n, kind=init, t_start=t0, t_end=te), np.float64)
     logits0 = logits_from_grid(process, g0, "logsnr")
     dt = jnp.asarray(1.0).dtype.type  # float64 under jax_enable_x64
-    l0, l1 = (float(v) for v in np.asarray(process.lambda_(jnp.asarray([t0, t1], dt)), np.float64))
+    l0, l1 = (float(v) for v in np.asarray(process.lambda_(jnp.asarray([t0, te], dt)), np.float64))
 
-    start = time.perf_counter()
     best, hist = _dmn_fit(
         process,
         jnp.asarray(logits0, dt),
@@ -166,5 +175,9 @@ def dmn(
     )
     hist = [float(v) for v in np.asarray(hist)]
     grid = np.array(process.t_of_lambda(_dmn_lams(best, l0, l1)), np.float64)
-    grid[0], grid[-1] = np.float32(t0), np.float32(t1)
+    lo = np.float32(te) if float(np.float32(te)) >= te else np.nextafter(np.float32(te), np.float32(t0))
+    grid = np.clip(grid, float(lo), float(np.float32(t0)))  # rounding never leaves [te, t0]
+    grid[0], grid[-1] = np.float32(t0), np.float32(te)
+    if to_data:
+        grid = np.concatenate([grid, [np.float32(t1)]])
     return GridFit(grid=grid, method="dmn", history=hist, seconds=time.perf_counter() - start)

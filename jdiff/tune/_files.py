@@ -58,15 +58,7 @@ def save_grids(path: str, entries: Sequence[dict], *, model: str, process) -> No
       ValueError: an existing file for another model or process, a grid that is not
         strictly decreasing or not finite.
     """
-    old = []
-    if os.path.exists(path):
-        data = read_grids(path)
-        if data["model"] != model or data["process"] != repr(process):
-            raise ValueError(
-                f"{path} holds grids for model {data['model']} / {data['process']}, not {model} / {process!r}: "
-                "choose another file"
-            )
-        old = data["grids"]
+    old = check_grid_file(path, model=model, process=process)
     new = []
     for e in entries:
         g = np.asarray(e["grid"], np.float64)
@@ -91,6 +83,33 @@ def save_grids(path: str, entries: Sequence[dict], *, model: str, process) -> No
     with open(tmp, "w") as f:
         json.dump(out, f, indent=1)
     os.replace(tmp, path)
+
+
+def check_grid_file(path: str, *, model: str, process) -> list:
+    """Check, before any work, that grids for ``model`` and ``process`` can be saved to
+    ``path``: a new file whose folder can be made, or an existing grid file for the same
+    model and process. Returns the grids it already holds (``[]`` for a new file).
+
+    Raises:
+      ValueError: ``path`` is a folder, an existing file that is not a jdiff grid file
+        (not JSON, another format) or holds grids for another model or process.
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a grid file")
+    if not os.path.exists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ValueError(f"cannot create the grid file {path}: {parent} is not a writable directory")
+        return []
+    data = read_grids(path)
+    if data["model"] != model or data["process"] != repr(process):
+        raise ValueError(
+            f"{path} holds grids for model {data['model']} / {data['process']}, not {model} / {process!r}: "
+            "choose another file"
+        )
+    return data["grids"]
 
 
 def read_grids(path: str) -> dict:

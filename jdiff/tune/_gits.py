@@ -12,7 +12,8 @@ import numpy as np
 from jdiff import solvers as S
 from jdiff._grid import time_grid
 from jdiff._sample import sample
-from jdiff.tune._grids import GridFit, _check_noise, _check_steps, _ends, _per_sample_l2, grid_space
+from jdiff.tune._grids import GridFit, _check_noise, _check_steps, _ends, _flags, _per_sample_l2, grid_space
+from jdiff.tune._programs import Bounded
 
 
 # --------------------------------------------------------------------------- GITS
@@ -48,7 +49,7 @@ def _gits_costs_impl(solver, denoiser, xs, fine, cond, *, nfe_step):
     return jax.lax.map(row, jnp.arange(M + 1))
 
 
-_gits_costs = jax.jit(_gits_costs_impl, static_argnames=("solver", "nfe_step"))
+_gits_costs = Bounded(jax.jit(_gits_costs_impl, static_argnames=("solver", "nfe_step")))
 
 
 def gits_path(cost, num_steps: int):
@@ -96,21 +97,28 @@ def gits(
     single step) between every pair of fine points from the
     teacher's states, and :func:`gits_path` picks the ``N`` steps (``N`` intervals of
     ``solver`` for ``nfe`` calls) of least total cost. No gradients; the grid's points
-    are points of the fine grid.
+    are points of the fine grid. With ``t_end`` at the data (the process's ``t_data``,
+    e.g. ``0.0``), the fine grid is ``jdiff.time_grid(..., final="data")`` of
+    ``fine_kind`` (its last interval from ``t_min`` to the data), so every interior
+    point stays in the valid range.
 
     Raises:
       ValueError: ``nfe`` below the solver's minimum, ``fine_steps < N``, empty or
         non-finite noises.
     """
     process = denoiser.process
-    N = _check_steps(solver, nfe)
+    t0, t1 = _ends(process, t_start, t_end)
+    to_data, from_noise = _flags(process, t0, t1)
+    N = _check_steps(solver, nfe, to_data=to_data, from_noise=from_noise)
     x_T = _check_noise(x_T, "x_T")
     if not isinstance(fine_steps, (int, np.integer)) or fine_steps < N:
         raise ValueError(f"fine_steps must be an int >= the {N} steps of the grid, got {fine_steps!r}")
-    t0, t1 = _ends(process, t_start, t_end)
     if fine_kind == "auto":
         fine_kind = "logsnr" if grid_space(process, t0, t1) == "logsnr" else "uniform"
-    if fine_kind == "uniform":  # also down to t_data, which time_grid reaches only with final="data"
+    if to_data:  # the fine grid's last interval goes from t_min to the data (uniform: straight to it)
+        fine = time_grid(process, int(fine_steps), kind=fine_kind, t_start=t0, final="data")
+        process.check_times(np.asarray(fine)[:-1], allow_data=False, what=f"fine {fine_kind} grid times")
+    elif fine_kind == "uniform":
         fine = jnp.asarray(np.linspace(t0, t1, int(fine_steps) + 1), jnp.float32)
     else:
         fine = time_grid(process, int(fine_steps), kind=fine_kind, t_start=t0, t_end=t1)

@@ -15,12 +15,16 @@ from jdiff.tune._grids import (
     _check_noise,
     _check_steps,
     _ends,
+    _flags,
     _nfe_arg,
+    _to_data,
+    default_keep,
     grid_from_logits,
     grid_space,
     logits_from_grid,
     net_grid_from,
 )
+from jdiff.tune._programs import Bounded
 from jdiff.wrappers import network_time
 
 
@@ -40,7 +44,7 @@ def ld3(
     learning_rate: float = 0.05,
     slack: float = 0.0,
     decouple: float = 0.0,
-    keep: str = "x0",
+    keep: str = "auto",
     batch_size: int = 0,
     seed: int = 0,
     cond=None,
@@ -63,7 +67,10 @@ def ld3(
       x_teacher: ``(n, ...)`` the teacher's end states at ``t_end`` from the same noises
         (:func:`teacher_solve`, or the exact ODE solution on a testbed).
       nfe: model calls of the student.
-      t_start, t_end: the grid's end points (default ``t_max``, ``t_min``).
+      t_start, t_end: the grid's end points (default ``t_max``, ``t_min``). ``t_end``
+        may be the data (the process's ``t_data``, e.g. ``0.0``): the interior points
+        then stay in ``[t_min, t_start]`` (:func:`grid_from_logits`), and the initial
+        grid kind ends with ``final="data"``.
       init: the initial grid: a kind of :func:`jdiff.time_grid` or an array.
       space: ``"logsnr"``, ``"t"`` or ``"auto"`` (:func:`grid_space`).
       iters: Adam steps; learning_rate: its step size.
@@ -73,7 +80,8 @@ def ld3(
         ``decouple`` times its smaller neighbouring interval (:func:`net_grid_from`, at most
         0.5); the fit's ``net_grid`` is used through :func:`jdiff.wrappers.network_time`
         (``GridFit.denoiser``). 0: the network runs at the grid's times.
-      keep: the prediction the decoupled network call keeps (``"eps"`` or ``"x0"``).
+      keep: the prediction the decoupled network call keeps (``"eps"`` or ``"x0"``;
+        ``"auto"``: :func:`default_keep`, the one the solver's update integrates).
       batch_size: noises per step (0: all; else a random subset per step, from ``seed``).
       seed: the PRNG seed of the batches (fitting is deterministic for a seed).
       cond: per-sample conditioning (array leaves with leading axis ``n``), e.g. labels.
@@ -86,7 +94,8 @@ def ld3(
         mismatched shapes, bad settings (before any fitting).
     """
     process = denoiser.process
-    N = _check_steps(solver, nfe)
+    t0, t1 = _ends(process, t_start, t_end)
+    N = _check_steps(solver, nfe, **dict(zip(("to_data", "from_noise"), _flags(process, t0, t1))))
     x_train = _check_noise(x_train, "x_train")
     x_teacher = _check_noise(x_teacher, "x_teacher")
     if x_train.shape != x_teacher.shape:
@@ -102,25 +111,30 @@ def ld3(
         raise ValueError(f"decouple must be in [0, 0.5], got {decouple!r}")
     if decouple > 0 and N < 2:
         raise ValueError(f"decouple needs interior grid points (at least 2 steps), got {N} step(s)")
+    if keep == "auto":
+        keep = default_keep(solver)
     if keep not in ("eps", "x0"):
-        raise ValueError(f"keep must be 'eps' or 'x0', got {keep!r}")
-    t0, t1 = _ends(process, t_start, t_end)
+        raise ValueError(f"keep must be 'auto', 'eps' or 'x0', got {keep!r}")
+    to_data = _to_data(process, t1)
     if space == "auto":
         space = grid_space(process, t0, t1)
     if space == "logsnr" and grid_space(process, t0, t1) != "logsnr":
-        raise ValueError(f"space='logsnr' needs finite log-SNR at t_start={t0} and t_end={t1}; use space='t'")
+        end = f"t_min={process.t_min}" if to_data else f"t_end={t1}"
+        raise ValueError(f"space='logsnr' needs finite log-SNR at t_start={t0} and {end}; use space='t'")
     if isinstance(init, str):
         kind = init
-        if kind == "logsnr" and space == "logsnr":
+        if kind == "logsnr" and space == "logsnr" and not to_data:
             g0 = None
         else:
             if kind == "logsnr" and space == "t":
                 kind = "uniform"
-            g0 = np.asarray(time_grid(process, N, kind=kind, t_start=t0, t_end=t1), np.float64)
+            ends = dict(final="data") if to_data else dict(t_end=t1)
+            g0 = np.asarray(time_grid(process, N, kind=kind, t_start=t0, **ends), np.float64)
     else:
         g0 = np.asarray(init, np.float64)
-        if g0.shape != (N + 1,) or g0[0] != np.float32(t0) or g0[-1] != np.float32(t1):
+        if g0.shape != (N + 1,) or np.float32(g0[0]) != np.float32(t0) or np.float32(g0[-1]) != np.float32(t1):
             raise ValueError(f"init must be a grid of {N + 1} points from {t0} to {t1}, got {g0.tolist()}")
+        process.check_times(g0, allow_data=to_data, what="init grid times")
     logits0 = jnp.zeros((N,), jnp.float32) if g0 is None else logits_from_grid(process, g0, space)
     n = x_train.shape[0]
     bs = n if batch_size in (0, None) or batch_size >= n else int(batch_size)
@@ -227,7 +241,9 @@ def _ld3_fit_impl(
     return best, hist
 
 
-_ld3_fit = jax.jit(
-    _ld3_fit_impl,
-    static_argnames=("solver", "space", "t0", "t1", "bs", "use_slack", "iters", "nfe", "window", "keep"),
+_ld3_fit = Bounded(
+    jax.jit(
+        _ld3_fit_impl,
+        static_argnames=("solver", "space", "t0", "t1", "bs", "use_slack", "iters", "nfe", "window", "keep"),
+    )
 )
