@@ -73,7 +73,7 @@ def resolve(args):
         raise CLIError(f"run directory not found: {args.run}")
     writable_path(args.out, "--out", directory=False)
     if os.path.exists(args.out):  # an existing file must be a grid file (its model is checked in run)
-        from jdiff.tune import read_grids
+        from jdiff.tune import read_grids  # here, like the other jdiff imports: `jdiff --help` stays JAX-free
 
         try:
             read_grids(args.out)

@@ -10,12 +10,14 @@ with the lowest held-out mean is kept instead when the fit does not beat it.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jdiff._grid import GRID_KINDS, time_grid
 from jdiff._sample import sample
 from jdiff.tune._grids import _per_sample_l2, _to_data, grid_space
+from jdiff.tune._programs import Bounded
 
 FIXED_KINDS = GRID_KINDS  # uniform, logsnr, quadratic, karras
 FAR = 10.0  # a held-out noise is "far" beyond this many times the fixed grid's median error
@@ -37,9 +39,26 @@ def fixed_grids(process, num_steps: int, t_start: float, t_end: float, kinds=FIX
 
 def heldout_errors(solver, denoiser, x_T, x_ref, grid, *, nfe=None, cond=None) -> np.ndarray:
     """``(n,)`` float64: the L2 distance of each sample of ``jdiff.sample(solver, denoiser,
-    x_T, grid)`` to its reference ``x_ref``."""
-    x = sample(solver, denoiser, jnp.asarray(x_T), jnp.asarray(grid, jnp.float32), nfe=nfe, cond=cond)
-    return np.asarray(_per_sample_l2(x.astype(jnp.float32), jnp.asarray(x_ref, jnp.float32)), np.float64)
+    x_T, grid)`` to its reference ``x_ref``. One compiled program per solver, NFE,
+    denoiser structure and shapes (the grid is data), kept in a bounded cache."""
+    args = (denoiser, jnp.asarray(x_T), jnp.asarray(x_ref, jnp.float32), jnp.asarray(grid, jnp.float32), cond)
+    if _jittable(args):
+        return np.asarray(_errors(*args, solver=solver, nfe=nfe), np.float64)
+    return np.asarray(_errors_impl(*args, solver=solver, nfe=nfe), np.float64)
+
+
+def _errors_impl(denoiser, x_T, x_ref, grid, cond, *, solver, nfe):
+    x = sample(solver, denoiser, x_T, grid, nfe=nfe, cond=cond)
+    return _per_sample_l2(x.astype(jnp.float32), x_ref)
+
+
+_errors = Bounded(jax.jit(_errors_impl, static_argnames=("solver", "nfe")))
+
+
+def _jittable(tree) -> bool:
+    """Whether every leaf can be a ``jit`` argument (else the same body runs uncompiled)."""
+    kinds = (jax.Array, np.ndarray, np.generic, int, float, complex, bool)
+    return all(isinstance(a, kinds) or hasattr(a, "__jax_array__") for a in jax.tree.leaves(tree))
 
 
 def summary(errors, far_limit: float) -> dict:
