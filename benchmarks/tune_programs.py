@@ -15,7 +15,7 @@ Fits that share solver, NFE, settings and shapes share one program, so the repea
 compile nothing; the bound keeps the mappings flat as new configurations arrive. Prints a
 markdown table and writes ``benchmarks/results/tune_programs.csv``.
 
-    python benchmarks/tune_programs.py                 # 5 solvers x 5 NFEs x 8 repeats = 200 fits
+    python benchmarks/tune_programs.py                 # 5 solvers x 4 NFEs x 10 repeats = 200 fits
     python benchmarks/tune_programs.py --repeats 2     # quicker
 """
 
@@ -31,8 +31,11 @@ import time
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tune_programs.csv")
 SOLVERS = ("ddim", "dpm++2m", "unipc2", "ipndm2", "dpm++3m")
-NFES = (3, 4, 5, 6, 8)
+NFES = (3, 4, 6, 8)
 EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+from _common import machine, today  # noqa: E402 (benchmarks/_common.py, next to this script)
 
 
 def maps() -> int:
@@ -70,6 +73,7 @@ def worker(mode: str, repeats: int, iters: int) -> dict:
     peak, fits, first, rest = m0, 0, [], 0
     for solver in SOLVERS:
         for nfe in NFES:
+            print(f"{mode}: {solver} nfe {nfe}, {compiles[0]} programs, {maps()} mappings", file=sys.stderr)
             for r in range(repeats):
                 c = compiles[0]
                 T.tune(den, solver, [nfe], x_train=x_tr, x_val=x_va, teacher=teacher, iters=iters, seed=r,
@@ -93,12 +97,15 @@ def worker(mode: str, repeats: int, iters: int) -> dict:
         ld3_programs_held=T._ld3._ld3_fit.cache_size(),
         limit=_programs.MAX_PROGRAMS if mode == "bounded" else None,
         seconds=round(time.perf_counter() - start, 1),
+        machine=machine(),
+        date=today(),
     )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", default=OUT, help="the CSV file")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--modes", default="bounded,unbounded")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -113,8 +120,8 @@ def main():
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{mode}: {rows[-1]}", file=sys.stderr)
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT, "w", newline="") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -124,7 +131,7 @@ def main():
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    print(f"\nwrote {OUT}")
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

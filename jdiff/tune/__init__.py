@@ -58,6 +58,7 @@ from jdiff.tune._grids import (
     net_grid_from,
     teacher_solve,
 )
+from jdiff.tune._grids import _nfe_arg as _nfe_arg  # noqa: F401  (experiments)
 from jdiff.tune._ld3 import ld3
 from jdiff.tune._tune import METHODS, tune
 

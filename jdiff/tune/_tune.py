@@ -84,7 +84,7 @@ def tune(
       far: the factor that defines a *far* held-out noise (see above).
       out: a JSON file to save the grids to (:func:`save_grids`); checked before any work.
       model: the model id stored in the file (default :func:`model_fingerprint`).
-      progress: a progress bar (and the verdict lines) on stderr.
+      progress: a progress bar on stderr, and the line of each fit that the fixed grid replaces.
       options: passed to the method (:func:`ld3`, :func:`gits`, :func:`dmn`).
 
     Returns:
@@ -186,7 +186,7 @@ def tune(
         if keep_fit and fit.net_grid is not None:
             row["net_grid"] = [float(g) for g in fit.net_grid]
             row["keep"] = fit.keep
-        if progress:
+        if progress and not keep_fit:
             bar.write(line, file=sys.stderr)
         rows.append(row)
     bar.close()
