@@ -238,6 +238,11 @@ def test_ld3_decoupled_network_times(bed, tmp_path):
     assert min(fit.history) < 0.9 * loss0
     g, n = fit.grid, fit.net_grid
     assert np.all(np.diff(g) < 0) and n[0] == g[0] and n[-1] == g[-1]
+    # the kept prediction follows the solver: eps for the noise-prediction family and iPNDM
+    assert fit.keep == "x0"
+    for name, keep in (("ipndm3", "eps"), ("ipndm3-v", "eps"), ("dpm2m", "eps"), ("deis2", "eps"), ("dpm++2m", "x0")):
+        assert T.default_keep(S.get(name)) == keep, name
+    assert T.default_keep(S.unipc(2)) == "x0" and T.default_keep(S.ddim()) == "x0"
     # each interior network time within half its smaller neighbouring log-SNR interval
     lam = lambda v: np.asarray(proc.lambda_(jnp.asarray(v, jnp.float32)), np.float64)  # noqa: E731
     lg, ln = lam(g), lam(n)
