@@ -238,6 +238,11 @@ def test_ld3_decoupled_network_times(bed, tmp_path):
     assert min(fit.history) < 0.9 * loss0
     g, n = fit.grid, fit.net_grid
     assert np.all(np.diff(g) < 0) and n[0] == g[0] and n[-1] == g[-1]
+    # the kept prediction follows the solver: eps for the noise-prediction family and iPNDM
+    assert fit.keep == "x0"
+    for name, keep in (("ipndm3", "eps"), ("ipndm3-v", "eps"), ("dpm2m", "eps"), ("deis2", "eps"), ("dpm++2m", "x0")):
+        assert T.default_keep(S.get(name)) == keep, name
+    assert T.default_keep(S.unipc(2)) == "x0" and T.default_keep(S.ddim()) == "x0"
     # each interior network time within half its smaller neighbouring log-SNR interval
     lam = lambda v: np.asarray(proc.lambda_(jnp.asarray(v, jnp.float32)), np.float64)  # noqa: E731
     lg, ln = lam(g), lam(n)
@@ -256,6 +261,150 @@ def test_ld3_decoupled_network_times(bed, tmp_path):
         T.ld3(solver, bed["den"], bed["x_tr"], bed["y_tr"], nfe, decouple=0.7)
     with pytest.raises(ValueError, match="net_grid for ddim nfe 3 must be"):
         T.save_grids(path, [dict(solver="ddim", nfe=nfe, grid=g, net_grid=n[:-1])], model=model, process=proc)
+
+
+@pytest.fixture(scope="module")
+def data_end(bed):
+    """The fixture's noises with a teacher that ends at the data (t = 0)."""
+    y = T.teacher_solve(bed["den"], jnp.concatenate([bed["x_tr"], bed["x_va"]]), t_end=0.0, steps=100)
+    return dict(y_tr=y[:32], y_va=y[32:])
+
+
+def _in_range_to_data(proc, g):
+    g = np.asarray(g, np.float64)
+    assert g[-1] == 0.0 and np.all(np.diff(g) < 0), g
+    assert np.all(g[:-1] >= proc.t_min) and np.all(g[:-1] <= proc.t_max), g  # no tolerance: inside the range
+
+
+def test_grids_that_end_at_the_data(bed, data_end):
+    proc, den = bed["proc"], bed["den"]
+    init = jdiff.time_grid(proc, 7, kind="logsnr", final="data")  # its point 6 is t_min itself
+    # the logit round trip keeps the t_min point at or above t_min (moved up by 0.1% of the span)
+    back = np.asarray(T.grid_from_logits(proc, T.logits_from_grid(proc, init), 1.0, 0.0))
+    _in_range_to_data(proc, back)
+    lam = np.asarray(proc.lambda_(jnp.asarray([1.0, back[-2], proc.t_min], jnp.float32)), np.float64)
+    np.testing.assert_allclose(lam[2] - lam[1], 1e-3 * (lam[2] - lam[0]), rtol=1e-2)
+    # a vanishing last fraction still leaves the point inside [t_min, t_max] (clipped, not rounded below)
+    z = jnp.asarray([0.0, 0.0, -60.0])
+    _in_range_to_data(proc, T.grid_from_logits(proc, z, 1.0, 0.0))
+    # the call of the issue: LD3 from a data-ending logSNR grid (iPNDM-AFS: 7 steps for 6 calls)
+    solver = S.ipndm(afs=True)
+    fit = T.ld3(solver, den, bed["x_tr"], data_end["y_tr"], 6, init=init, t_end=0.0, iters=20, learning_rate=0.2)
+    _in_range_to_data(proc, fit.grid)
+    assert min(fit.history) < 0.9 * fit.history[0], fit.history
+    e0 = T.grid_error(solver, den, bed["x_va"], data_end["y_va"], init)
+    e1 = T.grid_error(solver, den, bed["x_va"], data_end["y_va"], fit.grid)
+    assert e1 < e0, (e0, e1)
+    # GITS over a logSNR fine grid that ends at the data; DMN with its last step from t_min to the data
+    g = T.gits(S.ddim(), den, bed["x_tr"][:8], 3, t_end=0.0, fine_kind="logsnr", fine_steps=8)
+    fine = np.float32(jdiff.time_grid(proc, 8, kind="logsnr", final="data"))
+    _in_range_to_data(proc, g.grid)
+    assert set(np.float32(g.grid)) <= set(fine)
+    d = T.dmn(proc, 4, t_end=0.0, iters=30)
+    _in_range_to_data(proc, d.grid)
+    assert d.grid[-2] == np.float32(proc.t_min) and min(d.history) < d.history[0]
+    # an initial grid with a point below t_min is refused before any compilation
+    bad = np.asarray(init).copy()
+    bad[-2] = 0.5 * proc.t_min
+    with pytest.raises(ValueError, match="init grid times .*outside the valid range"):
+        T.ld3(solver, den, bed["x_tr"], data_end["y_tr"], 6, init=bad, t_end=0.0)
+
+
+def test_tune_with_own_noises_and_teacher_to_the_data(bed, data_end, tmp_path):
+    den, proc = bed["den"], bed["proc"]
+    out = str(tmp_path / "g.json")
+    rows = T.tune(
+        den,
+        "ddim",
+        [3],
+        x_train=bed["x_tr"],
+        x_val=bed["x_va"],
+        teacher=(data_end["y_tr"], data_end["y_va"]),
+        t_end=0.0,
+        method="dmn",
+        order=1,
+        iters=20,
+        out=out,
+        progress=False,
+    )
+    (r,) = rows
+    _in_range_to_data(proc, r["grid"])
+    v = r["heldout"]
+    assert v["num"] == 64 and v["fixed"]["kind"] in ("uniform", "logsnr", "quadratic", "karras")
+    # the baseline ends at the data too: its error is the one of the fixed grid to t = 0
+    fixed = jdiff.time_grid(proc, 3, kind=v["fixed"]["kind"], final="data")
+    e = T.grid_error(S.ddim(), den, bed["x_va"], data_end["y_va"], fixed)
+    np.testing.assert_allclose(v["fixed"]["mean"], e, rtol=1e-5)
+    with pytest.raises(ValueError, match="give both x_train and x_val"):
+        T.tune(den, "ddim", [3], x_train=bed["x_tr"], method="dmn", progress=False)
+    with pytest.raises(ValueError, match="teacher \\(held out\\) output has shape"):
+        T.tune(den, "ddim", [3], x_train=bed["x_tr"], x_val=bed["x_va"], teacher=(data_end["y_tr"], data_end["y_tr"]))
+
+
+def test_tune_keeps_the_fixed_grid_when_the_fit_loses(bed, tmp_path, capsys):
+    den, proc = bed["den"], bed["proc"]
+    out = str(tmp_path / "g.json")
+    # a deliberately bad fit: one Adam step of a tiny size from a grid crowded near t_max
+    # (LD3 returns the lowest training loss, here its start)
+    bad = np.asarray([proc.t_max, 0.99, 0.98, proc.t_min])
+    kw = dict(x_train=bed["x_tr"][:2], x_val=bed["x_va"], teacher=(bed["y_tr"][:2], bed["y_va"]), method="ld3")
+    (r,) = T.tune(den, "ddim", [3], init=bad, iters=1, learning_rate=1e-6, out=out, progress=True, **kw)
+    v = r["heldout"]
+    assert r["kept"] == "fixed" and v["kept"] == "fixed" and v["fit"]["mean"] > v["fixed"]["mean"]
+    fixed = np.asarray(jdiff.time_grid(proc, 3, kind=v["fixed"]["kind"]), np.float64)
+    np.testing.assert_array_equal(r["grid"], fixed)
+    assert r["err"] == v["fixed"]["mean"] and r["err_fit"] == v["fit"]["mean"]
+    # the best fixed grid is the best of the four kinds on the held-out noises
+    errs = {
+        k: T.grid_error(S.ddim(), den, bed["x_va"], bed["y_va"], jdiff.time_grid(proc, 3, kind=k))
+        for k in ("uniform", "logsnr", "quadratic", "karras")
+    }
+    assert v["fixed"]["kind"] == min(errs, key=errs.get)
+    np.testing.assert_allclose(v["fixed"]["mean"], errs[v["fixed"]["kind"]], rtol=1e-6)
+    # "far": above 10x the fixed grid's median; the fixed grid's own count follows from its errors
+    assert v["far_limit"] == pytest.approx(10 * v["fixed"]["median"]) and v["fit"]["far"] >= v["fixed"]["far"]
+    assert "does not beat the fixed" in capsys.readouterr().err  # one line says so
+    # the file holds the fixed grid and the held-out comparison
+    np.testing.assert_array_equal(np.asarray(T.load_grid(out, denoiser=den, solver="ddim", nfe=3)), np.float32(fixed))
+    saved = T.read_grids(out)["grids"][0]
+    assert saved["kept"] == "fixed" and saved["heldout"]["fit"]["mean"] == v["fit"]["mean"]
+
+
+def test_tune_keeps_a_fit_that_wins(bed):
+    # LD3 with the settings of test_ld3_monotone_and_lowers_heldout_error (same program),
+    # started from the best fixed grid (quadratic here): measured held-out mean 0.4197
+    # against 0.4233 (from the logSNR grid it loses: 0.456, and the fixed grid is kept)
+    kw = dict(x_train=bed["x_tr"], x_val=bed["x_va"], teacher=(bed["y_tr"], bed["y_va"]), progress=False)
+    (r,) = T.tune(bed["den"], "ddim", [3], init="quadratic", **kw, **LD3_KW)
+    assert r["kept"] == "fit" and r["heldout"]["fit"]["mean"] < r["heldout"]["fixed"]["mean"]
+    assert r["baseline_kind"] == "quadratic"
+    # tune's seed is the one of its noises: the fit ran with ld3's default seed
+    fit = T.ld3(S.ddim(), bed["den"], bed["x_tr"], bed["y_tr"], 3, init="quadratic", **dict(LD3_KW, seed=0))
+    np.testing.assert_array_equal(r["grid"], fit.grid)
+
+
+def test_equal_fits_share_one_program(bed):
+    from jdiff.tune import _ld3
+    from jdiff.tune._programs import Bounded
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda ev, d, **kw: compiles.append(ev) if ev == "/jax/core/compile/backend_compile_duration" else None
+    )
+    den, x, y = bed["den"], bed["x_tr"][:4], bed["y_tr"][:4]
+    T.ld3(S.dpm_solver_pp(2), den, x, y, 2, iters=2, init="quadratic")
+    size = _ld3._ld3_fit.cache_size()
+    n = len(compiles)
+    # another seed, learning rate and other noises of the same shape: no new program at all
+    x2, y2 = bed["x_tr"][4:8], bed["y_tr"][4:8]
+    T.ld3(S.dpm_solver_pp(2), den, x2, y2, 2, iters=2, seed=3, learning_rate=0.2, init="quadratic")
+    assert _ld3._ld3_fit.cache_size() == size and len(compiles) == n, len(compiles) - n
+    # a bounded cache holds at most its limit of programs
+    f = Bounded(jax.jit(lambda a, *, k: a * k), limit=2)
+    for k in (1, 2, 3, 1):
+        f(jnp.ones(3), k=k)
+        assert f.cache_size() <= 2
+    assert f.cleared == 1
 
 
 def test_dmn_objective(bed, x64):
@@ -292,3 +441,7 @@ def test_cli_refuses_bad_input_before_loading(capsys, tmp_path):
     ):
         assert main(["tune", *argv, "--out", out]) == 2
         assert msg in capsys.readouterr().err
+    # an --out that is not a grid file is refused before any work
+    (tmp_path / "notes.txt").write_text("not json")
+    assert main(["tune", "--solver", "unipc2", "--nfe", "5", "--out", str(tmp_path / "notes.txt")]) == 2
+    assert "--out: cannot read grid file" in capsys.readouterr().err

@@ -1,43 +1,14 @@
 """Shared pieces of the commands: the user-error type, the compilation cache, option
-checks. Building a run, its solver and its denoiser is the library's
-(:mod:`jdiff.runs`); those names are re-exported here for the command modules."""
+checks. Building a run, its solver and its denoiser is the library's (:mod:`jdiff.runs`)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 
-from jdiff.runs import (
-    Run,
-    RunError,
-    build_model,
-    build_run,
-    check_solver_nfe,
-    denoiser_apply,
-    make_solver,
-    run_denoiser,
-    to_host,
-    writable_path,
-)
+from jdiff.runs import RunError, writable_path
 
-__all__ = [
-    "CLIError",
-    "enable_compilation_cache",
-    "positive",
-    "sequence",
-    "Run",
-    "build_run",
-    "build_model",
-    "make_solver",
-    "check_solver_nfe",
-    "denoiser_apply",
-    "denoiser",
-    "to_host",
-    "writable_path",
-]
-
-# The old name of jdiff.runs.run_denoiser (it clashed with jdiff.denoiser).
-denoiser = run_denoiser
+__all__ = ["CLIError", "enable_compilation_cache", "positive", "sequence", "writable_path"]
 
 
 class CLIError(RunError):

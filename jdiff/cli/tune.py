@@ -17,8 +17,8 @@ def add_parser(sub, formatter, solver_names: list[str]):
         help=HELP,
         description="Fit a time grid per NFE for one solver and one model (LD3: learned through the sampler; GITS: "
         "dynamic programming over a teacher trajectory; DMN: a bound minimized without model calls), evaluate it "
-        "on held-out noises against a 200-step teacher next to the default grid, and save the grids to a JSON file "
-        "tied to the model (jdiff.tune.load_grid reads it back).",
+        "on held-out noises against a 200-step teacher next to the best fixed grid (kept instead when the fit does "
+        "not beat it), and save the grids to a JSON file tied to the model (jdiff.tune.load_grid reads it back).",
         epilog="examples:\n  jdiff tune --solver unipc2 --nfe 5,6,8 --out digits_grids.json\n"
         "  jdiff tune --run runs/digits --solver dpm++2m --nfe 5 --method gits --out runs/digits/grids.json\n"
         f"solvers: {', '.join(solver_names)}",
@@ -45,7 +45,7 @@ def resolve(args):
     import math
 
     from jdiff import solvers as S
-    from jdiff.cli._common import writable_path
+    from jdiff.runs import writable_path
 
     try:
         nfes = sorted({int(v) for v in args.nfe.split(",") if v.strip()})
@@ -72,25 +72,31 @@ def resolve(args):
     if args.run is not None and not os.path.isdir(args.run):
         raise CLIError(f"run directory not found: {args.run}")
     writable_path(args.out, "--out", directory=False)
+    if os.path.exists(args.out):  # an existing file must be a grid file (its model is checked in run)
+        from jdiff.tune import read_grids  # here, like the other jdiff imports: `jdiff --help` stays JAX-free
+
+        try:
+            read_grids(args.out)
+        except ValueError as e:
+            raise CLIError(f"--out: {e}; choose another file") from None
     return dict(solver=solver, nfes=nfes)
 
 
 def _model(args):
     """``(denoiser, sample shape, number of classes)``."""
     if args.run is None:
-        from jdiff._pretrained import pretrained
+        from jdiff.runs import pretrained
 
         try:
             den, cfg = pretrained(args.pretrained, guidance=args.guidance)
         except ValueError as e:
             raise CLIError(str(e)) from None
         return den, tuple(cfg.data.shape), int(cfg.model.network.num_classes or 0)
-    from jdiff.cli import _run as R
-    from jdiff.cli._common import denoiser, denoiser_apply, to_host
+    from jdiff.runs import denoiser_apply, load_run_state, run_denoiser, to_host
 
-    cfg, info, run_, state, step = R.load_run_state(args.run, args.step)
+    cfg, info, run_, state, step = load_run_state(args.run, args.step)
     params = to_host(state.ema_params if state.ema_params is not None else state.params)
-    return denoiser(denoiser_apply(run_), run_, params, args.guidance), tuple(run_.data_shape), run_.num_classes
+    return run_denoiser(denoiser_apply(run_), run_, params, args.guidance), tuple(run_.data_shape), run_.num_classes
 
 
 def run(args, resolved) -> int:
@@ -99,6 +105,7 @@ def run(args, resolved) -> int:
     den, shape, nc = _model(args)
     options = {} if args.method == "gits" else dict(iters=args.iters)
     try:
+        T.check_grid_file(args.out, model=T.model_fingerprint(den), process=den.process)  # before the work
         rows = T.tune(
             den,
             resolved["solver"],
@@ -115,8 +122,19 @@ def run(args, resolved) -> int:
         )
     except ValueError as e:
         raise CLIError(str(e)) from None
-    print(f"{'nfe':>4} {'tuned':>10} {'default grid':>13} {'fit s':>7}")
+    print(f"held-out L2 to the teacher (mean / median / far: > {rows[0]['heldout']['far_factor']:g}x the fixed median)")
+    print(
+        f"{'nfe':>4} {'fit mean':>9} {'median':>9} {'far':>4}  {'best fixed':>10} {'mean':>9} {'median':>9} {'far':>4}"
+        f"  {'kept':>5} {'fit s':>7}"
+    )
     for r in rows:
-        print(f"{r['nfe']:>4} {r['err']:>10.4g} {r['err_baseline']:>13.4g} {r['seconds']:>7.1f}")
+        f, b = r["heldout"]["fit"], r["heldout"]["fixed"]
+        print(
+            f"{r['nfe']:>4} {f['mean']:>9.4g} {f['median']:>9.4g} {f['far']:>4}  {b['kind']:>10} {b['mean']:>9.4g} "
+            f"{b['median']:>9.4g} {b['far']:>4}  {r['kept']:>5} {r['seconds']:>7.1f}"
+        )
+    for r in rows:
+        if r["kept"] == "fixed":
+            print(r["verdict"])
     print(f"grids for {resolved['solver'].name} ({args.method}) -> {args.out}")
     return 0
