@@ -445,3 +445,18 @@ def test_cli_refuses_bad_input_before_loading(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("not json")
     assert main(["tune", "--solver", "unipc2", "--nfe", "5", "--out", str(tmp_path / "notes.txt")]) == 2
     assert "--out: cannot read grid file" in capsys.readouterr().err
+
+
+def test_cli_tuning_into_a_run_takes_its_lock(capsys, tmp_path):
+    """Grids written into a run directory wait for no one: while another writer holds
+    the run's lock, `jdiff tune --run R --out R/...` refuses at once, before loading."""
+    from jdiff import runs
+    from jdiff.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with runs.lock_run(run):  # another open file description: flock excludes it
+        code = main(["tune", "--run", str(run), "--solver", "unipc2", "--nfe", "5", "--out", str(run / "g.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is in use" in err, err
+    assert not (run / "g.json").exists()

@@ -100,6 +100,16 @@ def _model(args):
 
 
 def run(args, resolved) -> int:
+    from jdiff.runs import lock_run
+
+    run_dir = None if args.run is None else os.path.abspath(args.run)
+    if run_dir is not None and os.path.commonpath([os.path.abspath(args.out), run_dir]) == run_dir:
+        with lock_run(run_dir):  # grids written into a run: one writer at a time, as training
+            return _tune(args, resolved)
+    return _tune(args, resolved)
+
+
+def _tune(args, resolved) -> int:
     from jdiff import tune as T
 
     den, shape, nc = _model(args)
