@@ -17,13 +17,17 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jdiff import solvers
 from jdiff._checks import reraise_checks
 from jdiff._grid import GRID_KINDS
+from jdiff._padded import sample_padded
 from jdiff._random import per_sample_keys
 from jdiff._sample import sample
+from jdiff.solvers._registry import FACTORIES
 
 __all__ = ["generate", "SamplingConfig"]
 
@@ -57,9 +61,6 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from jdiff import solvers
-        from jdiff.solvers._registry import FACTORIES
-
         if self.solver not in FACTORIES:
             try:
                 solvers.get(self.solver)
@@ -80,8 +81,6 @@ class SamplingConfig:
 
     def make_solver(self):
         """The solver, from :func:`jdiff.solvers.get` (``order`` as a keyword when > 0)."""
-        from jdiff import solvers
-
         try:
             return solvers.get(self.solver, order=self.order) if self.order else solvers.get(self.solver)
         except TypeError as e:
@@ -105,8 +104,6 @@ _sample_jit = jax.jit(_sample_batch, static_argnames=("solver", "nfe", "grid_kin
 
 
 def _sample_batch_padded(solver, denoiser, x_T, cond, key_data, grid, nfe, grid_kind, max_steps):
-    from jdiff._padded import sample_padded
-
     keys = jax.random.wrap_key_data(key_data) if solver.stochastic else None
     return sample_padded(
         solver,
@@ -131,8 +128,6 @@ def _to_host(x) -> np.ndarray:
     if not x.is_fully_addressable and x.ndim == 0:
         return np.asarray(x.addressable_data(0))
     if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 

@@ -14,6 +14,7 @@ configuration at each NFE, and the front of all of them).
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -23,8 +24,13 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from jdiff import solvers as S
+from jdiff._generate import generate
+from jdiff._grid import time_grid
 from jdiff.plotting import plot_sweep
+from jdiff.solvers._registry import IDENTICAL
 
 __all__ = [
     "nfe_sweep",
@@ -54,9 +60,6 @@ def plan_cells(solver_names: Sequence[str], nfes: Sequence[int], process, *, gri
     order). Raises ``ValueError`` for an unknown solver
     name or an NFE that is not a positive int.
     """
-    from jdiff import solvers as S
-    from jdiff._grid import time_grid
-
     if not solver_names:
         raise ValueError("give at least one solver")
     if not nfes:
@@ -185,14 +188,8 @@ def nfe_sweep(
       ValueError: before any sampling, for an unknown solver, a bad NFE, ``num < 1``, or
         an output folder holding a sweep with other settings.
     """
-    from tqdm.auto import tqdm
-
-    from jdiff._generate import generate
-
     if not isinstance(num, (int, np.integer)) or num < 1:
         raise ValueError(f"num must be a positive int, got {num!r}")
-    from jdiff.solvers._registry import IDENTICAL
-
     solver_values, cells, skipped = plan_cells(solvers, nfes, denoiser.process, grid_kind=grid_kind)
     alias = {n: IDENTICAL[n] for n in solvers if share_identical and IDENTICAL.get(n) in solver_values}
     copies = [c for c in cells if c[0] in alias]
@@ -291,8 +288,6 @@ def write_results(
     draws the family bests (:func:`jdiff.plotting.plot_sweep`), one panel per metric with
     a family table.
     """
-    import csv
-
     os.makedirs(out_dir, exist_ok=True)
     cols = _columns(rows)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
