@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 
+from jdiff import solvers as S
+from jdiff import tune as T
 from jdiff.cli._common import CLIError, positive
+from jdiff.runs import denoiser_apply, load_run_state, lock_run, pretrained, run_denoiser, to_host, writable_path
 
 HELP = "fit optimized time grids (LD3 / GITS / DMN) for a model, a solver and NFEs"
 
@@ -42,10 +46,6 @@ def add_parser(sub, formatter, solver_names: list[str]):
 
 def resolve(args):
     """Check every option; creates nothing and starts no JAX backend."""
-    import math
-
-    from jdiff import solvers as S
-    from jdiff.runs import writable_path
 
     try:
         nfes = sorted({int(v) for v in args.nfe.split(",") if v.strip()})
@@ -73,10 +73,8 @@ def resolve(args):
         raise CLIError(f"run directory not found: {args.run}")
     writable_path(args.out, "--out", directory=False)
     if os.path.exists(args.out):  # an existing file must be a grid file (its model is checked in run)
-        from jdiff.tune import read_grids  # here, like the other jdiff imports: `jdiff --help` stays JAX-free
-
         try:
-            read_grids(args.out)
+            T.read_grids(args.out)
         except ValueError as e:
             raise CLIError(f"--out: {e}; choose another file") from None
     return dict(solver=solver, nfes=nfes)
@@ -85,14 +83,11 @@ def resolve(args):
 def _model(args):
     """``(denoiser, sample shape, number of classes)``."""
     if args.run is None:
-        from jdiff.runs import pretrained
-
         try:
             den, cfg = pretrained(args.pretrained, guidance=args.guidance)
         except ValueError as e:
             raise CLIError(str(e)) from None
         return den, tuple(cfg.data.shape), int(cfg.model.network.num_classes or 0)
-    from jdiff.runs import denoiser_apply, load_run_state, run_denoiser, to_host
 
     cfg, info, run_, state, step = load_run_state(args.run, args.step)
     params = to_host(state.ema_params if state.ema_params is not None else state.params)
@@ -100,7 +95,6 @@ def _model(args):
 
 
 def run(args, resolved) -> int:
-    from jdiff.runs import lock_run
 
     run_dir = None if args.run is None else os.path.abspath(args.run)
     if run_dir is not None and os.path.commonpath([os.path.abspath(args.out), run_dir]) == run_dir:
@@ -110,7 +104,6 @@ def run(args, resolved) -> int:
 
 
 def _tune(args, resolved) -> int:
-    from jdiff import tune as T
 
     den, shape, nc = _model(args)
     options = {} if args.method == "gits" else dict(iters=args.iters)
