@@ -535,3 +535,20 @@ def test_label_dropout_rate_through_the_cli_config(monkeypatch):
     frac = float(np.mean(cond == lc.num_classes))
     assert set(np.unique(cond)) <= {0, lc.num_classes}
     assert abs(frac - p) < 3 * np.sqrt(p * (1 - p) / n), frac
+
+
+def test_drop_tracebacks_drops_only_the_named_error():
+    """The stderr filter of a command drops bare tracebacks ending in the named error
+    (written in pieces, as the C++ side prints them) and passes everything else."""
+    import io
+
+    from jdiff.cli._errors import DropTracebacks
+
+    out = io.StringIO()
+    s = DropTracebacks(out)
+    noise = 'Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\nRuntimeError: Event loop is closed\n'
+    other = 'Traceback (most recent call last):\n  File "y.py", line 2, in h\nValueError: kept\n'
+    for piece in ("jdiff train: error: disk", " full\n", noise[:30], noise[30:], other, noise, "last line\n"):
+        s.write(piece)
+    s.flush()
+    assert out.getvalue() == "jdiff train: error: disk full\n" + other + "last line\n"

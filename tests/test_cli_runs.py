@@ -290,7 +290,7 @@ def test_sample_uses_the_previous_good_checkpoint_and_changes_nothing(run, tmp_p
     assert int(np.load(tmp_path / "s.npz")["step"]) == 10
     assert tree_hash(run) == snapshot  # read-only: nothing renamed or written
     # An explicit --step of the corrupt checkpoint is an error, still changing nothing.
-    code, _, err = jdiff(capfd, "sample", "--run", run, "--num", 8, "--out", img, "--step", 20)
+    code, _, err = jdiff(capfd, "sample", "--run", run, "--num", 8, "--out", img, "--step", 20, "--force")
     assert code == 2 and "step 20" in err and "unusable" in err
     assert tree_hash(run) == snapshot
 

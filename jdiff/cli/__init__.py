@@ -29,6 +29,7 @@ traceback first.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -39,6 +40,7 @@ from jdiff.runs import ConfigError, Run, RunConfig, build_run, load_run, load_ru
 
 __all__ = [
     "main",
+    "console_main",
     "build_parser",
     "CLIError",
     "ConfigError",
@@ -140,5 +142,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _errors.report(command, e, debug=debug, user_errors=user_errors)
 
 
+def console_main() -> int:
+    """The ``jdiff`` program (and ``python -m jdiff``): :func:`main`, then, after a
+    failure that has been reported in its one line, stderr closed for the interpreter's
+    shutdown, where library threads can still print (an abandoned asynchronous
+    checkpoint save after a full disk). ``--debug``/``JDIFF_DEBUG`` keep it open."""
+    code = main()
+    if code and not _errors.debug_requested(sys.argv[1:]):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -2,6 +2,6 @@
 
 import sys
 
-from jdiff.cli import main
+from jdiff.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import traceback
 
 from jdiff._checks import check_message
@@ -128,8 +129,57 @@ def quiet_libraries(debug: bool):
     for name, level in _NOISY.items():
         lg = logging.getLogger(name)
         lg.setLevel(max(level, lg.getEffectiveLevel()))
+    stderr, sys.stderr = sys.stderr, DropTracebacks(sys.stderr)
     try:
         yield
     finally:
+        sys.stderr = stderr
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
+
+
+class DropTracebacks:
+    """A text stream in front of ``stream`` that drops the tracebacks whose error line
+    is one of ``errors``, passing everything else through line by line.
+
+    An asynchronous checkpoint save abandoned after a failed write (a full disk) leaves
+    TensorStore callbacks that post to orbax's closed event loop; the C++ side prints
+    each resulting ``RuntimeError: Event loop is closed`` as a bare traceback on
+    ``sys.stderr``, dozens of them, after the failure has been reported in its line."""
+
+    def __init__(self, stream, errors=("RuntimeError: Event loop is closed",)):
+        self._stream, self._errors = stream, tuple(errors)
+        self._lock = threading.Lock()
+        self._pending = ""  # an incomplete line
+        self._block: list[str] | None = None  # the traceback being read
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._pending += text
+            *lines, self._pending = self._pending.split("\n")
+            for line in lines:
+                self._line(line + "\n")
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        if self._block is None:
+            if line.startswith("Traceback (most recent call last):"):
+                self._block = [line]
+            else:
+                self._stream.write(line)
+            return
+        self._block.append(line)
+        if line[:1] not in (" ", "\t"):  # the error line ends the traceback
+            block, self._block = self._block, None
+            if line.strip() not in self._errors:
+                self._stream.write("".join(block))
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._block is None and self._pending:
+                self._stream.write(self._pending)
+                self._pending = ""
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
