@@ -546,7 +546,8 @@ def test_drop_tracebacks_drops_only_the_named_error():
 
     out = io.StringIO()
     s = DropTracebacks(out)
-    noise = 'Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\nRuntimeError: Event loop is closed\n'
+    noise = 'Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\n'
+    noise += "RuntimeError: Event loop is closed\n"
     other = 'Traceback (most recent call last):\n  File "y.py", line 2, in h\nValueError: kept\n'
     for piece in ("jdiff train: error: disk", " full\n", noise[:30], noise[30:], other, noise, "last line\n"):
         s.write(piece)
