@@ -14,6 +14,7 @@ a resumed run sees exactly the batches an uninterrupted run sees.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -68,6 +69,44 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+# Shared by the tests that start `jdiff train` processes on a small toy2d run.
+WALL_CLOCK = ("wall_time", "steps_per_sec", "samples_per_sec")  # metrics fields that differ between runs
+
+
+def toy_run_settings(width: int = 16, warmup: int = 5) -> list[str]:
+    """``--set`` values of a small toy2d run (checkpoints every 10 steps, keep 2)."""
+    return [
+        f"model.mlp.width={width}",
+        "model.mlp.num_blocks=1",
+        "train.batch_size=32",
+        "data.toy_size=256",
+        "train.log_every=1",
+        "train.checkpoint_every=10",
+        "train.keep=2",
+        "train.grid_every=0",
+        "sample.num=16",
+        "sample.nfe=2",
+        f"optim.warmup_steps={warmup}",
+    ]
+
+
+def cached_env(cache) -> dict:
+    """:func:`subprocess_env` with a persistent compilation cache in ``cache`` shared by
+    the test's processes (compilation dominates a small run)."""
+    return subprocess_env(
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        JAX_PLATFORMS="cpu",
+    )
+
+
+def metrics_rows(out) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl`` without the wall-clock fields."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK} for line in f]
 
 
 def _early_env(argv):

@@ -12,7 +12,6 @@ container does not support it)."""
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -29,30 +28,8 @@ from jdiff import cli, runs
 from jdiff import train as T
 
 STEPS = 20
-SETTINGS = [
-    "model.mlp.width=64",  # a checkpoint of ~0.5 MB: over the file-size limit, unlike the logs
-    "model.mlp.num_blocks=1",
-    "train.batch_size=32",
-    "data.toy_size=256",
-    "train.log_every=1",
-    "train.checkpoint_every=10",
-    "train.keep=2",
-    "train.grid_every=0",
-    "sample.num=16",
-    "sample.nfe=2",
-    "optim.warmup_steps=2",
-]
-WALL_CLOCK = ("wall_time", "steps_per_sec", "samples_per_sec")
+SETTINGS = W.toy_run_settings(width=64, warmup=2)  # width 64: a checkpoint of ~0.5 MB, over the file-size limit
 FSIZE = 100_000  # bytes: the logs and config stay under it, a checkpoint's data file does not
-
-
-def _env(cache):
-    return W.subprocess_env(
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        JAX_PLATFORMS="cpu",
-    )
 
 
 def _train(out, env, *extra, fsize=None):
@@ -69,18 +46,13 @@ def _train(out, env, *extra, fsize=None):
     )
 
 
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK} for line in f]
-
-
 def _final_state(out):
     _, _, _, state, step = runs.load_run_state(str(out))
     return step, [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
 def _assert_same_run(out, ref):
-    assert _metrics(out) == _metrics(ref)
+    assert W.metrics_rows(out) == W.metrics_rows(ref)
     (s1, a), (s2, b) = _final_state(out), _final_state(ref)
     assert s1 == s2 == STEPS and len(a) == len(b)
     for x, y in zip(a, b):
@@ -91,7 +63,7 @@ def _assert_same_run(out, ref):
 def base(tmp_path_factory):
     """A run stopped at its checkpoint of step 10, and the same run alone to step 20."""
     root = tmp_path_factory.mktemp("failures")
-    env = _env(root / "jax_cache")
+    env = W.cached_env(root / "jax_cache")
     ref = subprocess.Popen(
         [sys.executable, "-m", "jdiff", "train", "toy2d", "--out", str(root / "ref"), "--no-progress"]
         + ["--steps", str(STEPS)]
@@ -148,12 +120,12 @@ def test_a_read_only_checkpoint_folder_fails_before_training_and_resumes_afterwa
     if shutil.which("chattr") is None or not _immutable(ckpt, True):
         pytest.skip("chattr +i is not available here (file system or container)")
     try:
-        before = _metrics(run)
+        before = W.metrics_rows(run)
         r = _train(run, env, "--resume")
         err = _err_lines(r)
         assert r.returncode == 1 and len(err) <= 3 and "Traceback" not in r.stderr, r.stderr[-3000:]
         assert f"cannot write to the checkpoint folder {ckpt}" in err[-1], err
-        assert _metrics(run) == before  # it failed before the first step
+        assert W.metrics_rows(run) == before  # it failed before the first step
     finally:
         _immutable(ckpt, False)
     # A step without orbax's _CHECKPOINT_METADATA still restores, and deleting it later

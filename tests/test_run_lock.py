@@ -5,7 +5,6 @@ with SIGKILL is free at once."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,29 +20,7 @@ from jdiff import runs
 from jdiff import train as T
 
 STEPS = 60
-SETTINGS = [
-    "model.mlp.width=16",
-    "model.mlp.num_blocks=1",
-    "train.batch_size=32",
-    "data.toy_size=256",
-    "train.log_every=1",
-    "train.checkpoint_every=10",
-    "train.keep=2",
-    "train.grid_every=0",
-    "sample.num=16",
-    "sample.nfe=2",
-    "optim.warmup_steps=5",
-]
-WALL_CLOCK = ("wall_time", "steps_per_sec", "samples_per_sec")
-
-
-def _env(cache):
-    return W.subprocess_env(
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        JAX_PLATFORMS="cpu",
-    )
+SETTINGS = W.toy_run_settings()
 
 
 def _cmd(out, steps=STEPS):
@@ -59,11 +36,6 @@ def _wait_for_holder(proc, out, timeout=240):
             return
         time.sleep(0.01)
     raise AssertionError(f"process {proc.pid} never took the lock of {out} (exit {proc.poll()})")
-
-
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK} for line in f]
 
 
 def _history(out):
@@ -93,7 +65,7 @@ def test_the_lock_excludes_a_second_holder_and_names_the_first(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_writer_refuses_at_once_and_the_first_is_a_run_alone(tmp_path):
-    env = _env(tmp_path / "jax_cache")
+    env = W.cached_env(tmp_path / "jax_cache")
     shared, alone = tmp_path / "shared", tmp_path / "alone"
     # The run alone trains alongside (its own directory; the compilation cache is shared).
     ref = subprocess.Popen(_cmd(alone), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -113,7 +85,7 @@ def test_a_second_writer_refuses_at_once_and_the_first_is_a_run_alone(tmp_path):
     assert err[0].startswith("jdiff train: error: ") and "Traceback" not in second.stderr
     assert holder_running
 
-    assert _metrics(shared) == _metrics(alone)
+    assert W.metrics_rows(shared) == W.metrics_rows(alone)
     assert _history(shared) == _history(alone)
     assert [e["event"] for e in _history(shared)] == ["started", "finished"]
     assert sorted(os.listdir(shared / "checkpoints")) == sorted(os.listdir(alone / "checkpoints")) == ["50", "60"]
@@ -125,7 +97,7 @@ def test_a_second_writer_refuses_at_once_and_the_first_is_a_run_alone(tmp_path):
 
 @pytest.mark.slow
 def test_a_lock_held_by_a_killed_process_is_free_at_once(tmp_path):
-    env = _env(tmp_path / "jax_cache")
+    env = W.cached_env(tmp_path / "jax_cache")
     out = tmp_path / "run"
     holder = subprocess.Popen(
         _cmd(out, steps=100000), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
