@@ -553,3 +553,33 @@ def test_drop_tracebacks_drops_only_the_named_error():
         s.write(piece)
     s.flush()
     assert out.getvalue() == "jdiff train: error: disk full\n" + other + "last line\n"
+
+
+def test_drop_tracebacks_keeps_each_threads_lines_apart():
+    """A traceback a background thread is printing is not ended by the main thread's
+    report line written in between (the CI failure: the report line was taken as the
+    traceback's error line and the whole block came out)."""
+    import io
+    import threading
+
+    from jdiff.cli._errors import DropTracebacks
+
+    out = io.StringIO()
+    s = DropTracebacks(out)
+    started, reported = threading.Event(), threading.Event()
+
+    def background():
+        s.write("Traceback (most recent call last):\n")
+        s.write('  File "base_events.py", line 806, in call_soon_threadsafe\n')
+        started.set()
+        reported.wait(5)
+        s.write("RuntimeError: Event loop is closed\n")
+
+    t = threading.Thread(target=background)
+    t.start()
+    started.wait(5)
+    s.write("jdiff train: error: cannot write step 20: File too large\n")
+    reported.set()
+    t.join(5)
+    s.flush()
+    assert out.getvalue() == "jdiff train: error: cannot write step 20: File too large\n"

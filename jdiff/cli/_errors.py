@@ -150,35 +150,42 @@ class DropTracebacks:
     def __init__(self, stream, errors=("RuntimeError: Event loop is closed",)):
         self._stream, self._errors = stream, tuple(errors)
         self._lock = threading.Lock()
-        self._pending = ""  # an incomplete line
-        self._block: list[str] | None = None  # the traceback being read
+        # per writing thread: the incomplete line and the traceback being read. A
+        # traceback printed by a background thread while the main thread reports the
+        # failure must not take the report's line as its own last line.
+        self._pending: dict[int, str] = {}
+        self._block: dict[int, list[str]] = {}
 
     def write(self, text: str) -> int:
+        who = threading.get_ident()
         with self._lock:
-            self._pending += text
-            *lines, self._pending = self._pending.split("\n")
+            pending = self._pending.pop(who, "") + text
+            *lines, rest = pending.split("\n")
+            if rest:
+                self._pending[who] = rest
             for line in lines:
-                self._line(line + "\n")
+                self._line(who, line + "\n")
         return len(text)
 
-    def _line(self, line: str) -> None:
-        if self._block is None:
+    def _line(self, who: int, line: str) -> None:
+        block = self._block.get(who)
+        if block is None:
             if line.startswith("Traceback (most recent call last):"):
-                self._block = [line]
+                self._block[who] = [line]
             else:
                 self._stream.write(line)
             return
-        self._block.append(line)
+        block.append(line)
         if line[:1] not in (" ", "\t"):  # the error line ends the traceback
-            block, self._block = self._block, None
+            del self._block[who]
             if line.strip() not in self._errors:
                 self._stream.write("".join(block))
 
     def flush(self) -> None:
+        who = threading.get_ident()
         with self._lock:
-            if self._block is None and self._pending:
-                self._stream.write(self._pending)
-                self._pending = ""
+            if who not in self._block and who in self._pending:
+                self._stream.write(self._pending.pop(who))
         self._stream.flush()
 
     def __getattr__(self, name):
