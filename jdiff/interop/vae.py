@@ -434,7 +434,7 @@ class AutoencoderKL(nnx.Module):
         x = jnp.asarray(x)
         if x.ndim != 4 or x.shape[-1] != channels:
             raise ValueError(f"AutoencoderKL.{what} expects NHWC arrays (B, H, W, {channels}), got shape {x.shape}")
-        return x.astype(self.dtype) if self.dtype is not None else x
+        return x.astype(self.dtype or jnp.float32)
 
     def encode(self, x):
         """The diagonal Gaussian posterior ``q(z | x)`` of images ``x``.
