@@ -11,6 +11,7 @@ rows, which the sharding test does under 4 fake devices.
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import subprocess
 import sys
@@ -26,13 +27,15 @@ from PIL import Image
 
 import jdiff
 from jdiff import bench_model as BM
+from jdiff import cli
 from jdiff.bench import BenchSettings
+from jdiff.cli import bench as bench_cli
 from jdiff.metrics import frechet_distance, gaussian_stats, save_stats
 from jdiff.sweep import plan_cells
 
 LATENT = (4, 4, 2)
 IMAGE = (8, 8, 3)
-NUM = 12  # samples per cell: more than the 6 feature dimensions
+NUM = 10  # samples per cell: more than the 6 feature dimensions; the 4-device batch is padded
 SOLVERS = ("ddim", "dpm++2m")
 NFES = (3, 6)
 
@@ -58,6 +61,7 @@ class TinyFeatures:
         return np.tanh(x.reshape(len(x), -1) @ self.proj)
 
 
+@functools.cache  # one model: its compiled sampling programs serve every test
 def tiny_model(num_classes: int | None = None):
     """The tiny latent model, with the attributes ``jdiff.interop.load_diffusers`` gives:
     the exact denoiser of latents ``N(m, diag(s^2))`` (plus a class offset)."""
@@ -92,7 +96,7 @@ def sharded_run(out: str) -> dict:
     feats = TinyFeatures()
     ref = (np.zeros(TinyFeatures.dim), np.eye(TinyFeatures.dim))
     m = tiny_model()
-    s = settings(solvers=("dpm++2m",), num=10)  # 10: the last device batch is padded
+    s = settings(solvers=("dpm++2m",))
     res = BM.model_sweep(m.denoiser, m.shape, out, ref, s, decode=m.decode, features=feats, quantize=False)
     return dict(devices=jax.device_count(), images=np.stack(feats.seen), fd=[r["fd_tiny"] for r in res.rows])
 
@@ -206,10 +210,81 @@ def test_sharding_over_four_devices_gives_the_same_samples(tmp_path):
     four = np.load(tmp_path / "four" / "run.npz")
     one = sharded_run(str(tmp_path / "one"))
     assert int(four["devices"]) == 4 and one["devices"] != 4
-    assert one["images"].shape == (2, 10, *IMAGE)
+    assert one["images"].shape == (2, NUM, *IMAGE)
     # float32 rounding of a few operations per step (6 steps), the decoder's 32-term sums
     np.testing.assert_allclose(four["images"], one["images"], rtol=0, atol=256 * EPS32)
     np.testing.assert_allclose(four["fd"], one["fd"], rtol=1e-4)
+
+
+def run_cli(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch, tmp_path):
+    """``jdiff bench --model`` with the tiny model as what the folder loads and the tiny
+    feature network as the InceptionV3 its weights give."""
+    model_dir, weights = tmp_path / "model", tmp_path / "weights.pth"
+    model_dir.mkdir()
+    weights.write_bytes(b"")
+    loaded = []
+    monkeypatch.setattr(BM, "load_model", lambda path: loaded.append(path) or tiny_model())
+    monkeypatch.setattr(BM, "inception_extractor", lambda w: TinyFeatures())
+    monkeypatch.setattr(bench_cli, "INCEPTION_DIM", TinyFeatures.dim)
+    return ["bench", "--model", model_dir, "--inception", weights, "--no-progress"], loaded
+
+
+def test_cli_model_sweep(tiny_cli, sweep, ref_folder, tmp_path, capsys):
+    base, loaded = tiny_cli
+    argv = base + ["--reference", ref_folder, "--solvers", "dpm++2m", "--nfe", "3,6", "--samples", NUM]
+    code, out, err = run_cli(argv + ["--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("dpm++2m nfe 3: fd_tiny ") and lines[1].startswith("dpm++2m nfe 6: fd_tiny ")
+    assert lines[2].startswith("model sweep: 2 cells in ") and lines[2].endswith(f"{tmp_path / 'o'}/results.md")
+    assert loaded == [str(base[2])]
+    with open(tmp_path / "o" / "results.csv") as f:
+        got = {(r["solver"], int(r["nfe"])): float(r["fd_tiny"]) for r in csv.DictReader(f)}
+    want = fd_of(sweep.rows)
+    assert got == {k: want[k] for k in got}  # the library's numbers (csv keeps every digit)
+    # guidance on an unconditional model: one line, before any sampling
+    code, out, err = run_cli(argv + ["--guidance", "2", "--out", tmp_path / "g"], capsys)
+    assert (code, out) == (2, "")
+    assert err == "jdiff bench: error: guidance 2.0 needs a class-conditional model; this one has no classes\n"
+    assert not os.path.exists(tmp_path / "g")
+
+
+@pytest.mark.parametrize(
+    "extra, msg",
+    [
+        (["--reference", "REF", "--samples", "6"], "--samples: a Frechet distance on 6-dimensional features"),
+        (["--samples", "12"], "--model needs --reference"),
+        (["--reference", "/nonexistent", "--samples", "12"], "--reference: not found: /nonexistent"),
+        (["--reference", "BAD", "--samples", "12"], "lacks key(s) ['mu', 'sigma']"),
+        (["--reference", "REF", "--samples", "12", "--run", "r"], "--model excludes --run"),
+        (["--reference", "REF", "--samples", "12", "--grid-kind", "nope"], "--grid-kind: unknown kind 'nope'"),
+    ],
+)
+def test_cli_model_refuses_bad_input_before_loading(tiny_cli, ref_npz, extra, msg, tmp_path, capsys):
+    base, loaded = tiny_cli
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, mean=np.zeros(6))
+    extra = [{"REF": ref_npz, "BAD": bad}.get(a, a) for a in extra]
+    code, out, err = run_cli(base + extra + ["--out", tmp_path / "o"], capsys)
+    assert code == 2 and msg in err and err.count("\n") == 1, err
+    assert loaded == [] and not os.path.exists(tmp_path / "o")
+
+
+def test_cli_model_options(tmp_path, capsys):
+    for argv, msg in [
+        (["--model", tmp_path / "none"], "--model: model folder not found"),
+        (["--model", tmp_path, "--reference", tmp_path], "--model needs --inception"),
+        (["--reference", tmp_path], "--reference applies to --model"),
+    ]:
+        code, out, err = run_cli(["bench", *argv, "--out", tmp_path / "o"], capsys)
+        assert code == 2 and msg in err, err
 
 
 if __name__ == "__main__":  # the sharding test's worker: python tests/test_bench_model.py OUT
