@@ -11,6 +11,7 @@ rows, which the sharding test does under 4 fake devices.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import os
 import subprocess
@@ -214,6 +215,27 @@ def test_sharding_over_four_devices_gives_the_same_samples(tmp_path):
     # float32 rounding of a few operations per step (6 steps), the decoder's 32-term sums
     np.testing.assert_allclose(four["images"], one["images"], rtol=0, atol=256 * EPS32)
     np.testing.assert_allclose(four["fd"], one["fd"], rtol=1e-4)
+
+
+def test_guidance_and_the_models_own_grid(ref_npz, tmp_path):
+    m = tiny_model(num_classes=3)
+    asked = []
+
+    def grid(steps):  # the model's scheduler grid: uniform in t here
+        asked.append(steps)
+        return jdiff.time_grid(m.denoiser.process, steps, kind="uniform")
+
+    model = SimpleNamespace(**vars(m), grid=grid)
+    s = settings(solvers=("ddim",), nfes=(3,), guidance=2.0, grid_kind="model")
+    (row,) = BM.model_bench(model, str(tmp_path / "g"), ref_npz, s, features=TinyFeatures()).rows
+    assert asked == [3] and row["nfe_used"] == 6 and row["fd_tiny"] > 0  # two network calls per evaluation
+    s = dataclasses.replace(s, guidance=1.0)
+    (plain,) = BM.model_bench(model, str(tmp_path / "p"), ref_npz, s, features=TinyFeatures()).rows
+    assert plain["nfe_used"] == 3 and plain["fd_tiny"] != row["fd_tiny"]
+    with pytest.raises(ValueError, match="grid for 3 steps must be 4 finite times, got shape"):
+        plan_cells(["ddim"], [3], m.denoiser.process, grid_fn=lambda n: np.linspace(1, 0, n))
+    with pytest.raises(ValueError, match="grid kind 'model' needs the model's own grid"):
+        BM.model_sweep(m.denoiser, LATENT, str(tmp_path / "x"), ref_npz, s, features=TinyFeatures())
 
 
 def run_cli(argv, capsys):
