@@ -300,10 +300,13 @@ def test_cli_model_refuses_bad_input_before_loading(tiny_cli, ref_npz, extra, ms
 
 
 def test_cli_model_options(tmp_path, capsys):
+    bad = tmp_path / "weights.pth"  # unreadable weights: refused before the model is loaded
+    bad.write_text("not weights")
     for argv, msg in [
         (["--model", tmp_path / "none"], "--model: model folder not found"),
         (["--model", tmp_path, "--reference", tmp_path], "--model needs --inception"),
         (["--reference", tmp_path], "--reference applies to --model"),
+        (["--model", tmp_path, "--reference", tmp_path, "--inception", bad, "--samples", 2049], "not a torch.save"),
     ]:
         code, out, err = run_cli(["bench", *argv, "--out", tmp_path / "o"], capsys)
         assert code == 2 and msg in err, err
