@@ -51,14 +51,23 @@ HIGHER_IS_BETTER = frozenset({"accuracy"})
 SETTINGS = "sweep.json"
 
 
-def plan_cells(solver_names: Sequence[str], nfes: Sequence[int], process, *, grid_kind: str = "default"):
+def plan_cells(
+    solver_names: Sequence[str],
+    nfes: Sequence[int],
+    process,
+    *,
+    grid_kind: str = "default",
+    grid_fn: Callable[[int], np.ndarray] | None = None,
+):
     """Resolve solver names and check every cell before anything runs.
 
     Returns ``(solvers, cells, skipped)``: the solver values by name, the runnable
-    ``(name, nfe, grid)`` cells (the grid of ``solver.num_steps(nfe)`` intervals), and
-    ``(name, nfe, reason)`` for cells a solver cannot run (too few evaluations for its
-    order). Raises ``ValueError`` for an unknown solver
-    name or an NFE that is not a positive int.
+    ``(name, nfe, grid)`` cells (the grid of ``solver.num_steps(nfe)`` intervals:
+    ``time_grid(process, steps, kind=grid_kind)``, or ``grid_fn(steps)`` when given, e.g.
+    a pretrained model's own scheduler grid), and ``(name, nfe, reason)`` for cells a
+    solver cannot run (too few evaluations for its order). Raises ``ValueError`` for an
+    unknown solver name, an NFE that is not a positive int, or a ``grid_fn`` grid that is
+    not ``steps + 1`` finite times.
     """
     if not solver_names:
         raise ValueError("give at least one solver")
@@ -83,12 +92,27 @@ def plan_cells(solver_names: Sequence[str], nfes: Sequence[int], process, *, gri
                 if steps < solver.min_steps:
                     raise ValueError(f"needs at least {solver.min_steps} steps")
                 if steps not in grids:  # one grid per length, shared by the solvers
-                    grids[steps] = np.asarray(time_grid(process, steps, kind=grid_kind))
+                    grids[steps] = _grid(process, steps, grid_kind, grid_fn)
+            except _GridError as e:
+                raise ValueError(str(e)) from None
             except ValueError as e:
                 skipped.append((name, int(nfe), str(e).split(";")[0]))
                 continue
             cells.append((name, int(nfe), grids[steps]))
     return solvers, cells, skipped
+
+
+class _GridError(Exception):
+    """A ``grid_fn`` that breaks its contract: an error of the caller, not a skipped cell."""
+
+
+def _grid(process, steps: int, grid_kind: str, grid_fn) -> np.ndarray:
+    if grid_fn is None:
+        return np.asarray(time_grid(process, steps, kind=grid_kind))
+    grid = np.asarray(grid_fn(steps), np.float32)
+    if grid.shape != (steps + 1,) or not np.all(np.isfinite(grid)):
+        raise _GridError(f"the model's grid for {steps} steps must be {steps + 1} finite times, got shape {grid.shape}")
+    return grid
 
 
 def read_cells(out_dir: str) -> list[dict]:
@@ -154,6 +178,8 @@ def nfe_sweep(
     headline: str | None = None,
     notes: Sequence[str] = (),
     tables: Sequence[tuple[str, str, str]] = (),
+    grid_fn: Callable[[int], np.ndarray] | None = None,
+    on_cell: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Score ``num`` samples of ``denoiser`` for every (solver, NFE) cell.
 
@@ -179,6 +205,10 @@ def nfe_sweep(
         target's numbers with ``same_as`` naming the target.
       title, headline, notes, tables: the layout of ``results.md`` and ``fd_vs_nfe.png``
         (:func:`write_results`), written once when the sweep ends.
+      grid_fn: ``steps -> grid`` of ``steps + 1`` decreasing times, used instead of
+        ``grid_kind`` (:func:`plan_cells`; name it in ``settings`` and ``grid_kind``).
+      on_cell: called with each newly computed row as soon as it is recorded (progress
+        lines in logs, where a progress bar is not kept).
 
     Returns:
       One dict per cell: ``solver``, ``nfe`` (requested), ``nfe_used``, ``seconds``, the
@@ -190,7 +220,7 @@ def nfe_sweep(
     """
     if not isinstance(num, (int, np.integer)) or num < 1:
         raise ValueError(f"num must be a positive int, got {num!r}")
-    solver_values, cells, skipped = plan_cells(solvers, nfes, denoiser.process, grid_kind=grid_kind)
+    solver_values, cells, skipped = plan_cells(solvers, nfes, denoiser.process, grid_kind=grid_kind, grid_fn=grid_fn)
     alias = {n: IDENTICAL[n] for n in solvers if share_identical and IDENTICAL.get(n) in solver_values}
     copies = [c for c in cells if c[0] in alias]
     cells = [c for c in cells if c[0] not in alias]
@@ -238,6 +268,8 @@ def nfe_sweep(
             rows.append(row)
             if out_dir is not None:
                 _append_cell(out_dir, row)
+            if on_cell is not None:
+                on_cell(row)
             bar.update(1)
     bar.close()
     found = {(r["solver"], r["nfe"]): r for r in rows}
