@@ -8,5 +8,14 @@ becomes a jdiff process, parameterization and default grid.
 """
 
 from jdiff.interop._convert import UnsupportedModelError, WeightError, Weights
+from jdiff.interop._scheduler import SCHEDULERS, Scheduler, Thresholding, scheduler_from_config
 
-__all__ = ["UnsupportedModelError", "WeightError", "Weights"]
+__all__ = [
+    "UnsupportedModelError",
+    "WeightError",
+    "Weights",
+    "SCHEDULERS",
+    "Scheduler",
+    "Thresholding",
+    "scheduler_from_config",
+]
