@@ -46,9 +46,7 @@ class ModelSamples:
 def _labels(model: DiffusersModel, num: int, class_label: int | None, guidance: float):
     if not model.num_classes:
         if class_label is not None or guidance != 1.0:
-            raise ValueError(
-                f"{model.class_name} at {model.path} is unconditional: class labels and guidance do not apply"
-            )
+            raise ValueError(f"{model.path}: the model is unconditional; class labels and guidance do not apply")
         return None
     if class_label is not None and not 0 <= class_label < model.num_classes:
         raise ValueError(f"the class label must be in [0, {model.num_classes}), got {class_label}")
