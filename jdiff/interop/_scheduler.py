@@ -247,8 +247,10 @@ def _solver(name: str, cfg: dict) -> str:
         return "ddpm"
     if name == "PNDMScheduler":
         return "ipndm4"  # pseudo linear multistep: the fourth-order Adams-Bashforth update
+    if name == "EulerDiscreteScheduler":
+        return "euler-rho"  # Euler in sigma / alpha on x / alpha: diffusers' Euler step (DDIM in exact arithmetic)
     if name != "DPMSolverMultistepScheduler":
-        return "ddim"  # Euler in diffusers' sigma = sqrt(1 - a) / sqrt(a) is DDIM exactly
+        return "ddim"
     order = int(cfg.get("solver_order", 2))
     algorithm = cfg.get("algorithm_type", "dpmsolver++")
     if algorithm == "sde-dpmsolver++" and order in (1, 2):
