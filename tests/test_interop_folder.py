@@ -91,6 +91,11 @@ def stand_ins(monkeypatch):
     monkeypatch.setitem(ARCHITECTURES, "AutoencoderKL", TinyVAE)
 
 
+# one compiled program per denoiser structure instead of one per eager operation
+_call = jax.jit(lambda den, x, t, c=None: den(x, t, c))
+_raw = jax.jit(lambda den, x, t, c=None: den.raw(x, t, c))
+
+
 def _write(folder, config=None, state=None, scheduler=None, name="diffusion_pytorch_model.safetensors"):
     os.makedirs(folder, exist_ok=True)
     if config is not None:
@@ -183,13 +188,13 @@ def test_pipeline_folder(ddpm_folder):
     np.testing.assert_array_equal(m.grid(10), m.scheduler.grid(10))
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
     t = jnp.asarray([0.5, 0.802], jnp.float32)
-    np.testing.assert_allclose(den.raw(x, t), _expected(state, x, np.asarray(1000 * t - 1)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_raw(den, x, t), _expected(state, x, np.asarray(1000 * t - 1)), rtol=1e-5, atol=1e-5)
     # params is an explicit pytree: a gradient reaches the weights
     g = jax.grad(lambda p: jnp.sum(den.replace(params=p).raw(x, t)))(den.params)
     assert sum(float(jnp.abs(v).sum()) for v in jax.tree.leaves(g)) > 0
     # DDPM clips x0 to [-1, 1] by default: the sampling denoiser does, the bare one does not
-    assert float(jnp.abs(den(x * 50, t).x0).max()) > 1.0
-    assert float(jnp.abs(m.sampling_denoiser()(x * 50, t).x0).max()) <= 1.0
+    assert float(jnp.abs(_call(den, x * 50, t).x0).max()) > 1.0
+    assert float(jnp.abs(_call(m.sampling_denoiser(), x * 50, t).x0).max()) <= 1.0
     np.testing.assert_array_equal(m.decode(x), x)
     with pytest.raises(ValueError, match="UNet2DModel has no null class: classifier-free guidance needs"):
         m.sampling_denoiser(2.0)
@@ -205,18 +210,23 @@ def test_dit_pipeline_with_vae(dit_folder):
     labels = np.array([0, 3, 1], np.int32)
     t = jnp.float32(0.3)
     full = _expected(state, x, np.full(3, 299.0), labels)
-    np.testing.assert_allclose(m.denoiser.raw(x, t, labels), full[..., :2], rtol=1e-5, atol=1e-5)  # sigma split off
+    np.testing.assert_allclose(_raw(m.denoiser, x, t, labels), full[..., :2], rtol=1e-5, atol=1e-5)  # sigma split off
     with pytest.raises(ValueError, match="class-conditional: pass cond= class labels"):
-        m.denoiser.raw(x, t)
+        _raw(m.denoiser, x, t)
     # classifier-free guidance against the null class (label 4), on eps
     w = 3.0
     null = _expected(state, x, np.full(3, 299.0), np.full(3, 4))[..., :2]
     eps = null + w * (full[..., :2] - null)
-    np.testing.assert_allclose(m.sampling_denoiser(w)(x, t, labels).eps, eps, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_call(m.sampling_denoiser(w), x, t, labels).eps, eps, rtol=1e-4, atol=1e-4)
     # the VAE: latents of 4x4x2 <-> images of 8x8x3, with its scaling factor
     z = np.asarray(m.decode(x))
     np.testing.assert_allclose(z, ((x / 0.5) @ vae["unproj"]).repeat(2, 1).repeat(2, 2), rtol=1e-5, atol=1e-5)
     assert m.encode(z).shape == (3, 4, 4, 2)
+    # jdiff's grids on the same process, ending where the scheduler ends (the data)
+    sol = jdiff.solvers.get("dpm++2m")
+    np.testing.assert_array_equal(
+        m.grid(6, sol, kind="logsnr"), jdiff.time_grid(m.process, nfe=6, solver=sol, kind="logsnr", final="data")
+    )
     # every jdiff solver works on it unchanged
     sol = jdiff.solvers.get("dpm++2m")
     out = jdiff.sample(sol, m.sampling_denoiser(2.0), jnp.ones((3, 4, 4, 2)), m.grid(4, sol), cond=labels)
@@ -336,6 +346,7 @@ def test_sample_model_and_cli(dit_folder, ddpm_folder, tmp_path, capsys):
 
     png = tmp_path / "out" / "dit.png"
     argv = ["sample", "--model", path, "--solver", "ddim", "--nfe", 3, "--num", 3, "--guidance", 2]
+    argv += ["--grid-kind", "default"]
     code = cli.main([str(a) for a in argv + ["--class-label", 2, "--out", png]])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -348,6 +359,7 @@ def test_sample_model_and_cli(dit_folder, ddpm_folder, tmp_path, capsys):
     for argv, msg in [
         (["--model", path, "--ema"], "--ema/--no-ema applies to --run; a --model folder has no run settings"),
         (["--model", "/nonexistent/m"], "--model /nonexistent/m: no such folder"),
+        (["--model", path, "--grid-kind", "cosine"], "unknown --grid-kind 'cosine'; valid kinds: default, uniform"),
         (["--model", path, "--run", path], "give --run DIR or --model PATH, not both"),
         ([], "give --run DIR (a run of 'jdiff train') or --model PATH (a diffusers-format folder)"),
         (["--model", ddpm_folder[0], "--label", 1, "--out", tmp_path / "u.png"], "the model is unconditional"),

@@ -1,6 +1,7 @@
 """``jdiff sample --model PATH``: sample a diffusers-format model
 (:func:`jdiff.interop.sample_model`). The options shared with ``--run`` keep their
-meaning; the run-only ones (``--ema``, ``--step``, ``--grid-kind``) are refused."""
+meaning (``--grid-kind`` default: the scheduler's timesteps); the run-only ones
+(``--ema``, ``--step``) are refused."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import dataclasses
 import os
 import re
 
+from jdiff._grid import GRID_KINDS
 from jdiff.cli._args import check_output
 from jdiff.cli._common import CLIError, positive
 
-_RUN_ONLY = {"ema": "--ema/--no-ema", "step": "--step", "grid_kind": "--grid-kind"}
+_RUN_ONLY = {"ema": "--ema/--no-ema", "step": "--step"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,13 +29,15 @@ class ModelRequest:
     guidance: float
     label: int | None
     batch_size: int
+    grid_kind: str
     out: str
 
 
 def _default_out(args) -> str:
     name = re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(args.model))) or "model"
     parts = [name, args.solver or "default"] + ([f"o{args.order}"] if args.order else [])
-    parts += [f"nfe{args.nfe}" if args.nfe else "nfe-default", f"n{args.num or 16}", f"seed{args.seed or 0}"]
+    parts += [f"nfe{args.nfe}" if args.nfe else "nfe-default"] + ([args.grid_kind] if args.grid_kind else [])
+    parts += [f"n{args.num or 16}", f"seed{args.seed or 0}"]
     parts += [f"label{args.label}"] if args.label is not None else []
     parts += [f"w{args.guidance:g}"] if args.guidance not in (None, 1.0) else []
     return os.path.join("samples", "_".join(parts) + ".png")
@@ -52,6 +56,8 @@ def resolve(args, outputs) -> ModelRequest:
     positive(args.batch_size, "--batch-size", 0)
     positive(args.order, "--order", 0)
     positive(args.seed, "--seed", 0)
+    if args.grid_kind not in (None, "default", *GRID_KINDS):
+        raise CLIError(f"unknown --grid-kind {args.grid_kind!r}; valid kinds: default, {', '.join(GRID_KINDS)}")
     if args.order and not args.solver:
         raise CLIError("--order needs --solver (the model's default solver has its own order)")
     out = args.out or _default_out(args)
@@ -69,6 +75,7 @@ def resolve(args, outputs) -> ModelRequest:
         guidance=1.0 if args.guidance is None else args.guidance,
         label=args.label,
         batch_size=args.batch_size,
+        grid_kind=args.grid_kind or "default",
         out=out,
     )
 
@@ -86,6 +93,7 @@ def run(r: ModelRequest) -> int:
         guidance=r.guidance,
         class_label=r.label,
         batch_size=r.batch_size,
+        grid_kind=r.grid_kind,
         out=r.out,
     )
     guided = f", guidance {s.guidance:g}" if s.labels is not None else ""

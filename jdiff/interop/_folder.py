@@ -39,6 +39,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
+from jdiff._grid import time_grid
 from jdiff._param import Denoiser
 from jdiff.features._torch_load import load_torch_state_dict
 from jdiff.interop._convert import UnsupportedModelError, Weights
@@ -230,16 +231,28 @@ class DiffusersModel:
         """The registry name of the jdiff solver closest to the scheduler's update."""
         return self.scheduler.solver
 
-    def grid(self, nfe: int | None = None, solver=None):
-        """The scheduler's default grid (:meth:`jdiff.interop.Scheduler.grid`): the
-        timesteps diffusers' ``set_timesteps`` gives, then the final point. ``nfe``
-        (default :attr:`default_steps`) is the number of steps, or, with ``solver``, the
-        model evaluations the solver spends (``solver.num_steps(nfe, ...)`` steps)."""
+    def grid(self, nfe: int | None = None, solver=None, kind: str = "default"):
+        """The default grid: the scheduler's (:meth:`jdiff.interop.Scheduler.grid`), the
+        timesteps diffusers' ``set_timesteps`` gives, then the final point; or, with
+        ``kind`` one of :data:`jdiff.GRID_KINDS`, jdiff's grid of that spacing on the same
+        process, ending where the scheduler ends (:func:`jdiff.time_grid`).
+
+        Arguments:
+          nfe: the number of steps (default :attr:`default_steps`), or, with ``solver``,
+            the model evaluations the solver spends (``solver.num_steps(nfe, ...)`` steps).
+          solver: a jdiff solver (or None).
+          kind: ``"default"`` (the scheduler's timesteps) or a jdiff grid kind.
+        """
         nfe = self.default_steps if nfe is None else nfe
+        final = self.scheduler.final
+        if kind != "default":
+            if solver is None:
+                return time_grid(self.process, int(nfe), kind=kind, final=final)
+            return time_grid(self.process, kind=kind, nfe=int(nfe), solver=solver, final=final)
         steps = nfe
         if solver is not None:
             from_noise = float(self.process.alpha(jnp.float32(1.0))) == 0.0
-            steps = solver.num_steps(int(nfe), self.scheduler.final == "data", from_noise)
+            steps = solver.num_steps(int(nfe), final == "data", from_noise)
         return self.scheduler.grid(steps)
 
     def sampling_denoiser(self, guidance: float = 1.0, **guidance_options):

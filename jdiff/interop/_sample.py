@@ -66,6 +66,7 @@ def sample_model(
     guidance: float = 1.0,
     class_label: int | None = None,
     batch_size: int = 0,
+    grid_kind: str = "default",
     out: str | None = None,
 ) -> ModelSamples:
     """Sample a diffusers-format model with a jdiff solver on the scheduler's default grid.
@@ -81,6 +82,8 @@ def sample_model(
       class_label: the class of every sample (default: cycle through the classes).
       batch_size: samples per device program (0: all at once); the VAE decodes in the
         same chunks.
+      grid_kind: ``"default"`` (the scheduler's timesteps) or a jdiff grid kind
+        (:data:`jdiff.GRID_KINDS`) on the same process (:meth:`DiffusersModel.grid`).
       out: an image file (``.png``/``.jpg``) for the grid of samples; an ``.npz`` with
         images, latents, labels and the settings is written beside it.
 
@@ -96,11 +99,12 @@ def sample_model(
         num=num,
         guidance=guidance,
         seed=seed,
+        grid_kind=grid_kind,
     )
     sol = settings.make_solver()
     labels = _labels(model, settings.num, class_label, settings.guidance)
     den = model.sampling_denoiser(settings.guidance)
-    grid = model.grid(settings.nfe, sol)
+    grid = model.grid(settings.nfe, sol, settings.grid_kind)
     t0 = time.perf_counter()
     x, spent = generate(
         sol,
