@@ -298,7 +298,16 @@ def test_layout_errors_are_one_line(tmp_path, ddpm_folder):
         {"proj": np.zeros((3, 2), np.float32), "unproj": np.zeros((2, 3), np.float32)},
         os.path.join(vae, "diffusion_pytorch_model.safetensors"),
     )
-    assert "AutoencoderKL is not a denoiser; supported denoisers: UNet2DModel" in message(vae, UnsupportedModelError)
+    assert message(vae, UnsupportedModelError) == (
+        f"{vae}/config.json: AutoencoderKL is not a denoiser; supported: UNet2DModel, DiTTransformer2DModel "
+        "(a VAE is read from a pipeline's vae/ folder)"
+    )
+    garbage = _write(tmp_path / "garbage", cfg, scheduler="ddpm_linear")
+    with open(os.path.join(garbage, "diffusion_pytorch_model.safetensors"), "wb") as f:
+        f.write(b"not safetensors")
+    assert message(garbage, ValueError).startswith(
+        f"{garbage}/diffusion_pytorch_model.safetensors: not a readable safetensors file ("
+    )
     # a mis-shaped weight names the key and both shapes (jdiff.interop.Weights)
     bad = _write(tmp_path / "bad", cfg, {**_net_state(3, 3), "time_scale": np.zeros(4, np.float32)}, "ddpm_linear")
     assert message(bad, WeightError).endswith(
@@ -367,3 +376,18 @@ def test_sample_model_and_cli(dit_folder, ddpm_folder, tmp_path, capsys):
         code = cli.main(["sample", *[str(a) for a in argv]])
         _, err = capsys.readouterr()
         assert code == 2 and msg in err and err.count("\n") == 1, (argv, err)
+
+
+def test_register_architecture(tmp_path, monkeypatch):
+    import jdiff.interop._folder as F
+
+    monkeypatch.setattr(F, "ARCHITECTURES", dict(F.ARCHITECTURES))
+    monkeypatch.setattr(F, "ROLES", dict(F.ROLES))
+    cfg = {"_class_name": "MyNet", "sample_size": 4, "in_channels": 3}
+    folder = _write(tmp_path / "my", cfg, _net_state(3, 3), "ddpm_linear")
+    with pytest.raises(UnsupportedModelError, match="model class 'MyNet' is not supported"):
+        load_diffusers(folder)
+    jdiff.interop.register_architecture("MyNet", TinyNet)
+    assert load_diffusers(folder).class_name == "MyNet"
+    with pytest.raises(ValueError, match="role must be 'denoiser' or 'vae', got 'unet'"):
+        jdiff.interop.register_architecture("MyNet", TinyNet, role="unet")

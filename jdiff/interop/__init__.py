@@ -22,6 +22,7 @@ Example::
 from jdiff.interop._convert import UnsupportedModelError, WeightError, Weights
 from jdiff.interop._folder import (
     ARCHITECTURES,
+    ROLES,
     DiffusersModel,
     ModelFolderError,
     load_diffusers,
@@ -39,6 +40,7 @@ __all__ = [
     "Thresholding",
     "scheduler_from_config",
     "ARCHITECTURES",
+    "ROLES",
     "DiffusersModel",
     "ModelFolderError",
     "load_diffusers",

@@ -48,6 +48,7 @@ from jdiff.wrappers import guidance as cfg_guidance
 
 __all__ = [
     "ARCHITECTURES",
+    "ROLES",
     "DiffusersModel",
     "ModelFolderError",
     "load_diffusers",
@@ -60,8 +61,8 @@ ARCHITECTURES: dict[str, str | Callable] = {
     "DiTTransformer2DModel": "jdiff.interop.dit",
     "AutoencoderKL": "jdiff.interop.vae",
 }
-_DENOISERS = ("UNet2DModel", "DiTTransformer2DModel")
-_VAES = ("AutoencoderKL",)
+# class name -> its role in a pipeline: "denoiser" (unet/, transformer/) or "vae" (vae/)
+ROLES = {"UNet2DModel": "denoiser", "DiTTransformer2DModel": "denoiser", "AutoencoderKL": "vae"}
 # diffusers' own renaming of an older class name by a config key (models/model_loading_utils.py)
 _RENAMED = {("Transformer2DModel", "ada_norm_zero"): "DiTTransformer2DModel"}
 # the pipelines' default number of inference steps (their __call__ signatures)
@@ -87,11 +88,22 @@ class ModelFolderError(ValueError):
     layout is expected)."""
 
 
-def register_architecture(class_name: str, builder: str | Callable) -> None:
-    """Let :func:`load_diffusers` build ``class_name`` with ``builder``: a module path
-    whose ``from_diffusers(config, weights)`` returns the NNX module, or such a callable
-    itself (it must call ``weights.finish()``)."""
+def register_architecture(class_name: str, builder: str | Callable, role: str = "denoiser") -> None:
+    """Let :func:`load_diffusers` build ``class_name`` with ``builder``.
+
+    Arguments:
+      class_name: the ``_class_name`` of the model's ``config.json``.
+      builder: a module path whose ``from_diffusers(config, weights)`` returns the NNX
+        module, or such a callable itself (it must call ``weights.finish()``). A
+        denoiser is called ``module(x, timesteps, class_labels)`` (NHWC; labels only for
+        class-conditional models); a VAE has ``to_latent(images, key=None)`` and
+        ``from_latent(z)``.
+      role: ``"denoiser"`` or ``"vae"``.
+    """
+    if role not in ("denoiser", "vae"):
+        raise ValueError(f"role must be 'denoiser' or 'vae', got {role!r}")
     ARCHITECTURES[class_name] = builder
+    ROLES[class_name] = role
 
 
 def _read_json(path: str) -> dict:
@@ -140,13 +152,19 @@ def _read_state(path: str) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _build(folder: str, dtype, where: str | None = None):
-    """``(class name, config, NNX module, config path)`` of the model in ``folder``."""
+def _build(folder: str, dtype, role: str):
+    """``(class name, config, NNX module, config path)`` of the model in ``folder``,
+    whose class must be one of the ``role``'s (``"denoiser"`` or ``"vae"``), checked
+    before the weights are read."""
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
-        raise ModelFolderError(f"{where or folder}: no config.json; expected {LAYOUT}")
+        raise ModelFolderError(f"{folder}: no config.json; expected {LAYOUT}")
     config = _read_json(cfg_path)
     name = _class_name(config, cfg_path)
+    allowed = [k for k, v in ROLES.items() if v == role]
+    if name not in allowed:
+        extra = " (a VAE is read from a pipeline's vae/ folder)" if role == "denoiser" else ""
+        raise UnsupportedModelError(f"{cfg_path}: {name} is not a {role}; supported: {', '.join(allowed)}{extra}")
     wpath = _weights_file(folder)
     weights = Weights(_read_state(wpath), source=wpath, dtype=dtype)
     builder = ARCHITECTURES[name]
@@ -384,24 +402,17 @@ def load_diffusers(path: str, *, dtype=jnp.float32) -> DiffusersModel:
                 f"{index}: pipeline {pipeline!r} has no unet or transformer (it has: {parts}); "
                 "supported: a pipeline whose denoiser is a UNet2DModel or DiTTransformer2DModel"
             )
-        name, config, net, cfg_path = _build(os.path.join(folder, part), dtype, where=os.path.join(folder, part))
+        name, config, net, cfg_path = _build(os.path.join(folder, part), dtype, "denoiser")
         sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
         if not os.path.isfile(sched_path):
             raise ModelFolderError(f"{folder}: no scheduler/scheduler_config.json; expected {LAYOUT}")
         if "vae" in spec and spec["vae"] and spec["vae"][0] is not None:
-            vname, _, vae, _ = _build(os.path.join(folder, "vae"), dtype)
-            if vname not in _VAES:
-                raise UnsupportedModelError(f"{folder}/vae: {vname} is not a VAE; supported: {', '.join(_VAES)}")
+            vae = _build(os.path.join(folder, "vae"), dtype, "vae")[2]
     elif os.path.isfile(os.path.join(folder, "config.json")):
-        name, config, net, cfg_path = _build(folder, dtype)
+        name, config, net, cfg_path = _build(folder, dtype, "denoiser")
         sched_path = _scheduler_config(folder)
     else:
         raise ModelFolderError(f"{folder}: neither model_index.json nor config.json; expected {LAYOUT}")
-    if name not in _DENOISERS:
-        raise UnsupportedModelError(
-            f"{folder}: {name} is not a denoiser; supported denoisers: {', '.join(_DENOISERS)} "
-            "(a VAE is read from a pipeline's vae/ folder)"
-        )
     scheduler = scheduler_from_config(_read_json(sched_path), sched_path)
     num_classes, null_class = _classes(name, config)
     graphdef, params = nnx.split(net)
