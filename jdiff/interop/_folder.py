@@ -211,7 +211,7 @@ def _vae_call(graphdef, method: str, params, x, key):
     return vae.from_latent(x) if method == "from_latent" else vae.to_latent(x, key=key)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class DiffusersModel:
     """A diffusers-format model as jdiff sees it (see :func:`load_diffusers`).
 
