@@ -332,14 +332,20 @@ def test_model_id_without_and_with_huggingface_hub(monkeypatch, ddpm_folder):
     )
     calls = []
 
-    def download(repo_id, allow_patterns):
-        calls.append(repo_id)
+    def list_files(repo_id):
         if repo_id == "owner/offline":
             raise OSError("no network")
+        return ["model_index.json", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.safetensors"]
+
+    def download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
         return ddpm_folder[0]
 
-    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=download))
-    assert load_diffusers("google/ddpm-cifar10-32").shape == (8, 8, 3) and calls == ["google/ddpm-cifar10-32"]
+    hub = types.SimpleNamespace(snapshot_download=download, list_repo_files=list_files)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    assert load_diffusers("google/ddpm-cifar10-32").shape == (8, 8, 3)
+    patterns = ["*.json", "*diffusion_pytorch_model.safetensors", "*diffusion_pytorch_model-*.safetensors"]
+    assert calls == [("google/ddpm-cifar10-32", patterns)]
     with pytest.raises(ModelFolderError, match=r"could not download owner/offline .*\(OSError: no network\)"):
         load_diffusers("owner/offline")
 

@@ -345,10 +345,11 @@ def _local(path: str) -> str:
             f"{path} is not a local folder, and downloading a model id needs huggingface_hub (not installed); "
             f"pass {LAYOUT}"
         ) from None
-    try:
-        return huggingface_hub.snapshot_download(
-            repo_id=path, allow_patterns=["*.json", "*diffusion_pytorch_model.safetensors", "*.safetensors.index.json"]
-        )
+    try:  # the safetensors weights where the repository has them, else the .bin ones
+        files = huggingface_hub.list_repo_files(path)
+        kind = "safetensors" if any(f.endswith("diffusion_pytorch_model.safetensors") for f in files) else "bin"
+        patterns = ["*.json", f"*diffusion_pytorch_model.{kind}", f"*diffusion_pytorch_model-*.{kind}"]
+        return huggingface_hub.snapshot_download(repo_id=path, allow_patterns=patterns)
     except Exception as e:  # noqa: BLE001 - no network, an unknown id: the hub's errors, in one line
         raise ModelFolderError(
             f"could not download {path} from the Hugging Face Hub ({type(e).__name__}: {' '.join(str(e).split())}); "
