@@ -43,7 +43,11 @@ steps from timestep ``s`` to ``s - N // steps``, which for ``linspace`` (and ``t
 when ``steps`` does not divide ``N``) is not the next timestep of its own list; jdiff
 steps between consecutive grid points. Between table entries (Euler's fractional
 timesteps) jdiff interpolates ``log alpha`` linearly in t, diffusers interpolates sigma
-linearly in the timestep.
+linearly in the timestep. diffusers' Euler starts ``linspace`` and ``trailing`` grids from
+``x_T sigma_max`` where the variance-preserving sample ``x_T`` is ``x_T sqrt(sigma_max^2 +
+1)`` in its variable (a relative ``1 / (2 sigma_max^2)``, 2e-5 for DDPM's table). With
+those differences set aside, jdiff's solver on :meth:`Scheduler.grid` gives the
+scheduler's own loop's samples to float32 rounding (tests/test_interop_scheduler.py).
 
 Keys that change the model's process or grid and that jdiff does not implement
 (``use_karras_sigmas``, ``use_exponential_sigmas``, ``use_beta_sigmas``,
