@@ -6,6 +6,7 @@
     jdiff train --preset toy2d --set optim.lr=1e-3 --steps 500
     jdiff train --out runs/digits --resume --steps 3000      # continue a run with its saved config
     jdiff sample --run runs/digits --solver unipc3 --nfe 10 --guidance 2
+    jdiff sample --model DiT-XL-2-256 --solver dpm++2m --nfe 10 --guidance 4   # a diffusers folder
     jdiff presets [NAME] [--keys]                            # list presets / show a config / list keys
     jdiff plot --run runs/digits                             # redraw the loss curve
     jdiff prefer --methods dpo,draft1                        # preference / reward fine-tuning of digits

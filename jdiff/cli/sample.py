@@ -1,5 +1,6 @@
 """``jdiff sample``: sample a trained run with any solver of the registry, on every
-device, through :func:`jdiff.generate`."""
+device, through :func:`jdiff.generate`; or, with ``--model``, a diffusers-format folder
+(:mod:`jdiff.cli._model`, :func:`jdiff.interop.sample_model`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import os
 import sys
 import time
 
+from jdiff.cli import _model
 from jdiff.cli._args import check_output, finite_float
 from jdiff.cli._common import CLIError, positive
 from jdiff.runs import ConfigError, check_solver_nfe, denoiser_apply, make_solver, run_denoiser, to_host
 from jdiff.runs import rundir as R
 
-HELP = "sample from a trained run"
+HELP = "sample from a trained run or a diffusers-format model"
 
 
 def add_parser(sub, formatter, solver_names: list[str]):
@@ -23,12 +25,20 @@ def add_parser(sub, formatter, solver_names: list[str]):
         help=HELP,
         description="Load a run's config and newest checkpoint and sample with any jdiff solver. Writes an image "
         "(a grid, or a 2-D scatter plot; PNG, or JPEG for .jpg/.jpeg) and an .npz with the samples. Unset options "
-        "default to the run's 'sample' config section.",
+        "default to the run's 'sample' config section. With --model, sample a diffusers-format folder (a pipeline "
+        "with model_index.json, or a model folder with config.json) on its scheduler's grid, decoded by its VAE.",
         epilog="examples:\n  jdiff sample --run runs/digits --solver unipc3 --nfe 10 --guidance 2\n"
         "  jdiff sample --run runs/digits --solver dpm_solver_pp --order 3 --nfe 50 --label 3 --num 16\n"
+        "  jdiff sample --model DiT-XL-2-256 --solver dpm++2m --nfe 10 --guidance 4 --class-label 207\n"
         f"solvers (jdiff.solvers.names(); factory names such as dpm_solver_pp take --order): {', '.join(solver_names)}",
     )
-    sa.add_argument("--run", required=True, metavar="DIR", help="run directory written by 'jdiff train'")
+    sa.add_argument("--run", metavar="DIR", help="run directory written by 'jdiff train'")
+    sa.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a diffusers-format folder (or a model id owner/name when huggingface_hub is installed); "
+        "default solver and NFE: the scheduler's",
+    )
     sa.add_argument("--solver", metavar="NAME", help="sampler from jdiff.solvers (default: the run's sample.solver)")
     sa.add_argument(
         "--order",
@@ -51,7 +61,9 @@ def add_parser(sub, formatter, solver_names: list[str]):
         help="classifier-free guidance scale, 1: conditional model alone, 0: unconditional "
         "(default: the run's sample.guidance)",
     )
-    sa.add_argument("--label", type=int, metavar="L", help="class of every sample (default: cycle through classes)")
+    sa.add_argument(
+        "--label", "--class-label", type=int, metavar="L", help="class of every sample (default: cycle through classes)"
+    )
     sa.add_argument("--step", type=int, metavar="STEP", help="checkpoint step (default: the newest)")
     sa.add_argument("--batch-size", type=int, default=0, metavar="B", help="samples per call (0: all at once)")
     sa.add_argument(
@@ -94,6 +106,10 @@ def _tag(s, step: int, label: int | None, guidance: float) -> str:
 
 def resolve(args):
     """Check the options, the output paths and the run's sampling settings; creates nothing."""
+    if args.model is not None:
+        return _model.resolve(args, _outputs)
+    if args.run is None:
+        raise CLIError("give --run DIR (a run of 'jdiff train') or --model PATH (a diffusers-format folder)")
 
     positive(args.nfe, "--nfe")
     positive(args.num, "--num")
@@ -130,6 +146,8 @@ def resolve(args):
 
 
 def run(args, s) -> int:
+    if isinstance(s, _model.ModelRequest):
+        return _model.run(s)
     import numpy as np
 
     import jdiff

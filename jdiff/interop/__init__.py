@@ -5,8 +5,46 @@ jdiff denoisers, without torch and without running pickled code.
 Architectures are jdiff NNX modules built from the folder's own config keys
 (``UNet2DModel``, ``DiTTransformer2DModel``, ``AutoencoderKL``); the scheduler config
 becomes a jdiff process, parameterization and default grid.
+
+- :func:`load_diffusers`: a folder (or a model id, with ``huggingface_hub``) -> a
+  :class:`DiffusersModel`: the denoiser, its default grid, classes and VAE;
+- :func:`sample_model`: sample it with any jdiff solver, decode, save (``jdiff sample
+  --model``);
+- :func:`scheduler_from_config`: a ``scheduler_config.json`` -> a :class:`Scheduler`.
+
+Example::
+
+    model = jdiff.interop.load_diffusers("ddpm-cifar10-32")       # a downloaded folder
+    solver = jdiff.solvers.get("dpm++2m")
+    x = jdiff.sample(solver, model.sampling_denoiser(), x_T, model.grid(10, solver))
 """
 
 from jdiff.interop._convert import UnsupportedModelError, WeightError, Weights
+from jdiff.interop._folder import (
+    ARCHITECTURES,
+    ROLES,
+    DiffusersModel,
+    ModelFolderError,
+    load_diffusers,
+    register_architecture,
+)
+from jdiff.interop._sample import ModelSamples, sample_model
+from jdiff.interop._scheduler import SCHEDULERS, Scheduler, Thresholding, scheduler_from_config
 
-__all__ = ["UnsupportedModelError", "WeightError", "Weights"]
+__all__ = [
+    "UnsupportedModelError",
+    "WeightError",
+    "Weights",
+    "SCHEDULERS",
+    "Scheduler",
+    "Thresholding",
+    "scheduler_from_config",
+    "ARCHITECTURES",
+    "ROLES",
+    "DiffusersModel",
+    "ModelFolderError",
+    "load_diffusers",
+    "register_architecture",
+    "ModelSamples",
+    "sample_model",
+]
