@@ -34,6 +34,7 @@ from jdiff._generate import _default_mesh, _to_global, _to_host
 from jdiff.bench import BenchSettings, Sweep, _with_ode_column, check_out_dir
 from jdiff.data import list_images, load_image_folder
 from jdiff.features import FID_WEIGHTS_FILE, InceptionExtractor, UnsafePickleError
+from jdiff.interop import load_diffusers
 from jdiff.metrics import check_fid_sample_count, frechet_distance, gaussian_stats, load_stats, save_stats
 from jdiff.sweep import nfe_sweep
 
@@ -217,6 +218,7 @@ def model_sweep(
     num_classes: int | None = None,
     null_class: int | None = None,
     grid: Callable[[int], Any] | None = None,
+    finish: Callable | None = None,
     model_id: str = "",
     quantize: bool = True,
     report: Callable[[str], None] | None = None,
@@ -242,6 +244,8 @@ def model_sweep(
         (Ho & Salimans, 2021; :func:`jdiff.wrappers.guidance`) against ``null_class``
         (default ``num_classes``, DiT's null label).
       grid: ``steps -> steps + 1`` decreasing times (for ``grid_kind="model"``).
+      finish: a wrapper applied after guidance (a scheduler's thresholding, which diffusers
+        applies to the guided prediction), or None.
       model_id: what identifies the model in the sweep's settings (a resumed sweep must
         match it).
       quantize: score ``uint8`` images (:func:`to_uint8`); False: the float images.
@@ -273,6 +277,7 @@ def model_sweep(
     labels = (np.arange(settings.num) % num_classes).astype(np.int32) if num_classes else None
     null = num_classes if null_class is None else null_class  # DiT's convention: the last class
     den = jdiff.wrappers.guidance(denoiser, settings.guidance, null) if guided else denoiser
+    den = den if finish is None else finish(den)
     name = metric_name(features)
     if isinstance(reference, (str, os.PathLike)):
         ref_id = os.path.abspath(reference)
@@ -317,10 +322,6 @@ def model_sweep(
 def load_model(path: str):
     """The pretrained model in the diffusers-format folder ``path``
     (:func:`jdiff.interop.load_diffusers`)."""
-    # interop loader merged from the load branch: not on this branch yet, so imported here;
-    # at the merge this import moves to module level
-    from jdiff.interop import load_diffusers
-
     return load_diffusers(path)
 
 
@@ -371,6 +372,7 @@ def model_bench(
         num_classes=getattr(model, "num_classes", None),
         null_class=getattr(model, "null_class", None),
         grid=getattr(model, "grid", None),
+        finish=getattr(getattr(model, "scheduler", None), "thresholding", None),
         model_id=model_id,
         report=report,
     )
