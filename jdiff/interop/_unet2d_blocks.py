@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jdiff.interop._convert import Weights
@@ -35,16 +36,16 @@ from jdiff.models._conv import conv_general_dilated
 __all__ = [
     "ACTIVATIONS",
     "Attention",
+    "Conv",
     "DownBlock",
     "Downsample",
     "GroupNorm",
+    "Init",
+    "Linear",
     "MidBlock",
     "ResnetBlock",
     "UpBlock",
     "Upsample",
-    "conv",
-    "load_conv",
-    "load_linear",
     "put",
 ]
 
@@ -58,65 +59,105 @@ ACTIVATIONS = {
 }
 
 
+class Init:
+    """Where parameters come from when a module is built.
+
+    ``rng`` a NumPy generator: random values drawn on the host (weights normal with
+    standard deviation ``1/sqrt(fan_in)``, biases 0, norm scales 1), so building a large
+    model compiles nothing. ``rng`` None: shape-only placeholders that ``load`` replaces
+    with a checkpoint's tensors (no memory, no random draws).
+    """
+
+    def __init__(self, rng: np.random.Generator | None, param_dtype: Any = jnp.float32, dtype: Any = None):
+        self.rng = rng
+        self.param_dtype = param_dtype
+        self.dtype = dtype or jnp.float32  # the compute dtype of the layers built
+
+    def _param(self, shape, draw) -> nnx.Param:
+        if self.rng is None:
+            return nnx.Param(jax.ShapeDtypeStruct(tuple(shape), self.param_dtype))
+        return nnx.Param(jnp.asarray(draw(), dtype=self.param_dtype))
+
+    def normal(self, shape, std: float) -> nnx.Param:
+        return self._param(shape, lambda: self.rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
+
+    def const(self, shape, value: float) -> nnx.Param:
+        return self._param(shape, lambda: np.full(shape, value, np.float32))
+
+
 def put(var: nnx.Variable, value) -> None:
-    """Set a parameter (possibly abstract, from ``nnx.eval_shape``) to ``value`` in its dtype."""
+    """Set a parameter (possibly a placeholder) to ``value`` in the parameter's dtype."""
     var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
 
 
-def conv(cin: int, cout: int, k: int, *, dtype, param_dtype, rngs, stride: int = 1, padding=None) -> nnx.Conv:
-    """A ``k x k`` NHWC convolution (HWIO kernel) with explicit ``((top, bottom), (left, right))``
-    padding (default ``k // 2`` on every side)."""
-    pad = ((k // 2, k // 2),) * 2 if padding is None else padding
-    return nnx.Conv(
-        cin,
-        cout,
-        kernel_size=(k, k),
-        strides=(stride, stride),
-        padding=pad,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        conv_general_dilated=conv_general_dilated,  # fast gradients inside lax.scan on CPU
-        rngs=rngs,
-    )
+class Linear(nnx.Module):
+    """``x @ kernel + bias`` with kernel ``(d_in, d_out)`` (a ``torch.nn.Linear``)."""
+
+    def __init__(self, d_in: int, d_out: int, init: Init):
+        self.d_in, self.d_out, self.dtype = d_in, d_out, init.dtype
+        self.kernel = init.normal((d_in, d_out), d_in**-0.5)
+        self.bias = init.const((d_out,), 0.0)
+
+    def __call__(self, x):
+        dt = self.dtype
+        return jnp.dot(x.astype(dt), self.kernel[...].astype(dt)) + self.bias[...].astype(dt)
+
+    def load(self, w: Weights, prefix: str) -> None:
+        kernel, bias = w.linear(prefix, self.d_in, self.d_out)
+        put(self.kernel, kernel)
+        put(self.bias, bias)
 
 
-def load_conv(m: nnx.Conv, w: Weights, prefix: str) -> None:
-    cin, cout = m.in_features, m.out_features
-    kernel, bias = w.conv(prefix, cin, cout, m.kernel_size[0])
-    put(m.kernel, kernel)
-    put(m.bias, bias)
+class Conv(nnx.Module):
+    """A ``k x k`` NHWC convolution with an HWIO kernel and explicit
+    ``((top, bottom), (left, right))`` padding (default ``k // 2`` on every side)."""
 
+    def __init__(self, cin: int, cout: int, k: int, init: Init, *, stride: int = 1, padding=None):
+        self.cin, self.cout, self.k, self.stride, self.dtype = cin, cout, k, stride, init.dtype
+        self.padding = ((k // 2, k // 2),) * 2 if padding is None else tuple(tuple(p) for p in padding)
+        self.kernel = init.normal((k, k, cin, cout), (k * k * cin) ** -0.5)
+        self.bias = init.const((cout,), 0.0)
 
-def load_linear(m: nnx.Linear, w: Weights, prefix: str) -> None:
-    kernel, bias = w.linear(prefix, m.in_features, m.out_features)
-    put(m.kernel, kernel)
-    put(m.bias, bias)
+    def __call__(self, x):
+        dt = self.dtype
+        y = conv_general_dilated(  # fast gradients inside lax.scan on CPU (jdiff.models._conv)
+            x.astype(dt),
+            self.kernel[...].astype(dt),
+            (self.stride, self.stride),
+            self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + self.bias[...].astype(dt)
+
+    def load(self, w: Weights, prefix: str) -> None:
+        kernel, bias = w.conv(prefix, self.cin, self.cout, self.k)
+        put(self.kernel, kernel)
+        put(self.bias, bias)
 
 
 class GroupNorm(nnx.Module):
-    """GroupNorm over the channels of NHWC (or ``(B, N, C)``) input, computed in float32
-    (two-pass variance, as torch) and returned in the compute dtype."""
+    """GroupNorm over the last (channel) axis of ``(B, ..., C)`` input, computed in float32
+    with the two-pass variance (as torch), returned in the compute dtype."""
 
-    def __init__(self, channels: int, groups: int, eps: float, *, dtype, param_dtype, rngs):
-        self.channels = channels
-        self.gn = nnx.GroupNorm(
-            channels,
-            num_groups=groups,
-            epsilon=eps,
-            dtype=jnp.float32,
-            param_dtype=param_dtype,
-            use_fast_variance=False,
-            rngs=rngs,
-        )
-        self.dtype = dtype or jnp.float32
+    def __init__(self, channels: int, groups: int, eps: float, init: Init):
+        if channels % groups:
+            raise ValueError(f"GroupNorm of {channels} channels cannot have {groups} groups")
+        self.channels, self.groups, self.eps, self.dtype = channels, groups, eps, init.dtype
+        self.scale = init.const((channels,), 1.0)
+        self.bias = init.const((channels,), 0.0)
 
     def __call__(self, x):
-        return self.gn(x.astype(jnp.float32)).astype(self.dtype)
+        shape = x.shape
+        g = x.astype(jnp.float32).reshape(shape[0], -1, self.groups, self.channels // self.groups)
+        centred = g - g.mean(axis=(1, 3), keepdims=True)
+        var = jnp.mean(centred * centred, axis=(1, 3), keepdims=True)
+        y = (centred * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
     def load(self, w: Weights, prefix: str) -> None:
         scale, bias = w.norm(prefix, self.channels)
-        put(self.gn.scale, scale)
-        put(self.gn.bias, bias)
+        put(self.scale, scale)
+        put(self.bias, bias)
 
 
 def _up(x):
@@ -137,6 +178,7 @@ class ResnetBlock(nnx.Module):
         cin: int,
         cout: int,
         temb: int,
+        init: Init,
         *,
         groups: int,
         eps: float,
@@ -144,22 +186,17 @@ class ResnetBlock(nnx.Module):
         scale_shift: bool,
         output_scale_factor: float,
         resample: str | None = None,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
     ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.cin, self.cout = cin, cout
         self.act = ACTIVATIONS[act]
         self.scale_shift = scale_shift
         self.output_scale_factor = output_scale_factor
         self.resample = resample
-        self.norm1 = GroupNorm(cin, groups, eps, **kw)
-        self.conv1 = conv(cin, cout, 3, **kw)
-        self.time_emb_proj = nnx.Linear(temb, cout * (2 if scale_shift else 1), **kw)
-        self.norm2 = GroupNorm(cout, groups, eps, **kw)
-        self.conv2 = conv(cout, cout, 3, **kw)
-        self.conv_shortcut = conv(cin, cout, 1, **kw) if cin != cout else None
+        self.norm1 = GroupNorm(cin, groups, eps, init)
+        self.conv1 = Conv(cin, cout, 3, init)
+        self.time_emb_proj = Linear(temb, cout * (2 if scale_shift else 1), init)
+        self.norm2 = GroupNorm(cout, groups, eps, init)
+        self.conv2 = Conv(cout, cout, 3, init)
+        self.conv_shortcut = Conv(cin, cout, 1, init) if cin != cout else None
 
     def __call__(self, x, emb):
         h = self.act(self.norm1(x))
@@ -182,13 +219,9 @@ class ResnetBlock(nnx.Module):
         return out / self.output_scale_factor if self.output_scale_factor != 1.0 else out
 
     def load(self, w: Weights, prefix: str) -> None:
-        self.norm1.load(w, f"{prefix}.norm1")
-        load_conv(self.conv1, w, f"{prefix}.conv1")
-        load_linear(self.time_emb_proj, w, f"{prefix}.time_emb_proj")
-        self.norm2.load(w, f"{prefix}.norm2")
-        load_conv(self.conv2, w, f"{prefix}.conv2")
-        if self.conv_shortcut is not None:
-            load_conv(self.conv_shortcut, w, f"{prefix}.conv_shortcut")
+        for name in ("norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut"):
+            if getattr(self, name) is not None:
+                getattr(self, name).load(w, f"{prefix}.{name}")
 
 
 # diffusers renames the attention projections of checkpoints saved before its
@@ -204,28 +237,16 @@ class Attention(nnx.Module):
     no group norm before the projections (the middle block's attention under
     ``scale_shift`` unless ``attn_norm_num_groups`` is set)."""
 
-    def __init__(
-        self,
-        channels: int,
-        head_dim: int,
-        *,
-        groups: int | None,
-        eps: float,
-        rescale: float,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.heads = channels // head_dim
+    def __init__(self, channels: int, head_dim: int, init: Init, *, groups: int | None, eps: float, rescale: float):
+        self.heads = max(channels // head_dim, 1)
         self.head_dim = head_dim
         inner = self.heads * head_dim
         self.rescale = rescale
-        self.group_norm = GroupNorm(channels, groups, eps, **kw) if groups else None
-        self.to_q = nnx.Linear(channels, inner, **kw)
-        self.to_k = nnx.Linear(channels, inner, **kw)
-        self.to_v = nnx.Linear(channels, inner, **kw)
-        self.to_out = nnx.Linear(inner, channels, **kw)
+        self.group_norm = GroupNorm(channels, groups, eps, init) if groups else None
+        self.to_q = Linear(channels, inner, init)
+        self.to_k = Linear(channels, inner, init)
+        self.to_v = Linear(channels, inner, init)
+        self.to_out = Linear(inner, channels, init)
 
     def __call__(self, x):
         b, hh, ww, c = x.shape
@@ -243,55 +264,59 @@ class Attention(nnx.Module):
             self.group_norm.load(w, f"{prefix}.group_norm")
         legacy = f"{prefix}.to_q.weight" not in w and f"{prefix}.query.weight" in w
         for name in ("to_q", "to_k", "to_v", "to_out.0"):
-            m = getattr(self, name.split(".")[0])
-            load_linear(m, w, f"{prefix}.{_LEGACY[name] if legacy else name}")
+            getattr(self, name[:6]).load(w, f"{prefix}.{_LEGACY[name] if legacy else name}")
 
 
 class Downsample(nnx.Module):
     """A stride-2 3x3 convolution (diffusers' ``Downsample2D`` with ``use_conv``): ``padding``
     zeros on each side, or with ``padding`` 0 one zero row/column at the bottom/right."""
 
-    def __init__(self, channels: int, padding: int, *, dtype, param_dtype, rngs):
+    def __init__(self, channels: int, padding: int, init: Init):
         pad = ((0, 1), (0, 1)) if padding == 0 else ((padding, padding),) * 2
-        self.conv = conv(channels, channels, 3, stride=2, padding=pad, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv = Conv(channels, channels, 3, init, stride=2, padding=pad)
 
     def __call__(self, x, emb=None):
         return self.conv(x)
 
     def load(self, w: Weights, prefix: str) -> None:
-        load_conv(self.conv, w, f"{prefix}.conv")
+        self.conv.load(w, f"{prefix}.conv")
 
 
 class Upsample(nnx.Module):
     """2x nearest-neighbour upsampling followed by a 3x3 convolution (``Upsample2D``)."""
 
-    def __init__(self, channels: int, *, dtype, param_dtype, rngs):
-        self.conv = conv(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, channels: int, init: Init):
+        self.conv = Conv(channels, channels, 3, init)
 
     def __call__(self, x, emb=None):
         return self.conv(_up(x))
 
     def load(self, w: Weights, prefix: str) -> None:
-        load_conv(self.conv, w, f"{prefix}.conv")
+        self.conv.load(w, f"{prefix}.conv")
+
+
+def _load_layers(block, w: Weights, prefix: str) -> None:
+    for i, resnet in enumerate(block.resnets):
+        resnet.load(w, f"{prefix}.resnets.{i}")
+        if block.attentions is not None:
+            block.attentions[i].load(w, f"{prefix}.attentions.{i}")
 
 
 class DownBlock(nnx.Module):
     """``DownBlock2D`` / ``AttnDownBlock2D``: ``layers`` residual blocks (each followed by
     attention when ``head_dim`` is set), then an optional downsampler (``"conv"`` or
     ``"resnet"``). Returns the output and the activations it hands to the skip connections
-    (each layer's output, and the downsampler's)."""
+    (each layer's output, and the downsampler's). ``res`` / ``attn``: the keywords of
+    :class:`ResnetBlock` / :class:`Attention`."""
 
-    def __init__(self, cin, cout, temb, *, layers, head_dim, downsample, padding, res, attn, rngs):
+    def __init__(self, cin, cout, temb, init: Init, *, layers, head_dim, downsample, padding, res, attn):
         ins = [cin] + [cout] * (layers - 1)
-        self.resnets = nnx.List([ResnetBlock(c, cout, temb, **res, rngs=rngs) for c in ins])
-        self.attentions = (
-            nnx.List([Attention(cout, head_dim, **attn, rngs=rngs) for _ in range(layers)]) if head_dim else None
-        )
-        kw = dict(dtype=res["dtype"], param_dtype=res["param_dtype"], rngs=rngs)
+        self.resnets = nnx.List([ResnetBlock(c, cout, temb, init, **res) for c in ins])
+        self.attentions = nnx.List([Attention(cout, head_dim, init, **attn) for _ in ins]) if head_dim else None
         if downsample == "conv":
-            self.downsampler = Downsample(cout, padding, **kw)
+            self.downsampler = Downsample(cout, padding, init)
         elif downsample == "resnet":
-            self.downsampler = ResnetBlock(cout, cout, temb, **res, resample="down", rngs=rngs)
+            self.downsampler = ResnetBlock(cout, cout, temb, init, **res, resample="down")
         else:
             self.downsampler = None
 
@@ -308,10 +333,7 @@ class DownBlock(nnx.Module):
         return x, skips
 
     def load(self, w: Weights, prefix: str) -> None:
-        for i, resnet in enumerate(self.resnets):
-            resnet.load(w, f"{prefix}.resnets.{i}")
-            if self.attentions is not None:
-                self.attentions[i].load(w, f"{prefix}.attentions.{i}")
+        _load_layers(self, w, prefix)
         if self.downsampler is not None:
             self.downsampler.load(w, f"{prefix}.downsamplers.0")
 
@@ -322,19 +344,16 @@ class UpBlock(nnx.Module):
     activation (each followed by attention when ``head_dim`` is set), then an optional
     upsampler (``"conv"`` or ``"resnet"``)."""
 
-    def __init__(self, cin, cout, skip_channels, temb, *, head_dim, upsample, res, attn, rngs):
+    def __init__(self, cin, cout, skip_channels, temb, init: Init, *, head_dim, upsample, res, attn):
         ins = [cin] + [cout] * (len(skip_channels) - 1)
         self.resnets = nnx.List(
-            [ResnetBlock(i + s, cout, temb, **res, rngs=rngs) for i, s in zip(ins, skip_channels, strict=True)]
+            [ResnetBlock(i + s, cout, temb, init, **res) for i, s in zip(ins, skip_channels, strict=True)]
         )
-        self.attentions = (
-            nnx.List([Attention(cout, head_dim, **attn, rngs=rngs) for _ in skip_channels]) if head_dim else None
-        )
-        kw = dict(dtype=res["dtype"], param_dtype=res["param_dtype"], rngs=rngs)
+        self.attentions = nnx.List([Attention(cout, head_dim, init, **attn) for _ in ins]) if head_dim else None
         if upsample == "conv":
-            self.upsampler = Upsample(cout, **kw)
+            self.upsampler = Upsample(cout, init)
         elif upsample == "resnet":
-            self.upsampler = ResnetBlock(cout, cout, temb, **res, resample="up", rngs=rngs)
+            self.upsampler = ResnetBlock(cout, cout, temb, init, **res, resample="up")
         else:
             self.upsampler = None
 
@@ -346,10 +365,7 @@ class UpBlock(nnx.Module):
         return x if self.upsampler is None else self.upsampler(x, emb)
 
     def load(self, w: Weights, prefix: str) -> None:
-        for i, resnet in enumerate(self.resnets):
-            resnet.load(w, f"{prefix}.resnets.{i}")
-            if self.attentions is not None:
-                self.attentions[i].load(w, f"{prefix}.attentions.{i}")
+        _load_layers(self, w, prefix)
         if self.upsampler is not None:
             self.upsampler.load(w, f"{prefix}.upsamplers.0")
 
@@ -358,10 +374,9 @@ class MidBlock(nnx.Module):
     """``UNetMidBlock2D`` with one layer: residual block, attention (unless
     ``add_attention`` is false), residual block."""
 
-    def __init__(self, channels, temb, *, head_dim, attn_groups, add_attention, res, attn, rngs):
-        self.resnets = nnx.List([ResnetBlock(channels, channels, temb, **res, rngs=rngs) for _ in range(2)])
-        attn = dict(attn, groups=attn_groups)
-        self.attention = Attention(channels, head_dim, **attn, rngs=rngs) if add_attention else None
+    def __init__(self, channels, temb, init: Init, *, head_dim, add_attention, res, attn):
+        self.resnets = nnx.List([ResnetBlock(channels, channels, temb, init, **res) for _ in range(2)])
+        self.attention = Attention(channels, head_dim, init, **attn) if add_attention else None
 
     def __call__(self, x, emb):
         x = self.resnets[0](x, emb)

@@ -51,13 +51,13 @@ from flax import nnx
 from jdiff.interop._convert import UnsupportedModelError, Weights
 from jdiff.interop._unet2d_blocks import (
     ACTIVATIONS,
+    Conv,
     DownBlock,
     GroupNorm,
+    Init,
+    Linear,
     MidBlock,
     UpBlock,
-    conv,
-    load_conv,
-    load_linear,
     put,
 )
 from jdiff.models._common import check_time
@@ -221,16 +221,41 @@ def _sinusoidal(t, dim: int, flip: bool, shift: float):
 class _TimestepEmbedding(nnx.Module):
     """diffusers' ``TimestepEmbedding``: linear, SiLU, linear."""
 
-    def __init__(self, d_in: int, d: int, *, dtype, param_dtype, rngs):
-        self.linear_1 = nnx.Linear(d_in, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = nnx.Linear(d, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, d_in: int, d: int, init: Init):
+        self.linear_1 = Linear(d_in, d, init)
+        self.linear_2 = Linear(d, d, init)
 
     def __call__(self, f):
         return self.linear_2(jax.nn.silu(self.linear_1(f)))
 
     def load(self, w: Weights, prefix: str) -> None:
-        load_linear(self.linear_1, w, f"{prefix}.linear_1")
-        load_linear(self.linear_2, w, f"{prefix}.linear_2")
+        self.linear_1.load(w, f"{prefix}.linear_1")
+        self.linear_2.load(w, f"{prefix}.linear_2")
+
+
+class _Embed(nnx.Module):
+    """A class table ``(num, d)`` (``torch.nn.Embedding``)."""
+
+    def __init__(self, num: int, d: int, init: Init):
+        self.num, self.d, self.dtype = num, d, init.dtype
+        self.weight = init.normal((num, d), 1.0)
+
+    def __call__(self, y):
+        return jnp.take(self.weight[...], y, axis=0).astype(self.dtype)
+
+    def load(self, w: Weights, prefix: str) -> None:
+        put(self.weight, w.take(f"{prefix}.weight", (self.num, self.d)))
+
+
+def _host_rng(rngs: nnx.Rngs) -> np.random.Generator | None:
+    """A NumPy generator seeded from ``rngs``' params stream (random init on the host);
+    None under a trace (``nnx.eval_shape``: shapes are all that is asked for)."""
+    key = rngs.params()
+    if isinstance(key, jax.core.Tracer):
+        return None
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.random.default_rng(np.asarray(key).ravel().tolist())
 
 
 class UNet2DModel(nnx.Module):
@@ -241,8 +266,10 @@ class UNet2DModel(nnx.Module):
       dtype: compute dtype of convolutions and linear maps (None: float32; e.g.
         ``jnp.bfloat16``); normalizations, softmax and time features stay float32.
       param_dtype: parameter dtype.
-      rngs: initializes the parameters at random (flax's default initializers); use
-        :func:`from_diffusers` for a checkpoint's weights.
+      rngs: initializes the parameters at random (drawn on the host with NumPy, seeded
+        from ``rngs``: weights normal with standard deviation ``1/sqrt(fan_in)``, biases 0,
+        norm scales 1); None builds shape-only placeholders that :meth:`load` fills, which
+        is what :func:`from_diffusers` does.
 
     Call ``model(x, timesteps, class_labels=None)``: ``x`` ``(B, H, W, in_channels)`` with
     ``H`` and ``W`` divisible by ``2^(levels - 1)``; ``timesteps`` a scalar or ``(B,)``
@@ -251,30 +278,23 @@ class UNet2DModel(nnx.Module):
     class-conditional config, else None. Returns ``(B, H, W, out_channels)`` in ``x``'s dtype.
     """
 
-    def __init__(self, config, *, dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config, *, dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
         s = config if isinstance(config, UNet2DSpec) else unet2d_spec(config)
         self.spec = s
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        res = dict(
-            groups=s.norm_num_groups,
-            eps=s.norm_eps,
-            act=s.act_fn,
-            scale_shift=s.scale_shift,
-            output_scale_factor=1.0,
-            dtype=dtype,
-            param_dtype=param_dtype,
-        )
-        attn = dict(groups=s.norm_num_groups, eps=s.norm_eps, rescale=1.0, dtype=dtype, param_dtype=param_dtype)
+        init = Init(None if rngs is None else _host_rng(rngs), param_dtype, dtype)
+        res = dict(groups=s.norm_num_groups, eps=s.norm_eps, act=s.act_fn, scale_shift=s.scale_shift)
+        res["output_scale_factor"] = 1.0
+        attn = dict(groups=s.norm_num_groups, eps=s.norm_eps, rescale=1.0)
         ch, temb, levels = s.block_out_channels, s.time_embedding_dim, len(s.block_out_channels)
-        self.conv_in = conv(s.in_channels, ch[0], 3, **kw)
+        self.conv_in = Conv(s.in_channels, ch[0], 3, init)
         if s.time_embedding_type == "fourier":
-            self.fourier_weight = nnx.Param(jax.random.normal(rngs.params(), (ch[0],), param_dtype) * 16.0)
-        self.time_embedding = _TimestepEmbedding(s.time_features, temb, **kw)
+            self.fourier_weight = init.normal((ch[0],), 16.0)  # diffusers' GaussianFourierProjection(scale=16)
+        self.time_embedding = _TimestepEmbedding(s.time_features, temb, init)
         class_embedding = None
         if s.class_embedding == "table":
-            class_embedding = nnx.Embed(s.num_class_embeds, temb, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            class_embedding = _Embed(s.num_class_embeds, temb, init)
         elif s.class_embedding == "timestep":
-            class_embedding = _TimestepEmbedding(s.time_features, temb, **kw)
+            class_embedding = _TimestepEmbedding(s.time_features, temb, init)
         self.class_embedding = class_embedding
 
         def heads(c):
@@ -285,37 +305,35 @@ class UNet2DModel(nnx.Module):
             cin, cout, last = ch[max(i - 1, 0)], ch[i], i == levels - 1
             # DownBlock2D always downsamples with a convolution (diffusers ignores downsample_type there)
             sampler = None if last else (s.downsample_type if s.attention[i] else "conv")
+            head_dim = heads(cout) if s.attention[i] else None
             down.append(
                 DownBlock(
                     cin,
                     cout,
                     temb,
+                    init,
                     layers=s.layers_per_block,
-                    head_dim=heads(cout) if s.attention[i] else None,
+                    head_dim=head_dim,
                     downsample=sampler,
                     padding=s.downsample_padding,
                     res=res,
                     attn=attn,
-                    rngs=rngs,
                 )
             )
             skips += [cout] * s.layers_per_block + ([] if last else [cout])
         self.down_blocks = nnx.List(down)
         mid_block = None
         if s.mid_block:
-            scaled = dict(res, output_scale_factor=s.mid_block_scale_factor)
-            mid_attn = dict(attn, rescale=s.mid_block_scale_factor)
             # diffusers: no group norm in the middle attention under scale_shift unless attn_norm_num_groups says so
             groups = s.attn_norm_num_groups or (None if s.scale_shift else s.norm_num_groups)
             mid_block = MidBlock(
                 ch[-1],
                 temb,
+                init,
                 head_dim=heads(ch[-1]),
-                attn_groups=groups,
                 add_attention=s.add_attention,
-                res=scaled,
-                attn=mid_attn,
-                rngs=rngs,
+                res=dict(res, output_scale_factor=s.mid_block_scale_factor),
+                attn=dict(attn, rescale=s.mid_block_scale_factor, groups=groups),
             )
         self.mid_block = mid_block
         up, prev = [], ch[-1]
@@ -323,24 +341,13 @@ class UNet2DModel(nnx.Module):
             cout, last, n = ch[levels - 1 - i], i == levels - 1, s.layers_per_block + 1
             taken, skips = skips[-n:][::-1], skips[:-n]
             sampler = None if last else (s.upsample_type if s.up_attention[i] else "conv")
-            up.append(
-                UpBlock(
-                    prev,
-                    cout,
-                    taken,
-                    temb,
-                    head_dim=heads(cout) if s.up_attention[i] else None,
-                    upsample=sampler,
-                    res=res,
-                    attn=attn,
-                    rngs=rngs,
-                )
-            )
+            head_dim = heads(cout) if s.up_attention[i] else None
+            up.append(UpBlock(prev, cout, taken, temb, init, head_dim=head_dim, upsample=sampler, res=res, attn=attn))
             prev = cout
         self.up_blocks = nnx.List(up)
-        self.conv_norm_out = GroupNorm(ch[0], s.norm_num_groups, s.norm_eps, **kw)
-        self.conv_out = conv(ch[0], s.out_channels, 3, **kw)
-        self.dtype = dtype or jnp.float32
+        self.conv_norm_out = GroupNorm(ch[0], s.norm_num_groups, s.norm_eps, init)
+        self.conv_out = Conv(ch[0], s.out_channels, 3, init)
+        self.dtype = init.dtype
 
     def _features(self, t):
         s = self.spec
@@ -350,25 +357,29 @@ class UNet2DModel(nnx.Module):
             return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
         return _sinusoidal(t, s.block_out_channels[0], s.flip_sin_to_cos, s.freq_shift)
 
-    def _labels(self, class_labels, batch: int):
-        s = self.spec
-        if self.class_embedding is None and s.class_embedding != "identity":
+    def _check_labels(self, class_labels, batch: int):
+        """The labels as an array (None for an unconditional model), checked before any compute."""
+        kind = self.spec.class_embedding
+        if kind is None:
             if class_labels is not None:
                 raise ValueError("class_labels given to an unconditional UNet2DModel (no class embedding)")
             return None
         if class_labels is None:
-            raise ValueError(f"this UNet2DModel is class-conditional ({s.class_embedding}): pass class_labels")
+            raise ValueError(f"this UNet2DModel is class-conditional ({kind}): pass class_labels")
         y = jnp.asarray(class_labels)
-        if s.class_embedding == "identity":
-            if y.shape != (batch, s.time_embedding_dim):
-                raise ValueError(f"class_labels must be embeddings ({batch}, {s.time_embedding_dim}), got {y.shape}")
+        want = (batch, self.spec.time_embedding_dim) if kind == "identity" else (batch,)
+        if y.shape != want:
+            raise ValueError(f"class_labels must have shape {want} ({kind} class embedding), got {y.shape}")
+        if kind == "table" and not jnp.issubdtype(y.dtype, jnp.integer):
+            raise ValueError(f"class_labels must be integers below {self.spec.num_class_embeds}, not {y.dtype}")
+        return y
+
+    def _class_embedding(self, y):
+        kind = self.spec.class_embedding
+        if kind == "identity":
             return y.astype(self.dtype)
-        if y.shape != (batch,):
-            raise ValueError(f"class_labels must have shape ({batch},), got {y.shape}")
-        if s.class_embedding == "timestep":
+        if kind == "timestep":
             return self.class_embedding(self._features(y).astype(self.dtype))
-        if not jnp.issubdtype(y.dtype, jnp.integer):
-            raise ValueError(f"class_labels must be integers below {s.num_class_embeds}, not {y.dtype}")
         return self.class_embedding(y)
 
     def __call__(self, x, timesteps, class_labels=None, *, rngs=None):
@@ -382,13 +393,13 @@ class UNet2DModel(nnx.Module):
             )
         b = x.shape[0]
         t = check_time(timesteps, b, "timesteps")
+        y = self._check_labels(class_labels, b)
         h = x.astype(self.dtype)
         if s.center_input_sample:
             h = 2 * h - 1.0
         emb = self.time_embedding(self._features(t).astype(self.dtype))
-        c = self._labels(class_labels, b)
-        if c is not None:
-            emb = emb + c
+        if y is not None:
+            emb = emb + self._class_embedding(y)
         h = self.conv_in(h)
         skips = [h]
         for block in self.down_blocks:
@@ -406,14 +417,11 @@ class UNet2DModel(nnx.Module):
     def load(self, w: Weights) -> None:
         """Set every parameter from ``w`` (diffusers' key names, shapes checked)."""
         s = self.spec
-        load_conv(self.conv_in, w, "conv_in")
+        self.conv_in.load(w, "conv_in")
         if s.time_embedding_type == "fourier":
             put(self.fourier_weight, w.take("time_proj.weight", (s.block_out_channels[0],)))
         self.time_embedding.load(w, "time_embedding")
-        if s.class_embedding == "table":
-            table = w.take("class_embedding.weight", (s.num_class_embeds, s.time_embedding_dim))
-            put(self.class_embedding.embedding, table)
-        elif s.class_embedding == "timestep":
+        if self.class_embedding is not None:
             self.class_embedding.load(w, "class_embedding")
         for i, block in enumerate(self.down_blocks):
             block.load(w, f"down_blocks.{i}")
@@ -422,7 +430,7 @@ class UNet2DModel(nnx.Module):
         for i, block in enumerate(self.up_blocks):
             block.load(w, f"up_blocks.{i}")
         self.conv_norm_out.load(w, "conv_norm_out")
-        load_conv(self.conv_out, w, "conv_out")
+        self.conv_out.load(w, "conv_out")
 
 
 def from_diffusers(config: Mapping, weights, *, dtype: Any = None, param_dtype: Any = jnp.float32) -> UNet2DModel:
@@ -437,7 +445,8 @@ def from_diffusers(config: Mapping, weights, *, dtype: Any = None, param_dtype: 
       dtype: compute dtype (None: float32); param_dtype: parameter dtype.
 
     Returns:
-      The module with the checkpoint's weights (built without a random initialization).
+      The module with the checkpoint's weights (built without a random initialization:
+        placeholders replaced by the checkpoint's tensors).
 
     Raises:
       UnsupportedModelError: a config key or block type jdiff does not implement.
@@ -446,7 +455,7 @@ def from_diffusers(config: Mapping, weights, *, dtype: Any = None, param_dtype: 
     """
     w = weights if isinstance(weights, Weights) else Weights(weights)
     spec = unet2d_spec(config)
-    model = nnx.eval_shape(lambda: UNet2DModel(spec, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    model = UNet2DModel(spec, dtype=dtype, param_dtype=param_dtype)  # placeholders, filled by load
     model.load(w)
     w.finish()
     unset = [p for p, v in nnx.to_flat_state(nnx.state(model)) if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
