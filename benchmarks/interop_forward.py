@@ -185,6 +185,7 @@ def main(argv=None):
     from _common import machine, table, today, write_csv
 
     rows, csv_rows = [], []
+    load = os.getloadavg()[0]  # a shared machine: the load the numbers were taken under
     for name in args.models.split(","):
         config_fn, inputs_fn = MODELS[name]
         config = config_fn()
@@ -218,12 +219,14 @@ def main(argv=None):
                     torch=ref["versions"]["torch"],
                     diffusers=ref["versions"]["diffusers"],
                     torch_threads=args.threads,
+                    load_avg_1min=round(load, 1),
                     machine=machine(),
                     date=today(),
                 )
             )
         print(f"{name}: float32 outputs differ by {diff:.2e} of their largest magnitude", flush=True)
-    print(f"# {machine()}; torch {ref['versions']['torch']} ({args.threads} threads); {today()}")
+    versions = f"torch {ref['versions']['torch']} ({args.threads} threads)"
+    print(f"# {machine()}; {versions}; load average {load:.1f} at the start; {today()}")
     header = ["model", "dtype", "batch", "jdiff ms/image", "torch ms/image", "torch / jdiff", "jdiff compile s"]
     print(table(rows, header))
     write_csv(args.csv, csv_rows)

@@ -144,6 +144,12 @@ def test_unsupported_block_type_named():
     )
     with pytest.raises(UnsupportedModelError, match=r"^config _class_name 'UNet2DConditionModel' is not UNet2DModel$"):
         unet2d_spec(dict(config, _class_name="UNet2DConditionModel"))
+    with pytest.raises(ValueError) as e:
+        unet2d_spec(dict(config, block_out_channels=[8, 12, 16]))
+    assert str(e.value) == (
+        "UNet2DModel config has 2 down_block_types, 2 up_block_types and 3 block_out_channels; "
+        "they must be equally many (at least one)"
+    )
 
 
 def test_missing_misshaped_and_extra_weights_named():

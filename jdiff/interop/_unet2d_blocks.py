@@ -17,7 +17,10 @@ NeurIPS 2020, App. B; the Wide-ResNet / PixelCNN++ U-Net) in diffusers' formulat
 - upsampling: 2x nearest neighbour followed by a 3x3 convolution.
 
 Normalizations, the softmax and the time features are computed in float32 whatever the
-compute ``dtype`` (as in :mod:`jdiff.models`).
+compute ``dtype`` (as in :mod:`jdiff.models`). The layers (:class:`Linear`, :class:`Conv`,
+:class:`GroupNorm`) take their parameters from an :class:`Init`: random values drawn on
+the host, or shape-only placeholders that ``load`` replaces, so that loading a checkpoint
+neither draws random weights nor traces the constructor.
 """
 
 from __future__ import annotations
