@@ -48,9 +48,10 @@ def _eps(den, x, t, cond):
 
 
 class _Exact(Solver):
-    """What the exact methods' solvers share: ``inverse`` sets the direction, and
-    ``aux`` holds the sampling grid (decreasing, as the papers index it) with its log
-    alpha and log sigma."""
+    """What the exact methods' solvers share: ``inverse`` sets the direction, ``aux``
+    starts with the sampling grid (decreasing, as the papers index it), and an inversion
+    finishes with the state and the second array it carries in ``hist[0]`` (EDICT's
+    second sequence, BDIA's previous state)."""
 
     order = 1
     who = "exact"
@@ -66,6 +67,10 @@ class _Exact(Solver):
     def sampling_grid(self, state):
         """The sampling grid of ``state`` (decreasing): its own grid reversed when inverting."""
         return state.grid[::-1] if self.inverse else state.grid
+
+    def finish(self, state, dtype):
+        x = state.x.astype(dtype)
+        return (x, state.hist[0].astype(dtype)) if self.inverse else x
 
 
 def _advance(state, x, other, calls):
@@ -137,10 +142,6 @@ class EDICT(_Exact):
         move = _edict_unstep if self.inverse else _edict_step
         x, y = move(denoiser, state.x, state.hist[0], la, ls, g, i, cond, self.p, self.leapfrog)
         return _advance(state, x, y, 2 * network_calls(denoiser, g[i]))
-
-    def finish(self, state, dtype):
-        x = state.x.astype(dtype)
-        return (x, state.hist[0].astype(dtype)) if self.inverse else x
 
 
 def edict_invert(
@@ -231,10 +232,6 @@ class BDIA(_Exact):
         else:
             new = self.gamma * (state.hist[0] - toward(i - 1)) + toward(i + 1)
         return _advance(state, new, x, network_calls(denoiser, g[i]))
-
-    def finish(self, state, dtype):
-        x = state.x.astype(dtype)
-        return (x, state.hist[0].astype(dtype)) if self.inverse else x
 
 
 def bdia_invert(denoiser, x0, grid=None, *, nfe=None, cond=None, gamma: float = 1.0, grid_kind="default"):
