@@ -41,12 +41,16 @@ class Run(NamedTuple):
       grid: the grid the solver ran on.
       traj: with ``trajectory=True``, ``(xs, x0s, epss)`` stacked over the ``N`` steps
         (``xs`` the states after each step), else None.
+      state: the solver's final state, from which :func:`jdiff.sample` takes its result
+        (``solver.finish``); None from a strategy that keeps only ``x`` (Adjoint, which
+        supports only solvers whose result is ``x``).
     """
 
     x: jax.Array
     nfe: jax.Array
     grid: jax.Array
     traj: Any = None
+    state: Any = None
 
 
 def scan_steps(solver, state, num_steps: int, denoiser, cond, *, remat: bool = False, trajectory: bool = False):
@@ -107,7 +111,7 @@ def _full(solver, denoiser, x, grid, cond, key, *, nfe, trajectory, remat) -> Ru
     """Every step differentiated (``remat``: each under ``jax.checkpoint``)."""
     state = solver.init(x, grid, denoiser.process, key=key, nfe=nfe)
     state, traj = scan_steps(solver, state, grid.shape[0] - 1, denoiser, cond, remat=remat, trajectory=trajectory)
-    return Run(state.x, state.nfe, state.grid, traj)
+    return Run(state.x, state.nfe, state.grid, traj, state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +194,7 @@ class Truncated(GradientStrategy):
         first = _stop(first)._replace(aux=state.aux, grid=state.grid)
         state, traj2 = scan_steps(solver, first, self.k, denoiser, cond, remat=self.remat, trajectory=trajectory)
         traj = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), traj1, traj2)
-        return Run(state.x, state.nfe, state.grid, traj)
+        return Run(state.x, state.nfe, state.grid, traj, state)
 
 
 def check_gradient(gradient) -> GradientStrategy:

@@ -74,41 +74,51 @@ class _CastInput:
 jax.tree_util.register_dataclass(_CastInput, data_fields=["inner"], meta_fields=["dtype"])
 
 
-def validate_grid(process, grid):
-    """Check that ``grid`` is a valid decreasing time grid for ``process`` and return it.
+def validate_grid(process, grid, direction: str = "to_data"):
+    """Check that ``grid`` is a valid time grid for ``process`` and return it.
 
-    Shapes are checked now. Values (finite, strictly decreasing, times in the process's
-    range; the last point may be ``t_data``) raise ``ValueError`` now when the grid is
-    concrete; when it is traced (inside the caller's ``jit``), the returned grid carries
-    runtime checks and the compiled program fails with a message containing the same
-    words ("non-finite", "strictly decreasing", "outside the valid range"). Use the
-    returned grid downstream.
+    ``direction`` is the solver's (:class:`~jdiff.solvers.Solver`'s ``direction``):
+    ``"to_data"`` asks for a strictly decreasing grid (noise to data) whose last point may
+    be ``t_data``; ``"to_noise"`` for a strictly increasing one (data to noise, an
+    inversion) whose first point may be ``t_data``. Shapes are checked now. Values
+    (finite, strictly monotone, times in the process's range) raise ``ValueError`` now
+    when the grid is concrete; when it is traced (inside the caller's ``jit``), the
+    returned grid carries runtime checks and the compiled program fails with a message
+    containing the same words ("non-finite", "strictly decreasing" or "strictly
+    increasing", "outside the valid range"). Use the returned grid downstream.
     """
+    if direction not in ("to_data", "to_noise"):
+        raise ValueError(f"a grid direction is 'to_data' or 'to_noise', got {direction!r}")
     grid = jnp.asarray(grid)
     if grid.ndim != 1:
         raise ValueError(f"the time grid must be 1-D, got shape {grid.shape}")
     if grid.shape[0] < 2:
         raise ValueError(f"the time grid needs at least 2 points, got {grid.shape[0]}")
+    to_data = direction == "to_data"
+    order = "decreasing (noise to data)" if to_data else "increasing (data to noise)"
+    sign = 1 if to_data else -1
+    # the end that may be t_data: the last point toward the data, the first toward noise
+    inner, end = (slice(None, -1), slice(-1, None)) if to_data else (slice(1, None), slice(None, 1))
+    what = "final grid time" if to_data else "first grid time"
     g = concrete(grid)
     if g is not None:
         g = g.astype(np.float64)
         if not np.all(np.isfinite(g)):
             raise ValueError(f"the time grid has non-finite values: {g.tolist()[:8]}")
-        d = np.diff(g)
+        d = sign * np.diff(g)
         if not np.all(d < 0):
             k = int(np.argmax(d >= 0))
-            raise ValueError(
-                f"the time grid must be strictly decreasing (noise to data); t[{k}]={g[k]} <= t[{k + 1}]={g[k + 1]}"
-            )
-        process.check_times(g[:-1], allow_data=False, what="grid times")
-        process.check_times(g[-1:], allow_data=True, what="final grid time")
+            rel = "<=" if to_data else ">="
+            raise ValueError(f"the time grid must be strictly {order}; t[{k}]={g[k]} {rel} t[{k + 1}]={g[k + 1]}")
+        process.check_times(g[inner], allow_data=False, what="grid times")
+        process.check_times(g[end], allow_data=True, what=what)
         return grid
     # traced: one fused reduction per check, once per sample() call (not per step)
     grid = error_if(grid, ~jnp.all(jnp.isfinite(grid)), "the time grid has non-finite values")
-    grid = error_if(grid, jnp.any(jnp.diff(grid) >= 0), "the time grid must be strictly decreasing (noise to data)")
-    head = process.check_times(grid[:-1], allow_data=False, what="grid times")
-    tail = process.check_times(grid[-1:], allow_data=True, what="final grid time")
-    return jnp.concatenate([head, tail])
+    grid = error_if(grid, jnp.any(sign * jnp.diff(grid) >= 0), f"the time grid must be strictly {order}")
+    head = process.check_times(grid[inner], allow_data=False, what="grid times")
+    tail = process.check_times(grid[end], allow_data=True, what=what)
+    return jnp.concatenate([head, tail] if to_data else [tail, head])
 
 
 def check_x_T(x_T):
@@ -173,9 +183,11 @@ def check_inputs(solver, denoiser, x_T, grid, cond, key, *, nfe, grid_kind, fina
         if nfe is None:
             raise ValueError("give a time grid or a target nfe")
         grid = time_grid(process, kind=grid_kind, nfe=nfe, solver=solver, final=final)
-        grid = validate_grid(process, grid)
+        if solver.direction == "to_noise":
+            grid = grid[::-1]
+        grid = validate_grid(process, grid, solver.direction)
     else:
-        grid = validate_grid(process, grid)
+        grid = validate_grid(process, grid, solver.direction)
         if nfe is not None:
             check_nfe_with_grid(solver, process, grid, nfe)
     x_T = check_x_T(x_T)
@@ -216,7 +228,9 @@ def sample(
         ``__call__(x, t, cond) -> Prediction``).
       x_T: ``(B, ...)`` starting noise (see :func:`jdiff.prior_sample`). Its dtype is the
         dtype the network sees; the solver computes in at least float32.
-      grid: ``(N + 1,)`` decreasing times from ``t_max`` (default: built from ``nfe``).
+      grid: ``(N + 1,)`` decreasing times from ``t_max`` (default: built from ``nfe``);
+        increasing, data to noise, for a solver whose ``direction`` is ``"to_noise"``
+        (the inversions of :mod:`jdiff.inversion`; the default grid is then reversed).
       cond: any pytree passed unchanged to the denoiser. Per-sample conditioning: every
         array leaf with ``ndim >= 1`` must have the batch of ``x_T`` as its leading
         axis (scalars and non-array leaves are passed as they are); a mismatch raises
@@ -248,7 +262,9 @@ def sample(
         result is the same in every strategy.
 
     Returns:
-      The samples (dtype of ``x_T``), or ``(samples, SampleInfo)``.
+      The samples (dtype of ``x_T``), or ``(samples, SampleInfo)``. The samples are
+      ``solver.finish(final_state, x_T.dtype)``: the final ``x`` for every sampler, a
+      pytree for a solver whose result is more (e.g. EDICT inversion's pair).
 
     Works under ``jit``, ``vmap`` (including a different grid per sample) and
     ``grad`` with respect to ``x_T``, ``cond``, the denoiser's parameters and (with
@@ -261,7 +277,8 @@ def sample(
     Raises:
       ValueError: before anything runs, for a grid that is not finite, not strictly
         decreasing or outside the process's times, a non-finite ``x_T`` or a ``cond``
-        whose batch is not ``x_T``'s; ``Truncated(k)`` with ``k`` not in ``1..N`` (N grid
+        whose batch is not ``x_T``'s; ``denoise_to_zero`` with a solver that runs toward
+        noise; ``Truncated(k)`` with ``k`` not in ``1..N`` (N grid
         intervals); an ``nfe`` that disagrees with an explicit ``grid``;
         :class:`~jdiff.Adjoint` with a stochastic solver or another pair it
         does not support; on an eager call, a value check inside the compiled program
@@ -276,15 +293,19 @@ def sample(
         raise ValueError("trajectory=True needs return_info=True")
     x_T, grid, N = check_inputs(solver, denoiser, x_T, grid, cond, key, nfe=nfe, grid_kind=grid_kind, final=final)
     gradient.check(solver, denoiser, N, trajectory=trajectory, denoise_to_zero=denoise_to_zero)
+    if denoise_to_zero and solver.direction != "to_data":
+        raise ValueError(f"denoise_to_zero ends at the data, but {solver.name} runs toward noise")
 
     key = key if solver.stochastic else None
-    # One cached compilation per (solver, denoiser structure, shapes, flags); inside a
-    # user's jit it is inlined. Objects JAX cannot pass as arguments (a denoiser that is
-    # not a registered pytree, strings in cond) run the same body without the cache.
-    run = _run if _jittable((denoiser, cond, key)) else _run_impl
-    args = (solver, denoiser, x_T, grid, cond, key)
+    # One cached compilation per (solver settings, denoiser structure, shapes, flags);
+    # inside a user's jit it is inlined. A solver's array fields (solvers that start from
+    # more than x_T) are arguments. Objects JAX cannot pass as arguments (a denoiser that
+    # is not a registered pytree, strings in cond) run the same body without the cache.
+    settings, data = _split_solver(solver)
+    run = _run if _jittable((data, denoiser, cond, key)) else _run_impl
+    args = (settings, data, denoiser, x_T, grid, cond, key)
     flags = dict(nfe=nfe, denoise_to_zero=denoise_to_zero, trajectory=trajectory, gradient=gradient)
-    if is_concrete((denoiser, x_T, grid, cond, key)):
+    if is_concrete((data, denoiser, x_T, grid, cond, key)):
         # an eager call: a value check that fails inside the compiled program (e.g. a
         # model's labels out of range) raises ValueError with its message, as the checks
         # made before it do (this waits for the result)
@@ -304,8 +325,19 @@ def _jittable(tree) -> bool:
     return all(ok(leaf) for leaf in jax.tree.leaves(tree))
 
 
-def _run_impl(solver, denoiser, x_T, grid, cond, key, *, nfe, denoise_to_zero, trajectory, gradient):
+def _split_solver(solver):
+    """``(settings, data)``: a solver that is not a pytree is all settings (``data`` is
+    None); a pytree solver is its structure (hashable, with its static fields) and its
+    array leaves (see :class:`~jdiff.solvers.Solver`)."""
+    leaves, treedef = jax.tree.flatten(solver)
+    if jax.tree_util.treedef_is_leaf(treedef):
+        return solver, None
+    return treedef, leaves
+
+
+def _run_impl(settings, data, denoiser, x_T, grid, cond, key, *, nfe, denoise_to_zero, trajectory, gradient):
     """The body of :func:`sample` after validation."""
+    solver = settings if data is None else settings.unflatten(data)
     in_dtype = x_T.dtype
     dt = compute_dtype(x_T)
     den = denoiser if in_dtype == dt else _CastInput(denoiser, in_dtype)
@@ -318,7 +350,9 @@ def _run_impl(solver, denoiser, x_T, grid, cond, key, *, nfe, denoise_to_zero, t
     if trajectory:
         xs = jnp.concatenate([x_T.astype(dt)[None], run.traj[0]], axis=0)
         info = info._replace(xs=xs, x0s=run.traj[1], epss=run.traj[2])
-    return x.astype(in_dtype), info
+    if run.state is None or denoise_to_zero:
+        return x.astype(in_dtype), info
+    return solver.finish(run.state, in_dtype), info
 
 
-_run = jax.jit(_run_impl, static_argnames=("solver", "nfe", "denoise_to_zero", "trajectory", "gradient"))
+_run = jax.jit(_run_impl, static_argnames=("settings", "nfe", "denoise_to_zero", "trajectory", "gradient"))

@@ -49,15 +49,24 @@ two stored states).
 Layout: ``_records.py`` (the records and the input checks every inversion shares),
 ``_ode.py`` (:func:`invert`), ``_exact.py`` (EDICT, BDIA, edit-friendly DDPM; their DDIM
 coefficients come from :mod:`jdiff.solvers.ddim`, the one place they are computed) and
-``_regenerate.py``. The ODE inversion drives the solver protocol's ``init``/``step``
-itself, and the exact methods run their own scans, rather than :func:`jdiff.sample`'s
-loop: ``sample`` accepts only decreasing grids, and the exact methods' regeneration
-starts from more than ``x_T`` (EDICT's pair, BDIA's two states, DDPM's noises).
+``_regenerate.py``.
 
-Everything runs under ``jit`` (the compiled programs are cached per settings, like
-:func:`jdiff.sample`; ``p``, ``gamma``, ``eta`` and the number of refinement iterations are
-traced, so changing them does not recompile); input checks raise ``ValueError`` before
-anything runs.
+Every inversion and every regeneration is one :func:`jdiff.sample` call: each method is a
+solver of the protocol (``ODEInverse`` around the inverted solver; ``EDICT``, ``BDIA``
+and ``EditFriendlyDDPM`` with ``inverse=True`` or False). An inverting solver declares
+``direction = "to_noise"``, so ``sample`` runs it on the reversed, increasing grid, data
+to noise, and its ``finish`` returns what regeneration needs (EDICT's pair, BDIA's
+``x_0`` and ``x_1``, DDPM's ``x_T`` and noises). A regenerating solver carries what its
+start holds beyond ``x_T`` as array fields (EDICT's ``y_T``, BDIA's ``x_0`` and its
+time, DDPM's noises ``zs``), as it carries the traced settings ``p``, ``gamma``,
+``eta`` and the refinement count: ``sample`` passes a solver's array fields to its
+compiled program as arguments. BDIA's regeneration is ``sample`` from ``x_1`` over
+``grid[1:]`` (its first state is given, not computed): ``N - 1`` steps.
+
+Everything runs under ``jit`` (``sample``'s compiled programs, cached per settings;
+``p``, ``gamma``, ``eta`` and the number of refinement iterations are traced, so
+changing them does not recompile); input checks raise ``ValueError`` before anything
+runs.
 """
 
 from jdiff.inversion._exact import bdia_invert, ddpm_invert, edict_invert

@@ -1,26 +1,35 @@
-"""The exact inversions: EDICT, BDIA and edit-friendly DDPM (each step inverted in closed form)."""
+"""The exact inversions: EDICT, BDIA and edit-friendly DDPM (each step inverted in closed form).
+
+Each method is one solver run by :func:`jdiff.sample`'s loop. With ``inverse=True`` its
+``direction`` is ``"to_noise"``: it runs on the reversed (increasing) grid from the data,
+and its ``finish`` returns what regeneration needs (EDICT's pair, BDIA's two states,
+DDPM's noises). With ``inverse=False`` it samples, the starting data beyond ``x_T`` being
+fields of the solver (a pytree, see :class:`~jdiff.solvers.Solver`). The steps index the
+sampling grid (decreasing) as the papers do: ``aux`` holds it and its log alpha, log sigma.
+"""
 
 from __future__ import annotations
 
-import jax
+from typing import Any
+
 import jax.numpy as jnp
 
 from jdiff._param import broadcast_to_x
 from jdiff._random import normal_per_sample
+from jdiff._sample import sample
 from jdiff.inversion._records import (
     BDIAInversion,
     DDPMInversion,
     EDICTInversion,
-    _cast,
     _check_unit,
-    _maybe_jit,
     _num,
     _setup,
+    _solver,
 )
-from jdiff.solvers._base import compute_dtype, evaluate
+from jdiff.solvers._base import Solver, empty_state, evaluate, network_calls
 from jdiff.solvers.ddim import ddim_coefficients, ddim_table
 
-__all__ = ["edict_invert", "bdia_invert", "ddpm_invert"]
+__all__ = ["edict_invert", "bdia_invert", "ddpm_invert", "EDICT", "BDIA", "EditFriendlyDDPM"]
 
 
 # ---------------------------------------------------------------- DDIM helpers
@@ -36,6 +45,38 @@ def _ddim_coefs(la, ls, i, j):
 
 def _eps(den, x, t, cond):
     return den(x, t, cond).eps.astype(x.dtype)
+
+
+class _Exact(Solver):
+    """What the exact methods' solvers share: ``inverse`` sets the direction, ``aux``
+    starts with the sampling grid (decreasing, as the papers index it), and an inversion
+    finishes with the state and the second array it carries in ``hist[0]`` (EDICT's
+    second sequence, BDIA's previous state)."""
+
+    order = 1
+    who = "exact"
+
+    @property
+    def direction(self):
+        return "to_noise" if self.inverse else "to_data"
+
+    @property
+    def name(self):
+        return f"{self.who}_invert" if self.inverse else self.who
+
+    def sampling_grid(self, state):
+        """The sampling grid of ``state`` (decreasing): its own grid reversed when inverting."""
+        return state.grid[::-1] if self.inverse else state.grid
+
+    def finish(self, state, dtype):
+        x = state.x.astype(dtype)
+        return (x, state.hist[0].astype(dtype)) if self.inverse else x
+
+
+def _advance(state, x, other, calls):
+    """The state after a step of EDICT or BDIA: ``x`` and the second array ``other``
+    (EDICT's second sequence, BDIA's previous state) in ``hist[0]``."""
+    return state._replace(x=x, hist=other[None], i=state.i + 1, nfe=state.nfe + calls)
 
 
 # -------------------------------------------------------------------------- EDICT
@@ -65,24 +106,42 @@ def _edict_unstep(den, x, y, la, ls, grid, i, cond, p, leapfrog):
     return jnp.where(swap, y, x), jnp.where(swap, x, y)
 
 
-def _edict_impl(den, x, y, grid, cond, p, leapfrog, inverse):
-    dt = compute_dtype(x)
-    den = _cast(den, x)
-    grid = grid.astype(dt)
-    la, ls = _curves(den.process, grid)
-    N = grid.shape[0] - 1
-    fn = _edict_unstep if inverse else _edict_step
+@_solver(data=["p", "y_T"], meta=["leapfrog", "inverse"])
+class EDICT(_Exact):
+    """EDICT's coupled DDIM steps as a solver (see :func:`edict_invert`).
 
-    def body(carry, i):
-        a, b = carry
-        return fn(den, a, b, la, ls, grid, i, cond, p, leapfrog), None
+    ``inverse=True`` runs data to noise with both sequences starting at the data and
+    finishes with the pair ``(x_T, y_T)``; ``inverse=False`` samples from ``x_T``, the
+    second sequence starting at the field ``y_T``. The state's ``x`` is the first
+    sequence, ``hist[0]`` the second. Two model calls per step.
+    """
 
-    idx = jnp.arange(N - 1, -1, -1) if inverse else jnp.arange(N)
-    (x, y), _ = jax.lax.scan(body, (x.astype(dt), y.astype(dt)), idx)
-    return x, y
+    p: Any
+    y_T: Any = None
+    leapfrog: bool = True
+    inverse: bool = False
 
+    who = "edict"
 
-_edict = jax.jit(_edict_impl, static_argnames=("leapfrog", "inverse"))
+    def nfe(self, num_steps, to_data=False, from_noise=False):
+        return 2 * num_steps
+
+    def num_steps(self, nfe, to_data=False, from_noise=False):
+        return nfe // 2
+
+    def init(self, x_T, grid, process, *, key=None, nfe=None):
+        state = empty_state(x_T, grid, hist_size=1, process=process)
+        y = state.x if self.y_T is None else jnp.asarray(self.y_T).astype(state.x.dtype)
+        g = self.sampling_grid(state)
+        return state._replace(hist=y[None], aux=(g, *_curves(process, g)))
+
+    def step(self, denoiser, state, cond=None):
+        g, la, ls = state.aux
+        # the sampling step grid[i] -> grid[i + 1] this step takes or undoes
+        i = g.shape[0] - 2 - state.i if self.inverse else state.i
+        move = _edict_unstep if self.inverse else _edict_step
+        x, y = move(denoiser, state.x, state.hist[0], la, ls, g, i, cond, self.p, self.leapfrog)
+        return _advance(state, x, y, 2 * network_calls(denoiser, g[i]))
 
 
 def edict_invert(
@@ -116,58 +175,63 @@ def edict_invert(
     _, x0, grid = _setup(
         denoiser, x0, grid, cond, nfe=nfe, grid_kind=grid_kind, calls=2, min_steps=1, what="edict_invert"
     )
-    run = _maybe_jit(_edict_impl, _edict, (denoiser, cond))
-    x, y = run(denoiser, x0, x0, grid, cond, _num(p, x0), leapfrog=bool(leapfrog), inverse=True)
-    return EDICTInversion(
-        x_T=x.astype(x0.dtype),
-        y_T=y.astype(x0.dtype),
-        grid=grid,
-        p=p,
-        leapfrog=bool(leapfrog),
-        process=denoiser.process,
-    )
+    solver = EDICT(_num(p, x0), None, bool(leapfrog), inverse=True)
+    x, y = sample(solver, denoiser, x0, grid[::-1], cond=cond)
+    return EDICTInversion(x_T=x, y_T=y, grid=grid, p=p, leapfrog=bool(leapfrog), process=denoiser.process)
 
 
 # --------------------------------------------------------------------------- BDIA
-def _bdia_impl(den, a, b, grid, cond, gamma, inverse):
-    """Forward: ``(a, b) = (x_0, x_1)`` -> ``x_N``. Inverse: ``(a, b) = (x_N, unused)``
-    -> ``(x_0, x_1)``. Indices are the sampling grid's (``x_i`` at ``grid[i]``)."""
-    dt = compute_dtype(a)
-    den = _cast(den, a)
-    grid = grid.astype(dt)
-    la, ls = _curves(den.process, grid)
-    N = grid.shape[0] - 1
-    a = a.astype(dt)
+@_solver(data=["gamma", "x_0", "t_0"], meta=["inverse"])
+class BDIA(_Exact):
+    """BDIA-DDIM as a solver (see :func:`bdia_invert`); the state's ``x`` is ``x_i`` at
+    ``t_i`` and ``hist[0]`` the state before it. One model call per step.
 
-    def toward(x, e, i, j):
-        A, B = _ddim_coefs(la, ls, i, j)
-        return A * x + B * e
+    ``inverse=True`` runs data to noise: from the data ``x_N`` one DDIM inversion step
+    to ``x_{N-1}``, then BDIA's update solved for ``x_{i-1}``; it finishes with
+    ``(x_0, x_1)``. ``inverse=False`` samples from the second state: :func:`jdiff.sample`
+    starts at ``x_1`` on ``grid[1:]``, and the first state ``x_0`` and its time ``t_0 =
+    grid[0]`` are fields (the update reads the two last states, and its coefficients
+    reach back to ``t_{i-1}``).
+    """
 
-    if not inverse:
+    gamma: Any
+    x_0: Any = None
+    t_0: Any = None
+    inverse: bool = False
 
-        def fwd(carry, i):
-            x_prev, x_i = carry
-            e = _eps(den, x_i, grid[i], cond)
-            x_next = gamma * (x_prev - toward(x_i, e, i, i - 1)) + toward(x_i, e, i, i + 1)
-            return (x_i, x_next), None
+    who = "bdia"
 
-        (_, x_N), _ = jax.lax.scan(fwd, (a, b.astype(dt)), jnp.arange(1, N))
-        return x_N, x_N
+    @property
+    def min_steps(self):
+        return 2 if self.inverse else 1
 
-    # x_{N-1} from the data by one DDIM inversion step (the model at the data)
-    x_Nm1 = toward(a, _eps(den, a, grid[N], cond), N, N - 1)
+    def init(self, x_T, grid, process, *, key=None, nfe=None):
+        state = empty_state(x_T, grid, hist_size=1, process=process)
+        if self.inverse:
+            g, prev = state.grid[::-1], state.hist[0]
+        else:
+            g = jnp.concatenate([jnp.asarray(self.t_0, state.grid.dtype)[None], state.grid])
+            prev = jnp.asarray(self.x_0).astype(state.x.dtype)
+        return state._replace(hist=prev[None], aux=(g, *_curves(process, g)))
 
-    def bwd(carry, i):
-        x_i, x_next = carry
-        e = _eps(den, x_i, grid[i], cond)
-        x_prev = (x_next - toward(x_i, e, i, i + 1)) / gamma + toward(x_i, e, i, i - 1)
-        return (x_prev, x_i), None
+    def step(self, denoiser, state, cond=None):
+        g, la, ls = state.aux
+        N = g.shape[0] - 1
+        x = state.x
+        i = N - state.i if self.inverse else state.i + 1  # x = x_i at g[i]
+        e = _eps(denoiser, x, g[i], cond)
 
-    (x_0, x_1), _ = jax.lax.scan(bwd, (x_Nm1, a), jnp.arange(N - 1, 0, -1))
-    return x_0, x_1
+        def toward(j):
+            A, B = _ddim_coefs(la, ls, i, j)
+            return A * x + B * e
 
-
-_bdia = jax.jit(_bdia_impl, static_argnames=("inverse",))
+        if self.inverse:
+            # x_{N-1} from the data by one DDIM inversion step, then x_{i-1} from x_{i+1}, x_i
+            bdia = (state.hist[0] - toward(jnp.minimum(i + 1, N))) / self.gamma + toward(i - 1)
+            new = jnp.where(state.i == 0, toward(i - 1), bdia)
+        else:
+            new = self.gamma * (state.hist[0] - toward(i - 1)) + toward(i + 1)
+        return _advance(state, new, x, network_calls(denoiser, g[i]))
 
 
 def bdia_invert(denoiser, x0, grid=None, *, nfe=None, cond=None, gamma: float = 1.0, grid_kind="default"):
@@ -202,41 +266,62 @@ def bdia_invert(denoiser, x0, grid=None, *, nfe=None, cond=None, gamma: float = 
     _, x0, grid = _setup(
         denoiser, x0, grid, cond, nfe=nfe, grid_kind=grid_kind, calls=1, min_steps=2, what="bdia_invert"
     )
-    run = _maybe_jit(_bdia_impl, _bdia, (denoiser, cond))
-    x_T, x_1 = run(denoiser, x0, x0, grid, cond, _num(gamma, x0), inverse=True)
-    return BDIAInversion(
-        x_T=x_T.astype(x0.dtype), x_1=x_1.astype(x0.dtype), grid=grid, gamma=gamma, process=denoiser.process
-    )
+    x_T, x_1 = sample(BDIA(_num(gamma, x0), inverse=True), denoiser, x0, grid[::-1], cond=cond)
+    return BDIAInversion(x_T=x_T, x_1=x_1, grid=grid, gamma=gamma, process=denoiser.process)
 
 
 # ------------------------------------------------------------- edit-friendly DDPM
-def _ddpm_invert_impl(den, x0, grid, cond, key, eta):
-    dt = compute_dtype(x0)
-    den = _cast(den, x0)
-    grid = grid.astype(dt)
-    x0 = x0.astype(dt)
-    process = den.process
-    N = grid.shape[0] - 1
-    a_next, keep, c = ddim_table(process, grid, eta)
+@_solver(data=["eta", "zs"], meta=["inverse"])
+class EditFriendlyDDPM(_Exact):
+    """Edit-friendly DDPM as a solver (see :func:`ddpm_invert`): DDIM's steps with
+    ``eta`` (:func:`jdiff.solvers.ddim.ddim_table`) and given noises. One model call per step.
 
-    def noised(i):
-        # x_i = alpha_i x0 + sigma_i eps_i with its own noise per grid time; x_N is the data
-        a = broadcast_to_x(process.alpha(grid[i]), x0)
-        s = broadcast_to_x(process.sigma(grid[i]), x0)
-        x = a * x0 + s * normal_per_sample(key, x0.shape, dt, step=i)
-        return jnp.where(i == N, x0, x)
+    ``inverse=True`` (stochastic: the key draws the noised copies) runs data to noise:
+    its state is the copy ``x_{i+1}``, and each step draws ``x_i`` and solves for the noise
+    ``z_i`` of the DDPM step between them, kept in ``hist`` (``(N, *x.shape)``); it
+    finishes with ``(x_T, zs)`` (the noises in the compute dtype). ``inverse=False``
+    samples from ``x_T`` with the noises ``zs``, a field.
+    """
 
-    def body(_, i):
-        x_i, x_next = noised(i), noised(i + 1)
-        p = evaluate(den, x_i, grid[i], cond)
-        mu = a_next[i] * p.x0 + keep[i] * p.eps
-        return None, (x_next - mu) / c[i]
+    eta: Any
+    zs: Any = None
+    inverse: bool = False
 
-    _, zs = jax.lax.scan(body, None, jnp.arange(N))
-    return noised(0), zs
+    who = "ddpm"
 
+    @property
+    def stochastic(self):
+        return self.inverse
 
-_ddpm_invert = jax.jit(_ddpm_invert_impl)
+    def init(self, x_T, grid, process, *, key=None, nfe=None):
+        N = grid.shape[0] - 1 if self.inverse else 0
+        state = empty_state(x_T, grid, hist_size=N, key=key if self.inverse else None, process=process)
+        g = self.sampling_grid(state)
+        return state._replace(aux=(g, ddim_table(process, g, self.eta), state.x))
+
+    def step(self, denoiser, state, cond=None):
+        g, c, x0 = state.aux
+        x = state.x
+        if self.inverse:
+            i = g.shape[0] - 2 - state.i
+            # x_i = alpha_i x0 + sigma_i eps_i with its own noise per grid time
+            process = denoiser.process
+            a = broadcast_to_x(process.alpha(g[i]), x0)
+            s = broadcast_to_x(process.sigma(g[i]), x0)
+            x_i = a * x0 + s * normal_per_sample(state.key, x0.shape, x0.dtype, step=i)
+            p = evaluate(denoiser, x_i, g[i], cond)
+            z = (x - (c.a[i] * p.x0 + c.keep[i] * p.eps)) / c.c[i]
+            new, hist = x_i, state.hist.at[i].set(z)
+        else:
+            i, hist = state.i, state.hist
+            p = evaluate(denoiser, x, g[i], cond)
+            new = c.a[i] * p.x0 + c.keep[i] * p.eps + c.c[i] * self.zs[i].astype(x.dtype)
+        calls = network_calls(denoiser, g[i])
+        return state._replace(x=new, i=state.i + 1, pred=p, hist=hist, nfe=state.nfe + calls)
+
+    def finish(self, state, dtype):
+        x = state.x.astype(dtype)
+        return (x, state.hist) if self.inverse else x
 
 
 def ddpm_invert(denoiser, x0, grid=None, *, key, nfe=None, cond=None, eta: float = 1.0, grid_kind="default"):
@@ -272,24 +357,6 @@ def ddpm_invert(denoiser, x0, grid=None, *, key, nfe=None, cond=None, eta: float
     _, x0, grid = _setup(
         denoiser, x0, grid, cond, nfe=nfe, grid_kind=grid_kind, calls=1, min_steps=1, what="ddpm_invert"
     )
-    run = _maybe_jit(_ddpm_invert_impl, _ddpm_invert, (denoiser, cond, key))
-    x_T, zs = run(denoiser, x0, grid, cond, key, _num(eta, x0))
-    return DDPMInversion(x_T=x_T.astype(x0.dtype), zs=zs, grid=grid, eta=eta, process=denoiser.process)
-
-
-def _ddpm_regen_impl(den, x_T, zs, grid, cond, eta):
-    dt = compute_dtype(x_T)
-    den = _cast(den, x_T)
-    grid = grid.astype(dt)
-    a_next, keep, c = ddim_table(den.process, grid, eta)
-
-    def body(x, iz):
-        i, z = iz
-        p = evaluate(den, x, grid[i], cond)
-        return a_next[i] * p.x0 + keep[i] * p.eps + c[i] * z.astype(dt), None
-
-    x, _ = jax.lax.scan(body, x_T.astype(dt), (jnp.arange(zs.shape[0]), zs))
-    return x
-
-
-_ddpm_regen = jax.jit(_ddpm_regen_impl)
+    solver = EditFriendlyDDPM(_num(eta, x0), inverse=True)
+    x_T, zs = sample(solver, denoiser, x0, grid[::-1], cond=cond, key=key)
+    return DDPMInversion(x_T=x_T, zs=zs, grid=grid, eta=eta, process=denoiser.process)

@@ -1,19 +1,26 @@
-"""ODE inversion: a deterministic solver run on the reversed grid, with fixed-point refinement."""
+"""ODE inversion: a deterministic solver run on the reversed grid, with fixed-point refinement.
+
+:class:`ODEInverse` wraps the solver into one whose ``direction`` is ``"to_noise"``, so
+:func:`jdiff.sample`'s loop runs it on the increasing grid, data to noise.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jdiff._core import ei_coefficients, geometry_from
-from jdiff.inversion._records import ODEInversion, _cast, _maybe_jit, _setup
-from jdiff.solvers._base import Solver, compute_dtype, evaluate
+from jdiff._sample import sample
+from jdiff.inversion._records import ODEInversion, _setup, _solver
+from jdiff.solvers._base import Solver, evaluate, network_calls
 from jdiff.solvers._multistep import Multistep
 from jdiff.solvers.ddim import DDIM, ddim
 from jdiff.solvers.ipndm import IPNDM
 
-__all__ = ["invertible", "invert", "ddim_invert"]
+__all__ = ["invertible", "invert", "ddim_invert", "ODEInverse"]
 
 
 def invertible(solver) -> bool:
@@ -59,45 +66,69 @@ def _refine_order(solver):
     return 1 if isinstance(solver, DDIM) else min(int(solver.order), 3)
 
 
-def _ode_invert_impl(solver, den, x0, grid, cond, iters, refine):
-    dt = compute_dtype(x0)
-    den = _cast(den, x0)
-    process = den.process
-    rgrid = grid.astype(dt)[::-1]
-    state = solver.init(x0.astype(dt), rgrid, process)
-    mode = _mode(solver)
-    K = _refine_order(solver) - 1
-    table = _refine_table(solver, process, state.grid) if refine else None
+@_solver(data=["iters"], meta=["solver", "refine"])
+class ODEInverse(Solver):
+    """``solver`` run toward noise, each step refined by ``iters`` fixed-point iterations
+    of its implicit equation (module docstring of :mod:`jdiff.inversion`) when
+    ``refine``; ``iters`` is traced (an int32 scalar), so one compiled program serves
+    every count. The inner solver's state is the state, with the refinement's table and
+    history of the last ``order - 1`` model outputs beside the inner ones (``aux`` and
+    ``hist`` are pairs).
+    """
 
-    def body(carry, _):
-        st, hist = carry
-        x_s, j = st.x, st.i
-        st = solver.step(den, st, cond)
-        if not refine:
-            return (st, hist), None
-        m_s = st.pred.eps if mode == "noise" else st.pred.x0
-        if K:
-            hist = jnp.concatenate([m_s[None].astype(dt), hist[:-1]], axis=0)
-        c = jax.tree.map(lambda a: a[j], table)
-        known = x_s
-        for k in range(K):
-            known = known - c.cm[k + 1].astype(dt) * hist[k]
-        t = st.grid[j + 1]
+    solver: Solver
+    iters: Any
+    refine: bool = False
 
-        def fixed_point(_, x_t):
-            p = evaluate(den, x_t, t, cond)
-            m_t = p.eps if mode == "noise" else p.x0
-            return (known - c.cm[0].astype(dt) * m_t) / c.cx.astype(dt)
+    direction = "to_noise"
 
-        x = jax.lax.fori_loop(0, iters, fixed_point, st.x)
-        return (st._replace(x=x, nfe=st.nfe + iters), hist), None
+    @property
+    def name(self):
+        return f"invert[{self.solver.name}]"
 
-    hist = jnp.zeros((K,) + x0.shape, dt)
-    (state, _), _ = jax.lax.scan(body, (state, hist), None, length=grid.shape[0] - 1)
-    return state.x.astype(x0.dtype)
+    @property
+    def order(self):
+        return self.solver.order
 
+    @property
+    def min_steps(self):
+        return max(1, self.solver.min_steps)
 
-_ode_invert = jax.jit(_ode_invert_impl, static_argnames=("solver", "refine"))
+    def nfe(self, num_steps, to_data=False, from_noise=False):
+        return num_steps * (1 + int(self.iters))
+
+    def init(self, x_T, grid, process, *, key=None, nfe=None):
+        state = self.solver.init(x_T, grid, process)
+        K = _refine_order(self.solver) - 1
+        table = _refine_table(self.solver, process, state.grid) if self.refine else None
+        hist = jnp.zeros((K,) + state.x.shape, state.x.dtype)
+        return state._replace(aux=(state.aux, table), hist=(state.hist, hist))
+
+    def step(self, denoiser, state, cond=None):
+        (aux, table), (inner_hist, hist) = state.aux, state.hist
+        dt = state.x.dtype
+        x_s, j = state.x, state.i
+        st = self.solver.step(denoiser, state._replace(aux=aux, hist=inner_hist), cond)
+        if self.refine:
+            mode = _mode(self.solver)
+            K = hist.shape[0]
+            m_s = st.pred.eps if mode == "noise" else st.pred.x0
+            if K:
+                hist = jnp.concatenate([m_s[None].astype(dt), hist[:-1]], axis=0)
+            c = jax.tree.map(lambda a: a[j], table)
+            known = x_s
+            for k in range(K):
+                known = known - c.cm[k + 1].astype(dt) * hist[k]
+            t = st.grid[j + 1]
+
+            def fixed_point(_, x_t):
+                p = evaluate(denoiser, x_t, t, cond)
+                m_t = p.eps if mode == "noise" else p.x0
+                return (known - c.cm[0].astype(dt) * m_t) / c.cx.astype(dt)
+
+            x = jax.lax.fori_loop(0, self.iters, fixed_point, st.x)
+            st = st._replace(x=x, nfe=st.nfe + self.iters * network_calls(denoiser, t))
+        return st._replace(aux=state.aux, hist=(st.hist, hist))
 
 
 def invert(solver, denoiser, x0, grid=None, *, nfe=None, cond=None, refine: int = 0, grid_kind: str = "default"):
@@ -153,10 +184,9 @@ def invert(solver, denoiser, x0, grid=None, *, nfe=None, cond=None, refine: int 
         min_steps=max(1, solver.min_steps),
         what=f"invert({solver.name})",
     )
-    run = _maybe_jit(_ode_invert_impl, _ode_invert, (denoiser, cond))
     # refine > 0 is one compiled program whatever the count (a traced loop bound)
     iters = jnp.asarray(int(refine), jnp.int32)
-    x_T = run(solver, denoiser, x0, grid, cond, iters, refine=refine > 0)
+    x_T = sample(ODEInverse(solver, iters, refine > 0), denoiser, x0, grid[::-1], cond=cond)
     return ODEInversion(x_T=x_T, grid=grid, solver=solver, process=denoiser.process)
 
 

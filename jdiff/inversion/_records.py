@@ -13,16 +13,24 @@ import numpy as np
 from jdiff._checks import batch_array, error_if
 from jdiff._grid import time_grid
 from jdiff._param import check_cond_batch
-from jdiff._sample import _CastInput, _jittable, validate_grid
+from jdiff._sample import validate_grid
 from jdiff.solvers._base import Solver, compute_dtype
 
 __all__ = ["ODEInversion", "EDICTInversion", "BDIAInversion", "DDPMInversion"]
 
 
-def _record(cls, data, meta=()):
-    cls = dataclasses.dataclass(frozen=True)(cls)
+def _record(cls, data, meta=(), eq=True):
+    cls = dataclasses.dataclass(frozen=True, eq=eq)(cls)
     jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=list(meta))
     return cls
+
+
+def _solver(data, meta):
+    """Make ``cls`` a solver that is a pytree (see :class:`~jdiff.solvers.Solver`): its
+    ``data`` fields (arrays: traced settings, starting states) are arguments of
+    :func:`jdiff.sample`'s compiled program and its ``meta`` fields static settings.
+    Compared by identity (arrays have no truth value); the structure is what caches."""
+    return lambda cls: _record(cls, data, meta, eq=False)
 
 
 class ODEInversion:
@@ -129,16 +137,7 @@ def _setup(denoiser, x0, grid, cond, *, nfe, grid_kind, calls, min_steps, what):
     return process, x0, grid
 
 
-def _cast(denoiser, x):
-    dt = compute_dtype(x)
-    return denoiser if x.dtype == dt else _CastInput(denoiser, x.dtype)
-
-
 def _num(v, x):
     """A setting as an array of the compute dtype: a traced argument, so that one compiled
     program serves every value."""
     return jnp.asarray(v, compute_dtype(jnp.asarray(x)))
-
-
-def _maybe_jit(fn, jitted, tree):
-    return jitted if _jittable(tree) else fn

@@ -1,20 +1,15 @@
-"""Regeneration: sample from an inversion, with the inverting denoiser or another (editing)."""
+"""Regeneration: sample from an inversion, with the inverting denoiser or another (editing).
+
+Every regeneration is :func:`jdiff.sample` with the solver the inversion implies.
+"""
 
 from __future__ import annotations
 
 from jdiff._param import check_cond_batch
 from jdiff._process import same_process
 from jdiff._sample import sample
-from jdiff.inversion._exact import _bdia, _bdia_impl, _ddpm_regen, _ddpm_regen_impl, _edict, _edict_impl
-from jdiff.inversion._records import (
-    BDIAInversion,
-    DDPMInversion,
-    EDICTInversion,
-    ODEInversion,
-    _check_denoiser,
-    _maybe_jit,
-    _num,
-)
+from jdiff.inversion._exact import BDIA, EDICT, EditFriendlyDDPM
+from jdiff.inversion._records import BDIAInversion, DDPMInversion, EDICTInversion, ODEInversion, _check_denoiser, _num
 
 __all__ = ["regenerate"]
 
@@ -48,25 +43,20 @@ def regenerate(denoiser, inversion, *, cond=None):
         )
     x_T = inversion.x_T
     check_cond_batch(cond, x_T.shape[0], "the inversion's x_T", x_T.shape)
+    solver, start, grid = _sampler(inversion)
+    return sample(solver, denoiser, start, grid, cond=cond)
+
+
+def _sampler(inversion):
+    """``(solver, start, grid)`` of the :func:`jdiff.sample` call that samples from
+    ``inversion``: the solver's settings traced (arrays of the compute dtype of
+    ``x_T``) and its starting data beyond the start as fields; BDIA starts from its
+    second state on ``grid[1:]``."""
+    x_T, grid = inversion.x_T, inversion.grid
     if isinstance(inversion, ODEInversion):
-        return sample(inversion.solver, denoiser, x_T, inversion.grid, cond=cond)
-    tree = (denoiser, cond)
+        return inversion.solver, x_T, grid
     if isinstance(inversion, EDICTInversion):
-        run = _maybe_jit(_edict_impl, _edict, tree)
-        x, _ = run(
-            denoiser,
-            x_T,
-            inversion.y_T,
-            inversion.grid,
-            cond,
-            _num(inversion.p, x_T),
-            leapfrog=inversion.leapfrog,
-            inverse=False,
-        )
-    elif isinstance(inversion, BDIAInversion):
-        run = _maybe_jit(_bdia_impl, _bdia, tree)
-        x, _ = run(denoiser, x_T, inversion.x_1, inversion.grid, cond, _num(inversion.gamma, x_T), inverse=False)
-    else:
-        run = _maybe_jit(_ddpm_regen_impl, _ddpm_regen, tree)
-        x = run(denoiser, x_T, inversion.zs, inversion.grid, cond, _num(inversion.eta, x_T))
-    return x.astype(x_T.dtype)
+        return EDICT(_num(inversion.p, x_T), inversion.y_T, inversion.leapfrog), x_T, grid
+    if isinstance(inversion, BDIAInversion):
+        return BDIA(_num(inversion.gamma, x_T), x_0=x_T, t_0=grid[0]), inversion.x_1, grid[1:]
+    return EditFriendlyDDPM(_num(inversion.eta, x_T), inversion.zs), x_T, grid

@@ -57,7 +57,8 @@ class State(NamedTuple):
     Attributes:
       x: the current sample, in the compute dtype (at least float32).
       i: the index of the next grid interval (int32 scalar).
-      grid: the time grid, shape ``(N + 1,)``, decreasing.
+      grid: the time grid, shape ``(N + 1,)``, decreasing (increasing for a solver whose
+        ``direction`` is ``"to_noise"``).
       pred: the prediction ``(x0, eps)`` made at the start of the last step.
       hist: ``(K, *x.shape)`` a ring buffer of past model outputs in the solver's form
         (output ``i`` in slot ``i % K``; ``K`` may be 0). Each step writes its slot
@@ -121,6 +122,18 @@ class Solver:
         step: a deterministic step of the probability-flow ODE whose outputs are the
         ODE's (not DPM-Solver-v3's statistics, DC-Solver's compensated outputs or
         iPNDM's analytic first step). Default False: a new solver opts in.
+      direction: ``"to_data"`` (the default: the grid decreases, noise to data) or
+        ``"to_noise"`` (the grid increases, data to noise: the inversions of
+        :mod:`jdiff.inversion`); :func:`jdiff.sample` validates the grid accordingly.
+
+    Starting from more than ``x_T`` (the hook the inversions use): a solver may be a
+    registered pytree (``jax.tree_util.register_dataclass``, ``eq=False``) whose data
+    fields are arrays, e.g. EDICT's second sequence ``y_T``, BDIA's first state, the
+    per-step noises of edit-friendly DDPM or a traced setting such as EDICT's ``p``.
+    :func:`jdiff.sample` passes those leaves to its compiled program as arguments (so new
+    values do not recompile) and the rest of the pytree structure as its static settings;
+    ``init`` puts them into the state (``hist`` for what the steps change, ``aux`` for
+    what they only read). A solver that is not a pytree is all settings.
     """
 
     stochastic = False
@@ -129,12 +142,20 @@ class Solver:
     shaped_tables = False
     init_uses_nfe = False
     supports_adjoint = False
+    direction = "to_data"
 
     def init(self, x_T, grid, process, *, key=None, nfe=None) -> State:
         raise NotImplementedError
 
     def step(self, denoiser, state: State, cond=None) -> State:
         raise NotImplementedError
+
+    def finish(self, state: State, dtype):
+        """What :func:`jdiff.sample` returns from the final state, in the caller's
+        ``dtype`` (that of ``x_T``): by default the sample ``state.x``. A solver whose
+        result is more than the last state overrides it (EDICT's pair, edit-friendly
+        DDPM's noises) and then returns a pytree."""
+        return state.x.astype(dtype)
 
     def transition(self, denoiser, state: State, cond=None):
         """``(state, std)``: the step as a Gaussian transition ``x_next ~ N(state.x,
