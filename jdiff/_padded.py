@@ -163,13 +163,20 @@ def sample_padded(
     Raises:
       ValueError: for the same bad input as :func:`jdiff.sample` (on an eager call also
         for a check inside the compiled loop, such as a model's labels out of range), and
-        for a grid with more than ``max_steps`` intervals.
+        for a grid with more than ``max_steps`` intervals, and for a solver that runs
+        toward noise or carries array fields (the inversions: use :func:`jdiff.sample`).
 
     Not reverse-mode differentiable (the loop is a ``while_loop``): use
     :func:`jdiff.sample` with a gradient strategy for gradients.
     """
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+    pytree = not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(solver))
+    if getattr(solver, "direction", "to_data") != "to_data" or pytree:
+        raise ValueError(
+            f"sample_padded runs solvers from noise to data without array fields; {type(solver).__name__} "
+            "is not one (an inversion or regeneration): use jdiff.sample"
+        )
     x_T, grid, N = check_inputs(solver, denoiser, x_T, grid, cond, key, nfe=nfe, grid_kind=grid_kind, final=final)
     if N > max_steps:
         raise ValueError(f"the grid has {N} intervals, more than max_steps={max_steps}")

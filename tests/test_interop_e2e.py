@@ -32,7 +32,11 @@ def ddpm(tmp_path_factory):
     shutil.copytree(FIX / "unet" / "ddpm", root / "unet")
     (root / "scheduler").mkdir()
     shutil.copy(FIX / "schedulers" / "ddpm_linear" / "scheduler_config.json", root / "scheduler")
-    index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
+    index = {
+        "_class_name": "DDPMPipeline",
+        "unet": ["diffusers", "UNet2DModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
     (root / "model_index.json").write_text(json.dumps(index))
     return root, interop.load_diffusers(root)
 

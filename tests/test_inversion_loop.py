@@ -206,3 +206,6 @@ def test_sample_runs_toward_noise_only_on_increasing_grids(setup):
         jdiff.sample(solver, den, x0, g[::-1], denoise_to_zero=True)
     (x, y), info = jdiff.sample(solver, den, x0, g[::-1], return_info=True)
     assert int(info.nfe) == 2 * N and x.shape == y.shape == x0.shape
+    # sample_padded's while loop serves solvers from noise to data only: refused, one line
+    with pytest.raises(ValueError, match="sample_padded runs solvers from noise to data without array fields"):
+        jdiff.sample_padded(solver, den, x0, g[::-1], max_steps=N)
