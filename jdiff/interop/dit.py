@@ -114,7 +114,11 @@ class DiTSpec:
     def from_config(cls, config: dict) -> DiTSpec:
         """Read a ``DiTTransformer2DModel`` (or legacy ``Transformer2DModel`` with
         ``norm_type="ada_norm_zero"``) config; :class:`UnsupportedModelError` names any key
-        whose value this module does not implement."""
+        whose value this module does not implement. ``dropout`` (inference only),
+        ``norm_num_groups`` (unused by diffusers' DiT) and ``upcast_attention`` (softmax is
+        always float32 here) do not change the computation; the legacy class's other keys
+        (``cross_attention_dim``, ...) are ignored as diffusers ignores them when it maps
+        the class to ``DiTTransformer2DModel`` (weights they would add are refused as extra)."""
         name = config.get("_class_name", "DiTTransformer2DModel")
         if name not in _CLASSES:
             raise _unsupported("_class_name", name, " or ".join(_CLASSES))
