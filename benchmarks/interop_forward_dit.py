@@ -178,7 +178,7 @@ def _merge(path: str, rows: list[dict]) -> list[dict]:
         return rows
     with open(path, newline="") as f:
         old = [r for r in csv.DictReader(f) if cell(r) not in {cell(n) for n in rows}]
-    return old + rows
+    return [{k: r.get(k, "") for k in rows[0]} for r in old] + rows
 
 
 def main() -> None:
@@ -218,6 +218,7 @@ def main() -> None:
             proc.stdin.close()
 
     where, date = machine(), today()
+    load = f"{os.getloadavg()[1]:.1f}"  # the machine's load over the last 5 minutes (shared machines)
     rows, csv_rows = [], []
     for dtype in args.dtypes.split(","):
         ratio = theirs[dtype] / ours[dtype]
@@ -236,6 +237,8 @@ def main() -> None:
                 dtype=dtype,
                 batch=args.batch,
                 threads=args.threads,
+                repeat=args.repeat,
+                load_average=load,
                 jdiff_s_per_image=round(ours[dtype], 4),
                 torch_s_per_image=round(theirs[dtype], 4),
                 torch_over_jdiff=round(ratio, 3),
@@ -248,7 +251,8 @@ def main() -> None:
             )
         )
     print()
-    print(f"DiT-XL/2-shaped forward ({args.layers} layers, 32x32x4 latents), seconds per image; {where}; {date}")
+    print(f"DiT-XL/2-shaped forward ({args.layers} layers, 32x32x4 latents), seconds per image")
+    print(f"{where}; {date}; load average {load}")
     print(table(rows, ["dtype", "jdiff (jit)", "diffusers (torch eager)", "torch / jdiff", "rel. diff. to torch f32"]))
     write_csv(args.out, _merge(args.out, csv_rows))
     print(f"wrote {args.out}")

@@ -104,6 +104,10 @@ def test_learned_sigma_split(models, ref):
     pred, rest = model.split_output(out)
     assert pred.shape == rest.shape == (3, 8, 8, 4)
     np.testing.assert_array_equal(np.asarray(pred), np.asarray(out)[..., :4])
+    # no labels: the null class for every latent
+    null = np.asarray(apply(params, ref["x"].transpose(0, 2, 3, 1), ref["t"], None))
+    np.testing.assert_allclose(null[1], np.asarray(out)[1], rtol=0, atol=8 * EPS32 * np.abs(out).max())
+    assert np.abs(null[0] - np.asarray(out)[0]).max() > 0.1  # label 3 is not the null class
     variant = models["dit_variant"][0]
     assert variant.prediction_channels == 3
     assert variant.split_output(jnp.zeros((1, 8, 8, 3)))[1] is None

@@ -278,7 +278,7 @@ class DiTTransformer2D(nnx.Module):
     Call: ``model(x, timesteps, class_labels)`` with ``x`` ``(B, H, H, in_channels)``
     (``H`` a multiple of ``patch_size``; ``sample_size`` is the trained size), ``timesteps``
     ``(B,)`` or a scalar (diffusers' timestep values), ``class_labels`` ``(B,)`` ints in
-    ``0..num_classes`` (``num_classes`` is the null class). Returns ``(B, H, H,
+    ``0..num_classes`` (``num_classes`` is the null class; None: the null class for all). Returns ``(B, H, H,
     out_channels)`` in ``x``'s dtype. ``rngs`` is accepted and ignored (inference only:
     diffusers' dropout is 0 for DiT), so :func:`jdiff.models.to_denoiser` can call it.
     """
@@ -314,8 +314,8 @@ class DiTTransformer2D(nnx.Module):
             )
         b = x.shape[0]
         t = check_time(timesteps, b, "DiT timesteps").astype(jnp.float32)
-        y = jnp.asarray(class_labels)
-        y = check_labels(jnp.broadcast_to(y, (b,)) if y.ndim == 0 else y, b, s.num_classes)
+        y = None if class_labels is None else jnp.asarray(class_labels)
+        y = check_labels(jnp.broadcast_to(y, (b,)) if y is not None and y.ndim == 0 else y, b, s.num_classes)
         return x, t, y
 
     def __call__(self, x, timesteps, class_labels, *, rngs=None):
