@@ -10,7 +10,10 @@ becomes a jdiff process, parameterization and default grid.
   :class:`DiffusersModel`: the denoiser, its default grid, classes and VAE;
 - :func:`sample_model`: sample it with any jdiff solver, decode, save (``jdiff sample
   --model``);
-- :func:`scheduler_from_config`: a ``scheduler_config.json`` -> a :class:`Scheduler`.
+- :func:`scheduler_from_config`: a ``scheduler_config.json`` -> a :class:`Scheduler`;
+- the architectures as NNX modules in NHWC, each with ``from_diffusers(config, weights)``:
+  :class:`UNet2DModel` (:mod:`jdiff.interop.unet2d`), :class:`DiTTransformer2D`
+  (:mod:`jdiff.interop.dit`), :class:`AutoencoderKL` (:mod:`jdiff.interop.vae`).
 
 Example::
 
@@ -19,6 +22,7 @@ Example::
     x = jdiff.sample(solver, model.sampling_denoiser(), x_T, model.grid(10, solver))
 """
 
+from jdiff.interop import dit, unet2d, vae
 from jdiff.interop._convert import UnsupportedModelError, WeightError, Weights
 from jdiff.interop._folder import (
     ARCHITECTURES,
@@ -30,8 +34,17 @@ from jdiff.interop._folder import (
 )
 from jdiff.interop._sample import ModelSamples, sample_model
 from jdiff.interop._scheduler import SCHEDULERS, Scheduler, Thresholding, scheduler_from_config
+from jdiff.interop.dit import DiTTransformer2D
+from jdiff.interop.unet2d import UNet2DModel
+from jdiff.interop.vae import AutoencoderKL
 
 __all__ = [
+    "UNet2DModel",
+    "DiTTransformer2D",
+    "AutoencoderKL",
+    "dit",
+    "unet2d",
+    "vae",
     "UnsupportedModelError",
     "WeightError",
     "Weights",

@@ -16,10 +16,9 @@ tensors is refused before anything runs), else the ``.fp16`` variants of either,
 sharded ``...safetensors.index.json``. Torch is never imported.
 
 Architectures are looked up by the config's ``_class_name`` in :data:`ARCHITECTURES`
-(``UNet2DModel``, ``DiTTransformer2DModel``, ``AutoencoderKL``); each names a module
-whose ``from_diffusers(config, weights)`` builds the jdiff NNX module. The modules are
-imported when a folder needs them (a registry of names, not of imported modules), so
-that :func:`register_architecture` can add or replace one.
+(``UNet2DModel``, ``DiTTransformer2DModel``, ``AutoencoderKL``): each maps to the
+``from_diffusers(config, weights)`` of :mod:`jdiff.interop.unet2d`, :mod:`~jdiff.interop.dit`
+or :mod:`~jdiff.interop.vae`; :func:`register_architecture` adds or replaces one.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ from flax import nnx
 from jdiff._grid import time_grid
 from jdiff._param import Denoiser
 from jdiff.features._torch_load import load_torch_state_dict
+from jdiff.interop import dit, unet2d, vae
 from jdiff.interop._convert import UnsupportedModelError, Weights
 from jdiff.interop._scheduler import Scheduler, scheduler_from_config
 from jdiff.wrappers import guidance as cfg_guidance
@@ -55,11 +55,11 @@ __all__ = [
     "register_architecture",
 ]
 
-# class name -> a module path whose from_diffusers(config, weights) builds it, or a callable
+# class name -> from_diffusers(config, weights) building it (or a module path holding one)
 ARCHITECTURES: dict[str, str | Callable] = {
-    "UNet2DModel": "jdiff.interop.unet2d",
-    "DiTTransformer2DModel": "jdiff.interop.dit",
-    "AutoencoderKL": "jdiff.interop.vae",
+    "UNet2DModel": unet2d.from_diffusers,
+    "DiTTransformer2DModel": dit.from_diffusers,
+    "AutoencoderKL": vae.from_diffusers,
 }
 # class name -> its role in a pipeline: "denoiser" (unet/, transformer/) or "vae" (vae/)
 ROLES = {"UNet2DModel": "denoiser", "DiTTransformer2DModel": "denoiser", "AutoencoderKL": "vae"}
@@ -168,7 +168,7 @@ def _build(folder: str, dtype, role: str):
     wpath = _weights_file(folder)
     weights = Weights(_read_state(wpath), source=wpath, dtype=dtype)
     builder = ARCHITECTURES[name]
-    if isinstance(builder, str):  # resolved when needed: see register_architecture
+    if isinstance(builder, str):  # a module path given to register_architecture
         builder = importlib.import_module(builder).from_diffusers
     return name, config, builder(config, weights), cfg_path
 
