@@ -1,4 +1,4 @@
-"""kill -9 a small ``jdiff train`` run at 10 random steps (several of them while an
+"""kill -9 a small ``jdiff train`` run at 6 random steps (several of them while an
 asynchronous checkpoint is being written), resume it each time, and compare with an
 uninterrupted run: the final parameters and every line of metrics.jsonl (less the
 wall-clock fields) must be identical."""
@@ -97,7 +97,7 @@ def test_kill9_at_random_steps_then_resume_is_identical(tmp_path):
     # compilation cache is shared, and entries are written atomically).
     ref_proc = subprocess.Popen(_cmd(ref, False), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    targets = sorted(random.Random(SEED).sample(range(2, STEPS - 1), 10))
+    targets = sorted(random.Random(SEED).sample(range(2, STEPS - 1), 6))
     killed = []  # (target step, last step logged when the kill was sent, newest checkpoint after it)
     mpath = os.path.join(run, "metrics.jsonl")
     for target in targets:
@@ -116,7 +116,7 @@ def test_kill9_at_random_steps_then_resume_is_identical(tmp_path):
         ckpts = sorted(int(n) for n in os.listdir(os.path.join(run, "checkpoints")) if n.isdigit())
         killed.append((target, _logged_step(mpath), ckpts[-1] if ckpts else None))
     print("kill -9 (target step, last logged step, newest checkpoint):", killed)
-    assert len(killed) >= 6, killed
+    assert len(killed) >= 4, killed
 
     r = subprocess.run(_cmd(run, True), env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
