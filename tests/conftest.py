@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 # Compilation dominates this suite (hundreds of small programs, each run a few times), so
 # XLA's optimization passes cost more than they save: measured on 2 cores, the training
@@ -15,6 +17,17 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 from _train_worker import prefer_fast_test_compile  # noqa: E402
 
 prefer_fast_test_compile()
+
+# One persistent compilation cache for the whole run, shared by the xdist workers and the
+# subprocesses they start (they inherit the environment set here in the controller): a
+# program that several test files or processes compile is compiled once (measured on 2
+# cores: 5% less CPU for the suite). The directory is the run's own and removed at the end;
+# a cache the caller configured is used and left alone.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"jdiff-tests-xla-{os.getpid()}")
+    os.environ["JDIFF_TESTS_OWN_XLA_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -129,3 +142,10 @@ def assert_moments_match(x, mean, cov, nsigma=NSIGMA, bias=0.0):
     zc = np.abs(c - np.asarray(cov)) / (nsigma * se_c + bias)
     assert np.all(zm <= 1), f"mean {m} vs {mean}: |diff| / ({nsigma} se + {bias}) = {zm}"
     assert np.all(zc <= 1), f"cov {c} vs {cov}: |diff| / ({nsigma} se + {bias}) = {zc}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the run's own compilation cache (on the controller, or a run without xdist)."""
+    own = os.environ.get("JDIFF_TESTS_OWN_XLA_CACHE")
+    if own and not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(own, ignore_errors=True)

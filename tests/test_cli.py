@@ -546,6 +546,7 @@ def test_jpeg_output_and_compilation_cache(tiny_run, tmp_path, capsys):
         "jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(3)).block_until_ready()\n"
     )
     env = _env() | {"JDIFF_CACHE_DIR": str(cache)}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's own shared cache (conftest)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(cache) and len(os.listdir(cache)) >= 1
