@@ -23,8 +23,8 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from jdiff.features._torch_load import UnsafePickleError, load_torch_state_dict
-from jdiff.interop import UnsupportedModelError, WeightError, Weights
-from jdiff.interop.vae import AutoencoderKL, VAEConfig, from_diffusers, from_folder
+from jdiff.interop import ModelFolderError, UnsupportedModelError, WeightError, Weights, load_vae
+from jdiff.interop.vae import AutoencoderKL, VAEConfig, from_diffusers
 
 HERE = os.path.dirname(__file__)
 FIX = os.path.join(HERE, "fixtures", "diffusers")
@@ -83,7 +83,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def vae():
-    return from_folder(ST_DIR)
+    return load_vae(ST_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_both_folders_load_the_same_weights(vae, config):
     st = load_file(ST_FILE)
     pt = load_torch_state_dict(os.path.join(BIN_DIR, "diffusion_pytorch_model.bin"))
     assert set(st) == set(pt) and all(np.array_equal(st[k], pt[k]) for k in st)
-    from_bin = from_folder(BIN_DIR)
+    from_bin = load_vae(BIN_DIR)
     a, b = nnx.state(vae), nnx.state(from_bin)
     assert jax.tree.structure(a) == jax.tree.structure(b)
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -261,17 +261,15 @@ def test_malicious_bin_folder_is_refused_before_anything_runs(payload, tmp_path,
         with zipfile.ZipFile(weights, "w") as zf:
             zf.writestr("archive/data.pkl", raw)
     with pytest.raises(UnsafePickleError, match=rf"diffusion_pytorch_model\.bin.*refusing to load global {payload}"):
-        from_folder(folder)
+        load_vae(folder)
     assert not (tmp_path / "JDIFF_PWNED").exists()
     pickle.loads(raw)  # control: a plain unpickler does run it (the file really is hostile)
     assert (tmp_path / "JDIFF_PWNED").exists()
 
 
 def test_folder_without_config_or_weights(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"is not a diffusers model folder: it has no config\.json"):
-        from_folder(tmp_path)
+    with pytest.raises(ModelFolderError, match=r"no config\.json; expected"):
+        load_vae(tmp_path)
     shutil.copy(os.path.join(ST_DIR, "config.json"), tmp_path / "config.json")
-    with pytest.raises(
-        FileNotFoundError, match=r"has no diffusion_pytorch_model\.safetensors or diffusion_pytorch_model\.bin"
-    ):
-        from_folder(tmp_path)
+    with pytest.raises(ModelFolderError, match=r"no weights \(diffusion_pytorch_model\.safetensors or \.bin\)"):
+        load_vae(tmp_path)

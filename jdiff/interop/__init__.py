@@ -30,6 +30,7 @@ from jdiff.interop._folder import (
     DiffusersModel,
     ModelFolderError,
     load_diffusers,
+    load_vae,
     register_architecture,
 )
 from jdiff.interop._sample import ModelSamples, sample_model
@@ -57,6 +58,7 @@ __all__ = [
     "DiffusersModel",
     "ModelFolderError",
     "load_diffusers",
+    "load_vae",
     "register_architecture",
     "ModelSamples",
     "sample_model",

@@ -53,6 +53,7 @@ __all__ = [
     "ModelFolderError",
     "load_diffusers",
     "register_architecture",
+    "load_vae",
 ]
 
 # class name -> from_diffusers(config, weights) building it (or a module path holding one)
@@ -171,6 +172,20 @@ def _build(folder: str, dtype, role: str):
     if isinstance(builder, str):  # a module path given to register_architecture
         builder = importlib.import_module(builder).from_diffusers
     return name, config, builder(config, weights), cfg_path
+
+
+def load_vae(path, *, dtype=jnp.float32):
+    """The ``AutoencoderKL`` of a diffusers folder (a VAE model folder, or a pipeline's
+    ``vae/``), read as :func:`load_diffusers` reads models: ``.safetensors`` with the
+    format's NumPy reader, a ``.bin`` with jdiff's torch-free reader (a pickle that names
+    anything but tensors is refused before it is imported or run).
+
+    Raises:
+      ModelFolderError: no ``config.json`` or no weights; UnsupportedModelError: not a
+      VAE or an unsupported config value; WeightError: a missing, extra or mis-shaped
+      weight; UnsafePickleError: a hostile ``.bin``.
+    """
+    return _build(os.fspath(path), dtype, "vae")[2]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -33,8 +33,6 @@ paper section 4.3.2 and appendix D.1); :meth:`AutoencoderKL.to_latent` and
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,14 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file
 
-from jdiff.features._torch_load import load_torch_state_dict
 from jdiff.interop._convert import UnsupportedModelError, Weights
 from jdiff.models._common import attention
 from jdiff.models._conv import conv_general_dilated
 
-__all__ = ["AutoencoderKL", "VAEConfig", "from_diffusers", "from_folder"]
+__all__ = ["AutoencoderKL", "VAEConfig", "from_diffusers"]
 
 _EPS = 1e-6  # every GroupNorm of diffusers' Encoder and Decoder
 _DOWN = "DownEncoderBlock2D"
@@ -507,39 +503,3 @@ def from_diffusers(config: Mapping[str, Any], weights: Weights, *, dtype=None) -
     unset = [p for p, v in nnx.to_flat_state(nnx.state(vae)) if not isinstance(v.get_value(), jax.Array)]
     assert not unset, f"parameters not loaded: {unset}"  # every module's load() covers its own
     return vae
-
-
-def from_folder(path: str | os.PathLike, *, dtype=None) -> AutoencoderKL:
-    """Load a diffusers ``AutoencoderKL`` folder (``config.json`` and
-    ``diffusion_pytorch_model.safetensors``, else ``diffusion_pytorch_model.bin``).
-
-    The ``.safetensors`` file is read with the ``safetensors`` package's NumPy API; a
-    ``.bin`` with jdiff's torch-free reader, which refuses any pickle that names something
-    other than tensors before anything named is imported or run.
-
-    Arguments:
-      path: the folder (for a pipeline, its ``vae`` subfolder).
-      dtype: compute dtype (None: float32).
-
-    Returns:
-      The :class:`AutoencoderKL`.
-
-    Raises:
-      FileNotFoundError: no ``config.json`` or no weights file in ``path``.
-      UnsupportedModelError, WeightError: as :func:`from_diffusers`;
-      jdiff.features.UnsafePickleError: a ``.bin`` whose pickle would run code.
-    """
-    path = os.fspath(path)
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"{path!r} is not a diffusers model folder: it has no config.json")
-    with open(cfg_file) as f:
-        config = json.load(f)
-    stem = os.path.join(path, "diffusion_pytorch_model")
-    if os.path.isfile(stem + ".safetensors"):
-        source, state = stem + ".safetensors", load_file(stem + ".safetensors")
-    elif os.path.isfile(stem + ".bin"):
-        source, state = stem + ".bin", load_torch_state_dict(stem + ".bin")
-    else:
-        raise FileNotFoundError(f"{path!r} has no diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin")
-    return from_diffusers(config, Weights({k: np.asarray(v) for k, v in state.items()}, source=source), dtype=dtype)
