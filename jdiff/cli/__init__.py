@@ -11,6 +11,8 @@
     jdiff plot --run runs/digits                             # redraw the loss curve
     jdiff prefer --methods dpo,draft1                        # preference / reward fine-tuning of digits
     jdiff tune --solver unipc2 --nfe 5,6 --out grids.json    # optimized time grids (jdiff.tune)
+    jdiff distill --method NAME --teacher digits --out DIR   # a few-step student (jdiff.distill)
+    jdiff sample --student DIR --steps 2                     # draw from a student
 
 One module per command (:mod:`~jdiff.cli.train`, :mod:`~jdiff.cli.sample`,
 :mod:`~jdiff.cli.presets`, :mod:`~jdiff.cli.plot`); the configuration is the library's
@@ -79,7 +81,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from jdiff import presets as P
     from jdiff import solvers
-    from jdiff.cli import bench, plot, prefer, presets, sample, train, tune
+    from jdiff.cli import bench, distill, plot, prefer, presets, sample, train, tune
+    from jdiff.distill import METHODS
 
     parser = _Parser(
         prog="jdiff",
@@ -95,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub, _Formatter, solvers.names())
     prefer.add_parser(sub, _Formatter)
     tune.add_parser(sub, _Formatter, solvers.names())
+    distill.add_parser(sub, _Formatter, METHODS)
     debug = "print the full traceback of a failure (also JDIFF_DEBUG=1)"
     parser.add_argument("--debug", action="store_true", help=debug)
     for command in sub.choices.values():  # SUPPRESS: the subcommand's default must not reset the global flag
@@ -131,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _errors.quiet_libraries(debug):
         try:
             resolved = args.check(args)  # every check before anything is created
-            if args.command in ("train", "sample", "bench", "tune"):
+            if args.command in ("train", "sample", "bench", "tune", "distill"):
                 enable_compilation_cache()
             return int(args.fn(args, resolved) or 0)
         except KeyboardInterrupt:

@@ -9,13 +9,13 @@ import os
 import sys
 import time
 
-from jdiff.cli import _model
+from jdiff.cli import _model, _student
 from jdiff.cli._args import check_output, finite_float
 from jdiff.cli._common import CLIError, positive
 from jdiff.runs import ConfigError, check_solver_nfe, denoiser_apply, make_solver, run_denoiser, to_host
 from jdiff.runs import rundir as R
 
-HELP = "sample from a trained run or a diffusers-format model"
+HELP = "sample from a trained run, a diffusers-format model or a distilled student"
 
 
 def add_parser(sub, formatter, solver_names: list[str]):
@@ -26,10 +26,12 @@ def add_parser(sub, formatter, solver_names: list[str]):
         description="Load a run's config and newest checkpoint and sample with any jdiff solver. Writes an image "
         "(a grid, or a 2-D scatter plot; PNG, or JPEG for .jpg/.jpeg) and an .npz with the samples. Unset options "
         "default to the run's 'sample' config section. With --model, sample a diffusers-format folder (a pipeline "
-        "with model_index.json, or a model folder with config.json) on its scheduler's grid, decoded by its VAE.",
+        "with model_index.json, or a model folder with config.json) on its scheduler's grid, decoded by its VAE. "
+        "With --student, draw from a student folder of 'jdiff distill' with its own method at --steps.",
         epilog="examples:\n  jdiff sample --run runs/digits --solver unipc3 --nfe 10 --guidance 2\n"
         "  jdiff sample --run runs/digits --solver dpm_solver_pp --order 3 --nfe 50 --label 3 --num 16\n"
         "  jdiff sample --model DiT-XL-2-256 --solver dpm++2m --nfe 10 --guidance 4 --class-label 207\n"
+        "  jdiff sample --student students/digits-cd --steps 2 --num 100\n"
         f"solvers (jdiff.solvers.names(); factory names such as dpm_solver_pp take --order): {', '.join(solver_names)}",
     )
     sa.add_argument("--run", metavar="DIR", help="run directory written by 'jdiff train'")
@@ -38,6 +40,15 @@ def add_parser(sub, formatter, solver_names: list[str]):
         metavar="PATH",
         help="a diffusers-format folder (or a model id owner/name when huggingface_hub is installed); "
         "default solver and NFE: the scheduler's",
+    )
+    sa.add_argument(
+        "--student", metavar="DIR", help="a student folder written by 'jdiff distill' (sampled by its own method)"
+    )
+    sa.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="--student: its step count (default: the steps it was trained for; more are refused)",
     )
     sa.add_argument("--solver", metavar="NAME", help="sampler from jdiff.solvers (default: the run's sample.solver)")
     sa.add_argument(
@@ -106,10 +117,17 @@ def _tag(s, step: int, label: int | None, guidance: float) -> str:
 
 def resolve(args):
     """Check the options, the output paths and the run's sampling settings; creates nothing."""
+    if args.student is not None:
+        return _student.resolve(args, _outputs)
+    if args.steps is not None:
+        raise CLIError("--steps applies to --student; a run or a model samples at --nfe")
     if args.model is not None:
         return _model.resolve(args, _outputs)
     if args.run is None:
-        raise CLIError("give --run DIR (a run of 'jdiff train') or --model PATH (a diffusers-format folder)")
+        raise CLIError(
+            "give --run DIR (a run of 'jdiff train'), --model PATH (a diffusers-format folder) "
+            "or --student DIR (a folder of 'jdiff distill')"
+        )
 
     positive(args.nfe, "--nfe")
     positive(args.num, "--num")
@@ -148,6 +166,8 @@ def resolve(args):
 def run(args, s) -> int:
     if isinstance(s, _model.ModelRequest):
         return _model.run(s)
+    if isinstance(s, _student.StudentRequest):
+        return _student.run(s, _outputs)
     import numpy as np
 
     import jdiff

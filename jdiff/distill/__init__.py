@@ -4,14 +4,40 @@ seam, each a :class:`Recipe` registered in :data:`METHODS` (``jdiff distill --me
 - :mod:`~jdiff.distill._teacher`: :class:`Teacher` (a frozen trained network and its
   process) and :func:`load_teacher`; :class:`Setup` and :class:`Recipe`, the seam a
   method plugs into; :class:`DistillError`.
+- :mod:`~jdiff.distill._run`: training a student in a folder and shipping it
+  (:func:`distill_run`, ``jdiff distill``), reading it back (:func:`load_student`) and
+  drawing from it at its step counts (:func:`sample_student`, ``jdiff sample --student``).
 """
 
 from __future__ import annotations
 
+from jdiff.distill._run import (
+    DistillOutcome,
+    Student,
+    distill_run,
+    load_student,
+    parse_options,
+    recipe_options,
+    sample_student,
+)
 from jdiff.distill._teacher import DistillError, Recipe, Setup, Teacher, load_teacher
 
 # method name -> Recipe instance (``jdiff distill --method NAME``); each method module
 # registers itself below.
 METHODS: dict[str, Recipe] = {}
 
-__all__ = ["DistillError", "Recipe", "Setup", "Teacher", "load_teacher", "METHODS"]
+__all__ = [
+    "DistillError",
+    "Recipe",
+    "Setup",
+    "Teacher",
+    "load_teacher",
+    "METHODS",
+    "DistillOutcome",
+    "Student",
+    "distill_run",
+    "load_student",
+    "sample_student",
+    "parse_options",
+    "recipe_options",
+]

@@ -1,0 +1,205 @@
+"""Training a student in a folder and shipping it (jdiff.distill._run, ``jdiff distill``,
+``jdiff sample --student``), on a tiny toy2d teacher with a test-only recipe: the student
+starts as half the teacher's weights and learns the teacher's output back (an MSE to
+the teacher, so the weights move and the loss falls), and samples with Euler steps of
+its own flow, refusing more steps than it was trained for."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jdiff
+from jdiff import cli, distill
+from jdiff import runs as RN
+from jdiff.distill import METHODS, DistillError, Recipe, Setup
+
+TINY = [
+    "model.mlp.width=16",
+    "model.mlp.num_blocks=1",
+    "data.toy_size=256",
+    "data.class_conditional=true",
+]
+STEPS = 6
+KW = dict(steps=STEPS, batch_size=32, lr=1e-2, save_every=2, log_every=1, progress=False, argv=["test"])
+
+
+class CopyRecipe(Recipe):
+    """A test recipe: learn the teacher back from half its weights (MSE to the teacher
+    at random times), sample with Euler steps of the student's flow."""
+
+    name = "copy-test"
+    paper = "none (a test recipe)"
+
+    def build(self, teacher, *, steps: int = 2, scale: float = 0.5):
+        if steps < 1:
+            raise DistillError(f"steps must be >= 1, got {steps}")
+        apply = teacher.apply
+
+        def loss_fn(params, batch, keys, *, frozen=None):
+            x, y = batch["x"], batch["label"]
+            t = jax.vmap(lambda k: jax.random.uniform(k, (), minval=0.05, maxval=0.95))(keys)
+            eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x.shape[1:]))(keys)
+            xt = (1 - t)[:, None] * x + t[:, None] * eps
+            d = apply(params, xt, t, y) - apply(frozen, xt, t, y)
+            loss = jnp.mean(d**2)
+            return loss, {"loss": loss}
+
+        params = jax.tree.map(lambda a: a * scale, teacher.params)
+        return Setup(params=params, frozen=teacher.params, loss_fn=loss_fn, steps=steps, notes={"scale": scale})
+
+    def sample(self, teacher, params, noise, *, steps, trained_steps, cond=None, key=None, **kw):
+        if steps > trained_steps:
+            raise DistillError(f"this student was trained for {trained_steps} steps; {steps} asked")
+        return jdiff.sample(jdiff.solvers.get("euler"), teacher.denoiser(params), noise, nfe=steps, cond=cond)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def recipe():
+    METHODS["copy-test"] = CopyRecipe()
+    yield METHODS["copy-test"]
+    del METHODS["copy-test"]
+
+
+def _model_folder(path, overrides):
+    """A model folder (as export_pretrained writes) of a toy2d network with random weights
+    (the network's zero-initialized output layer included)."""
+    cfg = RN.apply_overrides(RN.get_preset("toy2d"), overrides)
+    run = RN.build_run(cfg)
+    os.makedirs(path)
+    rng = np.random.default_rng(0)
+    flat = {k: np.asarray(v) for k, v in RN.flatten_params(run.params).items()}
+    flat = {k: (v + 0.3 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in flat.items()}
+    np.savez(os.path.join(path, "params.npz"), **flat)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(RN.config_to_dict(run.cfg), f)
+    with open(os.path.join(path, "run.json"), "w") as f:
+        json.dump({"data_shape": list(run.data_shape), "num_classes": run.num_classes}, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return _model_folder(tmp_path_factory.mktemp("teacher") / "toy", TINY)
+
+
+@pytest.fixture(scope="module")
+def student(teacher_dir, tmp_path_factory):
+    """A finished student folder (trained without a stop)."""
+    out = str(tmp_path_factory.mktemp("students") / "whole")
+    o = distill.distill_run("copy-test", teacher_dir, out, options={"steps": 2}, **KW)
+    assert o.finished and o.step == STEPS and o.student == out
+    return out
+
+
+def _arrays(folder):
+    with np.load(os.path.join(folder, "params.npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_student_folder_loads_back_and_samples(student, teacher_dir):
+    names = set(os.listdir(student))
+    assert {"params.npz", "student.json", "TRAINED.md", "metrics.jsonl", "loss.png", "history.jsonl"} <= names
+    info = json.load(open(os.path.join(student, "student.json")))
+    assert info["method"] == "copy-test" and info["steps"] == 2 and info["options"] == {"steps": 2}
+    assert info["process"]["name"] == "rectified_flow" and info["teacher"]["source"] == teacher_dir
+    assert info["training"]["step"] == STEPS and info["params"]["layout"] == "teacher"
+    trained = open(os.path.join(student, "TRAINED.md")).read()
+    assert "jdiff distill --method copy-test" in trained and "--set steps=2" in trained
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(student, "metrics.jsonl"))]
+    assert len(losses) == STEPS and losses[-1] < losses[0]  # the weights moved towards the teacher
+
+    s = distill.load_student(student)
+    assert s.steps == 2 and s.teacher.num_classes == 2
+    teacher = distill.load_teacher(teacher_dir)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - 0.5 * b))), s.params, teacher.params)
+    assert max(jax.tree.leaves(moved)) > 0  # trained, not the initial half weights
+    x = distill.sample_student(s, 8, jax.random.key(0), cond=np.arange(8) % 2)
+    assert x.shape == (8, 2) and bool(jnp.all(jnp.isfinite(x)))
+    x1 = distill.sample_student(s, 8, jax.random.key(0), steps=1, cond=np.arange(8) % 2)
+    assert not np.allclose(x, x1)  # another step count, another sampler
+    with pytest.raises(DistillError, match="trained for 2 steps; 3 asked"):
+        distill.sample_student(s, 8, jax.random.key(0), steps=3)
+
+
+def test_resume_after_a_stop_gives_the_same_student(student, teacher_dir, tmp_path):
+    out = str(tmp_path / "stopped")
+    o = distill.distill_run("copy-test", teacher_dir, out, options={"steps": 2}, stop_at=3, **KW)
+    assert not o.finished and o.step == 3 and o.stopped == "stop_at 3" and o.student is None
+    assert not os.path.exists(os.path.join(out, "student.json"))
+    o = distill.distill_run("copy-test", teacher_dir, out, options={"steps": 2}, **KW)
+    assert o.finished and o.step == STEPS
+    a, b = _arrays(student), _arrays(out)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == list(range(1, STEPS + 1))
+    # finished: a second call trains nothing and changes nothing
+    o = distill.distill_run("copy-test", teacher_dir, out, options={"steps": 2}, **KW)
+    assert o.nothing_to_do and o.step == STEPS
+    # other settings are refused, each on its own line
+    with pytest.raises(DistillError, match=r"(?s)other settings.*options.steps: 2 -> 1.*train.lr"):
+        distill.distill_run("copy-test", teacher_dir, out, options={"steps": 1}, **dict(KW, lr=1e-3))
+
+
+def test_the_lock_refuses_a_second_writer(teacher_dir, tmp_path):
+    out = tmp_path / "locked"
+    with RN.lock_run(out):
+        with pytest.raises(RN.RunLockedError, match="is in use"):
+            distill.distill_run("copy-test", teacher_dir, str(out), **KW)
+    assert os.listdir(out) == [".lock"]
+
+
+def test_teacher_of_another_process_and_bad_folders(student, teacher_dir, tmp_path):
+    vp = _model_folder(tmp_path / "vp", TINY + ["objective.process=vp_cosine", "objective.prediction=v"])
+    with pytest.raises(DistillError, match="distilled from a teacher of process rectified_flow.*vp_cosine"):
+        distill.load_student(student, teacher=vp)
+    assert distill.load_student(student, teacher=teacher_dir).teacher.source == teacher_dir
+    with pytest.raises(DistillError, match="no student"):
+        distill.load_student(str(tmp_path))
+    with pytest.raises(DistillError, match="holds something other than a distillation"):
+        distill.distill_run("copy-test", teacher_dir, vp, **KW)
+    with pytest.raises(DistillError, match="unknown method 'nope'"):
+        distill.distill_run("nope", teacher_dir, str(tmp_path / "x"), **KW)
+
+
+def test_options_are_read_by_the_recipes_defaults():
+    assert distill.parse_options("copy-test", ["steps=4", "scale=0.25"]) == {"steps": 4, "scale": 0.25}
+    with pytest.raises(DistillError, match="unknown option 'bogus'.*steps=2, scale=0.5"):
+        distill.parse_options("copy-test", ["bogus=1"])
+    with pytest.raises(DistillError, match="option steps: expected an integer"):
+        distill.parse_options("copy-test", ["steps=1.5"])
+
+
+def _cli(capfd, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_cli_errors_are_one_line(student, teacher_dir, tmp_path, capfd):
+    code, _, err = _cli(capfd, "distill", "--method", "nope", "--teacher", teacher_dir, "--out", tmp_path / "a")
+    assert code == 2 and err.count("\n") == 1 and "invalid choice: 'nope'" in err and "copy-test" in err
+    code, _, err = _cli(capfd, "distill", "--method", "copy-test", "--teacher", tmp_path / "none", "--out", tmp_path)
+    assert code == 2 and err.count("\n") == 1 and "not a shipped model (digits) and no such folder" in err
+    code, _, err = _cli(capfd, "distill", "--method", "copy-test", "--teacher", teacher_dir, "--set", "bogus=1")
+    assert code == 2 and err.count("\n") == 1
+    code, _, err = _cli(capfd, "sample", "--student", student, "--steps", "3")
+    assert code == 2 and err == "jdiff sample: error: this student was trained for 2 steps; 3 asked\n"
+    code, _, err = _cli(capfd, "sample", "--student", student, "--nfe", "3")
+    assert code == 2 and "--steps" in err and err.count("\n") == 1
+    assert not os.path.exists(os.path.join(student, "samples"))
+
+
+def test_cli_sample_from_a_student(student, tmp_path, capfd):
+    out = tmp_path / "s.png"
+    code, text, err = _cli(capfd, "sample", "--student", student, "--num", "6", "--steps", "1", "--out", out)
+    assert code == 0, err
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["samples"].shape == (6, 2) and np.all(np.isfinite(f["samples"]))
+        assert list(f["labels"]) == [0, 1, 0, 1, 0, 1] and int(f["steps"]) == 1
+    assert os.path.exists(out) and "6 samples of the copy-test student" in text
