@@ -223,7 +223,7 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
-def plot_sweep(best: dict, path: str, *, title: str = "", families=()) -> None:
+def plot_sweep(best: dict, path: str, *, title: str = "", families=(), points=()) -> None:
     """The NFE sweep's figure (``fd_vs_nfe.png``): one panel per metric, one line per
     solver family through its best configuration at each NFE, and the front (the best
     of all families) as a dashed black line; log axes. The full per-solver table is in
@@ -236,6 +236,9 @@ def plot_sweep(best: dict, path: str, *, title: str = "", families=()) -> None:
       title: the figure's title.
       families: the known families in a fixed order, so each keeps its colour from
         figure to figure (others follow in the order met).
+      points: single configurations drawn as labelled markers, not lines (few-step
+        students, :mod:`jdiff.distill`): dicts with ``label``, ``nfe`` and a value per
+        metric (a point without a panel's metric is left out of that panel).
     """
     # matplotlib (log axes, legends) only for this figure: heavy, so imported here
     import matplotlib
@@ -249,6 +252,8 @@ def plot_sweep(best: dict, path: str, *, title: str = "", families=()) -> None:
     met = list(dict.fromkeys(f for m in metrics for f in best[m]))
     families = list(families) + [f for f in met if f not in families]
     cmap = plt.get_cmap("tab10")
+    point_labels = list(dict.fromkeys(p["label"] for p in points))
+    markers = "*^sDvP<>Xph"
     for ax, metric in zip(axes[0], metrics):
         front: dict[int, float] = {}
         for i, fam in enumerate(families):
@@ -261,9 +266,15 @@ def plot_sweep(best: dict, path: str, *, title: str = "", families=()) -> None:
         if front:
             xs, ys = zip(*sorted(front.items()))
             ax.plot(xs, ys, "--", color="black", lw=1.0, label="best of all")
+        for j, label in enumerate(point_labels):
+            pts = sorted((p["nfe"], p[metric]) for p in points if p["label"] == label and (p.get(metric) or 0) > 0)
+            if pts:
+                xs, ys = zip(*pts)
+                c = plt.get_cmap("Dark2")(j % 8)  # apart from the families' tab10
+                ax.plot(xs, ys, markers[j % len(markers)], ms=9, mec="black", mew=0.6, color=c, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        nfes = sorted({n for fam in best[metric].values() for n in fam})
+        nfes = sorted({n for fam in best[metric].values() for n in fam} | {p["nfe"] for p in points if metric in p})
         ax.set_xticks(nfes, [str(n) for n in nfes])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))

@@ -430,9 +430,11 @@ def family_table(rows: list[dict], metric: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_results(rows: list[dict], path: str, *, metric, title: str = "") -> None:
+def plot_results(rows: list[dict], path: str, *, metric, title: str = "", points=()) -> None:
     """The sweep's figure: per metric (a name or a list of names, one panel each), the
-    best of each solver family against NFE (:func:`jdiff.plotting.plot_sweep`)."""
+    best of each solver family against NFE (:func:`jdiff.plotting.plot_sweep`), and
+    ``points`` (single configurations such as few-step students, drawn as markers: dicts
+    with ``label``, ``nfe`` and the metrics' values)."""
     metrics = [metric] if isinstance(metric, str) else list(metric)
     families = [f for f, _ in FAMILIES]
-    plot_sweep({m: family_best(rows, m) for m in metrics}, path, title=title, families=families)
+    plot_sweep({m: family_best(rows, m) for m in metrics}, path, title=title, families=families, points=points)

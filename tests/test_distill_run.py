@@ -45,7 +45,8 @@ class CopyRecipe(Recipe):
             x, y = batch["x"], batch["label"]
             t = jax.vmap(lambda k: jax.random.uniform(k, (), minval=0.05, maxval=0.95))(keys)
             eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x.shape[1:]))(keys)
-            xt = (1 - t)[:, None] * x + t[:, None] * eps
+            tb = t.reshape((-1,) + (1,) * (x.ndim - 1))
+            xt = (1 - tb) * x + tb * eps
             d = apply(params, xt, t, y) - apply(frozen, xt, t, y)
             loss = jnp.mean(d**2)
             return loss, {"loss": loss}
@@ -203,3 +204,22 @@ def test_cli_sample_from_a_student(student, tmp_path, capfd):
         assert f["samples"].shape == (6, 2) and np.all(np.isfinite(f["samples"]))
         assert list(f["labels"]) == [0, 1, 0, 1, 0, 1] and int(f["steps"]) == 1
     assert os.path.exists(out) and "6 samples of the copy-test student" in text
+
+
+def test_students_are_points_on_the_main_jobs_figure(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from jdiff.sweep import plot_results
+
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figs.append(self))
+    rows = [dict(solver="ddim", nfe=n, nfe_used=n, fd_digits=v) for n, v in ((4, 2.0), (8, 1.0))]
+    points = [dict(label="cd", nfe=1, fd_digits=1.5), dict(label="cd", nfe=2, fd_digits=1.2)]
+    points += [dict(label="pd", nfe=2, fd_digits=0.9), dict(label="pd", nfe=4, fd_digits=float("nan"))]
+    plot_results(rows, str(tmp_path / "f.png"), metric=["fd_digits"], points=points)
+    ax = figs[0].axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["cd"].get_xdata()) == [1, 2] and list(lines["cd"].get_ydata()) == [1.5, 1.2]
+    assert list(lines["pd"].get_xdata()) == [2] and lines["pd"].get_linestyle() == "None"
+    assert list(lines["DDIM / DDPM"].get_xdata()) == [4, 8]
+    assert [int(t) for t in ax.get_xticks()] == [1, 2, 4, 8]

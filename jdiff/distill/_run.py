@@ -50,7 +50,7 @@ from jdiff.runs import _dir as R
 from jdiff.runs._build import denoiser_apply, to_host
 from jdiff.runs._config import config_from_dict, config_to_dict
 from jdiff.runs._lock import check_writable, lock_run
-from jdiff.runs._pretrained import _abstract_run, flatten_params, unflatten_params
+from jdiff.runs._pretrained import PRETRAINED, _abstract_run, flatten_params, unflatten_params
 from jdiff.runs._train import _optimizer, _StartCheck
 from jdiff.train import _run as record
 from jdiff.train._config import OptimizerConfig
@@ -414,7 +414,9 @@ def distill_run(
     with lock_run(out):
         _check_out(out)
         if not isinstance(teacher, Teacher):
-            teacher = load_teacher(teacher)
+            spec = os.fspath(teacher)
+            source = spec if spec in PRETRAINED else os.path.abspath(spec)  # the command that reproduces it
+            teacher = dataclasses.replace(load_teacher(spec), source=source)
         cfg = {
             "format": FORMAT,
             "method": method,
