@@ -5,21 +5,15 @@ seam, each a :class:`Recipe` registered in :data:`METHODS` (``jdiff distill --me
   process) and :func:`load_teacher`; :class:`Setup` and :class:`Recipe`, the seam a
   method plugs into; :class:`DistillError`.
 - :mod:`~jdiff.distill._run`: training a student in a folder and shipping it
-  (:func:`distill_run`, ``jdiff distill``), reading it back (:func:`load_student`) and
-  drawing from it at its step counts (:func:`sample_student`, ``jdiff sample --student``).
+  (:func:`distill_run`, ``jdiff distill``); :mod:`~jdiff.distill._student`: the student
+  folder, read back (:func:`load_student`) and drawn from at its step counts
+  (:func:`sample_student`, ``jdiff sample --student``).
 """
 
 from __future__ import annotations
 
-from jdiff.distill._run import (
-    DistillOutcome,
-    Student,
-    distill_run,
-    load_student,
-    parse_options,
-    recipe_options,
-    sample_student,
-)
+from jdiff.distill._run import DistillOutcome, distill_run, parse_options, recipe_options
+from jdiff.distill._student import Student, load_student, sample_student
 from jdiff.distill._teacher import DistillError, Recipe, Setup, Teacher, load_teacher
 
 # method name -> Recipe instance (``jdiff distill --method NAME``); each method module
