@@ -6,6 +6,7 @@ its own flow, refusing more steps than it was trained for."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -18,6 +19,7 @@ import jdiff
 from jdiff import cli, distill
 from jdiff import runs as RN
 from jdiff.distill import METHODS, DistillError, Recipe, Setup
+from jdiff.distill._student import _layout, _target, resolve_options
 
 TINY = [
     "model.mlp.width=16",
@@ -36,7 +38,7 @@ class CopyRecipe(Recipe):
     name = "copy-test"
     paper = "none (a test recipe)"
 
-    def build(self, teacher, *, steps: int = 2, scale: float = 0.5):
+    def build(self, teacher, *, steps=2, scale=0.5, total_steps=1000, init=None, ema_target=None, shift=0.0):
         if steps < 1:
             raise DistillError(f"steps must be >= 1, got {steps}")
         apply = teacher.apply
@@ -51,13 +53,14 @@ class CopyRecipe(Recipe):
             loss = jnp.mean(d**2)
             return loss, {"loss": loss}
 
-        params = jax.tree.map(lambda a: a * scale, teacher.params)
-        return Setup(params=params, frozen=teacher.params, loss_fn=loss_fn, steps=steps, notes={"scale": scale})
+        params = jax.tree.map(lambda a: a * scale, teacher.params if init is None else init)
+        notes = {"scale": scale, "ema_decay": ema_target}
+        return Setup(params=params, frozen=teacher.params, loss_fn=loss_fn, steps=steps, notes=notes)
 
-    def sample(self, teacher, params, noise, *, steps, trained_steps, cond=None, key=None, **kw):
+    def sample(self, teacher, params, noise, *, steps, trained_steps, cond=None, key=None, shift=0.0):
         if steps > trained_steps:
             raise DistillError(f"this student was trained for {trained_steps} steps; {steps} asked")
-        return jdiff.sample(jdiff.solvers.get("euler"), teacher.denoiser(params), noise, nfe=steps, cond=cond)
+        return shift + jdiff.sample(jdiff.solvers.get("euler"), teacher.denoiser(params), noise, nfe=steps, cond=cond)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -107,7 +110,8 @@ def test_student_folder_loads_back_and_samples(student, teacher_dir):
     names = set(os.listdir(student))
     assert {"params.npz", "student.json", "TRAINED.md", "metrics.jsonl", "loss.png", "history.jsonl"} <= names
     info = json.load(open(os.path.join(student, "student.json")))
-    assert info["method"] == "copy-test" and info["steps"] == 2 and info["options"] == {"steps": 2}
+    # total_steps (a curriculum's length) follows the training's steps when left out
+    assert info["method"] == "copy-test" and info["steps"] == 2 and info["options"] == {"steps": 2, "total_steps": 6}
     assert info["process"]["name"] == "rectified_flow" and info["teacher"]["source"] == teacher_dir
     assert info["training"]["step"] == STEPS and info["params"]["layout"] == "teacher"
     trained = open(os.path.join(student, "TRAINED.md")).read()
@@ -126,6 +130,10 @@ def test_student_folder_loads_back_and_samples(student, teacher_dir):
     assert not np.allclose(x, x1)  # another step count, another sampler
     with pytest.raises(DistillError, match="trained for 2 steps; 3 asked"):
         distill.sample_student(s, 8, jax.random.key(0), steps=3)
+    # a sampling option the student was built with is passed as built
+    shifted = dataclasses.replace(s, options=dict(s.options, shift=5.0))
+    x5 = distill.sample_student(shifted, 8, jax.random.key(0), cond=np.arange(8) % 2)
+    np.testing.assert_allclose(x5, x + 5.0, rtol=0, atol=1e-5)
 
 
 def test_resume_after_a_stop_gives_the_same_student(student, teacher_dir, tmp_path):
@@ -145,6 +153,25 @@ def test_resume_after_a_stop_gives_the_same_student(student, teacher_dir, tmp_pa
     # other settings are refused, each on its own line
     with pytest.raises(DistillError, match=r"(?s)other settings.*options.steps: 2 -> 1.*train.lr"):
         distill.distill_run("copy-test", teacher_dir, out, options={"steps": 1}, **dict(KW, lr=1e-3))
+
+
+def test_students_chain_and_layouts(student, teacher_dir, tmp_path):
+    s = distill.load_student(student)
+    # a student folder as an option value stands for its parameters (the next round)
+    resolved = resolve_options({"init": student, "steps": 2, "pairs": str(tmp_path)})
+    assert resolved["steps"] == 2 and resolved["pairs"] == str(tmp_path)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), resolved["init"], s.params))
+    # a smaller network of the teacher's architecture keeps its shapes in the record
+    small = jax.tree.map(lambda a: jnp.zeros(a.shape[:-1] + (1,), a.dtype), s.teacher.params)
+    layout = _layout({"gen": small, "aux": s.params, "w": jnp.ones(3)}, s.teacher.params)
+    assert layout["dict"]["aux"] == "teacher" and "teacher_tree" in layout["dict"]["gen"]
+    target = _target(json.loads(json.dumps(layout)), s.teacher.params)
+    assert jax.tree.structure(target) == jax.tree.structure({"gen": small, "aux": s.params, "w": jnp.ones(3)})
+    assert [t.shape for t in jax.tree.leaves(target["gen"])] == [a.shape for a in jax.tree.leaves(small)]
+    # a method with an EMA target sets the decay; another one is refused before training
+    with pytest.raises(DistillError, match="keeps an EMA of the student as its target"):
+        opts = {"ema_target": 0.9}
+        distill.distill_run("copy-test", teacher_dir, str(tmp_path / "e"), options=opts, **dict(KW, ema_decay=0.5))
 
 
 def test_the_lock_refuses_a_second_writer(teacher_dir, tmp_path):
@@ -170,7 +197,7 @@ def test_teacher_of_another_process_and_bad_folders(student, teacher_dir, tmp_pa
 
 def test_options_are_read_by_the_recipes_defaults():
     assert distill.parse_options("copy-test", ["steps=4", "scale=0.25"]) == {"steps": 4, "scale": 0.25}
-    with pytest.raises(DistillError, match="unknown option 'bogus'.*steps=2, scale=0.5"):
+    with pytest.raises(DistillError, match="unknown option 'bogus'.*steps=2, scale=0.5, total_steps=1000"):
         distill.parse_options("copy-test", ["bogus=1"])
     with pytest.raises(DistillError, match="option steps: expected an integer"):
         distill.parse_options("copy-test", ["steps=1.5"])

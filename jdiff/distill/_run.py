@@ -50,6 +50,7 @@ from jdiff.distill._student import (
     _recipe,
     _teacher_record,
     _write_student,
+    resolve_options,
 )
 from jdiff.distill._teacher import DistillError, Recipe, Teacher, load_teacher
 from jdiff.runs import _dir as R
@@ -66,14 +67,23 @@ RESUMABLE = ("train.steps", "train.log_every", "train.save_every", "train.keep",
 
 # ------------------------------------------------------------------------ options
 def recipe_options(recipe: Recipe) -> dict[str, Any]:
-    """``{name: default}`` of the keyword options a recipe's ``build`` declares (empty
-    when it takes only ``**options``)."""
+    """``{name: default}`` of the options a recipe declares: the keyword parameters of its
+    ``build`` with a default, and its ``defaults`` dict if it has one (empty when it
+    takes ``**options`` and declares nothing)."""
     sig = inspect.signature(recipe.build)
-    return {
+    out = {
         n: p.default
         for n, p in sig.parameters.items()
         if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "teacher" and p.default is not p.empty
     }
+    declared = getattr(recipe, "defaults", None)
+    return {**declared, **out} if isinstance(declared, Mapping) else out
+
+
+def _declares_all(recipe: Recipe) -> bool:
+    """Whether :func:`recipe_options` lists every option ``build`` accepts."""
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(recipe.build).parameters.values())
+    return not takes_any or isinstance(getattr(recipe, "defaults", None), Mapping)
 
 
 def _literal(text: str):
@@ -113,16 +123,18 @@ def _typed(text: str, default, key: str):
 
 def parse_options(method: str, texts: Sequence[str]) -> dict[str, Any]:
     """``{key: value}`` of ``key=value`` texts for ``method``'s recipe: a value is read
-    by the type of the option's default in ``build`` (a comma list for a tuple option),
-    or as a JSON literal (else a string) for an option without one. An option the
-    recipe does not declare (when it declares its options) is refused, naming them.
+    by the type of the option's default (:func:`recipe_options`; a comma list for a
+    tuple option), or as a JSON literal (else a string) for an option without one. An
+    option the recipe does not declare (when it declares its options) is refused, naming
+    them. A value naming a student folder stands for that student's parameters (see
+    :func:`distill_run`).
 
     Raises:
       DistillError: unknown method or option, malformed text, a value of the wrong type.
     """
     recipe = _recipe(method)
     known = recipe_options(recipe)
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(recipe.build).parameters.values())
+    takes_any = not _declares_all(recipe)
     out: dict[str, Any] = {}
     for text in texts:
         if "=" not in text or not text.split("=", 1)[0].strip():
@@ -233,9 +245,16 @@ def distill_run(
         learning rate (``warmup_steps`` of linear warmup, then ``schedule``
         ``"constant"`` or ``"cosine"`` to ``final_lr``; gradients clipped to
         ``clip_norm``), the seed of the data order and of the loss's keys.
-      options: the recipe's options (``Recipe.build(teacher, **options)``).
+      options: the recipe's options (``Recipe.build(teacher, **options)``). A string
+        value naming a student folder (``student.json``) is replaced by that student's
+        parameters (:func:`load_student`): the next round of a method that chains
+        students (``teacher_params=DIR``, ``flow=DIR``); the record keeps the folder. An
+        option ``total_steps`` the recipe declares (a curriculum over training) and the
+        caller leaves out is set to ``steps``.
       ema_decay: keep an exponential moving average of the student's parameters and ship
-        it (``None``: ship the trained parameters).
+        it (``None``: ship the trained parameters). A method whose loss reads an EMA
+        target sets the decay itself (``Setup.notes["ema_decay"]``): the train step keeps
+        that EMA, the trained parameters are shipped, and ``ema_decay`` must be ``None``.
       log_every, save_every, keep: metrics lines, checkpoint interval, checkpoints kept.
       stop_at: save a checkpoint and stop after this step (continue with another call).
       progress: a progress bar on stderr; argv: the command recorded in
@@ -297,6 +316,10 @@ def distill_run(
         }
         saved_path = os.path.join(out, DISTILL_FILE)
         saved = R.read_json(saved_path, "distillation record") if os.path.exists(saved_path) else None
+        if "total_steps" in recipe_options(recipe) and "total_steps" not in options:
+            # the curriculum spans the training (the first call's steps: raising steps keeps it)
+            options["total_steps"] = int((saved or {}).get("options", {}).get("total_steps", steps))
+            cfg["options"]["total_steps"] = options["total_steps"]
         if saved is not None:
             compare = {k: v for k, v in saved.items() if k != "out"}
             try:
@@ -310,16 +333,26 @@ def distill_run(
                 err.multiline = True
                 raise err from None
         try:
-            setup = recipe.build(teacher, **options)
+            setup = recipe.build(teacher, **resolve_options(options))
         except TypeError as e:
             raise DistillError(f"method {method}: {e}") from None
-        layout = _layout(setup.params, jax.tree.structure(teacher.params))
+        target_ema = setup.notes.get("ema_decay")
+        if target_ema is not None and ema_decay is not None and float(ema_decay) != float(target_ema):
+            raise DistillError(
+                f"method {method} keeps an EMA of the student as its target (decay {target_ema:g}, from its "
+                f"options): ema_decay does not apply"
+            )
+        ema = (ema_decay if target_ema is None else float(target_ema), target_ema is None and ema_decay is not None)
+        layout = _layout(setup.params, teacher.params)
         if layout is None:
             _build_target(recipe, teacher, options)  # raises if the student could not be read back
-        return _train(recipe, teacher, setup, cfg, layout, optim, out, stop_at, progress, argv, say, callbacks, t_start)
+        args = (recipe, teacher, setup, cfg, layout, ema, optim, out, stop_at, progress, argv, say, callbacks)
+        return _train(*args, t_start)
 
 
-def _train(recipe, teacher, setup, cfg, layout, optim, out, stop_at, progress, argv, say, callbacks, t_start):
+def _train(recipe, teacher, setup, cfg, layout, ema, optim, out, stop_at, progress, argv, say, callbacks, t_start):
+    """Train under the lock. ``ema``: ``(decay of the train state's EMA or None, ship
+    the EMA)``."""
     tr = cfg["train"]
     steps, ckpt_dir = tr["steps"], os.path.join(out, R.CKPT_DIR)
     try:
@@ -337,10 +370,12 @@ def _train(recipe, teacher, setup, cfg, layout, optim, out, stop_at, progress, a
     batch_fn = setup.batch_fn or (lambda x, labels: {"x": x, "label": labels})
     data = _Batches(D.Loader(arrays, tr["batch_size"], tr["seed"]), batch_fn)
 
-    ema = tr["ema_decay"] is not None
+    ema_decay, ship_ema = ema
     tx0, _ = optim.build(steps)  # the state's structure does not depend on the schedule
     shapes = jax.eval_shape(
-        lambda p, f: T.init_train_state(p, tx0, tr["seed"], ema=ema, frozen=f), setup.params, setup.frozen
+        lambda p, f: T.init_train_state(p, tx0, tr["seed"], ema=ema_decay is not None, frozen=f),
+        setup.params,
+        setup.frozen,
     )
     sharding = T.replicated_sharding(mesh)
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
@@ -348,7 +383,9 @@ def _train(recipe, teacher, setup, cfg, layout, optim, out, stop_at, progress, a
     start = restored or 0
     if restored is not None and (restored >= steps or (stop_at is not None and stop_at <= restored)):
         why = f"stop_at {stop_at}" if restored < steps else f"steps={steps} (raise it to continue)"
-        student = _student_from_checkpoint(recipe, teacher, setup, cfg, layout, out, ckpt_dir, target, restored)
+        student = _student_from_checkpoint(
+            recipe, teacher, setup, cfg, layout, ship_ema, out, ckpt_dir, target, restored
+        )
         return DistillOutcome(out, restored, steps, finished=restored >= steps, nothing_to_do=why, student=student)
 
     history = record.read_history(out)
@@ -397,7 +434,7 @@ def _train(recipe, teacher, setup, cfg, layout, optim, out, stop_at, progress, a
             checkpoint_dir=ckpt_dir,
             save_every=tr["save_every"],
             keep=tr["keep"],
-            ema_decay=tr["ema_decay"],
+            ema_decay=ema_decay,
             schedule=sched,
             stop_flag=signals.flag,
             frozen=setup.frozen,
@@ -412,7 +449,7 @@ def _train(recipe, teacher, setup, cfg, layout, optim, out, stop_at, progress, a
         why = why or (f"stop_at {stop_at}" if stop_at is not None and result.step >= stop_at else "stop requested")
     student = None
     if finished:
-        student = _write_student(recipe, teacher, setup, cfg, layout, out, result.state, result.step, wall)
+        student = _write_student(recipe, teacher, setup, cfg, layout, ship_ema, out, result.state, result.step, wall)
     event = "finished" if finished else "stopped"
     done = f"trained {start}->{result.step}" + ("" if finished else f" ({why})")
     record.append_history(
@@ -429,7 +466,7 @@ def _plot_loss(out: str, method: str) -> None:
         plotting.plot_loss(steps, losses, os.path.join(out, R.LOSS_PLOT), f"distillation loss: {method}")
 
 
-def _student_from_checkpoint(recipe, teacher, setup, cfg, layout, out, ckpt_dir, target, step) -> str | None:
+def _student_from_checkpoint(recipe, teacher, setup, cfg, layout, ship_ema, out, ckpt_dir, target, step):
     """The student of a finished distillation whose folder lacks it (stopped between its
     last checkpoint and writing it): restored and written now. ``None`` if not finished."""
     if step < cfg["train"]["steps"]:
@@ -442,4 +479,4 @@ def _student_from_checkpoint(recipe, teacher, setup, cfg, layout, out, ckpt_dir,
     wall = next(
         (r.get("wall_time", 0.0) for r in reversed(plotting.read_metrics(os.path.join(out, R.METRICS_FILE)))), 0.0
     )
-    return _write_student(recipe, teacher, setup, cfg, layout, out, restored.state, step, wall)
+    return _write_student(recipe, teacher, setup, cfg, layout, ship_ema, out, restored.state, step, wall)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -40,6 +41,9 @@ PARAMS_FILE = "params.npz"
 TRAINED_FILE = "TRAINED.md"
 FORMAT = 1
 # settings of distill.json that may change when a distillation is continued
+
+
+_SAMPLE_ARGS = ("steps", "trained_steps", "cond", "key")
 
 
 def _methods() -> dict[str, Recipe]:
@@ -93,17 +97,26 @@ def _teacher_record(teacher: Teacher) -> dict:
     }
 
 
-def _layout(tree, teacher_struct):
+def _shapes(tree) -> list:
+    return [[list(np.shape(a)), str(np.dtype(a.dtype))] for a in jax.tree.leaves(tree)]
+
+
+def _layout(tree, teacher_params):
     """A JSON description of a parameter pytree from which :func:`_target` rebuilds its
-    structure: subtrees of the teacher's structure (``"teacher"``), dicts, lists,
-    tuples, ``None`` and arrays. ``None`` if a part cannot be described."""
-    if jax.tree.structure(tree) == teacher_struct and not isinstance(tree, (list, tuple, type(None))):
-        return "teacher"
+    structure: subtrees that are the teacher's network (``"teacher"``), or of its
+    structure with other shapes (``{"teacher_tree": [[shape, dtype], ...]}``: a smaller
+    network of the same architecture), dicts, lists, tuples, ``None`` and arrays.
+    ``None`` if a part cannot be described."""
+    if not isinstance(tree, (list, tuple, type(None))) and jax.tree.structure(tree) == jax.tree.structure(
+        teacher_params
+    ):
+        shapes = _shapes(tree)
+        return "teacher" if shapes == _shapes(teacher_params) else {"teacher_tree": shapes}
     if type(tree) is dict and all(isinstance(k, str) for k in tree):
-        parts = {k: _layout(v, teacher_struct) for k, v in tree.items()}
+        parts = {k: _layout(v, teacher_params) for k, v in tree.items()}
         return None if any(v is None for v in parts.values()) else {"dict": parts}
     if type(tree) in (list, tuple):
-        parts = [_layout(v, teacher_struct) for v in tree]
+        parts = [_layout(v, teacher_params) for v in tree]
         return None if any(v is None for v in parts) else {type(tree).__name__: parts}
     if tree is None:
         return {"none": True}
@@ -116,6 +129,9 @@ def _target(layout, teacher_params):
     if layout == "teacher":
         return teacher_params
     ((kind, v),) = layout.items()
+    if kind == "teacher_tree":
+        leaves = [jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype)) for shape, dtype in v]
+        return jax.tree.unflatten(jax.tree.structure(teacher_params), leaves)
     if kind == "dict":
         return {k: _target(s, teacher_params) for k, s in v.items()}
     if kind in ("list", "tuple"):
@@ -156,11 +172,22 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores; JAX {jax.__version__} on {dev.platform} ({dev.device_kind})"
 
 
+def resolve_options(options: Mapping) -> dict:
+    """``options`` with every string value that names a student folder replaced by that
+    student's parameters (chaining students: the next round's teacher, a reflow flow)."""
+    out = dict(options)
+    for k, v in options.items():
+        if isinstance(v, str) and v and os.path.isfile(os.path.join(v, STUDENT_FILE)):
+            out[k] = load_student(v).params
+    return out
+
+
 def _build_target(recipe, teacher: Teacher, options: dict):
     """The student's parameter shapes from ``recipe.build`` on the teacher's shapes (for
     a student whose parameters are not made of the teacher's structure)."""
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), teacher.params)
     try:
+        options = resolve_options(options)
         return jax.eval_shape(
             lambda p: recipe.build(dataclasses.replace(teacher, params=p), **options).params, abstract
         )
@@ -188,10 +215,9 @@ def _command(cfg: dict) -> str:
     return " ".join(shlex.quote(str(p)) for p in parts)
 
 
-def _write_student(recipe, teacher, setup, cfg, layout, out, state, step, wall) -> str:
-    """Write ``params.npz``, ``student.json`` (last: it marks the student complete) and
-    ``TRAINED.md``; returns ``out``."""
-    ema = cfg["train"]["ema_decay"] is not None
+def _write_student(recipe, teacher, setup, cfg, layout, ema, out, state, step, wall) -> str:
+    """Write ``params.npz`` (the EMA parameters if ``ema``), ``student.json`` (last: it
+    marks the student complete) and ``TRAINED.md``; returns ``out``."""
     params = to_host(state.ema_params if ema else state.params)
     arrays = {k: np.asarray(v) for k, v in flatten_params(params).items()}
     if not all(np.all(np.isfinite(a)) for a in arrays.values() if np.issubdtype(a.dtype, np.floating)):
@@ -339,7 +365,9 @@ def sample_student(student: Student, n: int, key, *, steps: int | None = None, c
         starting noise, then any noise the sampler draws).
       steps: the student's step count (a recipe refuses more than it was trained for).
       cond: int labels of shape ``(n,)`` for a class-conditional teacher.
-      **kw: passed to the recipe's ``sample``.
+      **kw: passed to the recipe's ``sample``; a keyword option of ``sample`` left out
+        here that the student was built with (``student.options``, e.g. the grid it was
+        distilled on) is passed as built.
 
     Returns:
       samples of shape ``(n,) + teacher.shape``.
@@ -358,6 +386,10 @@ def sample_student(student: Student, n: int, key, *, steps: int | None = None, c
         cond = jnp.asarray(cond, jnp.int32)
         if cond.shape != (n,):
             raise DistillError(f"labels must have shape ({n},), got {tuple(cond.shape)}")
+    params = inspect.signature(student.recipe.sample).parameters
+    for name, p in params.items():
+        if p.kind == p.KEYWORD_ONLY and name not in kw and name in student.options and name not in _SAMPLE_ARGS:
+            kw[name] = student.options[name]
     k_noise, k_rest = jax.random.split(key)
     noise = jax.random.normal(k_noise, (n, *t.shape), jnp.float32)
     return student.recipe.sample(
