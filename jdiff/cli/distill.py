@@ -11,8 +11,15 @@ from jdiff.cli._common import CLIError, positive, writable_path
 HELP = "train a few-step student of a teacher (distillation) and ship it as a folder"
 
 
+def _describe(name, recipe) -> str:
+    from jdiff.distill import recipe_options
+
+    opts = ", ".join(f"{k}={v!r}" for k, v in recipe_options(recipe).items() if not k.startswith("_"))
+    return f"  {name}: {getattr(recipe, 'paper', '') or ''}" + (f"\n    options: {opts}" if opts else "")
+
+
 def add_parser(sub, formatter, methods: dict):
-    listed = "\n".join(f"  {name}: {getattr(r, 'paper', '') or ''}" for name, r in sorted(methods.items()))
+    listed = "\n".join(_describe(name, r) for name, r in sorted(methods.items()))
     p = sub.add_parser(
         "distill",
         formatter_class=formatter,
@@ -41,7 +48,8 @@ def add_parser(sub, formatter, methods: dict):
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="a method option, read by the type of its default (a comma list for a tuple); repeatable",
+        help="a method option, read by the type of its default (a comma list for a tuple); a student folder "
+        "as the value stands for its parameters (the next round of a chain); repeatable",
     )
     p.add_argument("--batch-size", type=int, default=128, metavar="B", help="training batch")
     p.add_argument("--lr", type=positive_float, default=1e-4, metavar="LR", help="peak learning rate (AdamW)")

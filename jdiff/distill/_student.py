@@ -61,16 +61,23 @@ def _recipe(method: str) -> Recipe:
 
 # ------------------------------------------------------------------------ records
 def _json_safe(obj):
-    """``obj`` as plain JSON values (tuples as lists, numpy scalars as numbers,
-    anything else as its ``repr``)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.generic, jax.Array)) and np.ndim(obj) == 0:
-        return np.asarray(obj).item()
+    """``obj`` as plain JSON values: tuples as lists, numpy scalars as numbers, arrays and
+    parameter pytrees described by their shapes (never their values), anything else as
+    its ``repr``."""
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
+    if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
+        if np.ndim(obj) == 0:
+            return np.asarray(obj).item()
+        return f"<array {list(np.shape(obj))} {np.dtype(obj.dtype)}>"
+    if type(obj) is dict:
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return [_json_safe(v) for v in obj]
+    leaves = jax.tree.leaves(obj)
+    if leaves and all(hasattr(a, "shape") for a in leaves):
+        n = sum(int(np.prod(np.shape(a))) for a in leaves)
+        return f"<{type(obj).__name__} of {len(leaves)} arrays, {n:,} values>"
     return repr(obj)
 
 
