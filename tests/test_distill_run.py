@@ -147,9 +147,13 @@ def test_resume_after_a_stop_gives_the_same_student(student, teacher_dir, tmp_pa
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
     assert steps == list(range(1, STEPS + 1))
-    # finished: a second call trains nothing and changes nothing
+    # finished: a second call trains nothing; a student lost after the last checkpoint is written again
+    os.remove(os.path.join(out, "student.json"))
+    os.remove(os.path.join(out, "params.npz"))
     o = distill.distill_run("copy-test", teacher_dir, out, options={"steps": 2}, **KW)
-    assert o.nothing_to_do and o.step == STEPS
+    assert o.nothing_to_do and o.step == STEPS and o.student == out
+    b = _arrays(out)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
     # other settings are refused, each on its own line
     with pytest.raises(DistillError, match=r"(?s)other settings.*options.steps: 2 -> 1.*train.lr"):
         distill.distill_run("copy-test", teacher_dir, out, options={"steps": 1}, **dict(KW, lr=1e-3))
