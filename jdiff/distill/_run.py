@@ -25,6 +25,7 @@ it with the method's own sampler (``jdiff sample --student DIR``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -423,7 +424,7 @@ def _train(recipe, teacher, setup, cfg, layout, ema, optim, out, stop_at, progre
     ]
     with signals:
         result = T.train(
-            setup.loss_fn,
+            _with_loss(setup.loss_fn),
             setup.params,
             data,
             steps,
@@ -457,6 +458,18 @@ def _train(recipe, teacher, setup, cfg, layout, ema, optim, out, stop_at, progre
         record.history_entry(event, argv=argv, start_step=start, end_step=result.step, total_steps=steps, what=done),
     )
     return DistillOutcome(out, result.step, steps, finished, why, None, loss, wall, student)
+
+
+def _with_loss(loss_fn):
+    """``loss_fn`` whose metrics always hold ``loss`` (the metrics log and the loss curve
+    read it); its attributes (``reads_ema``, ...) are kept."""
+
+    @functools.wraps(loss_fn)
+    def wrapped(params, batch, keys, **kw):
+        loss, metrics = loss_fn(params, batch, keys, **kw)
+        return loss, {"loss": loss, **dict(metrics or {})}
+
+    return wrapped
 
 
 def _plot_loss(out: str, method: str) -> None:
