@@ -178,6 +178,20 @@ def test_students_chain_and_layouts(student, teacher_dir, tmp_path):
         distill.distill_run("copy-test", teacher_dir, str(tmp_path / "e"), options=opts, **dict(KW, ema_decay=0.5))
 
 
+def test_export_and_shipped_students(student, tmp_path, monkeypatch):
+    assets = tmp_path / "assets"
+    distill.export_student(student, assets / "student_tiny")
+    assert sorted(os.listdir(assets / "student_tiny")) == sorted(
+        ["params.npz", "student.json", "TRAINED.md", "metrics.jsonl", "history.jsonl", "loss.png"]
+    )
+    monkeypatch.setattr("jdiff.distill._student._assets", lambda: str(assets))
+    assert distill.shipped_students() == {"tiny": str(assets / "student_tiny")}
+    s = distill.load_student("tiny")
+    assert s.folder == str(assets / "student_tiny") and s.steps == 2
+    with pytest.raises(DistillError, match=r"no student .*shipped students: tiny"):
+        distill.load_student("nope")
+
+
 def test_the_lock_refuses_a_second_writer(teacher_dir, tmp_path):
     out = tmp_path / "locked"
     with RN.lock_run(out):

@@ -52,9 +52,16 @@ def resolve(args, outputs) -> StudentRequest:
     positive(args.steps, "--steps")
     positive(args.num, "--num")
     positive(args.seed, "--seed", 0)
-    record = os.path.join(args.student, "student.json")
+    from jdiff.distill import shipped_students, student_dir
+
+    folder = student_dir(args.student)
+    record = os.path.join(folder, "student.json")
     if not os.path.isfile(record):
-        raise CLIError(f"--student {args.student}: no student there (no student.json); train one with jdiff distill")
+        shipped = ", ".join(shipped_students()) or "none"
+        raise CLIError(
+            f"--student {args.student}: no student there (no student.json); train one with jdiff distill "
+            f"(shipped students: {shipped})"
+        )
     try:
         with open(record) as f:
             info = json.load(f)
@@ -67,12 +74,14 @@ def resolve(args, outputs) -> StudentRequest:
         parts = [f"steps{steps}", f"n{num}", f"seed{seed}"]
         parts += [f"label{args.label}"] if args.label is not None else []
         parts += [f"w{args.guidance:g}"] if args.guidance is not None else []
-        out = os.path.join(args.student, "samples", "sample_" + "_".join(parts) + ".png")
+        # a folder takes its own samples; a shipped student's go under ./samples, not into the package
+        home = os.path.join(folder, "samples") if os.path.isdir(args.student) else f"samples/student_{args.student}"
+        out = os.path.join(home, "sample_" + "_".join(parts) + ".png")
     else:
         out = args.out
     for path in outputs(out):
         check_output(path, "--out", force=args.force or args.out is None)
-    return StudentRequest(args.student, method, steps, num, seed, args.label, args.guidance, out)
+    return StudentRequest(folder, method, steps, num, seed, args.label, args.guidance, out)
 
 
 def run(r: StudentRequest, outputs) -> int:

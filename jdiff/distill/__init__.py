@@ -13,7 +13,14 @@ seam, each a :class:`Recipe` registered in :data:`METHODS` (``jdiff distill --me
 from __future__ import annotations
 
 from jdiff.distill._run import DistillOutcome, distill_run, parse_options, recipe_options
-from jdiff.distill._student import Student, load_student, sample_student
+from jdiff.distill._student import (
+    Student,
+    export_student,
+    load_student,
+    sample_student,
+    shipped_students,
+    student_dir,
+)
 from jdiff.distill._teacher import DistillError, Recipe, Setup, Teacher, load_teacher
 
 # method name -> Recipe instance (``jdiff distill --method NAME``); each method module
@@ -32,6 +39,9 @@ __all__ = [
     "distill_run",
     "load_student",
     "sample_student",
+    "export_student",
+    "shipped_students",
+    "student_dir",
     "parse_options",
     "recipe_options",
 ]

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import inspect
 import json
 import os
 import platform
 import shlex
+import shutil
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -33,13 +35,24 @@ from jdiff.runs._config import config_from_dict, config_to_dict
 from jdiff.runs._pretrained import _abstract_run, flatten_params, unflatten_params
 from jdiff.train import _run as record
 
-__all__ = ["Student", "load_student", "sample_student", "STUDENT_FILE", "DISTILL_FILE"]
+__all__ = [
+    "Student",
+    "load_student",
+    "sample_student",
+    "export_student",
+    "shipped_students",
+    "student_dir",
+    "STUDENT_FILE",
+    "DISTILL_FILE",
+]
 
 STUDENT_FILE = "student.json"
 DISTILL_FILE = "distill.json"
 PARAMS_FILE = "params.npz"
 TRAINED_FILE = "TRAINED.md"
 FORMAT = 1
+SHIPPED_PREFIX = "student_"  # jdiff/assets/student_<name>/: a shipped student
+SHIPPED_FILES = (PARAMS_FILE, STUDENT_FILE, TRAINED_FILE, "metrics.jsonl", "history.jsonl", "loss.png")
 # settings of distill.json that may change when a distillation is continued
 
 
@@ -305,11 +318,52 @@ class Student:
     info: dict
 
 
+def _assets() -> str:
+    return os.fspath(importlib.resources.files("jdiff").joinpath("assets"))
+
+
+def shipped_students() -> dict[str, str]:
+    """``{name: folder}`` of the students shipped with jdiff: the folders
+    ``jdiff/assets/student_<name>/`` (written by :func:`export_student`)."""
+    root = _assets()
+    names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    return {
+        d[len(SHIPPED_PREFIX) :]: os.path.join(root, d)
+        for d in names
+        if d.startswith(SHIPPED_PREFIX) and os.path.isfile(os.path.join(root, d, STUDENT_FILE))
+    }
+
+
+def student_dir(spec) -> str:
+    """The folder of ``spec``: a folder as it is, or a shipped student's name."""
+    spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        return spec
+    return shipped_students().get(spec, spec)
+
+
+def export_student(folder, out_dir) -> str:
+    """Copy the shippable files of a student folder (``params.npz``, ``student.json``,
+    ``TRAINED.md``, ``metrics.jsonl``, ``history.jsonl``, ``loss.png``; not its
+    checkpoints) to ``out_dir`` (created), e.g. ``jdiff/assets/student_<name>`` to ship
+    it with jdiff. Returns ``out_dir``. Raises :class:`DistillError` for a folder
+    without a student."""
+    folder = os.fspath(folder)
+    load_student(folder)  # a readable, complete student
+    os.makedirs(out_dir, exist_ok=True)
+    for name in SHIPPED_FILES:
+        src = os.path.join(folder, name)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(out_dir, name))
+    return os.fspath(out_dir)
+
+
 def load_student(folder, *, teacher=None) -> Student:
     """The student in ``folder`` (written by :func:`distill_run`).
 
     Args:
-      folder: a student folder (``student.json`` and ``params.npz``).
+      folder: a student folder (``student.json`` and ``params.npz``), or the name of a
+        student shipped with jdiff (:func:`shipped_students`).
       teacher: optionally the teacher to sample with (a :class:`Teacher` or what
         :func:`load_teacher` reads): it must have the student's process and network.
 
@@ -317,12 +371,15 @@ def load_student(folder, *, teacher=None) -> Student:
       DistillError: not a student folder, a method this jdiff lacks, files that do not
         fit the recorded network, a teacher of another process or network.
     """
-    folder = os.fspath(folder)
+    folder = student_dir(folder)
     where = f"student {folder!r}"
     path = os.path.join(folder, STUDENT_FILE)
     if not os.path.isfile(path):
         what = "a distillation not finished yet" if os.path.exists(os.path.join(folder, DISTILL_FILE)) else "no student"
-        raise DistillError(f"{where}: {what} (no {STUDENT_FILE}); train one with jdiff distill")
+        shipped = ", ".join(shipped_students()) or "none"
+        raise DistillError(
+            f"{where}: {what} (no {STUDENT_FILE}); train one with jdiff distill (shipped students: {shipped})"
+        )
     try:
         info = R.read_json(path, "student record")
         method = info["method"]
