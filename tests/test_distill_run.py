@@ -108,7 +108,8 @@ def _arrays(folder):
 
 def test_student_folder_loads_back_and_samples(student, teacher_dir):
     names = set(os.listdir(student))
-    assert {"params.npz", "student.json", "TRAINED.md", "metrics.jsonl", "loss.png", "history.jsonl"} <= names
+    shipped = {"params.npz", "student.json", "TRAINED.md", "samples.png", "metrics.jsonl", "loss.png", "history.jsonl"}
+    assert shipped <= names
     info = json.load(open(os.path.join(student, "student.json")))
     # total_steps (a curriculum's length) follows the training's steps when left out
     assert info["method"] == "copy-test" and info["steps"] == 2 and info["options"] == {"steps": 2, "total_steps": 6}
@@ -182,7 +183,7 @@ def test_export_and_shipped_students(student, tmp_path, monkeypatch):
     assets = tmp_path / "assets"
     distill.export_student(student, assets / "student_tiny")
     assert sorted(os.listdir(assets / "student_tiny")) == sorted(
-        ["params.npz", "student.json", "TRAINED.md", "metrics.jsonl", "history.jsonl", "loss.png"]
+        ["params.npz", "student.json", "TRAINED.md", "samples.png", "metrics.jsonl", "history.jsonl", "loss.png"]
     )
     monkeypatch.setattr("jdiff.distill._student._assets", lambda: str(assets))
     assert distill.shipped_students() == {"tiny": str(assets / "student_tiny")}

@@ -19,6 +19,7 @@ import os
 import platform
 import shlex
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jdiff
+from jdiff import plotting
 from jdiff.distill._teacher import DistillError, Recipe, Teacher, load_teacher
 from jdiff.runs import _dir as R
 from jdiff.runs._build import denoiser_apply, to_host
@@ -52,7 +54,8 @@ PARAMS_FILE = "params.npz"
 TRAINED_FILE = "TRAINED.md"
 FORMAT = 1
 SHIPPED_PREFIX = "student_"  # jdiff/assets/student_<name>/: a shipped student
-SHIPPED_FILES = (PARAMS_FILE, STUDENT_FILE, TRAINED_FILE, "metrics.jsonl", "history.jsonl", "loss.png")
+SAMPLES_FILE, SAMPLES_NUM = "samples.png", 100
+SHIPPED_FILES = (PARAMS_FILE, STUDENT_FILE, TRAINED_FILE, SAMPLES_FILE, "metrics.jsonl", "history.jsonl", "loss.png")
 # settings of distill.json that may change when a distillation is continued
 
 
@@ -285,12 +288,29 @@ def _write_student(recipe, teacher, setup, cfg, layout, ema, out, state, step, w
         "Loss history: metrics.jsonl (one line per logged step), history.jsonl, loss.png. checkpoints/ only",
         "serves to continue training: a shipped copy of the student leaves it out.",
         f"Sample with `jdiff sample --student {out}` or `jdiff.distill.load_student` + `sample_student`.",
+        f"{SAMPLES_FILE}: {SAMPLES_NUM} samples of the student read back from this folder, {setup.steps} step(s), "
+        "seed 0" + (", labels cycling through the classes." if teacher.num_classes else "."),
         "",
     ]
     with open(os.path.join(out, TRAINED_FILE), "w") as f:
         f.write("\n".join(lines))
     record.write_json_atomic(os.path.join(out, STUDENT_FILE), info)
+    _sample_grid(out, cfg["method"])
     return out
+
+
+def _sample_grid(out: str, method: str) -> None:
+    """``samples.png``: the student read back from ``out`` (a check that the folder
+    loads) and sampled at its steps; a failure is reported, the student stays."""
+    try:
+        s = load_student(out)
+        nc = s.teacher.num_classes
+        labels = (np.arange(SAMPLES_NUM) % nc).astype(np.int32) if nc else None
+        x = np.asarray(sample_student(s, SAMPLES_NUM, jax.random.key(0), cond=labels))
+        title = f"{method} student, {s.steps} step(s)"
+        plotting.save_samples(x, os.path.join(out, SAMPLES_FILE), nrow=nc or None, title=title)
+    except Exception as e:  # noqa: BLE001 - the student is written; its picture is not essential
+        print(f"warning: {SAMPLES_FILE} not written ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------ students
