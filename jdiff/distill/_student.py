@@ -56,9 +56,6 @@ FORMAT = 1
 SHIPPED_PREFIX = "student_"  # jdiff/assets/student_<name>/: a shipped student
 SAMPLES_FILE, SAMPLES_NUM = "samples.png", 100
 SHIPPED_FILES = (PARAMS_FILE, STUDENT_FILE, TRAINED_FILE, SAMPLES_FILE, "metrics.jsonl", "history.jsonl", "loss.png")
-# settings of distill.json that may change when a distillation is continued
-
-
 _SAMPLE_ARGS = ("steps", "trained_steps", "cond", "key")
 
 
