@@ -269,3 +269,23 @@ def test_students_are_points_on_the_main_jobs_figure(tmp_path, monkeypatch):
     assert list(lines["pd"].get_xdata()) == [2] and lines["pd"].get_linestyle() == "None"
     assert list(lines["DDIM / DDPM"].get_xdata()) == [4, 8]
     assert [int(t) for t in ax.get_xticks()] == [1, 2, 4, 8]
+
+
+def test_benchmark_checks_read_the_issues_thresholds(tmp_path):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "distill.py")
+    spec = importlib.util.spec_from_file_location("bench_distill", path)
+    B = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(B)
+    rows = "method,steps,fd_digits,accuracy,train_seconds\ncd,1,0.35,0.98,600\npd,2,0.29,0.99,\n"
+    (tmp_path / "rows.csv").write_text(rows)
+    students = B.csv_rows(str(tmp_path / "rows.csv"))
+    assert [(r["method"], r["nfe"], r["train_seconds"]) for r in students] == [("cd", 1, 600.0), ("pd", 2, None)]
+    solvers = [dict(solver="dpm++2m", nfe=20, fd_digits=0.25), dict(solver="ddim", nfe=20, fd_digits=0.3)]
+    solvers += [dict(solver="unipc2", nfe=4, fd_digits=0.31), dict(solver="heun", nfe=4, skipped="too few")]
+    lines = B.checks(students, solvers)
+    assert lines[0].endswith("= 1.40x -> yes") and "dpm++2m 0.25" in lines[0]  # 0.35 / 0.25 <= 1.5
+    assert lines[1].endswith("= 1.16x -> yes")  # 0.29 / 0.25 <= 1.2
+    assert "unipc2 0.31 -> yes" in lines[2]  # 0.29 < 0.31, the skipped cell ignored
+    assert "NO" in B.checks([dict(students[0], fd_digits=0.4)], solvers)[0]
