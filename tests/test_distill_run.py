@@ -237,6 +237,8 @@ def test_cli_errors_are_one_line(student, teacher_dir, tmp_path, capfd):
     assert code == 2 and err.count("\n") == 1
     code, _, err = _cli(capfd, "sample", "--student", student, "--steps", "3")
     assert code == 2 and err == "jdiff sample: error: this student was trained for 2 steps; 3 asked\n"
+    code, _, err = _cli(capfd, "sample", "--student", student, "--label", "2")
+    assert code == 2 and err == "jdiff sample: error: --label must be in [0, 2), got 2\n"
     code, _, err = _cli(capfd, "sample", "--student", student, "--nfe", "3")
     assert code == 2 and "--steps" in err and err.count("\n") == 1
     assert not os.path.exists(os.path.join(student, "samples"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 
 from jdiff.cli._args import check_output
@@ -65,9 +66,13 @@ def resolve(args, outputs) -> StudentRequest:
     try:
         with open(record) as f:
             info = json.load(f)
-        method, trained = str(info["method"]), int(info["steps"])
+        method, trained, nc = str(info["method"]), int(info["steps"]), int(info["teacher"]["num_classes"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CLIError(f"--student {args.student}: cannot read student.json: {e}") from None
+    if args.label is not None and not nc:
+        raise CLIError("this student is unconditional: --label does not apply")
+    if args.label is not None and not 0 <= args.label < nc:
+        raise CLIError(f"--label must be in [0, {nc}), got {args.label}")
     steps = trained if args.steps is None else args.steps
     num, seed = args.num or 16, args.seed or 0
     if args.out is None:
@@ -93,10 +98,6 @@ def run(r: StudentRequest, outputs) -> int:
 
     s = load_student(r.folder)
     nc = s.teacher.num_classes
-    if r.label is not None and not nc:
-        raise CLIError("this student is unconditional: --label does not apply")
-    if r.label is not None and not 0 <= r.label < nc:
-        raise CLIError(f"--label must be in [0, {nc}), got {r.label}")
     labels = None
     if nc:
         labels = np.full(r.num, r.label, np.int32) if r.label is not None else (np.arange(r.num) % nc).astype(np.int32)
@@ -110,6 +111,8 @@ def run(r: StudentRequest, outputs) -> int:
         raise
     x = np.asarray(jax.block_until_ready(x))
     seconds = time.perf_counter() - t0
+    if not np.all(np.isfinite(x)):
+        print(f"warning: {int((~np.isfinite(x)).sum())} non-finite values in the samples", file=sys.stderr)
     img, npz = outputs(r.out)
     nrow = nc if (nc and r.label is None and r.num % nc == 0) else None
     plotting.save_samples(x, img, nrow=nrow, title=f"{s.method} student, {r.steps} step(s)")
