@@ -8,10 +8,14 @@ seam, each a :class:`Recipe` registered in :data:`METHODS` (``jdiff distill --me
 
 from __future__ import annotations
 
+from jdiff.distill._consistency import ConsistencyDistillation, ConsistencyTraining, EasyConsistencyTuning
+from jdiff.distill._rlcm import RLCM
 from jdiff.distill._teacher import DistillError, Recipe, Setup, Teacher, load_teacher
 
 # method name -> Recipe instance (``jdiff distill --method NAME``); each method module
 # registers itself below.
 METHODS: dict[str, Recipe] = {}
+for _r in (ConsistencyDistillation(), ConsistencyTraining(), EasyConsistencyTuning(), RLCM()):
+    METHODS[_r.name] = _r
 
 __all__ = ["DistillError", "Recipe", "Setup", "Teacher", "load_teacher", "METHODS"]
