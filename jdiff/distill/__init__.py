@@ -8,7 +8,7 @@ seam, each a :class:`Recipe` registered in :data:`METHODS` (``jdiff distill --me
 
 from __future__ import annotations
 
-from jdiff.distill._consistency import ConsistencyDistillation, ConsistencyTraining, EasyConsistencyTuning
+from jdiff.distill._consistency_recipes import ConsistencyDistillation, ConsistencyTraining, EasyConsistencyTuning
 from jdiff.distill._rlcm import RLCM
 from jdiff.distill._teacher import DistillError, Recipe, Setup, Teacher, load_teacher
 

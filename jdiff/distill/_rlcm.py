@@ -23,14 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiff._sample import sample
-from jdiff.distill._consistency import (
-    _ConsistencyRecipe,
-    _options,
-    _student,
-    consistency_sampler,
-    consistency_times,
-    student_denoiser,
-)
+from jdiff.distill._consistency import consistency_sampler, consistency_times, student_denoiser
+from jdiff.distill._consistency_recipes import _ConsistencyRecipe, _options, _student
 from jdiff.distill._teacher import DistillError, Setup, Teacher
 from jdiff.features.digits import digits_classifier
 from jdiff.preference import ddpo_loss, normalize_advantages, trajectory_log_probs
