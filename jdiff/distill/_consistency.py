@@ -145,8 +145,7 @@ def karras_rhos(process, n, *, t_min=None, rho_max: float = 80.0, rho: float = 7
     """The ``n`` noise levels of Karras et al. (2022, Eq. 5) used by CM and iCT,
     increasing: ``rho_i = (rho_min^(1/rho) + i / (n - 1) (rho_top^(1/rho) -
     rho_min^(1/rho)))^rho``, ``rho_min = rho(t_min)``, ``rho_top = min(rho_max,
-    rho(t_max))``. ``n`` may be traced (then the result has ``ceil`` of nothing: pass an
-    int for a fixed-size array)."""
+    rho(t_max))``; ``n`` a Python int."""
     _, lo = _rho_min(process, t_min)
     top = jnp.minimum(rho_max, process.rho(_fl(process.t_max)))
     i = jnp.arange(n, dtype=jnp.result_type(float))
@@ -177,7 +176,7 @@ def l2_distance(a, b):
 
 def pseudo_huber(a, b, c=None):
     """Per-sample pseudo-Huber distance ``sqrt(||a - b||^2 + c^2) - c`` (iCT, Song &
-    Dhariwal 2023, Sec. 3.3), ``c = 0.00054 sqrt(d)`` by default (``d`` features)."""
+    Dhariwal 2023, "pseudo-Huber metric"), ``c = 0.00054 sqrt(d)`` by default (``d`` features)."""
     d = (a - b).reshape(a.shape[0], -1)
     if c is None:
         c = 0.00054 * math.sqrt(d.shape[1])
@@ -312,7 +311,7 @@ def cd_loss(
 
 
 def ict_num_scales(step, total_steps: int, s0: int = 10, s1: int = 1280):
-    """iCT's discretization curriculum (Song & Dhariwal 2023, Eq. 7; "exponential"):
+    """iCT's discretization curriculum (Song & Dhariwal 2023, the "exponential" curriculum):
     ``N(k) = min(s0 2^floor(k / K'), s1) + 1``, ``K' = floor(K / (log2(s1 / s0) + 1))``."""
     kp = max(1, int(total_steps // (math.log2(s1 / s0) + 1)))
     e = jnp.floor(jnp.asarray(step, jnp.float32) / kp)
@@ -321,7 +320,7 @@ def ict_num_scales(step, total_steps: int, s0: int = 10, s1: int = 1280):
 
 def ict_index_probs(rhos, n, p_mean: float = -1.1, p_std: float = 2.0):
     """iCT's log-normal distribution over the pairs ``(i, i + 1)`` of the first ``n``
-    levels of ``rhos`` (Song & Dhariwal 2023, Eq. 8): ``p(i) ~ erf((ln rho_{i+1} -
+    levels of ``rhos`` (Song & Dhariwal 2023, the log-normal schedule): ``p(i) ~ erf((ln rho_{i+1} -
     P_mean) / (sqrt 2 P_std)) - erf((ln rho_i - P_mean) / (sqrt 2 P_std))``; 0 for
     ``i >= n - 1``. ``n`` may be traced."""
     e = jax.lax.erf((jnp.log(rhos) - p_mean) / (math.sqrt(2.0) * p_std))
@@ -382,7 +381,7 @@ def ict_loss(f, *, total_steps: int, s0=10, s1=1280, p_mean=-1.1, p_std=2.0, dis
 
 def ect_r(rho_t, step, total_steps: int, *, rho_min, q: float = 2.0, stages: int = 8, k: float = 8.0, b: float = 1.0):
     """ECT's second level ``r`` for level ``t`` at training step ``step`` (Geng et al.
-    2024, Sec. 3, the mapping function): ``r = t (1 - n(t) / q^a)``, ``n(t) = 1 + k
+    2024, the mapping function): ``r = t (1 - n(t) / q^a)``, ``n(t) = 1 + k
     sigmoid(-b t)``, ``a = ceil(step / d)`` with ``d = total_steps / stages``: at step 0
     ``r`` is the anchor (denoising), and ``dt = t - r`` shrinks by ``q`` every stage.
     Clipped below at ``rho_min``."""

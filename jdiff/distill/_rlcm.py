@@ -52,7 +52,8 @@ def rlcm_loss(f, reward_fn: Callable, *, steps: int = 4, grid=None, clip: float 
 
     Each sample of the batch starts its own trajectory (its key gives the starting
     noise and the re-noising); the batch's ``"x"`` gives only the shape and ``"label"``
-    the condition (and the advantage group).
+    the condition and the advantage group (a class with a single sample in the batch
+    has advantage 0: batches of a few samples per class are needed).
 
     Args:
       f: the consistency student (:func:`jdiff.distill._consistency.consistency_function`).
