@@ -1,6 +1,10 @@
 """Consistency distillation of the shipped digits teacher, measured at 1, 2 and 4 steps.
 
-    nice -n 10 python experiments/distill/consistency_distillation.py --steps 300
+    nice -n 10 python experiments/distill/consistency_distillation.py --steps 400 --budget 660
+    # the other consistency recipes (rlcm from a saved student) with the same script:
+    nice -n 10 python experiments/distill/consistency_distillation.py --method ect --steps 400
+    nice -n 10 python experiments/distill/consistency_distillation.py --method rlcm \
+        --student /tmp/cons/consistency_distillation.npz
 
 Loads the digits teacher (``load_teacher("digits")``), builds the
 ``consistency_distillation`` recipe (DDIM teacher step by default), trains the student
@@ -40,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--solver", default="ddim", help="the teacher's step (consistency_distillation)")
     ap.add_argument("--num-scales", type=int, default=18)
     ap.add_argument("--ema", type=float, default=0.95)
+    ap.add_argument("--student", default=None, help="rlcm: the consistency student's .npz")
     ap.add_argument("--num", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/cons")
@@ -49,8 +54,10 @@ def main(argv=None) -> int:
     teacher = load_teacher("digits")
     rec = METHODS[args.method]
     opts = {"solver": args.solver, "num_scales": args.num_scales, "ema": args.ema}
-    if args.method != "consistency_distillation":
+    if args.method in ("consistency_training", "ect"):
         opts = {"total_steps": args.steps}
+    elif args.method == "rlcm":
+        opts = {"student": args.student}
     setup = rec.build(teacher, **opts)
     x_all, y_all = jdiff.data.digits()
     rng = np.random.default_rng(args.seed)
