@@ -114,7 +114,7 @@ def test_boundary_condition_exact_and_coefficients(process):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 2)), jnp.float32)
     y = jax.jit(f)(P(0.7, -2.0), x, process.t_min)
     assert np.array_equal(np.asarray(y), np.asarray(x))  # bit for bit
-    cx, cd = C.boundary_coefficients(process, jnp.asarray([process.t_min, process.t_max]))
+    cx, cd = jax.jit(C.boundary_coefficients)(process, jnp.asarray([process.t_min, process.t_max]))
     assert (float(cx[0]), float(cd[0])) == (1.0, 0.0)
     assert np.all(np.isfinite(cx)) and np.all(np.isfinite(cd))
     with jax.enable_x64(True):
@@ -273,17 +273,22 @@ def test_multistep_sampler_steps_and_errors():
     noise = jax.random.normal(jax.random.key(0), (4, 2))
     x_T = noise * proc.prior_std()
     one = C.consistency_sample(f, params, noise, steps=1)
-    fj = jax.jit(f)
-    np.testing.assert_allclose(one, fj(params, x_T, proc.t_max), rtol=1e-6)
     key = jax.random.key(1)
     grid = C.consistency_times(proc, 2)
     assert float(grid[0]) == pytest.approx(proc.t_max) and float(grid[-1]) == pytest.approx(proc.t_min)
-    two = C.consistency_sample(f, params, noise, steps=2, key=key)  # two network calls:
-    a1, s1 = proc.alpha(grid[1]), proc.sigma(grid[1])
-    a0, s0 = proc.alpha(grid[2]), proc.sigma(grid[2])
-    std = a1 * jnp.sqrt((s1 / a1) ** 2 - (s0 / a0) ** 2)
-    x1 = (a1 / a0) * fj(params, x_T, grid[0]) + std * normal_per_sample(key, x_T.shape, step=0)
-    np.testing.assert_allclose(two, fj(params, x1, grid[1]), rtol=1e-5, atol=1e-6)
+    two = C.consistency_sample(f, params, noise, steps=2, key=key)  # f, re-noise, f (by_hand)
+
+    @jax.jit
+    def by_hand(x_T):
+        a1, s1 = proc.alpha(grid[1]), proc.sigma(grid[1])
+        a0, s0 = proc.alpha(grid[2]), proc.sigma(grid[2])
+        std = a1 * jnp.sqrt((s1 / a1) ** 2 - (s0 / a0) ** 2)
+        x1 = (a1 / a0) * f(params, x_T, grid[0]) + std * normal_per_sample(key, x_T.shape, step=0)
+        return f(params, x1, grid[1]), f(params, x_T, proc.t_max)
+
+    want_two, want_one = by_hand(x_T)
+    np.testing.assert_allclose(two, want_two, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(one, want_one, rtol=1e-6)
     for bad in (0, 2.0):
         with pytest.raises(DistillError, match="1 or more steps"):
             C.consistency_sample(f, params, noise, steps=bad)

@@ -25,6 +25,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -88,7 +89,8 @@ def boundary_coefficients(process, t, t_min=None, sigma_data: float = 0.5):
         c_x = (alpha_min / alpha) (c_skip - (1 - rho_min/rho) c_skip^EDM),
         c_d = alpha_min (1 - rho_min / rho),      c_skip^EDM = sd^2 / (rho^2 + sd^2).
 
-    At ``t = t_min`` it is exactly ``(1, 0)``: ``f(x, t_min) = x`` bit for bit. It is
+    At ``t = t_min`` it is exactly ``(1, 0)`` (selected by the time, not left to the
+    rounding of ``rho``): ``f(x, t_min) = x`` bit for bit. It is
     finite where ``alpha = 0`` (a flow's ``t = 1``: ``(0, alpha_min)``) and with the anchor
     at the data (``rho_min = 0``: ``f = D``).
 
@@ -101,11 +103,14 @@ def boundary_coefficients(process, t, t_min=None, sigma_data: float = 0.5):
     rho, a = process.rho(t), process.alpha(t)
     a_min = process.alpha(jnp.asarray(t_min, t.dtype))
     sd2 = sigma_data**2
-    r = rho - rho_min.astype(t.dtype)
+    # at the anchor exactly (1, 0): rho(t) and rho(t_min), computed by two code paths,
+    # need not round alike under jit, so the anchor is selected by its time
+    at = t <= jnp.asarray(t_min, t.dtype)
+    r = jnp.where(at, 0.0, rho - rho_min.astype(t.dtype))
     c_skip = sd2 / (r * r + sd2)  # 0 at rho = inf
     edm_skip = sd2 / (rho * rho + sd2)
-    ratio = 1.0 - rho_min.astype(t.dtype) / rho  # c_out / c_out^EDM; exactly 0 at t_min
-    scale = a_min / jnp.where(a > 0, a, 1.0)  # alpha_min / alpha, finite where alpha = 0
+    ratio = jnp.where(at, 0.0, 1.0 - rho_min.astype(t.dtype) / rho)  # c_out / c_out^EDM
+    scale = jnp.where(at, 1.0, a_min / jnp.where(a > 0, a, 1.0))  # alpha_min / alpha, finite at alpha = 0
     return scale * (c_skip - ratio * edm_skip), a_min * ratio
 
 
@@ -237,6 +242,7 @@ def teacher_step(solver: Solver, denoiser, x, t_from, t_to, cond=None, keys=None
 # ----------------------------------------------------------------------- draws
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def draws(keys, shape):
     """Each sample's ``(u, z)``: a uniform in ``[0, 1)`` (its index or time) and a
     standard normal of one sample's shape, from ``fold_in(key_i, c)`` (the losses' only
@@ -478,7 +484,12 @@ def consistency_times(process, steps: int, *, t_min=None, rho_max: float = 80.0)
     """The ``steps + 1``-point grid of :class:`ConsistencySampler`: ``t_max``, then
     ``steps - 1`` levels evenly spaced in ``rho^(1/7)`` (:func:`karras_rhos`), then the
     anchor ``t_min``; decreasing."""
-    t_min = process.t_min if t_min is None else t_min
+    t_min = process.t_min if t_min is None else float(t_min)
+    return _grid(process, int(steps), t_min, float(rho_max))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _grid(process, steps, t_min, rho_max):
     rhos = karras_rhos(process, steps + 1, t_min=t_min, rho_max=rho_max)
     return times_of_rhos(process, rhos, t_min=t_min, rho_max=rho_max)[::-1]
 
