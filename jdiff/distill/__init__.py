@@ -21,11 +21,15 @@ from jdiff.distill._student import (
     shipped_students,
     student_dir,
 )
+from jdiff.distill._consistency_recipes import ConsistencyDistillation, ConsistencyTraining, EasyConsistencyTuning
+from jdiff.distill._rlcm import RLCM
 from jdiff.distill._teacher import DistillError, Recipe, Setup, Teacher, load_teacher
 
 # method name -> Recipe instance (``jdiff distill --method NAME``); each method module
 # registers itself below.
 METHODS: dict[str, Recipe] = {}
+for _r in (ConsistencyDistillation(), ConsistencyTraining(), EasyConsistencyTuning(), RLCM()):
+    METHODS[_r.name] = _r
 
 __all__ = [
     "DistillError",

@@ -285,7 +285,11 @@ def train_step(
       loss_fn: ``loss_fn(params, batch, keys) -> (loss, metrics)`` accepting ``B``
         per-sample keys (as built by :func:`make_loss_fn`); when ``state.frozen`` is not
         None it is called ``loss_fn(params, batch, keys, frozen=state.frozen)``, and the
-        gradient is taken with respect to ``params`` only.
+        gradient is taken with respect to ``params`` only. A loss with the attribute
+        ``reads_ema = True`` is also given ``ema=stop_gradient(state.ema_params)``
+        (``None`` without EMA: a consistency-distillation target), one with
+        ``reads_step = True`` ``step=state.step`` (the updates done before this one: a
+        training curriculum).
       optimizer: optax transformation.
       accum_steps: split the batch into this many micro-batches (rows ``j, j + k, j +
         2k, ...``) and average their gradients in a ``lax.scan``; equals the full-batch
@@ -306,12 +310,17 @@ def train_step(
         raise ValueError(f"batch size {B} is not divisible by accum_steps={k}")
     keys = per_sample_keys(key, B)
     frozen = state.frozen
-    if frozen is None:
+    extra = {} if frozen is None else {"frozen": frozen}
+    if getattr(loss_fn, "reads_ema", False):  # a loss whose target is the EMA (consistency distillation)
+        extra["ema"] = None if state.ema_params is None else jax.lax.stop_gradient(state.ema_params)
+    if getattr(loss_fn, "reads_step", False):  # a loss with a curriculum over training (iCT, ECT)
+        extra["step"] = state.step
+    if not extra:
         objective = loss_fn
     else:
 
         def objective(params, batch, keys):
-            return loss_fn(params, batch, keys, frozen=frozen)
+            return loss_fn(params, batch, keys, **extra)
 
     # differentiated with respect to params only: frozen is a constant of the objective
     grad_fn = jax.value_and_grad(objective, has_aux=True)
