@@ -327,12 +327,15 @@ def guided_distill(
     seed: int = 0,
     callbacks=(),
     on_round: Callable | None = None,
+    on_match: Callable | None = None,
     **options,
 ):
     """Both stages with :func:`jdiff.train.train`: ``match_steps`` updates of stage one,
     then :func:`~jdiff.distill._progressive.progressive_rounds` of stage two
     (``steps_per_round`` each). ``options``: ``w_min``, ``w_max``, ``grid``, ``final``,
-    ``weighting``. Returns ``(stage_one_params, [RoundResult, ...])``."""
+    ``weighting``. ``on_match(stage_one_params)`` is called after stage one and
+    ``on_round(RoundResult)`` after every round. Returns ``(stage_one_params,
+    [RoundResult, ...])``."""
     setup = GUIDED.build(teacher, stage="match", start_steps=start_steps, rounds=rounds, **options)
     res = train(
         setup.loss_fn,
@@ -347,6 +350,8 @@ def guided_distill(
         handle_sigterm=False,
     )
     stage_one = jax.tree.map(np.asarray, res.state.params)
+    if on_match is not None:
+        on_match(stage_one)
     rounds_out = progressive_rounds(
         teacher,
         data,
