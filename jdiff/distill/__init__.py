@@ -8,10 +8,21 @@ seam, each a :class:`Recipe` registered in :data:`METHODS` (``jdiff distill --me
   (:func:`distill_run`, ``jdiff distill``); :mod:`~jdiff.distill._student`: the student
   folder, read back (:func:`load_student`) and drawn from at its step counts
   (:func:`sample_student`, ``jdiff sample --student``).
+- :mod:`~jdiff.distill._progressive`: progressive distillation (Salimans & Ho 2022),
+  rounds that halve the DDIM steps (:func:`progressive_rounds`).
+- :mod:`~jdiff.distill._guided`: guided distillation (Meng et al. 2023): a
+  guidance-scale-conditioned student, then progressive rounds (:func:`guided_distill`).
+- :mod:`~jdiff.distill._mmd`: MMD-DDM (Aiello et al. 2023), MMD fine-tuning of a few-step
+  DDIM sampler in the digits classifier's feature space.
 """
 
 from __future__ import annotations
 
+from jdiff.distill._consistency_recipes import ConsistencyDistillation, ConsistencyTraining, EasyConsistencyTuning
+from jdiff.distill._guided import GUIDED, GuidedRecipe, guided_distill
+from jdiff.distill._mmd import MMD, MMDRecipe, mmd2_unbiased
+from jdiff.distill._progressive import PROGRESSIVE, ProgressiveRecipe, progressive_rounds
+from jdiff.distill._rlcm import RLCM
 from jdiff.distill._run import DistillOutcome, distill_run, parse_options, recipe_options
 from jdiff.distill._student import (
     Student,
@@ -21,8 +32,6 @@ from jdiff.distill._student import (
     shipped_students,
     student_dir,
 )
-from jdiff.distill._consistency_recipes import ConsistencyDistillation, ConsistencyTraining, EasyConsistencyTuning
-from jdiff.distill._rlcm import RLCM
 from jdiff.distill._teacher import DistillError, Recipe, Setup, Teacher, load_teacher
 
 # method name -> Recipe instance (``jdiff distill --method NAME``); each method module
@@ -30,6 +39,9 @@ from jdiff.distill._teacher import DistillError, Recipe, Setup, Teacher, load_te
 METHODS: dict[str, Recipe] = {}
 for _r in (ConsistencyDistillation(), ConsistencyTraining(), EasyConsistencyTuning(), RLCM()):
     METHODS[_r.name] = _r
+METHODS[PROGRESSIVE.name] = PROGRESSIVE
+METHODS[GUIDED.name] = GUIDED
+METHODS[MMD.name] = MMD
 
 __all__ = [
     "DistillError",
@@ -48,4 +60,10 @@ __all__ = [
     "student_dir",
     "parse_options",
     "recipe_options",
+    "ProgressiveRecipe",
+    "progressive_rounds",
+    "GuidedRecipe",
+    "guided_distill",
+    "MMDRecipe",
+    "mmd2_unbiased",
 ]
