@@ -14,4 +14,9 @@ from jdiff.distill._teacher import DistillError, Recipe, Setup, Teacher, load_te
 # registers itself below.
 METHODS: dict[str, Recipe] = {}
 
+from jdiff.distill._reflow import Reflow, SlimFlow  # noqa: E402  (registered below)
+
+METHODS["reflow"] = Reflow()
+METHODS["slimflow"] = SlimFlow()
+
 __all__ = ["DistillError", "Recipe", "Setup", "Teacher", "load_teacher", "METHODS"]
