@@ -115,7 +115,7 @@ def test_reflow_recipe_loss_draws_pairs_and_times_per_key(lin_pairs):
     keys = per_sample_keys(jax.random.key(3), 6)
     loss, metrics = setup.loss_fn(setup.params, {"x": jnp.zeros((6, 3))}, keys, frozen=setup.frozen)
     idx = np.asarray(jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, R._K_PAIR), (), 0, 5))(keys))
-    s = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, R._K_TIME), (), jnp.float32, 1e-3, 1.0))(keys)
+    s = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, R._K_TIME), (), R._float(), 1e-3, 1.0))(keys)
     s = np.asarray(s, np.float64)
     z, x = lin_pairs["z"][idx].astype(np.float64), lin_pairs["x"][idx].astype(np.float64)
     xs = (1 - s[:, None]) * x + s[:, None] * z

@@ -241,8 +241,13 @@ def _draw(pairs: dict, keys):
     return pairs["z"][idx], pairs["x"][idx], cond
 
 
+def _float():
+    """float64 under ``jax.enable_x64``, else float32."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
 def _uniform(keys, c, lo, hi):
-    return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, c), (), jnp.float32, lo, hi))(keys)
+    return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, c), (), _float(), lo, hi))(keys)
 
 
 def _counting_batch_fn():
