@@ -67,3 +67,11 @@ __all__ = [
     "MMDRecipe",
     "mmd2_unbiased",
 ]
+from jdiff.distill._reflow import Reflow, SlimFlow  # noqa: E402  (registered below)
+from jdiff.distill._score import ScoreDistillation  # noqa: E402
+
+METHODS["reflow"] = Reflow()
+METHODS["slimflow"] = SlimFlow()
+METHODS["score_distillation"] = ScoreDistillation()
+
+__all__ = ["DistillError", "Recipe", "Setup", "Teacher", "load_teacher", "METHODS"]
