@@ -30,7 +30,7 @@ def add_parser(sub, formatter, methods: dict):
         "A folder of the same distillation is continued exactly from its newest checkpoint (--steps may be "
         "raised); SIGTERM or Ctrl-C saves a checkpoint and exits with status 0. Sample the student with "
         "'jdiff sample --student DIR'.",
-        epilog="examples:\n  jdiff distill --method NAME --teacher digits --out students/NAME --steps 2000\n"
+        epilog="examples:\n  jdiff distill --method NAME --teacher digits --out students/NAME --steps 1000\n"
         "  jdiff distill --method NAME --teacher runs/digits --out students/x --set KEY=VALUE --lr 2e-4\n"
         "  jdiff sample --student students/NAME --steps 1\n"
         f"methods (jdiff.distill.METHODS):\n{listed or '  (none registered)'}",
@@ -43,7 +43,7 @@ def add_parser(sub, formatter, methods: dict):
         help="a shipped model (digits), a model folder (jdiff.runs.export_pretrained) or a 'jdiff train' run",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="the student folder (continued if it holds this one)")
-    p.add_argument("--steps", type=int, default=2000, metavar="N", help="training steps in total")
+    p.add_argument("--steps", type=int, default=1000, metavar="N", help="training steps in total")
     p.add_argument(
         "--set",
         action="append",
@@ -51,8 +51,8 @@ def add_parser(sub, formatter, methods: dict):
         help="a method option, read by the type of its default (a comma list for a tuple); a student folder "
         "as the value stands for its parameters (the next round of a chain); repeatable",
     )
-    p.add_argument("--batch-size", type=int, default=128, metavar="B", help="training batch")
-    p.add_argument("--lr", type=positive_float, default=1e-4, metavar="LR", help="peak learning rate (AdamW)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B", help="training batch")
+    p.add_argument("--lr", type=positive_float, default=2e-4, metavar="LR", help="peak learning rate (AdamW)")
     p.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear learning-rate warmup")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="learning-rate schedule")
     p.add_argument("--final-lr", type=finite_float, default=0.0, metavar="LR", help="cosine: the last step's rate")
