@@ -257,3 +257,40 @@ def test_one_reflow_of_a_tiny_mlp_straightens_the_paths(mix):
     err_rf = float(jnp.mean(jnp.sum((one_rf - x[:256]) ** 2, axis=1)))
     err_t = float(jnp.mean(jnp.sum((one_teacher - x[:256]) ** 2, axis=1)))
     assert err_rf < 0.5 * err_t, (err_rf, err_t)
+
+
+# ----------------------------------------------------- SlimFlow on a small MLP run
+
+
+def test_slimflow_builds_a_narrower_student_anneals_and_distills(mix):
+    """The toy2d preset's MLP (rectified flow) with width 16 as the teacher (abstract
+    parameters: the pairs are given); the student has width 8."""
+    from jdiff.runs import get_preset
+    from jdiff.runs._build import build_run
+    from jdiff.runs._config import set_value
+
+    cfg = set_value(set_value(get_preset("toy2d"), "model.mlp.width", "16"), "model.mlp.num_blocks", "1")
+    run = build_run(cfg, with_data=False, data_shape=(2,), num_classes=0, abstract=True)
+    te = Teacher(run.apply, run.params, run.process, "flow", "t", (2,), 0, run=run)
+    r = np.random.default_rng(8)
+    pairs = {"z": r.normal(size=(16, 2)), "x": r.normal(size=(16, 2)), "label": np.zeros(16, np.int32)}
+    rec = METHODS["slimflow"]
+    setup = rec.build(te, pairs=pairs, width=8, anneal_steps=4)
+    assert setup.notes["width"] == 8 and setup.notes["teacher_width"] == 16
+    assert jax.tree.leaves(setup.params["proj_in"]["kernel"])[0].shape == (2, 8)
+    keys = per_sample_keys(jax.random.key(0), 4)
+    loss = jax.jit(setup.loss_fn)
+    b0 = setup.batch_fn(np.zeros((4, 2), np.float32), None)
+    b1 = setup.batch_fn(np.zeros((4, 2), np.float32), None)
+    assert b0["step"].tolist() == [0] * 4 and b1["step"].tolist() == [1] * 4
+    _, m0 = loss(setup.params, b0, keys, frozen=setup.frozen)
+    _, m2 = loss(setup.params, setup.batch_fn(np.zeros((4, 2)), None, step=2), keys, frozen=setup.frozen)
+    np.testing.assert_allclose([float(m0["beta"]), float(m2["beta"])], [1.0, 0.5])
+    with pytest.raises(DistillError, match="needs flow="):
+        rec.build(te, pairs=pairs, width=8, stage="distill")
+    d = rec.build(te, pairs=pairs, width=8, stage="distill", flow=setup.params)
+    assert d.steps == 1 and d.frozen["flow"] is setup.params
+    out = rec.sample(te, setup.params, jnp.asarray(pairs["z"][:3], jnp.float32), steps=1, trained_steps=1)
+    assert out.shape == (3, 2) and bool(jnp.all(jnp.isfinite(out)))
+    with pytest.raises(DistillError, match="at most 1 step"):
+        rec.sample(te, setup.params, jnp.asarray(pairs["z"][:3], jnp.float32), steps=2, trained_steps=1)

@@ -383,7 +383,10 @@ def _small_model(cfg_json: str, width: int):
         cfg = set_value(cfg, "model.unet.num_groups", str(groups))
     else:
         cfg = set_value(cfg, "model.mlp.width", str(width))
-    return functional(build_model(cfg))
+    # initialized in one compiled program (an eager NNX build runs every initializer alone)
+    apply, _ = functional(build_model(cfg, abstract=True))
+    params = jax.jit(lambda: functional(build_model(cfg))[1])()
+    return apply, params
 
 
 def _teacher_width(teacher: Teacher) -> int:
@@ -393,7 +396,7 @@ def _teacher_width(teacher: Teacher) -> int:
 
 def _params_width(params, kind: str) -> int:
     leaf = params["conv_in"]["kernel"] if kind == "unet" else params["proj_in"]["kernel"]
-    return int(jnp.shape(getattr(leaf, "value", leaf))[-1])
+    return int(jnp.shape(jax.tree.leaves(leaf)[0])[-1])
 
 
 def small_student(teacher: Teacher, width: int):
