@@ -21,9 +21,9 @@ side: the teacher's architecture, initialized from the teacher, seen as a rectif
 velocity on all of ``s in [0, 1]``, times outside the teacher's range clipped to it).
 
 :func:`generate_pairs` draws teacher pairs ``(z, ODE(z))`` (Liu et al., "Flow Straight
-and Fast: Learning to Generate and Transfer Data with Rectified Flow", ICLR 2023, Sec.
-2.3: the coupling a reflow is trained on), and :func:`straightness` measures how
-straight a flow's paths are (Liu et al. 2023, Definition 2.5).
+and Fast: Learning to Generate and Transfer Data with Rectified Flow", ICLR 2023,
+Algorithm 1: the coupling a reflow is trained on), and :func:`straightness` measures how
+straight a flow's paths are (Liu et al. 2023, the straightness ``S(Z)`` of a flow).
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def generate_pairs(
     path=None,
 ) -> dict:
     """Teacher pairs ``(z, x = ODE(z))``: the coupling of a reflow (Liu et al. 2023,
-    Sec. 2.3 and Algorithm 1: ``(Z0, Z1)`` drawn by simulating the flow from noise).
+    Algorithm 1: the pairs drawn by simulating the flow from noise).
 
     Args:
       denoiser: the flow to simulate: any jdiff denoiser (a teacher of any process, or
@@ -228,7 +228,7 @@ def load_pairs(path) -> dict:
 
 
 def straightness(velocity: Callable, z, *, steps: int = 64, s_max: float = 1.0, cond=None):
-    """The straightness of a flow's paths (Liu et al. 2023, Definition 2.5),
+    """The straightness of a flow's paths (Liu et al. 2023, ``S(Z)``),
 
         S = int_0^1 E || (Z_1 - Z_0) - dZ_s/ds ||^2 ds,
 
