@@ -95,8 +95,9 @@ def reflow_loss(velocity: Callable, params, z, x, s, cond=None):
 
 def distill_loss(velocity: Callable, params, z, x, cond=None):
     """One-step distillation of a coupling (Liu et al. 2023, Algorithm 1's distillation:
-    the rectified-flow loss with the time fixed at the noise end): the one Euler step ``x_hat = z - v(z, 1)`` regressed on
-    ``x`` with the L2 distance, ``mean_features (x_hat - x)^2`` per sample."""
+    the rectified-flow loss with the time fixed at the noise end): the one Euler step
+    ``x_hat = z - v(z, 1)`` regressed on ``x`` with the L2 distance, ``mean_features
+    (x_hat - x)^2`` per sample."""
     s1 = jnp.ones((z.shape[0],), z.dtype)
     return _mse(z - velocity(params, z, s1, cond) - x)
 
