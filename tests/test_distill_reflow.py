@@ -174,7 +174,7 @@ def test_vp_teacher_read_as_rectified_flow_is_exact(mix):
         # pointwise: the exact rectified-flow denoiser of the same data
         x = jax.random.normal(jax.random.key(1), (6, 2), jnp.float64)
         s = jnp.linspace(0.02, 0.98, 6)
-        p, q = view(x, s), mix.posterior(x, s, jdiff.rectified_flow())
+        p, q = jax.jit(lambda x, s: (view(x, s), mix.posterior(x, s, jdiff.rectified_flow())))(x, s)
         np.testing.assert_allclose(np.asarray(p.x0), np.asarray(q.x0), atol=1e-13)
         np.testing.assert_allclose(np.asarray(p.eps), np.asarray(q.eps), atol=1e-13)
         np.testing.assert_allclose(np.asarray(rectified_time(vp, process_time(vp, s))), np.asarray(s), atol=1e-14)
