@@ -212,16 +212,23 @@ def mlp_velocity(p, x, s, cond=None):
     return h @ p["w3"] + p["b3"]
 
 
-def test_one_reflow_of_a_tiny_mlp_straightens_the_paths(mix):
+def test_one_reflow_of_a_tiny_mlp_straightens_the_paths(mix, tmp_path):
     vp = jdiff.vp_cosine()
     teacher = testbed.ExactDenoiser(mix, vp)
     ddim = jdiff.solvers.ddim()
     pairs = generate_pairs(teacher, 1024, (2,), key=jax.random.key(5), solver=ddim, nfe=12, batch=512)
     assert pairs["z"].shape == pairs["x"].shape == (1024, 2)
-    # deterministic per key: the first m of n pairs are the pairs of m
-    again = generate_pairs(teacher, 600, (2,), key=jax.random.key(5), solver=ddim, nfe=12, batch=512)
+    # deterministic per key: the first m of n pairs are the pairs of m; a cache file is
+    # reused only for the same tag
+    f = str(tmp_path / "pairs.npz")
+    again = generate_pairs(teacher, 600, (2,), key=jax.random.key(5), solver=ddim, nfe=12, batch=512, path=f, tag="a")
     np.testing.assert_array_equal(again["z"], pairs["z"][:600])
     np.testing.assert_allclose(again["x"], pairs["x"][:600], atol=1e-6)
+    assert str(np.load(f)["tag"]) == "a"
+    other = generate_pairs(teacher, 600, (2,), key=jax.random.key(6), solver=ddim, nfe=12, batch=512, path=f, tag="a")
+    np.testing.assert_array_equal(other["z"], again["z"])  # loaded: the same tag
+    other = generate_pairs(teacher, 600, (2,), key=jax.random.key(6), solver=ddim, nfe=12, batch=512, path=f, tag="b")
+    assert not np.array_equal(other["z"], again["z"]) and str(np.load(f)["tag"]) == "b"
 
     z, x = jnp.asarray(pairs["z"]), jnp.asarray(pairs["x"])
     opt = optax.adam(3e-3)

@@ -167,6 +167,7 @@ def generate_pairs(
     num_classes: int = 0,
     batch: int = 256,
     path=None,
+    tag: str = "",
 ) -> dict:
     """Teacher pairs ``(z, x = ODE(z))``: the coupling of a reflow (Liu et al. 2023,
     Algorithm 1: the pairs drawn by simulating the flow from noise).
@@ -181,8 +182,10 @@ def generate_pairs(
       solver: a jdiff solver (default DPM-Solver++(2M)); nfe: its network evaluations.
       num_classes: > 0 for a class-conditional model: labels cycle ``0..num_classes-1``.
       batch: samples per compiled call (the last batch is padded: one compilation).
-      path: an ``.npz`` file: loaded if it holds ``n`` pairs of this ``shape``, else
-        written after generation.
+      path: an ``.npz`` file: loaded if it holds ``n`` pairs of this ``shape`` made
+        with the same ``tag``, else written after generation.
+      tag: what made the pairs (stored with them; e.g. the flow, solver, NFE and seed),
+        so that a cache file of other pairs is not reused.
 
     Returns:
       ``{"z": (n, *shape), "x": (n, *shape), "label": (n,) int32}`` host float32 arrays
@@ -190,8 +193,10 @@ def generate_pairs(
     """
     shape = tuple(int(v) for v in shape)
     if path is not None and os.path.exists(path):
+        with np.load(path, allow_pickle=False) as f:
+            same = "tag" in f.files and str(f["tag"]) == tag
         pairs = load_pairs(path)
-        if pairs["z"].shape == (n, *shape):
+        if same and pairs["z"].shape == (n, *shape):
             return pairs
     solver = jdiff.solvers.dpm_solver_pp(2) if solver is None else solver
     labels = (np.arange(n) % num_classes).astype(np.int32) if num_classes else np.zeros(n, np.int32)
@@ -211,7 +216,7 @@ def generate_pairs(
     pairs = {"z": np.concatenate(zs), "x": np.concatenate(xs), "label": labels}
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        np.savez(path, **pairs)
+        np.savez(path, tag=np.asarray(tag), **pairs)
     return pairs
 
 

@@ -21,6 +21,7 @@ References:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -212,6 +213,8 @@ def _teacher_pairs(teacher: Teacher, o: dict, flow_den=None) -> dict:
         return pairs
     den = teacher.denoiser(guidance=float(o["guidance"])) if flow_den is None else flow_den
     solver = jdiff.solvers.get(o["pair_solver"])
+    made_by = "teacher " + teacher.source if flow_den is None else "flow " + _digest(flow_den.params)
+    tag = f"{made_by}; {o['pair_solver']} nfe {o['pair_nfe']}; guidance {o['guidance']}; seed {o['seed']}"
     return generate_pairs(
         den,
         int(o["num_pairs"]),
@@ -222,7 +225,15 @@ def _teacher_pairs(teacher: Teacher, o: dict, flow_den=None) -> dict:
         num_classes=teacher.num_classes,
         batch=int(o["pair_batch"]),
         path=o["pairs_path"],
+        tag=tag,
     )
+
+
+def _digest(params) -> str:
+    h = hashlib.sha1()
+    for leaf in jax.tree.leaves(params):
+        h.update(np.asarray(leaf).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _frozen_pairs(pairs: dict, num_classes: int) -> dict:
