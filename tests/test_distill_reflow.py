@@ -174,7 +174,7 @@ def test_vp_teacher_read_as_rectified_flow_is_exact(mix):
         # pointwise: the exact rectified-flow denoiser of the same data
         x = jax.random.normal(jax.random.key(1), (6, 2), jnp.float64)
         s = jnp.linspace(0.02, 0.98, 6)
-        p, q = view(x, s), mix.posterior(x, s, jdiff.rectified_flow())
+        p, q = jax.jit(lambda x, s: (view(x, s), mix.posterior(x, s, jdiff.rectified_flow())))(x, s)
         np.testing.assert_allclose(np.asarray(p.x0), np.asarray(q.x0), atol=1e-13)
         np.testing.assert_allclose(np.asarray(p.eps), np.asarray(q.eps), atol=1e-13)
         np.testing.assert_allclose(np.asarray(rectified_time(vp, process_time(vp, s))), np.asarray(s), atol=1e-14)
@@ -212,16 +212,23 @@ def mlp_velocity(p, x, s, cond=None):
     return h @ p["w3"] + p["b3"]
 
 
-def test_one_reflow_of_a_tiny_mlp_straightens_the_paths(mix):
+def test_one_reflow_of_a_tiny_mlp_straightens_the_paths(mix, tmp_path):
     vp = jdiff.vp_cosine()
     teacher = testbed.ExactDenoiser(mix, vp)
     ddim = jdiff.solvers.ddim()
     pairs = generate_pairs(teacher, 1024, (2,), key=jax.random.key(5), solver=ddim, nfe=12, batch=512)
     assert pairs["z"].shape == pairs["x"].shape == (1024, 2)
-    # deterministic per key: the first m of n pairs are the pairs of m
-    again = generate_pairs(teacher, 600, (2,), key=jax.random.key(5), solver=ddim, nfe=12, batch=512)
+    # deterministic per key: the first m of n pairs are the pairs of m; a cache file is
+    # reused only for the same tag
+    f = str(tmp_path / "pairs.npz")
+    again = generate_pairs(teacher, 600, (2,), key=jax.random.key(5), solver=ddim, nfe=12, batch=512, path=f, tag="a")
     np.testing.assert_array_equal(again["z"], pairs["z"][:600])
     np.testing.assert_allclose(again["x"], pairs["x"][:600], atol=1e-6)
+    assert str(np.load(f)["tag"]) == "a"
+    other = generate_pairs(teacher, 600, (2,), key=jax.random.key(6), solver=ddim, nfe=12, batch=512, path=f, tag="a")
+    np.testing.assert_array_equal(other["z"], again["z"])  # loaded: the same tag
+    other = generate_pairs(teacher, 600, (2,), key=jax.random.key(6), solver=ddim, nfe=12, batch=512, path=f, tag="b")
+    assert not np.array_equal(other["z"], again["z"]) and str(np.load(f)["tag"]) == "b"
 
     z, x = jnp.asarray(pairs["z"]), jnp.asarray(pairs["x"])
     opt = optax.adam(3e-3)
@@ -257,3 +264,40 @@ def test_one_reflow_of_a_tiny_mlp_straightens_the_paths(mix):
     err_rf = float(jnp.mean(jnp.sum((one_rf - x[:256]) ** 2, axis=1)))
     err_t = float(jnp.mean(jnp.sum((one_teacher - x[:256]) ** 2, axis=1)))
     assert err_rf < 0.5 * err_t, (err_rf, err_t)
+
+
+# ----------------------------------------------------- SlimFlow on a small MLP run
+
+
+def test_slimflow_builds_a_narrower_student_anneals_and_distills(mix):
+    """The toy2d preset's MLP (rectified flow) with width 16 as the teacher (abstract
+    parameters: the pairs are given); the student has width 8."""
+    from jdiff.runs import get_preset
+    from jdiff.runs._build import build_run
+    from jdiff.runs._config import set_value
+
+    cfg = set_value(set_value(get_preset("toy2d"), "model.mlp.width", "16"), "model.mlp.num_blocks", "1")
+    run = build_run(cfg, with_data=False, data_shape=(2,), num_classes=0, abstract=True)
+    te = Teacher(run.apply, run.params, run.process, "flow", "t", (2,), 0, run=run)
+    r = np.random.default_rng(8)
+    pairs = {"z": r.normal(size=(16, 2)), "x": r.normal(size=(16, 2)), "label": np.zeros(16, np.int32)}
+    rec = METHODS["slimflow"]
+    setup = rec.build(te, pairs=pairs, width=8, anneal_steps=4)
+    assert setup.notes["width"] == 8 and setup.notes["teacher_width"] == 16
+    assert jax.tree.leaves(setup.params["proj_in"]["kernel"])[0].shape == (2, 8)
+    keys = per_sample_keys(jax.random.key(0), 4)
+    loss = jax.jit(setup.loss_fn)
+    b0 = setup.batch_fn(np.zeros((4, 2), np.float32), None)
+    b1 = setup.batch_fn(np.zeros((4, 2), np.float32), None)
+    assert b0["step"].tolist() == [0] * 4 and b1["step"].tolist() == [1] * 4
+    _, m0 = loss(setup.params, b0, keys, frozen=setup.frozen)
+    _, m2 = loss(setup.params, setup.batch_fn(np.zeros((4, 2)), None, step=2), keys, frozen=setup.frozen)
+    np.testing.assert_allclose([float(m0["beta"]), float(m2["beta"])], [1.0, 0.5])
+    with pytest.raises(DistillError, match="needs flow="):
+        rec.build(te, pairs=pairs, width=8, stage="distill")
+    d = rec.build(te, pairs=pairs, width=8, stage="distill", flow=setup.params)
+    assert d.steps == 1 and d.frozen["flow"] is setup.params
+    out = rec.sample(te, setup.params, jnp.asarray(pairs["z"][:3], jnp.float32), steps=1, trained_steps=1)
+    assert out.shape == (3, 2) and bool(jnp.all(jnp.isfinite(out)))
+    with pytest.raises(DistillError, match="at most 1 step"):
+        rec.sample(te, setup.params, jnp.asarray(pairs["z"][:3], jnp.float32), steps=2, trained_steps=1)

@@ -49,7 +49,7 @@ def main():
     save(flow, "slimflow_reflow")
     print(HEADER)
     name = f"slimflow stage 1 (w{a.width} 2-RF)"
-    evaluate(rec, teacher, flow, (1, 2, 4), setup.steps, label=name, wall=t_pairs + wall)
+    evaluate(rec, teacher, flow, (1, 4), setup.steps, label=name, wall=t_pairs + wall)
     t0 = time.perf_counter()
     d = rec.build(
         teacher,

@@ -21,9 +21,9 @@ side: the teacher's architecture, initialized from the teacher, seen as a rectif
 velocity on all of ``s in [0, 1]``, times outside the teacher's range clipped to it).
 
 :func:`generate_pairs` draws teacher pairs ``(z, ODE(z))`` (Liu et al., "Flow Straight
-and Fast: Learning to Generate and Transfer Data with Rectified Flow", ICLR 2023, Sec.
-2.3: the coupling a reflow is trained on), and :func:`straightness` measures how
-straight a flow's paths are (Liu et al. 2023, Definition 2.5).
+and Fast: Learning to Generate and Transfer Data with Rectified Flow", ICLR 2023,
+Algorithm 1: the coupling a reflow is trained on), and :func:`straightness` measures how
+straight a flow's paths are (Liu et al. 2023, the straightness ``S(Z)`` of a flow).
 """
 
 from __future__ import annotations
@@ -167,9 +167,10 @@ def generate_pairs(
     num_classes: int = 0,
     batch: int = 256,
     path=None,
+    tag: str = "",
 ) -> dict:
     """Teacher pairs ``(z, x = ODE(z))``: the coupling of a reflow (Liu et al. 2023,
-    Sec. 2.3 and Algorithm 1: ``(Z0, Z1)`` drawn by simulating the flow from noise).
+    Algorithm 1: the pairs drawn by simulating the flow from noise).
 
     Args:
       denoiser: the flow to simulate: any jdiff denoiser (a teacher of any process, or
@@ -181,8 +182,10 @@ def generate_pairs(
       solver: a jdiff solver (default DPM-Solver++(2M)); nfe: its network evaluations.
       num_classes: > 0 for a class-conditional model: labels cycle ``0..num_classes-1``.
       batch: samples per compiled call (the last batch is padded: one compilation).
-      path: an ``.npz`` file: loaded if it holds ``n`` pairs of this ``shape``, else
-        written after generation.
+      path: an ``.npz`` file: loaded if it holds ``n`` pairs of this ``shape`` made
+        with the same ``tag``, else written after generation.
+      tag: what made the pairs (stored with them; e.g. the flow, solver, NFE and seed),
+        so that a cache file of other pairs is not reused.
 
     Returns:
       ``{"z": (n, *shape), "x": (n, *shape), "label": (n,) int32}`` host float32 arrays
@@ -190,8 +193,10 @@ def generate_pairs(
     """
     shape = tuple(int(v) for v in shape)
     if path is not None and os.path.exists(path):
+        with np.load(path, allow_pickle=False) as f:
+            same = "tag" in f.files and str(f["tag"]) == tag
         pairs = load_pairs(path)
-        if pairs["z"].shape == (n, *shape):
+        if same and pairs["z"].shape == (n, *shape):
             return pairs
     solver = jdiff.solvers.dpm_solver_pp(2) if solver is None else solver
     labels = (np.arange(n) % num_classes).astype(np.int32) if num_classes else np.zeros(n, np.int32)
@@ -211,7 +216,7 @@ def generate_pairs(
     pairs = {"z": np.concatenate(zs), "x": np.concatenate(xs), "label": labels}
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        np.savez(path, **pairs)
+        np.savez(path, tag=np.asarray(tag), **pairs)
     return pairs
 
 
@@ -228,7 +233,7 @@ def load_pairs(path) -> dict:
 
 
 def straightness(velocity: Callable, z, *, steps: int = 64, s_max: float = 1.0, cond=None):
-    """The straightness of a flow's paths (Liu et al. 2023, Definition 2.5),
+    """The straightness of a flow's paths (Liu et al. 2023, ``S(Z)``),
 
         S = int_0^1 E || (Z_1 - Z_0) - dZ_s/ds ||^2 ds,
 

@@ -9,18 +9,19 @@ retraining to be a 1-rectified flow. Time runs from data (``s = 0``) to noise (`
 
 References:
   Liu, Gong & Liu, "Flow Straight and Fast: Learning to Generate and Transfer Data with
-    Rectified Flow", ICLR 2023 (Eq. 1: the rectified-flow objective; Sec. 2.3 and
-    Algorithm 1: reflow on the pairs of the previous flow and distillation of the
-    k-rectified flow into one step).
+    Rectified Flow", ICLR 2023 (Eq. 1: the rectified-flow objective; Algorithm 1: reflow
+    on the pairs of the previous flow and distillation of the k-rectified flow into one
+    step).
   Zhu, Liu & Liu, "SlimFlow: Training Smaller One-Step Diffusion Models with Rectified
-    Flow", ECCV 2024 (Sec. 4.1: annealing reflow, the pair noise moved from random to the
-    teacher's noise while training; Sec. 4.2: flow-guided distillation, a one-step loss
-    on pairs plus a two-step Euler target of the 2-rectified flow).
+    Flow", ECCV 2024 (annealing reflow: the pair noise moved from random to the teacher's
+    noise while training; flow-guided distillation: a one-step loss on pairs plus a
+    two-step Euler target of the 2-rectified flow).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -94,17 +95,17 @@ def reflow_loss(velocity: Callable, params, z, x, s, cond=None):
 
 
 def distill_loss(velocity: Callable, params, z, x, cond=None):
-    """One-step distillation of a coupling (Liu et al. 2023, Sec. 2.3, the loss with the
-    time fixed at the noise end): the one Euler step ``x_hat = z - v(z, 1)`` regressed on
-    ``x`` with the L2 distance, ``mean_features (x_hat - x)^2`` per sample."""
+    """One-step distillation of a coupling (Liu et al. 2023, Algorithm 1's distillation:
+    the rectified-flow loss with the time fixed at the noise end): the one Euler step
+    ``x_hat = z - v(z, 1)`` regressed on ``x`` with the L2 distance, ``mean_features
+    (x_hat - x)^2`` per sample."""
     s1 = jnp.ones((z.shape[0],), z.dtype)
     return _mse(z - velocity(params, z, s1, cond) - x)
 
 
 def two_step_target(velocity: Callable, params, z, s_mid, cond=None):
     """Two Euler steps of a flow from ``z`` at ``s = 1``: to ``s_mid`` with ``v(z, 1)``,
-    then to ``s = 0`` with the velocity there (SlimFlow's flow guidance, Zhu et al. 2024,
-    Sec. 4.2). ``s_mid``: ``(B,)``."""
+    then to ``s = 0`` with the velocity there (SlimFlow's flow guidance, Zhu et al. 2024). ``s_mid``: ``(B,)``."""
     s1 = jnp.ones((z.shape[0],), z.dtype)
     m = _bx(s_mid, z)
     x_mid = z - (1.0 - m) * velocity(params, z, s1, cond)
@@ -112,7 +113,7 @@ def two_step_target(velocity: Callable, params, z, s_mid, cond=None):
 
 
 def flow_guided_loss(velocity: Callable, params, flow_params, z, x, s_mid, cond=None, weight: float = 1.0):
-    """SlimFlow's flow-guided distillation (Zhu et al. 2024, Sec. 4.2), per sample:
+    """SlimFlow's flow-guided distillation (Zhu et al. 2024), per sample:
 
         mean (x_hat - x)^2 + weight * mean (x_hat - sg[T(z)])^2,   x_hat = z - v_theta(z, 1),
 
@@ -130,7 +131,7 @@ def flow_guided_loss(velocity: Callable, params, flow_params, z, x, s_mid, cond=
 
 
 def anneal_beta(step, anneal_steps: int, kind: str = "linear"):
-    """SlimFlow's annealing weight ``beta(k)`` (Zhu et al. 2024, Sec. 4.1), from 1 at step
+    """SlimFlow's annealing weight ``beta(k)`` (Zhu et al. 2024, annealing reflow), from 1 at step
     0 to 0: ``1 - k/K`` (linear), ``(1 + cos(pi min(k/K, 1))) / 2`` (cosine) or
     ``exp(-k/K)`` (exp); ``anneal_steps = 0`` gives 0 (plain reflow)."""
     if kind not in ANNEALS:
@@ -148,7 +149,7 @@ def anneal_beta(step, anneal_steps: int, kind: str = "linear"):
 def anneal_noise(z, xi, beta):
     """The annealed pair noise ``sqrt(1 - beta^2) z + beta xi`` (still standard normal
     when ``z`` and ``xi`` are): random pairs at ``beta = 1``, the teacher's pairs at
-    ``beta = 0`` (Zhu et al. 2024, Sec. 4.1)."""
+    ``beta = 0`` (Zhu et al. 2024, annealing reflow)."""
     beta = jnp.asarray(beta, z.dtype)
     return jnp.sqrt(1.0 - beta * beta) * z + beta * xi
 
@@ -212,6 +213,8 @@ def _teacher_pairs(teacher: Teacher, o: dict, flow_den=None) -> dict:
         return pairs
     den = teacher.denoiser(guidance=float(o["guidance"])) if flow_den is None else flow_den
     solver = jdiff.solvers.get(o["pair_solver"])
+    made_by = "teacher " + teacher.source if flow_den is None else "flow " + _digest(flow_den.params)
+    tag = f"{made_by}; {o['pair_solver']} nfe {o['pair_nfe']}; guidance {o['guidance']}; seed {o['seed']}"
     return generate_pairs(
         den,
         int(o["num_pairs"]),
@@ -222,7 +225,15 @@ def _teacher_pairs(teacher: Teacher, o: dict, flow_den=None) -> dict:
         num_classes=teacher.num_classes,
         batch=int(o["pair_batch"]),
         path=o["pairs_path"],
+        tag=tag,
     )
+
+
+def _digest(params) -> str:
+    h = hashlib.sha1()
+    for leaf in jax.tree.leaves(params):
+        h.update(np.asarray(leaf).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _frozen_pairs(pairs: dict, num_classes: int) -> dict:
@@ -383,7 +394,10 @@ def _small_model(cfg_json: str, width: int):
         cfg = set_value(cfg, "model.unet.num_groups", str(groups))
     else:
         cfg = set_value(cfg, "model.mlp.width", str(width))
-    return functional(build_model(cfg))
+    # initialized in one compiled program (an eager NNX build runs every initializer alone)
+    apply, _ = functional(build_model(cfg, abstract=True))
+    params = jax.jit(lambda: functional(build_model(cfg))[1])()
+    return apply, params
 
 
 def _teacher_width(teacher: Teacher) -> int:
@@ -393,7 +407,7 @@ def _teacher_width(teacher: Teacher) -> int:
 
 def _params_width(params, kind: str) -> int:
     leaf = params["conv_in"]["kernel"] if kind == "unet" else params["proj_in"]["kernel"]
-    return int(jnp.shape(getattr(leaf, "value", leaf))[-1])
+    return int(jnp.shape(jax.tree.leaves(leaf)[0])[-1])
 
 
 def small_student(teacher: Teacher, width: int):

@@ -26,7 +26,7 @@ parameter on its own, so the two losses' scales do not interfere).
 References:
   Wang, Lu, Wang, Bao, Li, Su & Zhu, "ProlificDreamer: High-Fidelity and Diverse
     Text-to-3D Generation with Variational Score Distillation", NeurIPS 2023 (Eq. 9: the
-    VSD gradient; Eq. 10: the auxiliary network's denoising objective).
+    VSD gradient; the auxiliary network trained by denoising on the generator's samples).
   Nguyen & Tran, "SwiftBrush: One-Step Text-to-Image Diffusion Model with Variational
     Score Distillation", CVPR 2024 (the one-step student initialized from the teacher,
     ``x0`` predicted at the last time step, and the aux network trained alongside).
