@@ -300,7 +300,7 @@ def test_mmd_loss_is_the_hand_computation():
     p = {"a": 0.3, "b": -0.2}
     with jax.enable_x64(True):
         T = lin_teacher({k: jnp.float64(v) for k, v in p.items()})
-        setup = M.MMD.build(T, steps=1, features="pixels")
+        setup = M.MMD.build(T, steps=1, features="pixels", kernel="poly")
         assert setup.frozen is None and setup.steps == 1
         y = np.random.default_rng(4).normal(size=(5, 3))
         keys = jax.random.split(jax.random.key(9), 5)

@@ -166,7 +166,7 @@ def make_mmd_loss(
 _GRADIENTS = {"remat": _REMAT, "backprop": Backprop()}
 _DEFAULTS = dict(
     steps=4,
-    kernel="poly",
+    kernel="rbf",
     features="digits",
     degree=3,
     coef=1.0,
@@ -181,7 +181,7 @@ class MMDRecipe(Recipe):
     """MMD-DDM (``--method mmd``).
 
     Options of :meth:`build`: ``steps`` (4: the DDIM steps fine-tuned for), ``kernel``
-    (``"poly"`` or ``"rbf"``), ``degree`` / ``coef`` (polynomial), ``bandwidths`` (RBF;
+    (``"rbf"`` or ``"poly"``), ``degree`` / ``coef`` (polynomial), ``bandwidths`` (RBF;
     None: median heuristic), ``features`` (``"digits"`` or ``"pixels"``), ``gradient``
     (``"remat"`` or ``"backprop"``), ``grid`` / ``final`` (the DDIM grid,
     :func:`jdiff.distill._progressive.student_grid`).
