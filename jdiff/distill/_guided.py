@@ -214,6 +214,7 @@ class GuidedRecipe(Recipe):
     """
 
     name = "guided"
+    defaults = _DEFAULTS  # every option of build, with its default (jdiff distill --set)
     paper = "Meng et al., On Distillation of Guided Diffusion Models, CVPR 2023"
 
     def build(self, teacher: Teacher, **options) -> Setup:

@@ -188,6 +188,7 @@ class MMDRecipe(Recipe):
     """
 
     name = "mmd"
+    defaults = _DEFAULTS  # every option of build, with its default (jdiff distill --set)
     paper = "Aiello, Valsesia & Magli, Fast Inference in Denoising Diffusion Models via MMD Finetuning, 2023"
 
     def build(self, teacher: Teacher, **options) -> Setup:

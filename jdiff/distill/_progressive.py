@@ -310,6 +310,7 @@ class ProgressiveRecipe(Recipe):
     """
 
     name = "progressive"
+    defaults = _DEFAULTS  # every option of build, with its default (jdiff distill --set)
     paper = "Salimans & Ho, Progressive Distillation for Fast Sampling of Diffusion Models, ICLR 2022"
 
     def build(self, teacher: Teacher, **options) -> Setup:

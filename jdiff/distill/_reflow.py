@@ -344,6 +344,7 @@ class Reflow(Recipe):
     ``seed``; ``t_min`` (smallest training time, 1e-3).
     """
 
+    defaults = {**_PAIR_DEFAULTS, "stage": "reflow", "flow": None, "steps": 4, "t_min": 1e-3}
     name = "reflow"
     paper = (
         "Liu, Gong & Liu, 'Flow Straight and Fast: Learning to Generate and Transfer Data with Rectified Flow', "
@@ -351,9 +352,7 @@ class Reflow(Recipe):
     )
 
     def build(self, teacher: Teacher, **options) -> Setup:
-        o = _take_options(
-            options, {**_PAIR_DEFAULTS, "stage": "reflow", "flow": None, "steps": 4, "t_min": 1e-3}, self.name
-        )
+        o = _take_options(options, self.defaults, self.name)
         if o["stage"] not in ("reflow", "distill"):
             raise DistillError(f"reflow: stage must be 'reflow' or 'distill', got {o['stage']!r}")
         apply = teacher.apply
@@ -438,22 +437,18 @@ class SlimFlow(Recipe):
     ``stage="distill"``.
     """
 
+    defaults = {
+        **Reflow.defaults,
+        "width": None,
+        "anneal_steps": 1000,
+        "anneal": "linear",
+        "guidance_weight": 1.0,
+    }
     name = "slimflow"
     paper = "Zhu, Liu & Liu, 'SlimFlow: Training Smaller One-Step Diffusion Models with Rectified Flow', ECCV 2024"
 
     def build(self, teacher: Teacher, **options) -> Setup:
-        defaults = {
-            **_PAIR_DEFAULTS,
-            "stage": "reflow",
-            "flow": None,
-            "steps": 4,
-            "t_min": 1e-3,
-            "width": None,
-            "anneal_steps": 1000,
-            "anneal": "linear",
-            "guidance_weight": 1.0,
-        }
-        o = _take_options(options, defaults, self.name)
+        o = _take_options(options, self.defaults, self.name)
         if o["stage"] not in ("reflow", "distill"):
             raise DistillError(f"slimflow: stage must be 'reflow' or 'distill', got {o['stage']!r}")
         if o["anneal"] not in ANNEALS:

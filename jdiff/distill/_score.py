@@ -162,6 +162,7 @@ class ScoreDistillation(Recipe):
     the time range the VSD times are drawn from, (0.02, 0.98)).
     """
 
+    defaults = {"guidance": 1.0, "weighting": "x0", "t_range": (0.02, 0.98)}
     name = "score_distillation"
     paper = (
         "Nguyen & Tran, 'SwiftBrush: One-Step Text-to-Image Diffusion Model with Variational Score Distillation', "
@@ -169,11 +170,10 @@ class ScoreDistillation(Recipe):
     )
 
     def build(self, teacher: Teacher, **options) -> Setup:
-        defaults = {"guidance": 1.0, "weighting": "x0", "t_range": (0.02, 0.98)}
-        unknown = sorted(set(options) - set(defaults))
+        unknown = sorted(set(options) - set(self.defaults))
         if unknown:
-            raise DistillError(f"{self.name}: unknown option(s) {unknown}; accepted: {sorted(defaults)}")
-        o = {**defaults, **options}
+            raise DistillError(f"{self.name}: unknown option(s) {unknown}; accepted: {sorted(self.defaults)}")
+        o = {**self.defaults, **options}
         if o["weighting"] not in WEIGHTINGS:
             raise DistillError(f"{self.name}: unknown weighting {o['weighting']!r}; expected one of {WEIGHTINGS}")
         lo, hi = (float(v) for v in o["t_range"])
