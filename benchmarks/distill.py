@@ -3,6 +3,7 @@ and class accuracy per student and step count, on the main job's quality-versus-
 
     python benchmarks/distill.py students/* --out benchmarks/results/distill
     python benchmarks/distill.py --rows rows.csv --solver-nfes 4,20 --out /tmp/d   # rows measured elsewhere
+    python benchmarks/distill.py students/* --solver-nfes 4 --reference-nfes 20 --out D  # every solver at 4 only
 
 Students are folders of ``jdiff distill`` (``jdiff.distill.load_student``): each is
 sampled at every step count of ``--steps`` up to the count it was trained for (and at
@@ -162,6 +163,19 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=_ints, default=[1, 2, 4], help="student step counts (comma list)")
     ap.add_argument("--solver-nfes", type=_ints, default=[2, 3, 4, 6, 10, 20], help="the teacher's NFEs")
     ap.add_argument("--solvers", type=lambda s: s.split(","), default=None, help="registry names (default: all)")
+    ap.add_argument(
+        "--reference-nfes",
+        type=_ints,
+        default=[],
+        help="more NFEs for --reference-solvers only (e.g. 20: the teacher's quality the students are measured "
+        "against, without every solver at every NFE)",
+    )
+    ap.add_argument(
+        "--reference-solvers",
+        type=lambda s: s.split(","),
+        default=["dpm++2m", "dpm++3m", "unipc2", "unipc3", "deis3-log_rho", "ipndm4"],
+        help="registry names run at --reference-nfes",
+    )
     args = ap.parse_args(argv)
     if not args.students and not args.rows:
         ap.error("give student folders or --rows")
@@ -183,21 +197,27 @@ def main(argv=None) -> int:
         w.writerows(students)
 
     den, cfg = pretrained("digits")
-    solvers = nfe_sweep(
-        den,
-        cfg.data.shape,
-        solvers=args.solvers or S.names(),
-        nfes=args.solver_nfes,
-        num=args.num,
-        metrics=metrics,
-        cond=labels,
-        seed=args.seed,
-        out_dir=os.path.join(args.out, "solvers"),
-        settings=dict(model="pretrained:digits", guidance=1.0, metric="fd_digits"),
-        label="teacher",
-        title=f"shipped digits model: FD-digits ({args.num} samples) against held-out digits",
-        headline="fd_digits",
-    )
+
+    def sweep(names, nfes, sub):
+        return nfe_sweep(
+            den,
+            cfg.data.shape,
+            solvers=names,
+            nfes=nfes,
+            num=args.num,
+            metrics=metrics,
+            cond=labels,
+            seed=args.seed,
+            out_dir=os.path.join(args.out, sub),
+            settings=dict(model="pretrained:digits", guidance=1.0, metric="fd_digits"),
+            label="teacher",
+            title=f"shipped digits model: FD-digits ({args.num} samples) against held-out digits",
+            headline="fd_digits",
+        )
+
+    solvers = sweep(args.solvers or S.names(), args.solver_nfes, "solvers")
+    if args.reference_nfes:
+        solvers += sweep(args.reference_solvers, args.reference_nfes, "reference")
     points = [dict(label=r["method"], nfe=r["nfe"], fd_digits=r["fd_digits"]) for r in students]
     title = f"digits: solvers (lines) and few-step students (points), FD-digits on {args.num} samples"
     plot_results(solvers, os.path.join(args.out, "fd_vs_nfe.png"), metric=["fd_digits"], title=title, points=points)
