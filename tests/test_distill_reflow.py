@@ -287,11 +287,11 @@ def test_slimflow_builds_a_narrower_student_anneals_and_distills(mix):
     assert jax.tree.leaves(setup.params["proj_in"]["kernel"])[0].shape == (2, 8)
     keys = per_sample_keys(jax.random.key(0), 4)
     loss = jax.jit(setup.loss_fn)
-    b0 = setup.batch_fn(np.zeros((4, 2), np.float32), None)
-    b1 = setup.batch_fn(np.zeros((4, 2), np.float32), None)
-    assert b0["step"].tolist() == [0] * 4 and b1["step"].tolist() == [1] * 4
-    _, m0 = loss(setup.params, b0, keys, frozen=setup.frozen)
-    _, m2 = loss(setup.params, setup.batch_fn(np.zeros((4, 2)), None, step=2), keys, frozen=setup.frozen)
+    # the annealing clock is the train state's step, passed by train_step to a loss that reads it
+    assert setup.batch_fn is None and setup.loss_fn.reads_step
+    b = {"x": np.zeros((4, 2), np.float32)}
+    _, m0 = loss(setup.params, b, keys, frozen=setup.frozen, step=0)
+    _, m2 = loss(setup.params, b, keys, frozen=setup.frozen, step=2)
     np.testing.assert_allclose([float(m0["beta"]), float(m2["beta"])], [1.0, 0.5])
     with pytest.raises(DistillError, match="needs flow="):
         rec.build(te, pairs=pairs, width=8, stage="distill")

@@ -261,32 +261,17 @@ def _uniform(keys, c, lo, hi):
     return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, c), (), _float(), lo, hi))(keys)
 
 
-def _counting_batch_fn():
-    """``batch_fn(x, labels, step=None)``: the default batch plus ``"step"`` (the
-    annealing clock), counted by its own calls unless given."""
-    count = [0]
-
-    def batch_fn(x, labels, step=None):
-        k = count[0] if step is None else int(step)
-        count[0] = k + 1
-        b = {"x": x, "step": np.full((np.shape(x)[0],), k, np.int32)}
-        if labels is not None:
-            b["label"] = labels
-        return b
-
-    return batch_fn
-
-
 def _flow_loss(velocity, *, t_min=1e-3, anneal_steps=0, anneal="linear"):
     """The reflow stage's ``loss_fn``: pairs from ``frozen["pairs"]``, uniform ``s``,
-    annealed noise when ``anneal_steps > 0`` (clock: ``batch["step"]``)."""
+    annealed noise when ``anneal_steps > 0``. The annealing clock is the train state's
+    step (the loss declares ``reads_step``, so :func:`jdiff.train.train_step` passes it and
+    a resumed run continues the schedule where it stopped)."""
 
-    def loss_fn(params, batch, keys, *, frozen=None):
+    def loss_fn(params, batch, keys, *, frozen=None, step=0):
         z, x, cond = _draw(frozen["pairs"], keys)
         s = _uniform(keys, _K_TIME, t_min, 1.0)
         metrics = {}
         if anneal_steps > 0:
-            step = batch["step"][0] if "step" in batch else 0
             beta = anneal_beta(step, anneal_steps, anneal)
             xi = jax.vmap(lambda k, zz: jax.random.normal(jax.random.fold_in(k, _K_NOISE), zz.shape, zz.dtype))(keys, z)
             z = anneal_noise(z, xi, beta)
@@ -294,6 +279,7 @@ def _flow_loss(velocity, *, t_min=1e-3, anneal_steps=0, anneal="linear"):
         loss = jnp.mean(reflow_loss(velocity, params, z, x, s, cond))
         return loss, {"loss": loss, **metrics}
 
+    loss_fn.reads_step = anneal_steps > 0
     return loss_fn
 
 
@@ -469,7 +455,6 @@ class SlimFlow(Recipe):
                 init,
                 {"pairs": _frozen_pairs(pairs, teacher.num_classes)},
                 loss,
-                _counting_batch_fn(),
                 steps=steps,
                 notes=notes,
             )
