@@ -20,6 +20,7 @@ from jdiff import cli, distill
 from jdiff import runs as RN
 from jdiff.distill import METHODS, DistillError, Recipe, Setup
 from jdiff.distill._student import _layout, _target, resolve_options
+from jdiff.features.digits import digits_classifier
 
 TINY = [
     "model.mlp.width=16",
@@ -291,3 +292,18 @@ def test_benchmark_checks_read_the_issues_thresholds(tmp_path):
     assert lines[1].endswith("= 1.16x -> yes")  # 0.29 / 0.25 <= 1.2
     assert "unipc2 0.31 -> yes" in lines[2]  # 0.29 < 0.31, the skipped cell ignored
     assert "NO" in B.checks([dict(students[0], fd_digits=0.4)], solvers)[0]
+
+
+def test_the_shipped_reflow_student_draws_classified_digits_in_one_step():
+    """The student shipped in jdiff/assets/student_reflow loads by name and, in one network
+    call, draws digits the classifier reads as their labels (0.977 on 1,000 samples in its
+    TRAINED.md; an untrained or mis-loaded network gives chance level, 0.1); asked for more
+    steps than it was trained for, it refuses."""
+    assert "reflow" in distill.shipped_students()
+    s = distill.load_student("reflow")
+    labels = np.arange(40, dtype=np.int32) % 10
+    x = np.asarray(distill.sample_student(s, 40, jax.random.key(0), steps=1, cond=labels))
+    assert x.shape == (40, 8, 8, 1) and np.all(np.isfinite(x))
+    assert digits_classifier().accuracy(np.clip(x, -1, 1), labels) >= 0.8
+    with pytest.raises(DistillError, match=r"trained for at most 4 step\(s\); asked for 5"):
+        distill.sample_student(s, 4, jax.random.key(0), steps=5, cond=labels[:4])
