@@ -376,7 +376,7 @@ def test_sample_model_and_cli(dit_folder, ddpm_folder, tmp_path, capsys):
         (["--model", "/nonexistent/m"], "--model /nonexistent/m: no such folder"),
         (["--model", path, "--grid-kind", "cosine"], "unknown --grid-kind 'cosine'; valid kinds: default, uniform"),
         (["--model", path, "--run", path], "give --run DIR or --model PATH, not both"),
-        ([], "give --run DIR (a run of 'jdiff train') or --model PATH (a diffusers-format folder)"),
+        ([], "give --run DIR (a run of 'jdiff train'), --model PATH (a diffusers-format folder) or --student DIR"),
         (["--model", ddpm_folder[0], "--label", 1, "--out", tmp_path / "u.png"], "the model is unconditional"),
     ]:
         code = cli.main(["sample", *[str(a) for a in argv]])

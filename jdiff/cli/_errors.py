@@ -176,7 +176,10 @@ class DropTracebacks:
                 self._stream.write(line)
             return
         block.append(line)
-        if line[:1] not in (" ", "\t"):  # the error line ends the traceback
+        # the error line (not indented, not blank) ends the traceback. A blank line does
+        # not: a traceback printed at interpreter exit was seen to stop after its first
+        # line and a blank one (CI), and such a fragment is never written.
+        if line[:1] not in (" ", "\t") and line.strip():
             del self._block[who]
             if line.strip() not in self._errors:
                 self._stream.write("".join(block))
