@@ -14,7 +14,8 @@ Every model is called as ``model(x, t, cond=None, *, rngs=None)``:
 
 The output has ``x``'s shape and dtype. For samplers and training use the pure view
 :func:`functional` (``apply(params, x, t, cond=None, key=None)``) and
-:func:`to_denoiser`.
+:func:`to_denoiser`; for a model's intermediate features as values (the parts a cache
+reuses), :func:`internals`.
 
 :func:`conv_general_dilated` is ``lax.conv_general_dilated`` with gradients that stay on
 XLA's fast CPU kernels inside ``lax.scan`` (the U-Net's convolutions use it; pass it as
@@ -26,6 +27,7 @@ from jdiff.models._conv import conv_general_dilated
 from jdiff.models._dit import (
     DiT,
     DiTConfig,
+    DiTContext,
     dit_b2,
     dit_l2,
     dit_s2,
@@ -45,8 +47,9 @@ from jdiff.models._embed import (
     sinusoidal_embedding,
 )
 from jdiff.models._functional import Apply, abstract_model, count_params, functional, to_denoiser
+from jdiff.models._internals import Internals, internals
 from jdiff.models._mlp import MLPResNet, MLPResNetConfig
-from jdiff.models._unet import UNet, UNetConfig, ddpmpp_cifar10, ddpmpp_cifar10_song, unet_digits
+from jdiff.models._unet import UNet, UNetConfig, UNetContext, ddpmpp_cifar10, ddpmpp_cifar10_song, unet_digits
 
 __all__ = [
     "MLPResNet",
@@ -81,4 +84,8 @@ __all__ = [
     "to_denoiser",
     "count_params",
     "abstract_model",
+    "Internals",
+    "internals",
+    "UNetContext",
+    "DiTContext",
 ]

@@ -20,7 +20,7 @@ one target of the input's shape.)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from flax import nnx
@@ -31,6 +31,7 @@ from jdiff.models._embed import ClassEmbedding, TimeEmbedding, conditioning
 __all__ = [
     "DiTConfig",
     "DiT",
+    "DiTContext",
     "dit_s2",
     "dit_b2",
     "dit_l2",
@@ -176,6 +177,14 @@ def unpatchify(tokens, p: int, h: int, w: int):
     return x.reshape(b, h, w, c)
 
 
+class DiTContext(NamedTuple):
+    """What a DiT's embedding passes to its blocks and head (see :meth:`DiT.embed`)."""
+
+    cvec: Any
+    keys: Any
+    dtype: Any
+
+
 def _modulate(x, shift, scale):
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
@@ -258,20 +267,67 @@ class DiT(nnx.Module):
         self.proj_out = nnx.Linear(d, p * p * out_ch, kernel_init=zeros_init, **kw)
 
     def __call__(self, x, t, cond=None, *, rngs=None):
+        h, ctx = self.front(x, t, cond, cut=0, rngs=rngs)
+        return self.back(self.deep(h, ctx, cut=0), ctx, cut=0)
+
+    # The model's internals as values (see jdiff.models.internals): the call above is
+    # ``back(deep(front(x)))`` for every cut, and also the token embedding, each block
+    # in turn, then the output layer (``embed``, ``block``, ``head``).
+
+    @property
+    def num_cuts(self) -> int:
+        """Cuts ``0..num_cuts - 1``: cut ``k`` puts the first ``k`` and the last ``k``
+        blocks in the front and the back; the deep part is the ``depth - 2k`` in between."""
+        return self.config.depth // 2 + 1
+
+    def _check_cut(self, cut):
+        if not isinstance(cut, int) or not 0 <= cut < self.num_cuts:
+            raise ValueError(f"a DiT cut is an int in [0, {self.num_cuts}), got {cut!r}")
+
+    def embed(self, x, t, cond=None, *, rngs=None):
+        """Patch and position embedding and the conditioning vector: ``(tokens, ctx)``."""
         c = self.config
         x = check_nhwc(x, c.image_size, c.in_channels, "DiT")
         cvec, keys = conditioning(
             self.time_embed, self.class_embed, t, cond, x.shape[0], c.num_classes, c.class_dropout, rngs
         )
         cdt = c.dtype or jnp.float32
-
         h = self.patch_embed(patchify(x.astype(cdt), c.patch_size))
         pos = self.pos[...] if self.pos is not None else sincos_pos_embed_2d(c.hidden_dim, c.grid_size)
         h = h + pos.astype(h.dtype)[None]
+        return h, DiTContext(cvec, keys, x.dtype)
 
-        for blk in self.blocks:
-            h = blk(h, cvec, keys)
-        shift, scale = jnp.split(self.ada_out(nnx.silu(cvec)), 2, axis=-1)
-        h = _modulate(self.norm_out(h).astype(cdt), shift, scale)
+    def block(self, i: int, h, ctx: DiTContext):
+        """Transformer block ``i`` (adaLN-Zero) on the tokens ``h``."""
+        return self.blocks[i](h, ctx.cvec, ctx.keys)
+
+    def head(self, h, ctx: DiTContext):
+        """The final adaLN layer and linear map from tokens to the output image."""
+        c = self.config
+        shift, scale = jnp.split(self.ada_out(nnx.silu(ctx.cvec)), 2, axis=-1)
+        h = _modulate(self.norm_out(h).astype(c.dtype or jnp.float32), shift, scale)
         out = unpatchify(self.proj_out(h), c.patch_size, c.image_size, c.image_size)
-        return out.astype(x.dtype)
+        return out.astype(ctx.dtype)
+
+    def front(self, x, t, cond=None, *, cut: int, rngs=None):
+        """Embedding and blocks ``0..cut-1``: ``(tokens, ctx)``."""
+        self._check_cut(cut)
+        h, ctx = self.embed(x, t, cond, rngs=rngs)
+        for i in range(cut):
+            h = self.block(i, h, ctx)
+        return h, ctx
+
+    def deep(self, h, ctx: DiTContext, *, cut: int):
+        """Blocks ``cut..depth-cut-1`` (the cached / forecast part of FORA, Delta-DiT and
+        TaylorSeer-style accelerations)."""
+        self._check_cut(cut)
+        for i in range(cut, self.config.depth - cut):
+            h = self.block(i, h, ctx)
+        return h
+
+    def back(self, f, ctx: DiTContext, *, cut: int):
+        """Blocks ``depth-cut..depth-1`` and the output layer."""
+        self._check_cut(cut)
+        for i in range(self.config.depth - cut, self.config.depth):
+            f = self.block(i, f, ctx)
+        return self.head(f, ctx)

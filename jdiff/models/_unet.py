@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from flax import nnx
@@ -51,7 +51,7 @@ from jdiff.models._common import (
 from jdiff.models._conv import conv_general_dilated
 from jdiff.models._embed import ClassEmbedding, TimeEmbedding, conditioning
 
-__all__ = ["UNetConfig", "UNet", "ddpmpp_cifar10", "ddpmpp_cifar10_song", "unet_digits"]
+__all__ = ["UNetConfig", "UNet", "UNetContext", "ddpmpp_cifar10", "ddpmpp_cifar10_song", "unet_digits"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +209,15 @@ def unet_digits(image_size: int = 8, num_classes: int = 10, **overrides) -> UNet
         **kw,
     )
     return cfg.replace(**overrides)
+
+
+class UNetContext(NamedTuple):
+    """What a U-Net's front passes to its deep and back parts (see :meth:`UNet.front`)."""
+
+    emb: Any
+    skips: tuple
+    keys: Any
+    dtype: Any
 
 
 def _groups(channels: int, num_groups: int) -> int:
@@ -428,24 +437,83 @@ class UNet(nnx.Module):
         self.conv_out = _conv(ch, out_ch, 3, c, rngs, zero=True)
 
     def __call__(self, x, t, cond=None, *, rngs=None):
+        h, ctx = self.front(x, t, cond, cut=0, rngs=rngs)
+        return self.back(self.deep(h, ctx, cut=0), ctx, cut=0)
+
+    # The model's internals as values (see jdiff.models.internals): the call above is
+    # ``back(deep(front(x)))`` for every cut, so the parts compose to the model exactly.
+
+    @property
+    def num_cuts(self) -> int:
+        """Cuts ``0..num_cuts - 1``: cut ``k`` puts the input convolution and the first ``k``
+        encoder blocks in the front."""
+        return len(self.enc) + 1
+
+    def _check_cut(self, cut):
+        if not isinstance(cut, int) or not 0 <= cut < self.num_cuts:
+            raise ValueError(f"a U-Net cut is an int in [0, {self.num_cuts}), got {cut!r}")
+
+    def front(self, x, t, cond=None, *, cut: int, rngs=None):
+        """The shallow encoder: ``(h, ctx)`` with ``h`` the output of encoder block
+        ``cut - 1`` (the input convolution's at cut 0) and ``ctx`` what the other parts
+        need (the embedding, the front's skip activations, the dropout keys, x's dtype)."""
+        self._check_cut(cut)
         c = self.config
         x = check_nhwc(x, c.image_size, c.in_channels, "UNet")
         emb, keys = conditioning(
             self.time_embed, self.class_embed, t, cond, x.shape[0], c.num_classes, c.class_dropout, rngs
         )
         emb = nnx.silu(emb)
-        cdt = c.dtype or jnp.float32
-
-        h = self.conv_in(x.astype(cdt))
+        h = self.conv_in(x.astype(c.dtype or jnp.float32))
         skips = [h]
-        for blk in self.enc:
+        for blk in self.enc[:cut]:
             h = blk(h, emb, keys.next())
             skips.append(h)
+        return h, UNetContext(emb, tuple(skips), keys, x.dtype)
+
+    def _deep_dec(self, cut):
+        """Number of decoder blocks in the deep part: those run while a skip of the deep
+        encoder part is still on the stack (resampling blocks before the first front skip
+        included)."""
+        stack = len(self.enc) + 1
+        n = 0
+        for i, blk in enumerate(self.dec):
+            if blk.takes_skip:
+                if stack == cut + 1:
+                    break
+                stack -= 1
+            n = i + 1
+        return n
+
+    def deep(self, h, ctx: UNetContext, *, cut: int):
+        """The deep part: encoder blocks ``cut..``, the middle, and the decoder blocks that
+        consume the deep encoder's skips. Returns the feature the shallow decoder reads
+        (DeepCache's cached feature, Ma et al. 2024)."""
+        self._check_cut(cut)
+        emb, keys = ctx.emb, ctx.keys
+        skips = [h]
+        for blk in self.enc[cut:]:
+            h = blk(h, emb, keys.next())
+            skips.append(h)
+        skips.pop(0)
         for blk in self.mid:
             h = blk(h, emb, keys.next())
-        for blk in self.dec:
+        for blk in self.dec[: self._deep_dec(cut)]:
+            if blk.takes_skip:
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+            h = blk(h, emb, keys.next())
+        return h
+
+    def back(self, f, ctx: UNetContext, *, cut: int):
+        """The shallow decoder: the decoder blocks that consume the front's skips, then the
+        output norm and convolution; returns the model's output in x's dtype."""
+        self._check_cut(cut)
+        emb, keys = ctx.emb, ctx.keys
+        skips = list(ctx.skips)
+        h = f
+        for blk in self.dec[self._deep_dec(cut) :]:
             if blk.takes_skip:
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
             h = blk(h, emb, keys.next())
         h = nnx.silu(self.norm_out(h))
-        return self.conv_out(h).astype(x.dtype)
+        return self.conv_out(h).astype(ctx.dtype)
