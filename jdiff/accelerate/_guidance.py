@@ -1,0 +1,219 @@
+"""Adaptive guidance: classifier-free guidance that drops the unconditional branch once
+the two predictions agree (Castillo et al., "Adaptive Guidance: Training-free
+Acceleration of Conditional Diffusion Models", 2023).
+
+Castillo et al. observe that along a guided trajectory the conditional and
+unconditional noise predictions become nearly parallel after the first steps: their
+cosine similarity (Sec. 4, Eq. 6)
+
+    gamma_i = <eps_c(x_i, t_i), eps_u(x_i, t_i)> / (|eps_c| |eps_u|)
+
+rises toward 1, and once it passes a threshold ``gamma_bar`` the guided update is almost
+the conditional one, so the unconditional call can be dropped for the rest of the
+trajectory (their Adaptive Guidance policy, Sec. 4.1): the steps after the switch cost
+one network call instead of two.
+
+The program stays static here: :func:`adaptive_guidance` calibrates the switch on a few
+trajectories (the time after which the similarity stays above ``gamma``) and returns
+the same guidance wrapper with a guidance interval ending at that time (the interval
+machinery of :func:`jdiff.wrappers.guidance`: outside it a ``lax.cond`` makes only the
+conditional call, and :attr:`jdiff.SampleInfo.nfe` counts one call per evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdiff._sample import sample
+
+__all__ = ["guidance_similarity", "switch_step", "AdaptiveGuidance", "adaptive_guidance"]
+
+_REDUCE = ("min", "mean")
+
+
+def _check_cfg(guided):
+    if getattr(guided, "kind", None) != "cfg" or not hasattr(guided, "null_cond"):
+        raise TypeError(
+            "adaptive guidance needs a classifier-free guidance wrapper (jdiff.wrappers.guidance), "
+            f"got {type(guided).__name__}"
+        )
+
+
+def _cosine(a, b):
+    """Per-sample cosine similarity over the non-batch axes (0 where either is 0)."""
+    axes = tuple(range(1, a.ndim))
+    dot = jnp.sum(a * b, axis=axes)
+    na = jnp.sqrt(jnp.sum(a * a, axis=axes))
+    nb = jnp.sqrt(jnp.sum(b * b, axis=axes))
+    den = na * nb
+    return jnp.where(den > 0, dot / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def _null_like(cond, null):
+    def one(c, n):
+        c = jnp.asarray(c)
+        return jnp.broadcast_to(jnp.asarray(n, c.dtype), c.shape)
+
+    return jax.tree.map(one, cond, null)
+
+
+@jax.jit
+def _similarities(inner, null, xs, grid, cond):
+    """Cosine similarity of eps_c and eps_u at ``(xs[i], grid[i])`` for every step i."""
+    uncond = _null_like(cond, null)
+
+    def at(args):
+        x, t = args
+        pc, pu = inner(x, t, cond), inner(x, t, uncond)
+        return _cosine(pc.eps.astype(jnp.float32), pu.eps.astype(jnp.float32))
+
+    return jax.lax.map(at, (xs, grid))
+
+
+def guidance_similarity(solver, guided, x_T, grid=None, *, cond, nfe=None):
+    """The cosine similarity of the conditional and unconditional eps predictions along
+    guided trajectories (Castillo et al. 2023, Eq. 6).
+
+    Samples with ``solver`` and ``guided`` from ``x_T`` (recording the trajectory), then
+    evaluates both predictions at the start of every step: ``(x_i, t_i)``, the point a
+    one-call-per-step solver evaluates (a multi-evaluation solver's first evaluation).
+
+    Args:
+      solver: a deterministic solver.
+      guided: a classifier-free guidance wrapper (:func:`jdiff.wrappers.guidance`).
+      x_T: ``(B, ...)`` the calibration noises.
+      grid, nfe: as in :func:`jdiff.sample`.
+      cond: the conditioning of the calibration samples (batch ``B``).
+
+    Returns:
+      ``(N, B)`` float32 NumPy array: row ``i`` is step ``i``'s similarity per sample.
+
+    Raises:
+      TypeError: ``guided`` is not a classifier-free guidance wrapper.
+      ValueError: a stochastic solver, or what :func:`jdiff.sample` refuses.
+    """
+    return _calibrate(solver, guided, x_T, grid, cond, nfe)[0]
+
+
+def _calibrate(solver, guided, x_T, grid, cond, nfe):
+    """``(similarity, grid)`` of :func:`guidance_similarity` (the grid as NumPy)."""
+    _check_cfg(guided)
+    if solver.stochastic:
+        raise ValueError(f"guidance_similarity calibrates a deterministic sampler; {solver.name} is stochastic")
+    _, info = sample(solver, guided, x_T, grid, cond=cond, nfe=nfe, return_info=True, trajectory=True)
+    xs = info.xs[:-1].astype(jnp.asarray(x_T).dtype)
+    sim = _similarities(guided.inner, guided.null_cond, xs, info.grid[:-1], cond)
+    return np.asarray(sim), np.asarray(info.grid)
+
+
+def switch_step(similarity, gamma: float, reduce: str = "min") -> int:
+    """The first step from which the similarity stays at or above ``gamma``.
+
+    Args:
+      similarity: ``(N, B)`` (or ``(N,)``) per-step similarities
+        (:func:`guidance_similarity`).
+      gamma: the threshold ``gamma_bar`` (Castillo et al. use values near 0.99);
+        above 1 it is never reached.
+      reduce: how the calibration samples are combined per step: ``"min"`` (every
+        sample must agree: conservative) or ``"mean"``.
+
+    Returns:
+      ``k`` in ``0..N``: the steps ``k..N-1`` may drop the unconditional call; ``N``
+      when the last step is below ``gamma`` (never switch).
+
+    Raises:
+      ValueError: a NaN ``gamma``, an unknown ``reduce`` or a similarity that is not
+        1-D or 2-D.
+    """
+    if isinstance(gamma, bool) or not isinstance(gamma, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"gamma must be a number (a cosine similarity threshold), got {gamma!r}")
+    if math.isnan(float(gamma)):
+        raise ValueError("gamma is NaN")
+    if reduce not in _REDUCE:
+        raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
+    s = np.asarray(similarity, np.float64)
+    if s.ndim == 2:
+        s = s.min(axis=1) if reduce == "min" else s.mean(axis=1)
+    if s.ndim != 1:
+        raise ValueError(f"similarity must be (N,) or (N, B), got shape {s.shape}")
+    ok = s >= float(gamma)
+    # trailing run of True: the first index from which every step agrees
+    k = s.shape[0]
+    while k > 0 and ok[k - 1]:
+        k -= 1
+    return int(k)
+
+
+class AdaptiveGuidance(NamedTuple):
+    """What :func:`adaptive_guidance` returns.
+
+    Attributes:
+      denoiser: the guidance wrapper to sample with: guided before ``time``, the
+        conditional call alone at and after it (the input wrapper itself when the
+        threshold is never reached).
+      step: the calibrated switch step ``k`` (``N``: never).
+      time: the switching time ``grid[k]`` (``-inf`` when never).
+      similarity: the ``(N, B)`` calibration similarities.
+    """
+
+    denoiser: Any
+    step: int
+    time: float
+    similarity: np.ndarray
+
+
+def adaptive_guidance(solver, guided, x_T, grid=None, *, cond, gamma: float, nfe=None, reduce: str = "min"):
+    """Adaptive guidance with a calibrated static schedule (Castillo et al. 2023, Sec. 4.1
+    with the switch fixed offline).
+
+    Runs the guided sampler on the calibration batch ``x_T``/``cond``, measures the
+    cosine similarity of eps_c and eps_u at every step (:func:`guidance_similarity`),
+    finds the step ``k`` from which it stays at or above ``gamma`` (:func:`switch_step`),
+    and returns ``guided`` restricted to the times above ``grid[k]`` by a guidance
+    interval on ``t``: steps ``0..k-1`` make the batched conditional and unconditional
+    call (2 network calls), steps ``k..N-1`` the conditional call alone (1). A sampler
+    with one call per step then spends ``2k + (N - k)`` calls instead of ``2N``.
+
+    Use the returned denoiser with the same solver and grid (the schedule is a time; on
+    another grid of the same range it switches at the same noise level).
+
+    Args:
+      solver: a deterministic solver.
+      guided: a classifier-free guidance wrapper (:func:`jdiff.wrappers.guidance`)
+        without a guidance interval.
+      x_T: ``(B, ...)`` calibration noises.
+      grid, nfe: as in :func:`jdiff.sample`.
+      cond: the calibration conditioning.
+      gamma: the similarity threshold; 1 or more is (in practice) never reached, and
+        then the result is ``guided`` itself: the plain CFG sampler, bit for bit.
+      reduce: ``"min"`` or ``"mean"`` over the calibration samples (:func:`switch_step`).
+
+    Returns:
+      An :class:`AdaptiveGuidance`.
+
+    Raises:
+      TypeError: ``guided`` is not a classifier-free guidance wrapper.
+      ValueError: ``guided`` already has a guidance interval; a stochastic solver; bad
+        ``gamma``/``reduce``; what :func:`jdiff.sample` refuses.
+    """
+    _check_cfg(guided)
+    if guided.interval is not None:
+        raise ValueError("adaptive_guidance sets the guidance interval itself; pass a wrapper without interval=")
+    switch_step(np.zeros(1), gamma, reduce)  # validate before sampling
+    sim, g = _calibrate(solver, guided, x_T, grid, cond, nfe)
+    k = switch_step(sim, gamma, reduce)
+    N = sim.shape[0]
+    if k == N:
+        return AdaptiveGuidance(guided, N, -math.inf, sim)
+    time = float(np.float32(g[k]))
+    if time < 0:
+        raise ValueError(f"adaptive_guidance needs grid times >= 0 (a guidance interval on t), got {time}")
+    den = dataclasses.replace(guided, interval=(time, math.inf), interval_on="t")
+    return AdaptiveGuidance(den, k, time, sim)
