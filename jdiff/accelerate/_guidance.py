@@ -13,11 +13,16 @@ the conditional one, so the unconditional call can be dropped for the rest of th
 trajectory (their Adaptive Guidance policy, Sec. 4.1): the steps after the switch cost
 one network call instead of two.
 
-The program stays static here: :func:`adaptive_guidance` calibrates the switch on a few
+Two forms. :func:`adaptive_guidance` keeps the program static: it calibrates the switch on a few
 trajectories (the time after which the similarity stays above ``gamma``) and returns
 the same guidance wrapper with a guidance interval ending at that time (the interval
 machinery of :func:`jdiff.wrappers.guidance`: outside it a ``lax.cond`` makes only the
 conditional call, and :attr:`jdiff.SampleInfo.nfe` counts one call per evaluation).
+:func:`adaptive_solver` decides per batch while sampling, as the paper does: a solver
+wrapper carries a "dropped" flag in its state; while it is down each step makes the
+guided pair of calls and measures the similarity (the smallest over the batch), and once
+that reaches ``gamma`` the flag stays up and every later step makes the conditional call
+alone (a ``lax.cond``, so the skipped call is not run).
 """
 
 from __future__ import annotations
@@ -31,9 +36,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff._sample import sample
+from jdiff._param import Prediction, TreeValue
+from jdiff._sample import _CastInput, sample
+from jdiff.solvers._base import Solver, network_calls
+from jdiff.wrappers._scale import _scale_at
 
-__all__ = ["guidance_similarity", "switch_step", "AdaptiveGuidance", "adaptive_guidance"]
+__all__ = [
+    "guidance_similarity",
+    "switch_step",
+    "AdaptiveGuidance",
+    "adaptive_guidance",
+    "AdaptiveGuidanceSolver",
+    "adaptive_solver",
+]
 
 _REDUCE = ("min", "mean")
 
@@ -120,7 +135,8 @@ def switch_step(similarity, gamma: float, reduce: str = "min") -> int:
       similarity: ``(N, B)`` (or ``(N,)``) per-step similarities
         (:func:`guidance_similarity`).
       gamma: the threshold ``gamma_bar`` (Castillo et al. use values near 0.99);
-        above 1 it is never reached.
+        1 or more is never reached (by definition: rounding can make nearly
+        parallel predictions read exactly 1).
       reduce: how the calibration samples are combined per step: ``"min"`` (every
         sample must agree: conservative) or ``"mean"``.
 
@@ -132,10 +148,7 @@ def switch_step(similarity, gamma: float, reduce: str = "min") -> int:
       ValueError: a NaN ``gamma``, an unknown ``reduce`` or a similarity that is not
         1-D or 2-D.
     """
-    if isinstance(gamma, bool) or not isinstance(gamma, (numbers.Real, np.floating, np.integer)):
-        raise TypeError(f"gamma must be a number (a cosine similarity threshold), got {gamma!r}")
-    if math.isnan(float(gamma)):
-        raise ValueError("gamma is NaN")
+    gamma = _check_gamma(gamma)
     if reduce not in _REDUCE:
         raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
     s = np.asarray(similarity, np.float64)
@@ -143,7 +156,7 @@ def switch_step(similarity, gamma: float, reduce: str = "min") -> int:
         s = s.min(axis=1) if reduce == "min" else s.mean(axis=1)
     if s.ndim != 1:
         raise ValueError(f"similarity must be (N,) or (N, B), got shape {s.shape}")
-    ok = s >= float(gamma)
+    ok = s >= gamma if gamma < 1.0 else np.zeros(s.shape, bool)
     # trailing run of True: the first index from which every step agrees
     k = s.shape[0]
     while k > 0 and ok[k - 1]:
@@ -191,7 +204,7 @@ def adaptive_guidance(solver, guided, x_T, grid=None, *, cond, gamma: float, nfe
       x_T: ``(B, ...)`` calibration noises.
       grid, nfe: as in :func:`jdiff.sample`.
       cond: the calibration conditioning.
-      gamma: the similarity threshold; 1 or more is (in practice) never reached, and
+      gamma: the similarity threshold; 1 or more is never reached (by definition), and
         then the result is ``guided`` itself: the plain CFG sampler, bit for bit.
       reduce: ``"min"`` or ``"mean"`` over the calibration samples (:func:`switch_step`).
 
@@ -217,3 +230,146 @@ def adaptive_guidance(solver, guided, x_T, grid=None, *, cond, gamma: float, nfe
         raise ValueError(f"adaptive_guidance needs grid times >= 0 (a guidance interval on t), got {time}")
     den = dataclasses.replace(guided, interval=(time, math.inf), interval_on="t")
     return AdaptiveGuidance(den, k, time, sim)
+
+
+def _check_gamma(gamma) -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"gamma must be a number (a cosine similarity threshold), got {gamma!r}")
+    if math.isnan(float(gamma)):
+        raise ValueError("gamma is NaN")
+    return float(gamma)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Given(TreeValue):
+    """A denoiser that returns a prediction already made (the adaptive step's) for the
+    one evaluation a one-call-per-step solver makes, and reports its network calls."""
+
+    pred: Any
+    n_calls: Any
+    process: Any
+
+    def calls(self, t):
+        return self.n_calls
+
+    def __call__(self, x, t, cond=None) -> Prediction:
+        return Prediction(self.pred.x0.astype(x.dtype), self.pred.eps.astype(x.dtype))
+
+
+jax.tree_util.register_dataclass(_Given, data_fields=["pred", "n_calls", "process"], meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveGuidanceSolver(Solver):
+    """A one-call-per-step solver whose guidance drops the unconditional call once the
+    conditional and unconditional predictions agree (Castillo et al. 2023, Sec. 4.1);
+    build it with :func:`adaptive_solver`.
+
+    Attributes:
+      inner: the solver (DDIM, Euler, DPM-Solver++(kM), UniPC, DEIS, iPNDM: one
+        evaluation per step).
+      gamma: the cosine similarity threshold (``>= 1``: never; plain CFG bit for bit).
+    """
+
+    inner: Solver
+    gamma: float
+
+    @property
+    def name(self) -> str:
+        return f"adaptive_cfg({self.inner.name}, gamma={self.gamma})"
+
+    @property
+    def order(self):
+        return self.inner.order
+
+    @property
+    def min_steps(self):
+        return self.inner.min_steps
+
+    def nfe(self, num_steps, to_data=False, from_noise=False) -> int:
+        return self.inner.nfe(num_steps, to_data, from_noise)
+
+    def num_steps(self, nfe, to_data=False, from_noise=False) -> int:
+        return self.inner.num_steps(nfe, to_data, from_noise)
+
+    def check_inputs(self, process, grid, x_T) -> None:
+        self.inner.check_inputs(process, grid, x_T)
+
+    def finish(self, state, dtype):
+        return self.inner.finish(state._replace(aux=state.aux[0]), dtype)
+
+    def init(self, x_T, grid, process, *, key=None, nfe=None):
+        state = self.inner.init(x_T, grid, process, key=key, nfe=nfe)
+        return state._replace(aux=(state.aux, jnp.zeros((), bool)))
+
+    def step(self, denoiser, state, cond=None):
+        if isinstance(denoiser, _CastInput):
+            raise TypeError("adaptive_solver samples in float32 or wider: pass x_T as float32")
+        _check_cfg(denoiser)
+        if denoiser.interval is not None or denoiser.apg is not None:
+            raise ValueError("adaptive_solver needs plain classifier-free guidance (no interval=, no apg=)")
+        aux, dropped = state.aux
+        inner_state = state._replace(aux=aux)
+        x, t = state.x, state.grid[state.i]
+
+        def guided():
+            w = _scale_at(denoiser.scale, denoiser.scale_fn, t, x)
+            pc, pu = denoiser._pair(x, t, cond)
+            g, _ = denoiser._combine(x, t, pc, pu, w.astype(pc.x0.dtype), None)
+            sim = _cosine(pc.eps.astype(jnp.float32), pu.eps.astype(jnp.float32))
+            agree = jnp.all(sim >= self.gamma)
+            return Prediction(g.x0.astype(x.dtype), g.eps.astype(x.dtype)), agree
+
+        def conditional():
+            p = denoiser.inner(x, t, cond)
+            return Prediction(p.x0.astype(x.dtype), p.eps.astype(x.dtype)), jnp.ones((), bool)
+
+        single = network_calls(denoiser.inner, t)
+        if self.gamma >= 1.0:  # never drops: the guided step alone, no lax.cond traced
+            pred, _ = guided()
+            new = self.inner.step(_Given(pred, 2 * single, denoiser.process), inner_state, cond)
+            return new._replace(aux=(new.aux, dropped))
+        pred, agree = jax.lax.cond(dropped, conditional, guided)
+        calls = jnp.where(dropped, single, 2 * single).astype(jnp.int32)
+        new = self.inner.step(_Given(pred, calls, denoiser.process), inner_state, cond)
+        return new._replace(aux=(new.aux, dropped | agree))
+
+
+def adaptive_solver(solver: Solver, gamma: float) -> AdaptiveGuidanceSolver:
+    """Adaptive guidance decided while sampling (Castillo et al. 2023, Sec. 4.1): sample
+    with ``jdiff.sample(adaptive_solver(solver, gamma), guidance(den, w, null), ...)``.
+
+    At each step the solver makes the guided pair of calls and measures the cosine
+    similarity of eps_c and eps_u per sample (Eq. 6); once the smallest over the batch is
+    at least ``gamma``, every later step makes the conditional call alone (one network
+    call instead of two; the decision is carried in the solver state, so it holds for the
+    rest of the trajectory, and :attr:`jdiff.SampleInfo.nfe` counts the calls taken).
+    The decision is per batch: under ``vmap`` over samples, per sample (the ``lax.cond``
+    then becomes a select that runs both branches, though the count says what the method
+    needs).
+
+    Args:
+      solver: a deterministic solver with one network evaluation per step (DDIM, Euler,
+        DPM-Solver++(kM), UniPC, DEIS, iPNDM); its ``step`` is given the adaptive step's
+        prediction.
+      gamma: the threshold; ``>= 1`` never drops (the plain CFG sampler, bit for bit).
+
+    Returns:
+      An :class:`AdaptiveGuidanceSolver`. Its denoiser must be a classifier-free guidance
+      wrapper (:func:`jdiff.wrappers.guidance`) without interval or APG.
+
+    Raises:
+      ValueError: a stochastic solver, one with several evaluations per step or
+        guidance options (CFG++, guidance memory), or a NaN ``gamma``.
+      TypeError: ``solver`` not a solver, ``gamma`` not a number.
+    """
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a jdiff Solver, got {type(solver).__name__}")
+    gamma = _check_gamma(gamma)
+    if solver.stochastic or solver.direction != "to_data":
+        raise ValueError(f"adaptive_solver wraps a deterministic solver toward the data, got {solver.name}")
+    if solver.init_uses_nfe or any(solver.nfe(n, d) != n for n in (4, 9) for d in (False, True)):
+        raise ValueError(f"adaptive_solver needs one network evaluation per step; {solver.name} makes more")
+    if getattr(solver, "cfgpp", False) or getattr(solver, "guidance_memory", False):
+        raise ValueError(f"adaptive_solver does not combine with CFG++ or guidance memory ({solver.name})")
+    return AdaptiveGuidanceSolver(solver, gamma)
