@@ -109,6 +109,9 @@ def test_switch_step_and_errors(setup):
         switch_step(s, 0.9, "max")
     with pytest.raises(ValueError, match="NaN"):
         adaptive_solver(S.ddim(), float("nan"))
+    with pytest.raises(ValueError, match="on must be one of"):
+        adaptive_solver(S.ddim(), 0.9, on="v")
+    assert adaptive_solver(S.ddim(), 0.9, on="x0").name == "adaptive_cfg(ddim, gamma=0.9, on=x0)"
     with pytest.raises(ValueError, match="one network evaluation per step"):
         adaptive_solver(S.heun(), 0.9)
     with pytest.raises(ValueError, match="deterministic"):

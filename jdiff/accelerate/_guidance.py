@@ -28,6 +28,7 @@ alone (a ``lax.cond``, so the skipped call is not run).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, NamedTuple
@@ -79,20 +80,34 @@ def _null_like(cond, null):
     return jax.tree.map(one, cond, null)
 
 
-@jax.jit
-def _similarities(inner, null, xs, grid, cond):
-    """Cosine similarity of eps_c and eps_u at ``(xs[i], grid[i])`` for every step i."""
+_ON = ("eps", "x0")
+
+
+def _check_on(on):
+    if on not in _ON:
+        raise ValueError(f"on must be one of {_ON} (the predictions compared), got {on!r}")
+    return on
+
+
+def _agreement(pc, pu, on):
+    """Per-sample cosine similarity of the conditional and unconditional predictions."""
+    a, b = (pc.eps, pu.eps) if on == "eps" else (pc.x0, pu.x0)
+    return _cosine(a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("on",))
+def _similarities(inner, null, xs, grid, cond, on):
+    """Cosine similarity of the pair at ``(xs[i], grid[i])`` for every step i."""
     uncond = _null_like(cond, null)
 
     def at(args):
         x, t = args
-        pc, pu = inner(x, t, cond), inner(x, t, uncond)
-        return _cosine(pc.eps.astype(jnp.float32), pu.eps.astype(jnp.float32))
+        return _agreement(inner(x, t, cond), inner(x, t, uncond), on)
 
     return jax.lax.map(at, (xs, grid))
 
 
-def guidance_similarity(solver, guided, x_T, grid=None, *, cond, nfe=None):
+def guidance_similarity(solver, guided, x_T, grid=None, *, cond, nfe=None, on: str = "eps"):
     """The cosine similarity of the conditional and unconditional eps predictions along
     guided trajectories (Castillo et al. 2023, Eq. 6).
 
@@ -106,6 +121,10 @@ def guidance_similarity(solver, guided, x_T, grid=None, *, cond, nfe=None):
       x_T: ``(B, ...)`` the calibration noises.
       grid, nfe: as in :func:`jdiff.sample`.
       cond: the conditioning of the calibration samples (batch ``B``).
+      on: the predictions compared: ``"eps"`` (the paper's noise predictions) or
+        ``"x0"``. At high noise both eps predictions are close to ``x_t / sigma`` and
+        agree whatever the class (similarity ~1 on the digits model, falling toward the
+        data); the x0 predictions agree only once the class is decided.
 
     Returns:
       ``(N, B)`` float32 NumPy array: row ``i`` is step ``i``'s similarity per sample.
@@ -114,17 +133,17 @@ def guidance_similarity(solver, guided, x_T, grid=None, *, cond, nfe=None):
       TypeError: ``guided`` is not a classifier-free guidance wrapper.
       ValueError: a stochastic solver, or what :func:`jdiff.sample` refuses.
     """
-    return _calibrate(solver, guided, x_T, grid, cond, nfe)[0]
+    return _calibrate(solver, guided, x_T, grid, cond, nfe, _check_on(on))[0]
 
 
-def _calibrate(solver, guided, x_T, grid, cond, nfe):
+def _calibrate(solver, guided, x_T, grid, cond, nfe, on):
     """``(similarity, grid)`` of :func:`guidance_similarity` (the grid as NumPy)."""
     _check_cfg(guided)
     if solver.stochastic:
         raise ValueError(f"guidance_similarity calibrates a deterministic sampler; {solver.name} is stochastic")
     _, info = sample(solver, guided, x_T, grid, cond=cond, nfe=nfe, return_info=True, trajectory=True)
     xs = info.xs[:-1].astype(jnp.asarray(x_T).dtype)
-    sim = _similarities(guided.inner, guided.null_cond, xs, info.grid[:-1], cond)
+    sim = _similarities(guided.inner, guided.null_cond, xs, info.grid[:-1], cond, on)
     return np.asarray(sim), np.asarray(info.grid)
 
 
@@ -182,7 +201,9 @@ class AdaptiveGuidance(NamedTuple):
     similarity: np.ndarray
 
 
-def adaptive_guidance(solver, guided, x_T, grid=None, *, cond, gamma: float, nfe=None, reduce: str = "min"):
+def adaptive_guidance(
+    solver, guided, x_T, grid=None, *, cond, gamma: float, nfe=None, reduce: str = "min", on: str = "eps"
+):
     """Adaptive guidance with a calibrated static schedule (Castillo et al. 2023, Sec. 4.1
     with the switch fixed offline).
 
@@ -207,6 +228,7 @@ def adaptive_guidance(solver, guided, x_T, grid=None, *, cond, gamma: float, nfe
       gamma: the similarity threshold; 1 or more is never reached (by definition), and
         then the result is ``guided`` itself: the plain CFG sampler, bit for bit.
       reduce: ``"min"`` or ``"mean"`` over the calibration samples (:func:`switch_step`).
+      on: ``"eps"`` or ``"x0"``: the predictions compared (:func:`guidance_similarity`).
 
     Returns:
       An :class:`AdaptiveGuidance`.
@@ -220,7 +242,7 @@ def adaptive_guidance(solver, guided, x_T, grid=None, *, cond, gamma: float, nfe
     if guided.interval is not None:
         raise ValueError("adaptive_guidance sets the guidance interval itself; pass a wrapper without interval=")
     switch_step(np.zeros(1), gamma, reduce)  # validate before sampling
-    sim, g = _calibrate(solver, guided, x_T, grid, cond, nfe)
+    sim, g = _calibrate(solver, guided, x_T, grid, cond, nfe, _check_on(on))
     k = switch_step(sim, gamma, reduce)
     N = sim.shape[0]
     if k == N:
@@ -269,14 +291,17 @@ class AdaptiveGuidanceSolver(Solver):
       inner: the solver (DDIM, Euler, DPM-Solver++(kM), UniPC, DEIS, iPNDM: one
         evaluation per step).
       gamma: the cosine similarity threshold (``>= 1``: never; plain CFG bit for bit).
+      on: the predictions compared, ``"eps"`` or ``"x0"``.
     """
 
     inner: Solver
     gamma: float
+    on: str = "eps"
 
     @property
     def name(self) -> str:
-        return f"adaptive_cfg({self.inner.name}, gamma={self.gamma})"
+        on = "" if self.on == "eps" else f", on={self.on}"
+        return f"adaptive_cfg({self.inner.name}, gamma={self.gamma}{on})"
 
     @property
     def order(self):
@@ -316,8 +341,7 @@ class AdaptiveGuidanceSolver(Solver):
             w = _scale_at(denoiser.scale, denoiser.scale_fn, t, x)
             pc, pu = denoiser._pair(x, t, cond)
             g, _ = denoiser._combine(x, t, pc, pu, w.astype(pc.x0.dtype), None)
-            sim = _cosine(pc.eps.astype(jnp.float32), pu.eps.astype(jnp.float32))
-            agree = jnp.all(sim >= self.gamma)
+            agree = jnp.all(_agreement(pc, pu, self.on) >= self.gamma)
             return Prediction(g.x0.astype(x.dtype), g.eps.astype(x.dtype)), agree
 
         def conditional():
@@ -335,7 +359,7 @@ class AdaptiveGuidanceSolver(Solver):
         return new._replace(aux=(new.aux, dropped | agree))
 
 
-def adaptive_solver(solver: Solver, gamma: float) -> AdaptiveGuidanceSolver:
+def adaptive_solver(solver: Solver, gamma: float, *, on: str = "eps") -> AdaptiveGuidanceSolver:
     """Adaptive guidance decided while sampling (Castillo et al. 2023, Sec. 4.1): sample
     with ``jdiff.sample(adaptive_solver(solver, gamma), guidance(den, w, null), ...)``.
 
@@ -353,6 +377,11 @@ def adaptive_solver(solver: Solver, gamma: float) -> AdaptiveGuidanceSolver:
         DPM-Solver++(kM), UniPC, DEIS, iPNDM); its ``step`` is given the adaptive step's
         prediction.
       gamma: the threshold; ``>= 1`` never drops (the plain CFG sampler, bit for bit).
+      on: the predictions compared: ``"eps"`` (the paper's) or ``"x0"``. With eps the
+        first steps out of pure noise agree for any class (both are ~``x_t / sigma``),
+        so on a model like the digits one the flag goes up at step 0 and guidance is
+        lost; compare x0 there, or use the calibrated :func:`adaptive_guidance`, whose
+        switch needs the similarity to stay above ``gamma`` to the end.
 
     Returns:
       An :class:`AdaptiveGuidanceSolver`. Its denoiser must be a classifier-free guidance
@@ -372,4 +401,4 @@ def adaptive_solver(solver: Solver, gamma: float) -> AdaptiveGuidanceSolver:
         raise ValueError(f"adaptive_solver needs one network evaluation per step; {solver.name} makes more")
     if getattr(solver, "cfgpp", False) or getattr(solver, "guidance_memory", False):
         raise ValueError(f"adaptive_solver does not combine with CFG++ or guidance memory ({solver.name})")
-    return AdaptiveGuidanceSolver(solver, gamma)
+    return AdaptiveGuidanceSolver(solver, gamma, _check_on(on))
