@@ -458,7 +458,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     )
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 300  # a loaded machine may take minutes to log 3 steps
         while time.time() < deadline:
             if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3:
                 break
@@ -558,7 +558,7 @@ def test_ctrl_c_is_reported_as_an_interrupt(tmp_path):
     cmd += sum((["--set", s] for s in TINY), []) + ["--set", "train.log_every=1", "--set", "train.grid_every=0"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 300  # a loaded machine may take minutes to log 3 steps
         while time.time() < deadline:
             if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3:
                 break

@@ -1,7 +1,8 @@
 """Trained models shipped with jdiff: :func:`pretrained` loads one as a ready denoiser,
 :func:`export_pretrained` writes one from a ``jdiff train`` run directory.
 
-A shipped model is a folder (``jdiff/assets/<name>_unet/`` for the presets) holding
+A shipped model is a folder under ``jdiff/assets/`` (``digits_unet``, ``digits_dit``,
+``digits_small_unet``: :data:`PRETRAINED`) holding
 
 - ``params.npz``: the parameters (the EMA ones by default) as float32 arrays named by
   their path in the model (``down/0/conv/kernel``, ...), read without pickle;
@@ -34,7 +35,7 @@ from jdiff.runs._config import config_from_dict, config_to_dict
 __all__ = ["PRETRAINED", "pretrained", "pretrained_dir", "export_pretrained", "flatten_params", "unflatten_params"]
 
 # preset name -> folder under jdiff/assets
-PRETRAINED = {"digits": "digits_unet"}
+PRETRAINED = {"digits": "digits_unet", "digits_dit": "digits_dit", "digits_small": "digits_small_unet"}
 PARAMS_FILE = "params.npz"
 RECORD_FILES = ("metrics.jsonl", "history.jsonl", "loss.png")
 
@@ -114,7 +115,9 @@ def pretrained(name: str = "digits", *, guidance: float = 1.0, path=None):
 
     Args:
       name: the preset whose trained model to load (``"digits"``: the class-conditional
-        U-Net of ``jdiff train digits``, 8x8x1 images in [-1, 1], labels 0..9).
+        U-Net of ``jdiff train digits``, 8x8x1 images in [-1, 1], labels 0..9;
+        ``"digits_dit"``: a DiT on the same data and objective; ``"digits_small"``: a
+        U-Net with about 4x fewer FLOPs per call, interchangeable with ``"digits"``).
       guidance: classifier-free guidance scale (Ho & Salimans, 2022): 1 is the
         conditional model alone; another value wraps the denoiser in
         :func:`jdiff.wrappers.guidance`.
