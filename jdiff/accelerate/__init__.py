@@ -7,5 +7,27 @@ features through :func:`jdiff.models.internals`.
 """
 
 from jdiff.accelerate._carry import Accelerated, Method, accelerate, model_leaves, sample
+from jdiff.accelerate._exit import (
+    EarlyExit,
+    early_exit,
+    exit_heads,
+    exit_loss,
+    exit_outputs,
+    load_exit_heads,
+    save_exit_heads,
+)
 
-__all__ = ["Method", "Accelerated", "accelerate", "sample", "model_leaves"]
+__all__ = [
+    "Method",
+    "Accelerated",
+    "accelerate",
+    "sample",
+    "model_leaves",
+    "EarlyExit",
+    "early_exit",
+    "exit_heads",
+    "exit_outputs",
+    "exit_loss",
+    "save_exit_heads",
+    "load_exit_heads",
+]
