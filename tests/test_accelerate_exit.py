@@ -256,6 +256,8 @@ def test_save_load_and_errors(den, heads, inputs, tmp_path):
     A.save_exit_heads(path, heads)
     back = A.load_exit_heads(path)
     assert set(back) == set(heads)
+    shipped = A.load_exit_heads("digits_dit")  # the digits DiT's: 5 exits, width 128, head width 32
+    assert shipped["adapt"].shape == (5, 128, 128) and shipped["wh"].shape == (5, 128, 32)
     assert A.early_exit(back, 0.3) == A.early_exit(heads, 0.3)  # compared by content
     assert hash(A.early_exit(back, 0.3)) == hash(A.early_exit(heads, 0.3))
     assert A.early_exit(back, 0.3) != A.early_exit(dict(heads, b2=heads["b2"] + 1), 0.3)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import math
 
 import jax
@@ -377,7 +378,18 @@ def save_exit_heads(path, heads):
     np.savez(path, **{k: np.asarray(v, np.float32) for k, v in heads.items()})
 
 
+# shipped heads: model name -> folder under jdiff/assets
+SHIPPED = {"digits_dit": "digits_dit_exits"}
+
+
 def load_exit_heads(path) -> dict:
-    """Read exit heads written by :func:`save_exit_heads` (a dict of numpy arrays)."""
+    """Read exit heads written by :func:`save_exit_heads` (a dict of numpy arrays).
+
+    Args:
+      path: an ``.npz`` file, or the name of a shipped model whose heads come with jdiff
+        (``"digits_dit"``: ``jdiff/assets/digits_dit_exits``, see its TRAINED.md).
+    """
+    if isinstance(path, str) and path in SHIPPED:
+        path = importlib.resources.files("jdiff").joinpath("assets", SHIPPED[path], "heads.npz")
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
