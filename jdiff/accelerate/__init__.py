@@ -10,6 +10,15 @@ own loop over staggered slots (:func:`stream`).
 """
 
 from jdiff.accelerate._carry import Accelerated, Method, accelerate, model_leaves, sample
+from jdiff.accelerate._exit import (
+    EarlyExit,
+    early_exit,
+    exit_heads,
+    exit_loss,
+    exit_outputs,
+    load_exit_heads,
+    save_exit_heads,
+)
 from jdiff.accelerate._guidance import (
     AdaptiveGuidance,
     AdaptiveGuidanceSolver,
@@ -42,4 +51,11 @@ __all__ = [
     "StreamInfo",
     "StreamThroughput",
     "stream_throughput",
+    "EarlyExit",
+    "early_exit",
+    "exit_heads",
+    "exit_outputs",
+    "exit_loss",
+    "save_exit_heads",
+    "load_exit_heads",
 ]
