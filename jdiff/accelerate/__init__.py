@@ -6,6 +6,26 @@ their memory in the sampler's ``lax.scan`` state through :func:`accelerate` /
 features through :func:`jdiff.models.internals`.
 """
 
+from jdiff.accelerate._cache import (
+    ConfidenceGate,
+    DeepCache,
+    TaylorSeer,
+    calibrate,
+    nonuniform_schedule,
+    taylor_weights,
+)
 from jdiff.accelerate._carry import Accelerated, Method, accelerate, model_leaves, sample
 
-__all__ = ["Method", "Accelerated", "accelerate", "sample", "model_leaves"]
+__all__ = [
+    "Method",
+    "Accelerated",
+    "accelerate",
+    "sample",
+    "model_leaves",
+    "DeepCache",
+    "TaylorSeer",
+    "ConfidenceGate",
+    "calibrate",
+    "nonuniform_schedule",
+    "taylor_weights",
+]
