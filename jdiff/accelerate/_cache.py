@@ -134,10 +134,14 @@ class DeepCache(Method):
       schedule: a static tuple of bools over the calls (True: full), which replaces
         ``interval`` (DeepCache's non-uniform 1:N: :func:`nonuniform_schedule`; the
         calibrated schedule of :func:`calibrate`); calls past its end are full.
+
+    The defaults (``interval=3, cut=2``) are from the digits U-Net at NFE 50 (dpm++2m,
+    200 samples): about 2x faster, FD-digits 0.470 against the plain sampler's 0.454
+    (docs/accelerate.md).
     """
 
-    interval: int = 2
-    cut: int = 1
+    interval: int = 3
+    cut: int = 2
     schedule: tuple | None = None
     name = "deepcache"
 
