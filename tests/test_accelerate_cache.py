@@ -58,7 +58,7 @@ class _PathNet:
     polynomial, or ``exp``) and whose output is the feature itself."""
 
     coeffs: tuple = ()
-    num_cuts = 2
+    num_cuts = 4
 
     def front(self, params, x, t, cond, cut):
         return x, t

@@ -172,7 +172,8 @@ class DeepCache(Method):
     def call(self, net, params, x, t, cond, cache):
         h, ctx = net.front(params, x, t, cond, self.cut)
         full = self._decide(cache, x, t)
-        f = jax.lax.cond(full, lambda: net.deep(params, h, ctx, self.cut), lambda: cache["f"].astype(h.dtype))
+        kept = cache["f"]
+        f = jax.lax.cond(full, lambda: net.deep(params, h, ctx, self.cut).astype(kept.dtype), lambda: kept)
         out = net.back(params, f, ctx, self.cut)
         new = {"calls": cache["calls"] + 1, "full": cache["full"] + full.astype(jnp.int32), "f": f}
         return out, new
@@ -259,14 +260,14 @@ class TaylorSeer(Method):
         stack, points = cache["F"], cache["s"]
 
         def compute():
-            f = net.deep(params, h, ctx, self.cut)
+            f = net.deep(params, h, ctx, self.cut).astype(stack.dtype)
             # shift the history: the new feature is the newest point
-            new_stack = jnp.concatenate([f[None].astype(stack.dtype), stack[:-1]])
+            new_stack = jnp.concatenate([f[None], stack[:-1]])
             return f, new_stack, jnp.concatenate([s[None], points[:-1]])
 
         def forecast():
             f = self._forecast(cache, s) if pred is None else pred
-            return f.astype(h.dtype), stack, points
+            return f.astype(stack.dtype), stack, points
 
         f, stack, points = jax.lax.cond(full, compute, forecast)
         out = net.back(params, f, ctx, self.cut)
