@@ -179,7 +179,6 @@ def test_neutral_settings_are_the_plain_solver_and_bad_settings_are_refused(den,
     [
         ("ddim", A.DeepCache(2), 4, 4, 2, "dit_den"),
         ("dpm++2m", A.TaylorSeer(2, interval=3), 6, 6, 2, "den"),
-        ("unipc", A.TaylorSeer(1, interval=2, variable="time"), 6, 6, 3, "den"),
         ("heun", A.DeepCache(schedule=(True, False, True)), 6, 3, 2, "den"),
     ],
 )
