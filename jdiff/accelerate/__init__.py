@@ -9,6 +9,14 @@ decision (:func:`adaptive_guidance`, :func:`adaptive_solver`), and stream batchi
 own loop over staggered slots (:func:`stream`).
 """
 
+from jdiff.accelerate._cache import (
+    ConfidenceGate,
+    DeepCache,
+    TaylorSeer,
+    calibrate,
+    nonuniform_schedule,
+    taylor_weights,
+)
 from jdiff.accelerate._carry import Accelerated, Method, accelerate, model_leaves, sample
 from jdiff.accelerate._exit import (
     EarlyExit,
@@ -58,4 +66,10 @@ __all__ = [
     "exit_loss",
     "save_exit_heads",
     "load_exit_heads",
+    "DeepCache",
+    "TaylorSeer",
+    "ConfidenceGate",
+    "calibrate",
+    "nonuniform_schedule",
+    "taylor_weights",
 ]
