@@ -363,11 +363,13 @@ def _stitch_runner(ctx: Ctx, fraction: float) -> Runner:
     return Runner(run.fn, counts)
 
 
-def _adaptive_runner(ctx: Ctx, gamma: float, online: bool) -> Runner:
+def _adaptive_runner(ctx: Ctx, gamma: float, online: bool, on: str = "eps") -> Runner:
     if online:
-        den, solver, note = ctx.model.den, _need("adaptive_solver")(ctx.solver, gamma), ""
+        den, solver, note = ctx.model.den, _need("adaptive_solver")(ctx.solver, gamma, on=on), ""
     else:
-        ag = _need("adaptive_guidance")(ctx.solver, ctx.model.den, ctx.x_cal, cond=ctx.c_cal, gamma=gamma, nfe=ctx.nfe)
+        ag = _need("adaptive_guidance")(
+            ctx.solver, ctx.model.den, ctx.x_cal, cond=ctx.c_cal, gamma=gamma, nfe=ctx.nfe, on=on
+        )
         den, solver = ag.denoiser, ctx.solver
         note = f"switch at step {ag.step} of {ag.similarity.shape[0]}"
     run = plain_runner(ctx, solver=solver, den=den)
@@ -460,6 +462,18 @@ ROWS = [
         Row(f"adaptive cfg {kind} {g}", "guidance", ("unet-cfg",), partial(_adaptive_runner, gamma=g, online=on))
         for g in (0.99, 0.95, 0.9)
         for kind, on in (("calibrated", False), ("online", True))
+    ],
+    # the similarity of the x0 predictions (on="x0"): on the digits model the eps predictions
+    # agree most at pure noise, the x0 predictions rise toward 1 near the data (docs/accelerate.md)
+    *[
+        Row(
+            f"adaptive cfg x0 {kind} {g}",
+            "guidance",
+            ("unet-cfg",),
+            partial(_adaptive_runner, gamma=g, online=o, on="x0"),
+        )
+        for g in (0.99, 0.995)
+        for kind, o in (("calibrated", False), ("online", True))
     ],
     Row("stream batch", "stream", ("unet", "dit"), _stream_runner),
     # the script's own, for development (only when named in --methods)
