@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _tiny_models import randomized
 from conftest import EPS32
 from flax import nnx
 
@@ -21,24 +22,10 @@ from jdiff.wrappers import guidance
 DEPTH = 3
 
 
-def _randomized(model, seed=1):
-    """Perturb every parameter (the zero-initialized adaLN and output layers would make
-    every block the identity and the model the zero function)."""
-    leaves, tdef = jax.tree.flatten(nnx.state(model))
-    rng = np.random.default_rng(seed)  # numpy: no eager JAX op to compile per shape
-    nnx.update(
-        model,
-        jax.tree.unflatten(
-            tdef, [(np.asarray(a) + 0.1 * rng.standard_normal(a.shape)).astype(a.dtype) for a in leaves]
-        ),
-    )
-    return model
-
-
 @pytest.fixture(scope="module")
 def den():
     dit = M.DiT(M.dit_tiny(num_classes=3, depth=DEPTH, hidden_dim=16, num_heads=2, time_freq_dim=16), rngs=nnx.Rngs(0))
-    return M.to_denoiser(_randomized(dit), jdiff.vp_cosine(), "v")
+    return M.to_denoiser(randomized(dit), jdiff.vp_cosine(), "v")
 
 
 @pytest.fixture(scope="module")

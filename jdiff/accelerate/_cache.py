@@ -224,12 +224,7 @@ class TaylorSeer(Method):
             raise ValueError(f"variable must be 'step' or 'time', got {self.variable!r}")
         _check_schedule(self.schedule)
 
-    @property
-    def neutral(self) -> bool:
-        if self.schedule is not None:
-            return all(self.schedule)
-        return self.interval == 1
-
+    neutral = DeepCache.neutral  # every call full: interval 1 or an all-full schedule
     _check_net = DeepCache._check_net
 
     def init(self, net, params, x, t, cond):
