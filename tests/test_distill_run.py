@@ -233,7 +233,8 @@ def test_cli_errors_are_one_line(student, teacher_dir, tmp_path, capfd):
     code, _, err = _cli(capfd, "distill", "--method", "nope", "--teacher", teacher_dir, "--out", tmp_path / "a")
     assert code == 2 and err.count("\n") == 1 and "invalid choice: 'nope'" in err and "copy-test" in err
     code, _, err = _cli(capfd, "distill", "--method", "copy-test", "--teacher", tmp_path / "none", "--out", tmp_path)
-    assert code == 2 and err.count("\n") == 1 and "not a shipped model (digits) and no such folder" in err
+    shipped = ", ".join(RN.PRETRAINED)  # the message names every shipped model
+    assert code == 2 and err.count("\n") == 1 and f"not a shipped model ({shipped}) and no such folder" in err
     code, _, err = _cli(capfd, "distill", "--method", "copy-test", "--teacher", teacher_dir, "--set", "bogus=1")
     assert code == 2 and err.count("\n") == 1
     code, _, err = _cli(capfd, "sample", "--student", student, "--steps", "3")
